@@ -1,0 +1,74 @@
+"""`gpt2`: download, generate, eval, finetune, bench.
+
+Each subcommand lives in its own module (gpt2/cmd_*.py) with `add_parser(sub)` and `run(args)`.
+Errors the user can fix (bad flags, missing or corrupt files) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "download": "gpt2.cmd_download",
+    "generate": "gpt2.cmd_generate",
+    "eval": "gpt2.cmd_eval",
+    "finetune": "gpt2.cmd_finetune",
+    "bench": "gpt2.cmd_bench",
+}
+
+
+class UsageError(ValueError):
+    """A flag has an invalid value; the message names the flag and the allowed range."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --cache-dir and --backend, shared by generate, eval and finetune."""
+    p.add_argument(
+        "--model",
+        default="124M",
+        help="size name (124M 355M 774M 1558M, gpt2 ... gpt2-xl), model directory "
+        "or .safetensors file (default 124M; downloaded on first use)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where downloaded models live (default: $GPT2_CACHE "
+        "or ~/.cache/gpt2-spec)"
+    )
+    p.add_argument(
+        "--backend", default="ref", choices=["ref", "numba", "torch", "triton"],
+        help="which implementation of the ops to run (default ref, the numpy spec)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from weights import WeightsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (UsageError, WeightsError, ValueError, FileNotFoundError) as e:
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""A dependency-free progress bar on stderr (silent when stderr is not a terminal,
+unless forced)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: float, desc: str = "", unit: str = "", enabled: bool | None = None):
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.n = 0.0
+        self.t0 = time.perf_counter()
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self.postfix = ""
+
+    def update(self, n: float = 1, postfix: str | None = None) -> None:
+        self.n += n
+        self.set(self.n, postfix)
+
+    def set(self, n: float, postfix: str | None = None) -> None:
+        self.n = n
+        if postfix is not None:
+            self.postfix = postfix
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.1 or self.n >= self.total):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = min(self.n / self.total, 1.0) if self.total else 1.0
+        width = 30
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        rate = self.n / max(now - self.t0, 1e-9)
+        sys.stderr.write(
+            f"\r{self.desc} [{bar}] {frac * 100:5.1f}% {_fmt(self.n)}/{_fmt(self.total)}"
+            f"{self.unit} {_fmt(rate)}{self.unit}/s {self.postfix}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.perf_counter())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _fmt(x: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(x) < 1000:
+            return f"{x:.0f}{unit}" if unit == "" else f"{x:.1f}{unit}"
+        x /= 1000
+    return f"{x:.1f}T"

@@ -1,0 +1,155 @@
+"""GPT-2 hyperparameters: one config type for the four released sizes.
+
+OpenAI's `hparams.json` says n_vocab, n_ctx, n_embd, n_head, n_layer; Hugging Face's
+`config.json` says vocab_size, n_positions (or n_ctx), n_embd, n_head, n_layer and
+layer_norm_epsilon. Both map onto `GPT2Config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed or describes an impossible model."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_vocab: int = 50257  # V
+    n_ctx: int = 1024  # maximum sequence length (rows of wpe)
+    n_embd: int = 768  # C
+    n_head: int = 12  # NH; head size hs = C // NH
+    n_layer: int = 12  # L
+    eps: float = 1e-5  # LayerNorm epsilon (OpenAI's code hard-codes 1e-5)
+
+    def __post_init__(self) -> None:
+        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+            if value > 10_000_000:
+                raise ConfigError(f"config: {name}={value} is absurdly large")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if not (isinstance(self.eps, float) and 0.0 < self.eps < 1.0):
+            raise ConfigError(f"config: eps must be a float in (0, 1), got {self.eps!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def n_params(self) -> int:
+        """Parameter count with the LM head tied to wte (124M -> 124,439,808)."""
+        C, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C)
+        per_block += 4 * C * C + C
+        return self.n_vocab * C + self.n_ctx * C + L * per_block + 2 * C
+
+    def to_hparams(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "eps"}
+
+    def to_hf_config(self) -> dict:
+        """A `config.json` that transformers' GPT2LMHeadModel loads."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.n_vocab,
+            "n_positions": self.n_ctx,
+            "n_ctx": self.n_ctx,
+            "n_embd": self.n_embd,
+            "n_head": self.n_head,
+            "n_layer": self.n_layer,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
+
+
+# The four released sizes (OpenAI's hparams.json for each).
+SIZES: dict[str, GPT2Config] = {
+    "124M": GPT2Config(n_embd=768, n_head=12, n_layer=12),
+    "355M": GPT2Config(n_embd=1024, n_head=16, n_layer=24),
+    "774M": GPT2Config(n_embd=1280, n_head=20, n_layer=36),
+    "1558M": GPT2Config(n_embd=1600, n_head=25, n_layer=48),
+}
+ALIASES: dict[str, str] = {
+    "gpt2": "124M",
+    "gpt2-medium": "355M",
+    "gpt2-large": "774M",
+    "gpt2-xl": "1558M",
+    "117M": "124M",  # the name OpenAI first used for the small model
+    "345M": "355M",
+}
+
+
+def canonical_size(name: str) -> str | None:
+    """'gpt2-medium' -> '355M'; None when `name` is not a size name."""
+    key = name.strip()
+    key = key.removeprefix("openai-community/")
+    if key in SIZES:
+        return key
+    return ALIASES.get(key.lower())
+
+
+def _get(d: dict, path: str, *names: str, required: bool = True):
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    if required:
+        raise ConfigError(f"{path}: missing key {names[0]!r}")
+    return None
+
+
+def config_from_dict(d: object, path: str = "<config>") -> GPT2Config:
+    """Build a config from an `hparams.json` or a `config.json` dict."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    kw = {
+        "n_vocab": _get(d, path, "n_vocab", "vocab_size"),
+        "n_ctx": _get(d, path, "n_ctx", "n_positions"),
+        "n_embd": _get(d, path, "n_embd", "hidden_size"),
+        "n_head": _get(d, path, "n_head", "num_attention_heads"),
+        "n_layer": _get(d, path, "n_layer", "num_hidden_layers"),
+    }
+    # config.json may hold both n_ctx and n_positions; n_positions is the wpe size.
+    if "n_positions" in d and d["n_positions"] is not None:
+        kw["n_ctx"] = d["n_positions"]
+    for k, v in kw.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{path}: {k} must be an integer, got {v!r}")
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, int) and not isinstance(eps, bool):
+        eps = float(eps)
+    if not isinstance(eps, float):
+        raise ConfigError(f"{path}: layer_norm_epsilon must be a number, got {eps!r}")
+    act = d.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
+    try:
+        return GPT2Config(eps=eps, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(path: str) -> GPT2Config:
+    """Read `hparams.json` or `config.json`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(d, os.fspath(path))

@@ -1,0 +1,66 @@
+"""Mean cross-entropy (nats per token) and perplexity of a token stream.
+
+Each token after the first is predicted from the tokens before it. A stream longer than the
+context is scored in windows of n_ctx tokens that advance by `stride`: every window scores
+only the tokens no earlier window scored, each with up to n_ctx - stride tokens of context
+before it (stride = n_ctx gives disjoint windows; a smaller stride gives more context per
+prediction and costs more forwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per predicted token
+    tokens: int  # tokens predicted (len(ids) - 1)
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.loss))
+
+
+def windows(n_tokens: int, n_ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, first_scored): window ids[start:end] scores targets ids[first_scored:end]."""
+    if not 1 <= stride <= n_ctx:
+        raise ValueError(f"--stride must be in [1, {n_ctx}], got {stride}")
+    scored = 1  # ids[0] has no prediction
+    start = 0
+    while scored < n_tokens:
+        end = min(start + n_ctx, n_tokens)
+        yield start, end, scored
+        scored = end
+        start = max(0, min(start + stride, n_tokens - n_ctx))
+        if end == n_tokens:
+            break
+
+
+def evaluate(
+    model,
+    ids: list[int] | np.ndarray,
+    stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Cross-entropy of `ids` under `model` (see `ref.generate` for the model interface)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens to evaluate, got {len(ids)}")
+    n_ctx = model.cfg.n_ctx
+    stride = n_ctx if stride is None else stride
+    total = 0.0
+    for start, end, first in windows(len(ids), n_ctx, stride):
+        logits = model.forward(ids[None, start:end])[0]  # (end - start, V)
+        # logits[i] predicts ids[start + i + 1]; score targets first..end-1
+        pred = logits[first - start - 1 : end - start - 1].astype(np.float64)  # (n, V)
+        tgt = ids[first:end]  # (n,)
+        m = pred.max(axis=-1)
+        lse = np.log(np.exp(pred - m[:, None]).sum(axis=-1)) + m
+        total += float((lse - pred[np.arange(len(tgt)), tgt]).sum())
+        if progress is not None:
+            progress(end - 1, len(ids) - 1)
+    return EvalResult(loss=total / (len(ids) - 1), tokens=len(ids) - 1)

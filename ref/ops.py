@@ -1,0 +1,208 @@
+"""GPT-2's ops as `*_forward` / `*_backward` pairs: the reference every backend is held to.
+
+Shape legend (used in every file of the project):
+    B = batch, T = time (sequence), C = channels (n_embd), NH = heads, hs = head size (C // NH),
+    V = vocabulary, N = rows (B * T), Tq = query length, Tk = key length (Tk >= Tq).
+
+The contract (see `fast/` for the other backends):
+    out, cache = <op>_forward(...)      # cache holds exactly what backward needs; opaque
+    grads      = <op>_backward(dout, cache)   # fresh arrays, never accumulated in place
+
+Everything is float32. Python float constants are "weak" in numpy >= 2 and keep float32;
+numpy float64 scalars (np.sqrt(...), np.pi) would silently upcast, so constants are math.*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# embeddings: x[b, t] = wte[ids[b, t]] + wpe[pos[b, t]]
+
+
+def embedding_forward(ids: np.ndarray, pos: np.ndarray, wte: np.ndarray, wpe: np.ndarray):
+    """ids, pos (B, T) int -> x (B, T, C)."""
+    x = wte[ids] + wpe[pos]  # (B, T, C)
+    return x, (ids, pos, wte.shape, wpe.shape)
+
+
+def embedding_backward(dx: np.ndarray, cache):
+    """Each row of wte / wpe receives the sum of dx over the positions that read it."""
+    ids, pos, wte_shape, wpe_shape = cache
+    dwte = np.zeros(wte_shape, np.float32)  # (V, C)
+    dwpe = np.zeros(wpe_shape, np.float32)  # (n_ctx, C)
+    np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    np.add.at(dwpe, pos.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    return dwte, dwpe
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm over the last axis:
+#   mean = sum(x) / C,  rstd = 1 / sqrt(sum((x - mean)^2) / C + eps)
+#   xhat = (x - mean) * rstd,  out = xhat * g + b
+
+
+def layernorm_forward(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float = 1e-5):
+    """x (..., C), g (C,), b (C,) -> out (..., C)."""
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean  # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), biased variance as in OpenAI's code
+    rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
+    xhat = xc * rstd  # (..., C)
+    out = xhat * g + b  # (..., C)
+    return out, (xhat, rstd, g)
+
+
+def layernorm_backward(dout: np.ndarray, cache):
+    """Backward of `out = xhat * g + b` and `xhat = (x - mean) * rstd`.
+
+    dg = sum over rows of dout * xhat, db = sum over rows of dout. With dxhat = dout * g:
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    (the two means are over C: the gradient through mean and through rstd).
+    """
+    xhat, rstd, g = cache
+    C = dout.shape[-1]
+    dg = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
+    db = dout.reshape(-1, C).sum(axis=0)  # (C,)
+    dxhat = dout * g  # (..., C)
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=-1, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    )  # (..., C)
+    return dx, dg, db
+
+
+# ---------------------------------------------------------------------------------------------
+# linear (OpenAI's "conv1d" with a (C_in, C_out) weight): out = x @ w + b
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
+    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout)."""
+    return x @ w + b, (x, w)
+
+
+def linear_backward(dout: np.ndarray, cache):
+    x, w = cache
+    dx = dout @ w.T  # (..., Cin)
+    dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])  # (Cin, Cout)
+    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (Cout,)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU, OpenAI's tanh form:
+#   gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x: np.ndarray):
+    u = GELU_SCALE * (x + 0.044715 * (x * x * x))  # x*x*x: float32 x**3 is far slower
+    out = 0.5 * x * (1.0 + np.tanh(u))
+    return out, (x,)
+
+
+def gelu_backward(dout: np.ndarray, cache):
+    """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    (x,) = cache
+    u = GELU_SCALE * (x + 0.044715 * (x * x * x))
+    th = np.tanh(u)
+    du_dx = GELU_SCALE * (1.0 + 3.0 * 0.044715 * (x * x))
+    return dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du_dx)
+
+
+def bias_gelu_forward(x: np.ndarray, b: np.ndarray):
+    """gelu(x + b): the MLP's first bias fused with its activation (x (..., 4C), b (4C,))."""
+    out, (xb,) = gelu_forward(x + b)
+    return out, (xb,)
+
+
+def bias_gelu_backward(dout: np.ndarray, cache):
+    dxb = gelu_backward(dout, cache)
+    return dxb, dxb.reshape(-1, dxb.shape[-1]).sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax over the last axis; rows that are entirely -inf (no visible key) give all zeros
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf) = 0 everywhere
+    e = np.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    return e / np.where(s == 0.0, 1.0, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# causal attention of queries q against keys k and values v that may include a cache:
+#   query i (0 <= i < Tq) sits at absolute position Tk - Tq + i and sees keys j <= Tk - Tq + i,
+#   and only keys whose key_mask is True (padding is False).
+#   att = softmax(q k^T / sqrt(hs) + mask),  out = att v
+# A query that sees no key at all (a padding position) gets out = 0.
+
+
+def causal_mask(Tq: int, Tk: int) -> np.ndarray:
+    """(Tq, Tk) bool, True where query i may see key j."""
+    return np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
+    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
+    Tq, hs = q.shape[-2:]
+    Tk = k.shape[-2]
+    assert Tk >= Tq, f"attention: Tk={Tk} must be >= Tq={Tq}"
+    scale = 1.0 / math.sqrt(hs)
+    visible = causal_mask(Tq, Tk)  # (Tq, Tk)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]  # (B, 1, Tq, Tk)
+    s = (q @ k.swapaxes(-1, -2)) * scale  # (B, NH, Tq, Tk)
+    s = np.where(visible, s, -np.inf)
+    att = softmax(s)  # (B, NH, Tq, Tk)
+    out = att @ v  # (B, NH, Tq, hs)
+    return out, (q, k, v, att)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    """With s = q k^T * scale, att = softmax(s), out = att v:
+    dv = att^T dout;  datt = dout v^T;  ds = att * (datt - sum_j(datt * att));
+    dq = ds k * scale;  dk = ds^T q * scale.  Masked entries have att = 0, so ds = 0 there.
+    """
+    q, k, v, att = cache
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv = att.swapaxes(-1, -2) @ dout  # (B, NH, Tk, hs)
+    datt = dout @ v.swapaxes(-1, -2)  # (B, NH, Tq, Tk)
+    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, Tq, Tk)
+    dq = (ds @ k) * scale  # (B, NH, Tq, hs)
+    dk = (ds.swapaxes(-1, -2) @ q) * scale  # (B, NH, Tk, hs)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax cross-entropy, mean over the targets that are not `ignore_index`:
+#   loss = mean_n (logsumexp(logits[n]) - logits[n, targets[n]])
+#   dlogits[n] = (softmax(logits[n]) - onehot(targets[n])) / count, zero on ignored rows
+
+
+def crossentropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100):
+    """logits (N, V) float32, targets (N,) int -> loss (float32 scalar)."""
+    valid = targets != ignore_index  # (N,)
+    count = max(int(valid.sum()), 1)
+    m = logits.max(axis=-1, keepdims=True)  # (N, 1)
+    lse = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)) + m  # (N, 1)
+    safe = np.where(valid, targets, 0)  # (N,)
+    picked = np.take_along_axis(logits, safe[:, None], axis=-1)  # (N, 1)
+    losses = np.where(valid, (lse - picked)[:, 0], 0.0)  # (N,)
+    loss = np.float32(losses.sum(dtype=np.float32) / count)
+    return loss, (logits, safe, valid, lse, count)
+
+
+def crossentropy_backward(dloss, cache):
+    logits, safe, valid, lse, count = cache
+    dlogits = np.exp(logits - lse)  # (N, V) the probabilities
+    dlogits[np.arange(len(safe)), safe] -= 1.0
+    dlogits *= (valid[:, None] * (np.float32(dloss) / count)).astype(np.float32)
+    return dlogits

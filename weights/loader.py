@@ -1,0 +1,157 @@
+"""Resolve a `--model` argument and load its config and params.
+
+`--model` takes:
+    a size name: 124M 355M 774M 1558M (or gpt2, gpt2-medium, gpt2-large, gpt2-xl), looked up in
+        the cache directory and downloaded on first use;
+    a directory holding OpenAI's TensorFlow checkpoint (hparams.json, model.ckpt.*) or a
+        Hugging Face model (config.json, model.safetensors or a sharded set with its
+        model.safetensors.index.json), such as a `gpt2 finetune --out` directory;
+    a `.safetensors` file, with config.json (or hparams.json) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ref.config import ConfigError, GPT2Config, canonical_size, load_config
+from weights import WeightsError
+from weights import safetensors as st
+from weights.layout import check_and_nest, hf_to_canonical
+
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+TF_INDEX = "model.ckpt.index"
+
+
+def detect_format(path: str) -> str:
+    """'tf' | 'hf' for a model directory or file; raises WeightsError if neither."""
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "hf"
+        raise WeightsError(f"{path}: not a .safetensors file or a model directory")
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: no such file or directory")
+    if os.path.exists(os.path.join(path, HF_SINGLE)) or os.path.exists(
+        os.path.join(path, HF_INDEX)
+    ):
+        return "hf"
+    if os.path.exists(os.path.join(path, TF_INDEX)) or os.path.exists(
+        os.path.join(path, "checkpoint")
+    ):
+        return "tf"
+    raise WeightsError(
+        f"{path}: no model found (expected {HF_SINGLE}, {HF_INDEX} or a TensorFlow "
+        f"checkpoint with {TF_INDEX})"
+    )
+
+
+def _config_near(directory: str, prefer: tuple[str, ...]) -> GPT2Config:
+    for name in prefer:
+        p = os.path.join(directory, name)
+        if os.path.exists(p):
+            return load_config(p)
+    raise WeightsError(f"{directory}: missing file {prefer[0]} (the model's config)")
+
+
+def _safe_join(directory: str, name: object, index_path: str) -> str:
+    """A shard path from the index, refused if it would leave the model directory."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
+        raise WeightsError(f"{index_path}: invalid shard file name {name!r}")
+    base = os.path.realpath(directory)
+    full = os.path.realpath(os.path.join(base, name))
+    if os.path.dirname(full) != base:
+        raise WeightsError(f"{index_path}: shard path {name!r} escapes the model directory")
+    return full
+
+
+def hf_files(path: str) -> list[str]:
+    """The safetensors file(s) of a HF model path (a file, or a directory single / sharded)."""
+    if os.path.isfile(path):
+        return [path]
+    index = os.path.join(path, HF_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+        files = sorted({_safe_join(path, v, index) for v in weight_map.values()})
+        for f in files:
+            if not os.path.exists(f):
+                raise WeightsError(f"{f}: shard named in {index} is missing")
+        return files
+    return [os.path.join(path, HF_SINGLE)]
+
+
+def load_hf(path: str, check_finite: bool = True) -> tuple[GPT2Config, dict]:
+    """A Hugging Face GPT-2: `transformer.`-prefixed or bare keys, buffers skipped."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg = _config_near(directory, ("config.json", "hparams.json"))
+    flat: dict[str, np.ndarray] = {}
+    lm_head = None
+    for file in hf_files(path):
+        for name, a in st.read(file).items():
+            key = hf_to_canonical(name)
+            if key is None:
+                continue  # the attention-mask buffers: not parameters
+            if key.startswith("?"):
+                raise WeightsError(f"{file}: unknown tensor {name!r}")
+            if a.dtype != np.float32:
+                if a.dtype.kind != "f":
+                    raise WeightsError(f"{file}: tensor {name!r} has unsupported dtype {a.dtype}")
+                a = a.astype(np.float32)
+            if key == "lm_head":
+                lm_head = (file, a)
+                continue
+            if key in flat:
+                raise WeightsError(f"{file}: tensor {name!r} appears twice")
+            flat[key] = a
+    if lm_head is not None and "wte" in flat:
+        file, a = lm_head
+        if a.shape != flat["wte"].shape or not np.array_equal(a, flat["wte"]):
+            raise WeightsError(
+                f"{file}: lm_head.weight differs from wte; GPT-2 ties them and untied heads "
+                "are not supported"
+            )
+    return cfg, check_and_nest(flat, cfg, path, check_finite)
+
+
+def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict]:
+    """OpenAI's TensorFlow checkpoint, read with numpy (see weights/tf_checkpoint.py)."""
+    from weights import tf_checkpoint
+
+    cfg = _config_near(directory, ("hparams.json", "config.json"))
+    prefix = tf_checkpoint.checkpoint_prefix(directory)
+    flat = {}
+    for name, a in tf_checkpoint.read(prefix).items():
+        if not name.startswith("model/"):
+            raise WeightsError(f"{prefix}.index: unknown tensor {name!r}")
+        key = name[len("model/") :]
+        if key.startswith("h") and key.endswith("/w") and a.ndim == 3 and a.shape[0] == 1:
+            a = a[0]  # OpenAI stores conv1d weights as (1, in, out)
+        flat[key] = a
+    return cfg, check_and_nest(flat, cfg, prefix, check_finite)
+
+
+def load(model: str, cache_dir: str | None = None, download: bool = True):
+    """`--model` -> (cfg, params). Size names come from the cache, downloaded on first use."""
+    size = canonical_size(model) if not os.path.exists(model) else None
+    if size is not None:
+        from weights import download as dl
+
+        path = dl.model_dir(size, cache_dir)
+        if not dl.is_complete(size, cache_dir):
+            if not download:
+                raise WeightsError(f"{path}: model {size} is not downloaded (gpt2 download {size})")
+            path = dl.download(size, cache_dir)
+        model = path
+    try:
+        fmt = detect_format(model)
+        return load_hf(model) if fmt == "hf" else load_tf(model)
+    except ConfigError as e:
+        raise WeightsError(str(e)) from None

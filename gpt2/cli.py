@@ -32,11 +32,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "or .safetensors file (default 124M; downloaded on first use)",
     )
     p.add_argument(
-        "--cache-dir", default=None, help="where downloaded models live (default: $GPT2_CACHE "
-        "or ~/.cache/gpt2-spec)"
+        "--cache-dir",
+        default=None,
+        help="where downloaded models live (default: $GPT2_CACHE or ~/.cache/gpt2-spec)",
     )
     p.add_argument(
-        "--backend", default="ref", choices=["ref", "numba", "torch", "triton"],
+        "--backend",
+        default="ref",
+        choices=["ref", "numba", "torch", "triton"],
         help="which implementation of the ops to run (default ref, the numpy spec)",
     )
 
@@ -44,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for _name, module in COMMANDS.items():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -12,8 +12,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="cross-entropy and perplexity of a text file")
     p.add_argument("file", help="a UTF-8 text file")
     add_model_args(p)
-    p.add_argument("--stride", type=int, default=None,
-                   help="window advance for files longer than the context (default: n_ctx)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="window advance for files longer than the context (default: n_ctx)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 

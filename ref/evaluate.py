@@ -2,9 +2,9 @@
 
 Each token after the first is predicted from the tokens before it. A stream longer than the
 context is scored in windows of n_ctx tokens that advance by `stride`: every window scores
-only the tokens no earlier window scored, each with up to n_ctx - stride tokens of context
-before it (stride = n_ctx gives disjoint windows; a smaller stride gives more context per
-prediction and costs more forwards).
+only the tokens no earlier window scored, each with at least n_ctx - stride tokens of context
+before it. Windows always overlap by at least one token, so no target goes unpredicted
+(stride = n_ctx is the cheapest; a smaller stride gives more context and costs more forwards).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class EvalResult:
 
 def windows(n_tokens: int, n_ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(start, end, first_scored): window ids[start:end] scores targets ids[first_scored:end]."""
+    if n_ctx < 2:
+        raise ValueError(f"evaluation needs a context of at least 2 tokens, got {n_ctx}")
     if not 1 <= stride <= n_ctx:
         raise ValueError(f"--stride must be in [1, {n_ctx}], got {stride}")
     scored = 1  # ids[0] has no prediction
@@ -35,7 +37,8 @@ def windows(n_tokens: int, n_ctx: int, stride: int) -> Iterator[tuple[int, int, 
         end = min(start + n_ctx, n_tokens)
         yield start, end, scored
         scored = end
-        start = max(0, min(start + stride, n_tokens - n_ctx))
+        # advance by `stride`, but keep at least one token of context for the first new target
+        start = max(0, min(start + stride, end - 1, n_tokens - n_ctx))
         if end == n_tokens:
             break
 

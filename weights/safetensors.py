@@ -87,7 +87,7 @@ def read_header(path: str) -> tuple[dict, int, int]:
             )
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise WeightsError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return header, data_start, size
@@ -120,8 +120,13 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
 
     A crash (or a full disk) mid-write leaves any earlier file at `path` untouched.
     """
-    names = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64",
-             np.dtype("<i8"): "I64", np.dtype("<i4"): "I32"}
+    names = {
+        np.dtype("<f4"): "F32",
+        np.dtype("<f2"): "F16",
+        np.dtype("<f8"): "F64",
+        np.dtype("<i8"): "I64",
+        np.dtype("<i4"): "I32",
+    }
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -151,7 +151,8 @@ def causal_mask(Tq: int, Tk: int) -> np.ndarray:
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
-    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
+    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
+    -> out (B, NH, Tq, hs)."""
     Tq, hs = q.shape[-2:]
     Tk = k.shape[-2]
     assert Tk >= Tq, f"attention: Tk={Tk} must be >= Tq={Tq}"

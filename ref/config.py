@@ -150,6 +150,9 @@ def load_config(path: str) -> GPT2Config:
             d = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return config_from_dict(d, os.fspath(path))

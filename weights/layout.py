@@ -104,6 +104,13 @@ def check_and_nest(
     Errors name `source` (the file) and the tensor: unknown or missing keys, wrong shapes,
     unsupported dtypes, non-finite values.
     """
+    if cfg.n_layer > len(flat):
+        # Checked before building the table of 12 names per layer: a config.json may say
+        # n_layer=10,000,000, and that table alone would take gigabytes.
+        raise WeightsError(
+            f"{source}: missing tensor(s): the config's n_layer={cfg.n_layer} needs "
+            f"{12 * cfg.n_layer + 4} tensors, the file holds {len(flat)}"
+        )
     shapes = expected_shapes(cfg)
     unknown = sorted(set(flat) - set(shapes))
     if unknown:

@@ -78,7 +78,7 @@ def hf_files(path: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise WeightsError(f"{index}: not a valid shard index ({e})") from None
         files = sorted({_safe_join(path, v, index) for v in weight_map.values()})
         for f in files:

@@ -52,9 +52,12 @@ def read_header(path: str) -> tuple[dict, int, int]:
             raw = f.read(n)
     except FileNotFoundError:
         raise WeightsError(f"{path}: file not found") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightsError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is not a JSON object")
@@ -66,11 +69,16 @@ def read_header(path: str) -> tuple[dict, int, int]:
         where = f"{path}: tensor {name!r}"
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise WeightsError(f"{where}: entry needs dtype, shape and data_offsets")
-        if e["dtype"] not in _DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in _DTYPES:
             raise WeightsError(f"{where}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
         if not (isinstance(shape, list) and all(_is_uint(s) for s in shape)):
             raise WeightsError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+        # numpy refuses more than 64 dims, and (even for an empty tensor) a shape whose
+        # nonzero dims multiply past what an array index can address
+        nonzero = int(np.prod([s for s in shape if s], dtype=object))
+        if len(shape) > 64 or nonzero * _DTYPES[e["dtype"]].itemsize >= 2**62:
+            raise WeightsError(f"{where}: shape {shape!r} is too large for an array")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)):
             raise WeightsError(f"{where}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs
@@ -156,7 +164,11 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk, a file-size limit, a read-only directory
+            raise WeightsError(
+                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
+            ) from e
         raise

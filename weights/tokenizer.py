@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -49,11 +51,24 @@ def encode(text: str, allow_eot: bool = False) -> list[int]:
     return enc.encode(text, disallowed_special=())
 
 
+def _checked_ids(ids) -> list[int]:
+    """ids as a list of Python ints in [0, n_vocab), or a ValueError naming the bad one
+    (tiktoken itself raises KeyError, OverflowError or TypeError)."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"token id {i!r} is not an integer")
+        if not 0 <= i <= EOT_ID:
+            raise ValueError(f"token id {i} is outside GPT-2's vocabulary [0, {EOT_ID}]")
+        out.append(int(i))
+    return out
+
+
 def decode(ids: list[int]) -> str:
     """Token ids -> text; bytes that are not valid UTF-8 (a token boundary inside a
     character) become U+FFFD."""
-    return get_encoding().decode(list(ids), errors="replace")
+    return get_encoding().decode(_checked_ids(ids), errors="replace")
 
 
 def decode_bytes(ids: list[int]) -> bytes:
-    return get_encoding().decode_bytes(list(ids))
+    return get_encoding().decode_bytes(_checked_ids(ids))

@@ -1,0 +1,599 @@
+"""OpenAI's TensorFlow checkpoints (tensor bundle V2), read with numpy and the stdlib alone.
+
+A checkpoint `<prefix>` is three files:
+    checkpoint                      text: model_checkpoint_path: "model.ckpt"
+    <prefix>.index                  a LevelDB-style sorted table: tensor name -> BundleEntryProto
+    <prefix>.data-00000-of-00001    the raw tensor bytes, one shard per data file
+
+The index table (TensorFlow's copy of LevelDB's table format, tensorflow/tsl/lib/io/table):
+    [data block]* [metaindex block] [index block] [footer: 48 bytes]
+    footer   = metaindex handle, index handle (each two varints: offset, size), zero padding
+               to 40 bytes, then the magic 0xdb4775248b80fb57 as a little-endian uint64
+    block    = entries, then restart offsets (uint32 each) and their count (uint32), then a
+               5-byte trailer: compression type (0 none, 1 snappy) and the masked crc32c of the
+               block bytes plus that type byte
+    entry    = varint shared, varint unshared, varint value_len, key[shared:] bytes, value;
+               each key shares `shared` leading bytes with the key before it (prefix
+               compression), and a restart point starts a key afresh (shared = 0)
+The index block maps the last key of each data block to that block's handle. In the data
+blocks, key "" holds the BundleHeaderProto (num_shards, endianness, version) and every other
+key is a tensor name whose value is a BundleEntryProto (tensorflow/core/protobuf/
+tensor_bundle.proto):
+    1 dtype (varint DataType), 2 shape (TensorShapeProto: 2 dim {1 size}, 3 unknown_rank),
+    3 shard_id, 4 offset, 5 size (varints), 6 crc32c (fixed32, masked), 7 slices (repeated)
+The protobuf wire format is decoded by hand: each field is a varint key (field << 3 | wire
+type) then a varint (type 0), 8 bytes (1), a varint length and bytes (2) or 4 bytes (5).
+
+Every checksum is CRC-32C (Castagnoli), stored masked as LevelDB does:
+mask(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2**32).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import struct
+
+import numpy as np
+
+from weights import WeightsError
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48  # two block handles of at most 20 bytes each, then the 8-byte magic
+BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked crc32c (4 bytes)
+NO_COMPRESSION, SNAPPY_COMPRESSION = 0, 1
+
+# DataType enum values (tensorflow/core/framework/types.proto) that hold real numbers; each
+# is widened to float32. bfloat16 has no numpy dtype: it is read as uint16 bits.
+_FLOAT_DTYPES = {
+    1: ("DT_FLOAT", "f4"),
+    2: ("DT_DOUBLE", "f8"),
+    19: ("DT_HALF", "f2"),
+    14: ("DT_BFLOAT16", "u2"),
+}
+_DTYPE_NAMES = {
+    3: "DT_INT32",
+    4: "DT_UINT8",
+    5: "DT_INT16",
+    6: "DT_INT8",
+    7: "DT_STRING",
+    8: "DT_COMPLEX64",
+    9: "DT_INT64",
+    10: "DT_BOOL",
+    17: "DT_UINT16",
+    18: "DT_COMPLEX128",
+    22: "DT_UINT32",
+    23: "DT_UINT64",
+}
+
+
+class _Malformed(Exception):
+    """A structural error deep in the parser; re-raised as WeightsError naming the file."""
+
+
+# ---------------------------------------------------------------------------------------
+# CRC-32C
+# ---------------------------------------------------------------------------------------
+
+_POLY = 0x82F63B78  # Castagnoli polynomial 0x1EDC6F41, bit-reflected
+_SERIAL_MAX = 4096  # below this many bytes a plain Python loop is quicker than numpy
+_LANES = 65536  # independent chunks run side by side in the vectorised path
+
+
+@functools.lru_cache(maxsize=1)
+def _table8() -> list[int]:
+    """table[b]: the register after shifting the byte b through 8 steps of the LFSR."""
+    table = []
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = (c >> 1) ^ _POLY if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _table16() -> np.ndarray:
+    """The same for 16 bits at once: 65536 uint32 (256 KB, fits in L2)."""
+    t8 = np.array(_table8(), dtype=np.uint32)
+    c = np.arange(65536, dtype=np.uint32)
+    for _ in range(2):
+        c = (c >> 8) ^ t8[c & 0xFF]
+    return c
+
+
+def _crc_serial(reg: int, data) -> int:
+    """Advance the raw register `reg` over `data` (bytes-like), one table step per byte."""
+    table = _table8()
+    for b in bytes(data):
+        reg = table[(reg ^ b) & 0xFF] ^ (reg >> 8)
+    return reg
+
+
+def _tabulate(cols: np.ndarray) -> np.ndarray:
+    """A linear map of 32-bit registers, given as its 32 columns (the image of each bit),
+    -> 4 byte-sliced tables (4, 256), so that applying it costs 4 lookups."""
+    tables = np.zeros((4, 256), dtype=np.uint32)
+    for k in range(4):
+        for i in range(8):
+            tables[k, 1 << i : 2 << i] = tables[k, : 1 << i] ^ cols[8 * k + i]
+    return tables
+
+
+def _apply(tables: np.ndarray, reg):
+    """The tabulated map applied to a Python int or to every element of a uint32 array."""
+    if isinstance(reg, np.ndarray):
+        t0, t1, t2, t3 = tables
+        return t0[reg & 0xFF] ^ t1[(reg >> 8) & 0xFF] ^ t2[(reg >> 16) & 0xFF] ^ t3[reg >> 24]
+    return int(_apply(tables, np.array([reg], dtype=np.uint32))[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_pow2(k: int) -> np.ndarray:
+    """Tables of Z_(2**k), the register map for 2**k zero bytes, by repeated squaring."""
+    if k == 0:
+        table = _table8()
+        cols = np.array([(1 << i >> 8) ^ table[(1 << i) & 0xFF] for i in range(32)], np.uint32)
+        return _tabulate(cols)
+    half = _zeros_pow2(k - 1)
+    cols = _apply(half, _apply(half, np.uint32(1) << np.arange(32, dtype=np.uint32)))
+    return _tabulate(cols)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_operator(n: int) -> np.ndarray:
+    """Tables of Z_n, the register map for n zero bytes.
+
+    With a zero initial register the CRC is linear in the data, and feeding n zero bytes is a
+    linear map Z_n of the register: raw(A || B) = Z_len(B)(raw(A)) ^ raw(B) (the idea behind
+    zlib's crc32_combine). Z_n is the product of the Z_(2**k) for the set bits k of n.
+    """
+    cols = np.uint32(1) << np.arange(32, dtype=np.uint32)  # identity
+    for k in range(n.bit_length()):
+        if n >> k & 1:
+            cols = _apply(_zeros_pow2(k), cols)
+    return _tabulate(cols)
+
+
+def _crc_lanes(data: np.ndarray, lanes: int) -> int:
+    """Raw CRC (zero initial register) of `data` (uint8, length a multiple of 2 * lanes,
+    lanes a power of two).
+
+    The data is cut into `lanes` equal chunks; numpy advances all their registers together,
+    16 bits per step, then the chunk CRCs are folded pairwise with Z_chunk, in log2(lanes)
+    vectorised levels.
+    """
+    words = data.view("<u2").reshape(lanes, -1)  # (lanes, words per chunk)
+    n_words = words.shape[1]
+    t16 = _table16()
+    reg = np.zeros(lanes, dtype=np.uint32)
+    idx = np.empty(lanes, dtype=np.uint32)
+    hit = np.empty(lanes, dtype=np.uint32)
+    for j0 in range(0, n_words, 32):
+        # 32 columns at a time, transposed so that each step reads one contiguous row
+        block = np.ascontiguousarray(words[:, j0 : j0 + 32].T)  # (32, lanes)
+        for row in block:
+            np.bitwise_xor(reg, row, out=idx)
+            np.bitwise_and(idx, 0xFFFF, out=idx)
+            np.take(t16, idx, out=hit)
+            np.right_shift(reg, 16, out=reg)
+            np.bitwise_xor(reg, hit, out=reg)
+    chunk = 2 * n_words
+    while len(reg) > 1:
+        reg = _apply(_zeros_operator(chunk), reg[0::2]) ^ reg[1::2]
+        chunk *= 2
+    return int(reg[0])
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C of `data` (bytes-like or an array, read as its raw bytes), continuing from
+    `crc` (as zlib.crc32 does).
+
+    A Python loop does a few MB/s; the vectorised path several hundred MB/s.
+    """
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    reg = crc ^ 0xFFFFFFFF
+    pos = 0
+    while len(buf) - pos > _SERIAL_MAX:
+        # the most lanes that still give each lane at least 16 steps of work
+        lanes = min(_LANES, 1 << ((len(buf) - pos) // 32).bit_length() - 1)
+        n = (len(buf) - pos) // (2 * lanes) * (2 * lanes)
+        reg = _apply(_zeros_operator(n), reg) ^ _crc_lanes(buf[pos : pos + n], lanes)
+        pos += n
+    reg = _crc_serial(reg, buf[pos:])
+    return reg ^ 0xFFFFFFFF
+
+
+def mask_crc(crc: int) -> int:
+    """LevelDB's masking of a stored CRC (so a CRC of data holding CRCs stays informative)."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def unmask_crc(masked: int) -> int:
+    rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------
+# Varints, protobuf wire format, snappy
+# ---------------------------------------------------------------------------------------
+
+
+def _varint(buf: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
+    """-> (value, position after it); at most 10 bytes (a uint64)."""
+    end = len(buf) if end is None else end
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise _Malformed("varint runs past the end of its buffer")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise _Malformed("varint longer than 10 bytes")
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, int, object]]:
+    """Decode one message into (field number, wire type, value) in order of appearance.
+
+    Varints come back as ints, fixed32/fixed64 as ints, length-delimited fields as bytes.
+    Groups (wire types 3, 4) are obsolete and never used by these messages.
+    """
+    fields = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("protobuf field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            if pos + 8 > len(buf):
+                raise _Malformed("fixed64 field runs past the end of its message")
+            (value,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > len(buf):
+                raise _Malformed("length-delimited field runs past the end of its message")
+            value = bytes(buf[pos : pos + n])
+            pos += n
+        elif wire == 5:
+            if pos + 4 > len(buf):
+                raise _Malformed("fixed32 field runs past the end of its message")
+            (value,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+        else:
+            raise _Malformed(f"unsupported protobuf wire type {wire}")
+        fields.append((number, wire, value))
+    return fields
+
+
+def _int64(v: int) -> int:
+    """A varint read as protobuf int32/int64: negatives are 10-byte two's complement."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _snappy_decompress(buf: bytes) -> bytes:
+    """Snappy's raw format: varint length, then literals and back-references.
+
+    Tag byte, low 2 bits: 0 literal (length - 1 in the high 6 bits, or 60..63 meaning 1..4
+    bytes of length - 1 follow); 1 copy, length 4 + bits 2-4, offset bits 5-7 << 8 | 1 byte;
+    2 copy, length 1 + high 6 bits, 2-byte offset; 3 copy, same with a 4-byte offset.
+    """
+    n, pos = _varint(buf, 0)
+    out = bytearray()
+    while pos < len(buf):
+        tag = buf[pos]
+        pos += 1
+        kind = tag & 3
+        if kind == 0:
+            length = tag >> 2
+            if length >= 60:
+                extra = length - 59
+                if pos + extra > len(buf):
+                    raise _Malformed("snappy literal length runs past the end")
+                length = int.from_bytes(buf[pos : pos + extra], "little")
+                pos += extra
+            length += 1
+            if pos + length > len(buf):
+                raise _Malformed("snappy literal runs past the end")
+            out += buf[pos : pos + length]
+            pos += length
+            continue
+        if kind == 1:
+            if pos + 1 > len(buf):
+                raise _Malformed("snappy copy runs past the end")
+            length = 4 + ((tag >> 2) & 7)
+            offset = ((tag >> 5) << 8) | buf[pos]
+            pos += 1
+        else:
+            width = 2 if kind == 2 else 4
+            if pos + width > len(buf):
+                raise _Malformed("snappy copy runs past the end")
+            length = (tag >> 2) + 1
+            offset = int.from_bytes(buf[pos : pos + width], "little")
+            pos += width
+        if not 0 < offset <= len(out):
+            raise _Malformed(f"snappy copy offset {offset} points before the start")
+        start = len(out) - offset
+        for i in range(length):  # byte by byte: a copy may overlap its own output
+            out.append(out[start + i])
+        if len(out) > n:
+            raise _Malformed("snappy output longer than its declared length")
+    if len(out) != n:
+        raise _Malformed(f"snappy output has {len(out)} bytes, declared {n}")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The sorted table
+# ---------------------------------------------------------------------------------------
+
+
+def _read_block(raw: bytes, handle: tuple[int, int], what: str) -> bytes:
+    """Contents of the block at handle (offset, size), after its trailer's checks."""
+    offset, size = handle
+    if offset + size + BLOCK_TRAILER_SIZE > len(raw) - FOOTER_SIZE:
+        raise _Malformed(
+            f"{what} block [{offset}, {offset + size}) lies outside the file ({len(raw)} bytes)"
+        )
+    contents = raw[offset : offset + size]
+    kind = raw[offset + size]
+    (stored,) = struct.unpack_from("<I", raw, offset + size + 1)
+    actual = crc32c(raw[offset : offset + size + 1])
+    if unmask_crc(stored) != actual:
+        raise _Malformed(
+            f"{what} block at offset {offset} fails its crc32c check (stored "
+            f"{unmask_crc(stored):#010x}, computed {actual:#010x}): the file is corrupt"
+        )
+    if kind == SNAPPY_COMPRESSION:
+        return _snappy_decompress(contents)
+    if kind != NO_COMPRESSION:
+        raise _Malformed(f"{what} block at offset {offset} has unknown compression type {kind}")
+    return contents
+
+
+def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs of one block, undoing the prefix compression of the keys."""
+    if len(block) < 4:
+        raise _Malformed("block shorter than its restart count")
+    (n_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    limit = len(block) - 4 - 4 * n_restarts  # entries end where the restart array begins
+    if n_restarts == 0 or limit < 0:
+        raise _Malformed(f"block declares {n_restarts} restart points")
+    restarts = set(struct.unpack_from(f"<{n_restarts}I", block, limit))
+    entries = []
+    pos = 0
+    key = b""
+    while pos < limit:
+        start = pos
+        shared, pos = _varint(block, pos, limit)
+        unshared, pos = _varint(block, pos, limit)
+        n_value, pos = _varint(block, pos, limit)
+        if shared > len(key) or (start in restarts and shared):
+            raise _Malformed(f"entry at byte {start} shares {shared} bytes of the previous key")
+        if pos + unshared + n_value > limit:
+            raise _Malformed(f"entry at byte {start} runs past the end of its block")
+        key = key[:shared] + block[pos : pos + unshared]
+        pos += unshared
+        entries.append((key, block[pos : pos + n_value]))
+        pos += n_value
+    return entries
+
+
+def _handle(value: bytes) -> tuple[int, int]:
+    offset, pos = _varint(value, 0)
+    size, _ = _varint(value, pos)
+    return offset, size
+
+
+def read_table(path: str) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs of a LevelDB-style table file, in key order."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        if len(raw) < FOOTER_SIZE:
+            raise _Malformed(f"{len(raw)} bytes is too short for a table footer (truncated?)")
+        footer = raw[-FOOTER_SIZE:]
+        (magic,) = struct.unpack_from("<Q", footer, FOOTER_SIZE - 8)
+        if magic != TABLE_MAGIC:
+            raise _Malformed(
+                f"bad table magic {magic:#018x} (expected {TABLE_MAGIC:#018x}): not a "
+                "TensorFlow checkpoint index, or truncated"
+            )
+        metaindex, pos = _handle_at(footer, 0)
+        index, _ = _handle_at(footer, pos)
+        _read_block(raw, metaindex, "metaindex")  # unused (no filters), but checked
+        entries = []
+        for last_key, value in _block_entries(_read_block(raw, index, "index")):
+            block_entries = _block_entries(_read_block(raw, _handle(value), "data"))
+            if block_entries and block_entries[-1][0] > last_key:
+                raise _Malformed("a data block holds keys past its index entry")
+            entries += block_entries
+        for (k0, _), (k1, _) in zip(entries, entries[1:], strict=False):
+            if k1 <= k0:
+                raise _Malformed(f"keys out of order or repeated: {k0!r} then {k1!r}")
+        return entries
+    except _Malformed as e:
+        raise WeightsError(f"{path}: bad checkpoint index: {e}") from None
+
+
+def _handle_at(buf: bytes, pos: int) -> tuple[tuple[int, int], int]:
+    offset, pos = _varint(buf, pos)
+    size, pos = _varint(buf, pos)
+    return (offset, size), pos
+
+
+# ---------------------------------------------------------------------------------------
+# The tensor bundle
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_header(value: bytes) -> tuple[int, str]:
+    """BundleHeaderProto -> (num_shards, numpy byte order '<' or '>')."""
+    num_shards, endianness = 1, 0  # proto3 defaults when a field is absent
+    for number, wire, v in _proto_fields(value):
+        if number == 1 and wire == 0:
+            num_shards = _int64(v)
+        elif number == 2 and wire == 0:
+            endianness = v
+    if not 1 <= num_shards <= 100_000:
+        raise _Malformed(f"header declares {num_shards} shards")
+    if endianness not in (0, 1):
+        raise _Malformed(f"header declares unknown endianness {endianness}")
+    return num_shards, "<" if endianness == 0 else ">"
+
+
+def _parse_entry(value: bytes, name: str) -> dict:
+    """BundleEntryProto -> {dtype, shape, shard_id, offset, size, crc32c, sliced}."""
+    e = {
+        "dtype": 0,
+        "shape": [],
+        "shard_id": 0,
+        "offset": 0,
+        "size": 0,
+        "crc32c": None,
+        "sliced": False,
+    }
+    for number, wire, v in _proto_fields(value):
+        if number == 1 and wire == 0:
+            e["dtype"] = v
+        elif number == 2 and wire == 2:
+            for n2, w2, dim in _proto_fields(v):
+                if n2 == 2 and w2 == 2:
+                    size = -1
+                    for n3, w3, s in _proto_fields(dim):
+                        if n3 == 1 and w3 == 0:
+                            size = _int64(s)
+                    if size < 0:
+                        raise _Malformed(f"tensor {name!r}: unknown or negative dimension")
+                    e["shape"].append(size)
+                elif n2 == 3 and w2 == 0 and v:
+                    raise _Malformed(f"tensor {name!r}: shape of unknown rank")
+        elif number in (3, 4, 5) and wire == 0:
+            e[{3: "shard_id", 4: "offset", 5: "size"}[number]] = _int64(v)
+        elif number == 6 and wire == 5:
+            e["crc32c"] = v
+        elif number == 7:
+            e["sliced"] = True
+    return e
+
+
+def checkpoint_prefix(directory: str) -> str:
+    """The checkpoint prefix in `directory`: the `checkpoint` file's model_checkpoint_path
+    (relative to the directory; an absolute path from another machine is tried by its base
+    name), else `model.ckpt`."""
+    candidates = []
+    state = os.path.join(directory, "checkpoint")
+    if os.path.exists(state):
+        try:
+            with open(state, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{state}: cannot read ({e})") from None
+        m = re.search(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+        if m is None:
+            raise WeightsError(f"{state}: no model_checkpoint_path line")
+        path = m.group(1).encode("latin-1", "backslashreplace").decode("unicode_escape")
+        candidates.append(path if os.path.isabs(path) else os.path.join(directory, path))
+        candidates.append(os.path.join(directory, os.path.basename(path)))
+    candidates.append(os.path.join(directory, "model.ckpt"))
+    for prefix in candidates:
+        if os.path.exists(prefix + ".index"):
+            return prefix
+    raise WeightsError(f"{candidates[0]}.index: file not found (no TensorFlow checkpoint index)")
+
+
+def _shard_path(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint `prefix` as float32, keyed by its TensorFlow name.
+
+    float32 tensors are read-only memory-mapped views of the data shard; float16, float64 and
+    bfloat16 are widened to float32. Each tensor's crc32c is checked unless verify=False.
+    """
+    index_path = prefix + ".index"
+    entries = read_table(index_path)
+    try:
+        if not entries or entries[0][0] != b"":
+            raise _Malformed("no bundle header (the entry with the empty key)")
+        num_shards, order = _parse_header(entries[0][1])
+        parsed = []
+        for key, value in entries[1:]:
+            name = key.decode("utf-8", "backslashreplace")
+            parsed.append((name, _parse_entry(value, name)))
+    except _Malformed as e:
+        raise WeightsError(f"{index_path}: bad checkpoint index: {e}") from None
+
+    sizes: dict[int, int] = {}
+    for name, e in parsed:
+        where = f"{index_path}: tensor {name!r}"
+        if e["sliced"]:
+            raise WeightsError(f"{where} is saved in slices (partitioned), which is unsupported")
+        if e["dtype"] not in _FLOAT_DTYPES:
+            dt = _DTYPE_NAMES.get(e["dtype"], f"DataType {e['dtype']}")
+            raise WeightsError(f"{where} has unsupported dtype {dt} (expected a float type)")
+        if not 0 <= e["shard_id"] < num_shards:
+            raise WeightsError(f"{where}: shard {e['shard_id']} is not one of {num_shards}")
+        itemsize = np.dtype(_FLOAT_DTYPES[e["dtype"]][1]).itemsize
+        need = itemsize * int(np.prod(e["shape"], dtype=object))
+        if e["size"] != need:
+            raise WeightsError(
+                f"{where}: {e['size']} bytes stored but {_FLOAT_DTYPES[e['dtype']][0]} x shape "
+                f"{e['shape']} needs {need}"
+            )
+        shard = _shard_path(prefix, e["shard_id"], num_shards)
+        if e["shard_id"] not in sizes:
+            try:
+                sizes[e["shard_id"]] = os.path.getsize(shard)
+            except FileNotFoundError:
+                raise WeightsError(f"{shard}: file not found (named in {index_path})") from None
+        if e["offset"] < 0 or e["offset"] + e["size"] > sizes[e["shard_id"]]:
+            raise WeightsError(
+                f"{shard}: tensor {name!r} needs bytes [{e['offset']}, {e['offset'] + e['size']})"
+                f" but the file has {sizes[e['shard_id']]} bytes (truncated?)"
+            )
+
+    maps: dict[int, np.ndarray] = {}
+    out = {}
+    for name, e in parsed:
+        shard = _shard_path(prefix, e["shard_id"], num_shards)
+        if e["size"] == 0:
+            buf = np.zeros(0, dtype=np.uint8)
+        else:
+            if e["shard_id"] not in maps:
+                maps[e["shard_id"]] = np.memmap(shard, dtype=np.uint8, mode="r")
+            buf = maps[e["shard_id"]][e["offset"] : e["offset"] + e["size"]]
+        if verify:
+            if e["crc32c"] is None:
+                raise WeightsError(f"{index_path}: tensor {name!r} has no crc32c")
+            actual = crc32c(buf)
+            if unmask_crc(e["crc32c"]) != actual:
+                raise WeightsError(
+                    f"{shard}: tensor {name!r} fails its crc32c check (stored "
+                    f"{unmask_crc(e['crc32c']):#010x}, computed {actual:#010x}): the file is "
+                    "corrupt"
+                )
+        dt_name, code = _FLOAT_DTYPES[e["dtype"]]
+        if dt_name == "DT_BFLOAT16":  # the top half of a float32: widen exactly
+            a = (buf.view(order + "u2").astype(np.uint32) << 16).view(np.float32)
+        elif dt_name == "DT_FLOAT" and order == "<" and e["offset"] % 4 == 0:
+            a = buf.view("<f4")  # the common case: a view, no copy
+        else:
+            a = np.frombuffer(buf.tobytes(), dtype=order + code).astype(np.float32)
+        out[name] = a.reshape(e["shape"])
+    return out

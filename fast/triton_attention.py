@@ -1,0 +1,375 @@
+"""Causal flash attention in Triton, forward and backward, with a KV-cache offset and padding.
+
+Shape legend: B = batch, NH = heads, Tq = queries, Tk = keys (Tk >= Tq), hs = head size,
+BM / BN = query / key block rows, BD = head size padded to a power of two (>= 16).
+The maths is `ref.ops.attention_forward` / `attention_backward`, with the same symbols:
+    query i sits at absolute position Tk - Tq + i and sees keys j <= Tk - Tq + i whose
+    key_mask is True;  s = q k^T * scale,  att = softmax(s),  out = att v;
+    a query that sees no key gets out = 0.
+Forward (FlashAttention, Dao et al. 2022, Algorithm 1 with an online softmax): one program
+per (query block, batch * head); it walks the key blocks up to the last one its queries can
+see, keeping the running row max m, the running sum l and the unnormalised output acc in
+float32, and saves lse = m + log(l) (B, NH, Tq) for backward, never the (Tq, Tk) matrix.
+Backward (FlashAttention-2's split): delta = rowsum(dout * out); one kernel walks the query
+blocks for each key block and accumulates dk and dv, another walks the key blocks for each
+query block and accumulates dq. Each output has one writer, so there are no atomics and
+the result is the same on every run. Inside both, p = exp(s - lse) recomputes att and
+    dv = p^T dout,  dp = dout v^T,  ds = p * (dp - delta),  dq = ds k * scale,  dk = ds^T q * scale.
+Limits (checked on the host): 1 <= hs <= 256, any Tq <= Tk (blocks are masked at the edges,
+no "T must be a multiple of 128"), q, k, v of one dtype among float32, float16, bfloat16
+(accumulation is float32; float32 matmuls use IEEE precision, not TF32, so float32 results
+match the reference), any strides (the model passes views of its qkv buffer and KV cache).
+Variants: block sizes (BM, BN) = (64, 64) "flash64" and (32, 32) "flash32".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fast.triton_common import check_device, check_float
+
+MAX_HEAD_SIZE = 256
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (B, NH, Tq, hs) queries, strides sq*
+    k_ptr,  # (B, NH, Tk, hs) keys, strides sk*
+    v_ptr,  # (B, NH, Tk, hs) values, strides sv*
+    mask_ptr,  # (B, Tk) int8 key mask, 1 = real key, 0 = padding (read when HAS_MASK)
+    out_ptr,  # (B, NH, Tq, hs) output, q's dtype, strides so*
+    lse_ptr,  # (B, NH, Tq) float32 logsumexp of each query's scores, contiguous
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    smb, smt,
+    NH, Tq, Tk, hs,
+    scale,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    shift = Tk - Tq  # query i sits at absolute position shift + i
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < hs
+    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives p = 0
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    hi = tl.minimum(Tk, shift + (pid_m + 1) * BM)  # keys past hi are in every query's future
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        col_ok = offs_n < Tk
+        kv_ok = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+            mask=kv_ok,
+            other=0.0,
+        )  # (BN, BD)
+        v = tl.load(
+            v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+            mask=kv_ok,
+            other=0.0,
+        )  # (BN, BD)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN) float32
+        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
+            visible = visible & (km != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BM,)
+        alpha = tl.exp(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.exp(s - m_new[:, None])  # (BM, BN), 0 where hidden
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    seen = l_i > 0.0  # False for a query with no visible key
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (BM, BD), 0 for such a query
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), 0.0)
+    o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr,  # (B, NH, Tq, hs) queries, strides sq*
+    k_ptr,  # (B, NH, Tk, hs) keys, strides sk*
+    v_ptr,  # (B, NH, Tk, hs) values, strides sv*
+    mask_ptr,  # (B, Tk) int8 key mask (read when HAS_MASK)
+    do_ptr,  # (B, NH, Tq, hs) upstream gradient, contiguous
+    lse_ptr,  # (B, NH, Tq) float32 from forward
+    delta_ptr,  # (B, NH, Tq) float32 rowsum(dout * out)
+    dk_ptr,  # (B, NH, Tk, hs) output, contiguous
+    dv_ptr,  # (B, NH, Tk, hs) output, contiguous
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    smb, smt,
+    NH, Tq, Tk, hs,
+    scale,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    shift = Tk - Tq
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    col_ok = offs_n < Tk
+    d_ok = offs_d < hs
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+        mask=kv_ok,
+        other=0.0,
+    )  # (BN, BD)
+    v = tl.load(
+        v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+        mask=kv_ok,
+        other=0.0,
+    )  # (BN, BD)
+    key_ok = col_ok
+    if HAS_MASK:
+        km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
+        key_ok = key_ok & (km != 0)
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lo = tl.maximum(pid_n * BN - shift, 0)  # queries before lo see none of these keys
+    lo = (lo // BM) * BM
+    for start_m in range(lo, Tq, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        row_ok = offs_m < Tq
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(
+            q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+            mask=qd_ok,
+            other=0.0,
+        )  # (BM, BD)
+        do = tl.load(
+            do_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :], mask=qd_ok, other=0.0
+        )  # (BM, BD)
+        lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+        delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN)
+        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & key_ok[None, :] & row_ok[:, None]
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # (BM, BN) = att
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BN, BD)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # (BN, BD)
+    dk = dk * scale
+    out_ptrs = bh * Tk * hs + offs_n[:, None] * hs + offs_d[None, :]
+    tl.store(dk_ptr + out_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptr + out_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr,  # (B, NH, Tq, hs) queries, strides sq*
+    k_ptr,  # (B, NH, Tk, hs) keys, strides sk*
+    v_ptr,  # (B, NH, Tk, hs) values, strides sv*
+    mask_ptr,  # (B, Tk) int8 key mask (read when HAS_MASK)
+    do_ptr,  # (B, NH, Tq, hs) upstream gradient, contiguous
+    lse_ptr,  # (B, NH, Tq) float32 from forward
+    delta_ptr,  # (B, NH, Tq) float32 rowsum(dout * out)
+    dq_ptr,  # (B, NH, Tq, hs) output, contiguous
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    smb, smt,
+    NH, Tq, Tk, hs,
+    scale,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    shift = Tk - Tq
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < hs
+    qd_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+        mask=qd_ok,
+        other=0.0,
+    )  # (BM, BD)
+    do = tl.load(
+        do_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :], mask=qd_ok, other=0.0
+    )  # (BM, BD)
+    lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    hi = tl.minimum(Tk, shift + (pid_m + 1) * BM)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        col_ok = offs_n < Tk
+        kv_ok = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+            mask=kv_ok,
+            other=0.0,
+        )  # (BN, BD)
+        v = tl.load(
+            v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+            mask=kv_ok,
+            other=0.0,
+        )  # (BN, BD)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN)
+        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
+            visible = visible & (km != 0)[None, :]
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # (BM, BN)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # (BM, BD)
+    dq = dq * scale
+    tl.store(
+        dq_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
+        mask=qd_ok,
+    )
+
+
+def _check(q, k, v, key_mask) -> None:
+    op = "attention_forward"
+    check_float(op, q=q, k=k, v=v)
+    check_device(_attn_fwd_kernel, op, q=q, k=k, v=v, key_mask=key_mask)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"{op}: q, k, v must be (B, NH, T, hs), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if tuple(k.shape) != (B, NH, Tk, hs) or tuple(v.shape) != (B, NH, Tk, hs):
+        raise ValueError(
+            f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+            f"(B={B}, NH={NH}, Tk, hs={hs})"
+        )
+    if Tq < 1 or Tk < Tq:
+        raise ValueError(f"{op}: need 1 <= Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    if not 1 <= hs <= MAX_HEAD_SIZE:
+        raise ValueError(f"{op}: head size {hs} is outside the kernel's range 1..{MAX_HEAD_SIZE}")
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, Tk):
+            raise ValueError(
+                f"{op}: key_mask must be bool ({B}, {Tk}), got {key_mask.dtype} "
+                f"{tuple(key_mask.shape)}"
+            )
+
+
+def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
+    BD = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot needs every side >= 16
+    if BD > 64:  # keep the (BM, BD) and (BN, BD) tiles inside a GPU's shared memory
+        bm, bn = min(bm, 32), min(bn, 32)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit
+    return bm, bn, BD, precision
+
+
+def attention_forward(q, k, v, key_mask=None, *, block_m: int = 64, block_n: int = 64):
+    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
+    -> out (B, NH, Tq, hs); cache = (q, k, v, mask8, out, lse, blocks)."""
+    _check(q, k, v, key_mask)
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    BM, BN, BD, precision = _blocks(q, block_m, block_n)
+    out = torch.empty(B, NH, Tq, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tq, hs)
+    lse = torch.empty(B, NH, Tq, dtype=torch.float32, device=q.device)  # (B, NH, Tq)
+    mask8 = None if key_mask is None else key_mask.to(torch.int8)  # (B, Tk)
+    mask_arg = lse if mask8 is None else mask8  # any pointer: not read without HAS_MASK
+    smb, smt = (0, 0) if mask8 is None else mask8.stride()
+    grid = (triton.cdiv(Tq, BM), B * NH)
+    if B * NH:
+        _attn_fwd_kernel[grid](
+            q, k, v, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
+            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs),
+            HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
+        )  # fmt: skip
+    return out, (q, k, v, mask8, out, lse, (BM, BN))
+
+
+def attention_backward(dout, cache):
+    """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
+    q, k, v, mask8, out, lse, (BM, BN) = cache
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if tuple(dout.shape) != (B, NH, Tq, hs):
+        raise ValueError(
+            f"attention_backward: dout has shape {tuple(dout.shape)}, expected {(B, NH, Tq, hs)}"
+        )
+    check_device(_attn_bwd_dq_kernel, "attention_backward", dout=dout, q=q)
+    _, _, BD, precision = _blocks(q, BM, BN)
+    do = dout.to(q.dtype).contiguous()  # (B, NH, Tq, hs)
+    delta = (do.float() * out.float()).sum(dim=-1).contiguous()  # (B, NH, Tq) = rowsum(p * dp)
+    dq = torch.empty(B, NH, Tq, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tq, hs)
+    dk = torch.empty(B, NH, Tk, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tk, hs)
+    dv = torch.empty(B, NH, Tk, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tk, hs)
+    mask_arg = lse if mask8 is None else mask8
+    smb, smt = (0, 0) if mask8 is None else mask8.stride()
+    common = dict(HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD)
+    if B * NH:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * NH)](
+            q, k, v, mask_arg, do, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), smb, smt,
+            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs), **common,
+        )  # fmt: skip
+        _attn_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * NH)](
+            q, k, v, mask_arg, do, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), smb, smt,
+            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs), **common,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Causal flash attention, differentiable in q, k and v (not in the key mask)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, block_m, block_n):
+        out, cache = attention_forward(q, k, v, key_mask, block_m=block_m, block_n=block_n)
+        q_, k_, v_, mask8, out_, lse, blocks = cache
+        ctx.save_for_backward(q_, k_, v_, out_, lse)
+        ctx.mask8, ctx.blocks = mask8, blocks
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, (q, k, v, ctx.mask8, out, lse, ctx.blocks))
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, key_mask=None, *, block_m: int = 64, block_n: int = 64):
+    """Differentiable causal attention: q (B, NH, Tq, hs), k, v (B, NH, Tk, hs) -> like q."""
+    return AttentionFunction.apply(q, k, v, key_mask, block_m, block_n)

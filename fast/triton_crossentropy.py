@@ -1,0 +1,183 @@
+"""Fused softmax cross-entropy in Triton over a large vocabulary (GPT-2's V = 50,257).
+
+Shape legend: N = rows (B * T), V = vocabulary, BV = vocabulary block.
+The maths is `ref.ops.crossentropy_forward` / `crossentropy_backward`:
+    lse[n] = logsumexp(logits[n]),  loss = mean over rows with targets[n] != ignore_index of
+    (lse[n] - logits[n, targets[n]]),  dlogits[n] = (softmax(logits[n]) - onehot(targets[n]))
+    * dloss / count, zero on ignored rows (count = number of rows not ignored, at least 1).
+One program per row walks the vocabulary in blocks of BV with an online max and sum
+(Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"), so the softmax is
+never stored by the forward. Variants:
+  "online": the forward saves lse (N,) only; the backward re-reads the logits once and writes
+      dlogits = exp(logits - lse) - onehot: the probabilities exist once, as the gradient.
+  "fused": the forward writes the gradient (for dloss = 1) in a second pass over the row while
+      the row is hot, as Liger-Kernel does; the backward only scales it by dloss. Costs an
+      (N, V) buffer held from forward to backward, saves re-reading the logits.
+The loss is float32; logits may be float32, float16 or bfloat16 (math in float32); dlogits
+take the logits' dtype. Targets out of [0, V) that are not ignore_index are an error.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fast.triton_common import check_device, check_float
+
+BLOCK_V = 4096
+
+
+@triton.jit
+def _ce_grad_row(logits_row, grad_row, target, lse, coef, V, BV: tl.constexpr):
+    """grad_row[:] = (exp(logits_row - lse) - onehot(target)) * coef, block by block."""
+    for start in range(0, V, BV):
+        cols = start + tl.arange(0, BV)
+        inside = cols < V
+        x = tl.load(logits_row + cols, mask=inside, other=float("-inf")).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(grad_row + cols, (g * coef).to(grad_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,  # (N, V) logits, contiguous
+    targets_ptr,  # (N,) int64 targets
+    losses_ptr,  # (N,) float32 per-row loss, 0 on ignored rows
+    lse_ptr,  # (N,) float32 logsumexp of each row
+    grad_ptr,  # (N, V) gradient for dloss = 1 (written only when COMPUTE_GRAD)
+    inv_count_ptr,  # (1,) float32 1 / count (read only when COMPUTE_GRAD)
+    V,
+    ignore_index,
+    COMPUTE_GRAD: tl.constexpr,
+    BV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * V
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    m = float("-inf")  # running max
+    d = 0.0  # running sum of exp(x - m)
+    for start in range(0, V, BV):
+        cols = start + tl.arange(0, BV)
+        x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    safe = tl.where(valid, target, 0)
+    picked = tl.load(logits_row + safe).to(tl.float32)
+    tl.store(losses_ptr + row, tl.where(valid, lse - picked, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if COMPUTE_GRAD:
+        coef = tl.where(valid, tl.load(inv_count_ptr), 0.0)
+        _ce_grad_row(logits_row, grad_ptr + row * V, target, lse, coef, V, BV)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    logits_ptr,  # (N, V) logits, contiguous
+    targets_ptr,  # (N,) int64 targets
+    lse_ptr,  # (N,) float32 from forward
+    coef_ptr,  # (1,) float32 dloss / count
+    dlogits_ptr,  # (N, V) output, the logits' dtype
+    V,
+    ignore_index,
+    BV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    coef = tl.where(target != ignore_index, tl.load(coef_ptr), 0.0)
+    lse = tl.load(lse_ptr + row)
+    _ce_grad_row(logits_ptr + row * V, dlogits_ptr + row * V, target, lse, coef, V, BV)
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+    op = "crossentropy_forward"
+    check_float(op, logits=logits)
+    check_device(_ce_fwd_kernel, op, logits=logits, targets=targets)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (N, V), got {tuple(logits.shape)}")
+    N, V = logits.shape
+    if V < 1:
+        raise ValueError(f"{op}: the vocabulary is empty (V = 0)")
+    if tuple(targets.shape) != (N,):
+        raise ValueError(f"{op}: targets must be ({N},), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: targets must be int32 or int64, got {targets.dtype}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if N and bool(bad.any()):
+        first = int(targets[bad][0])
+        raise ValueError(f"{op}: target {first} is outside the vocabulary [0, {V})")
+
+
+def _forward(logits, targets, ignore_index: int, fused: bool):
+    _check(logits, targets, ignore_index)
+    N, V = logits.shape
+    logits = logits.contiguous()
+    targets = targets.to(torch.int64).contiguous()
+    count = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)  # () on device
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
+    grad = torch.empty_like(logits) if fused else lse  # (N, V) when fused
+    inv_count = (1.0 / count).reshape(1)  # (1,)
+    BV = min(BLOCK_V, triton.next_power_of_2(V))
+    if N:
+        _ce_fwd_kernel[(N,)](
+            logits, targets, losses, lse, grad, inv_count, V, ignore_index,
+            COMPUTE_GRAD=fused, BV=BV,
+        )  # fmt: skip
+    loss = losses.sum() / count  # () float32
+    return loss, (logits, targets, lse, count, grad if fused else None, ignore_index)
+
+
+def crossentropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """logits (N, V), targets (N,) int -> mean loss () float32 ("online" variant)."""
+    return _forward(logits, targets, ignore_index, fused=False)
+
+
+def crossentropy_forward_fused(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+):
+    """As `crossentropy_forward`, also writing the gradient in the same pass ("fused")."""
+    return _forward(logits, targets, ignore_index, fused=True)
+
+
+def crossentropy_backward(dloss, cache) -> torch.Tensor:
+    """dloss () -> dlogits (N, V); works for the caches of both variants."""
+    logits, targets, lse, count, grad, ignore_index = cache
+    dloss = torch.as_tensor(dloss, dtype=torch.float32, device=logits.device)
+    if grad is not None:  # "fused": the forward wrote the gradient for dloss = 1
+        return (grad.float() * dloss).to(logits.dtype)
+    N, V = logits.shape
+    dlogits = torch.empty_like(logits)  # (N, V)
+    coef = (dloss / count).reshape(1)  # (1,)
+    if N:
+        _ce_bwd_kernel[(N,)](
+            logits, targets, lse, coef, dlogits, V, ignore_index,
+            BV=min(BLOCK_V, triton.next_power_of_2(V)),
+        )  # fmt: skip
+    return dlogits
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Mean softmax cross-entropy, differentiable in the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, fused):
+        loss, cache = _forward(logits, targets, ignore_index, fused)
+        ctx.cache = cache
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dlogits = crossentropy_backward(dloss, ctx.cache)
+        ctx.cache = None
+        return dlogits, None, None, None
+
+
+def crossentropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, fused: bool = False
+) -> torch.Tensor:
+    """Differentiable mean cross-entropy: logits (N, V), targets (N,) -> () float32."""
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, fused)

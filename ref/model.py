@@ -25,6 +25,7 @@ import numpy as np
 
 from ref import ops as ref_ops
 from ref.config import GPT2Config
+from ref.lora import lora_forward
 
 
 class ContextLengthError(ValueError):
@@ -72,10 +73,17 @@ def positions(mask: np.ndarray, n_before: np.ndarray) -> np.ndarray:
     return np.maximum(pos, 0)
 
 
-def _linear(x: np.ndarray, p: dict, ops, tape: dict | None, name: str) -> np.ndarray:
+def _linear(x: np.ndarray, p: dict, ops, tape: dict | None, name: str, rng=None) -> np.ndarray:
+    """x @ w + b, plus the LoRA update when the projection carries an adapter (ref/lora.py);
+    `rng` drives the adapter's dropout while training."""
     out, cache = ops.linear_forward(x, p["w"], p["b"])
     if tape is not None:
         tape[name] = cache
+    if "lora" in p:
+        delta, lcache = lora_forward(x, p["lora"], rng)
+        out = out + delta
+        if tape is not None:
+            tape[name + "/lora"] = lcache
     return out
 
 
@@ -86,14 +94,14 @@ def _run(op, tape: dict | None, name: str, *args):
     return out
 
 
-def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, tape):
+def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, tape, rng=None):
     """Causal multi-head self-attention over the new tokens and the cached ones.
 
     x (B, T, C); kv = (k_cache, v_cache, P) with caches (B, NH, capacity, hs), or None.
     """
     B, T, C = x.shape
     hs = C // n_head
-    qkv = _linear(x, c_attn, ops, tape, "c_attn")  # (B, T, 3C)
+    qkv = _linear(x, c_attn, ops, tape, "c_attn", rng)  # (B, T, 3C)
     qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs)
     if kv is not None:
@@ -103,24 +111,24 @@ def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, tape):
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
     y = _run(ops.attention_forward, tape, "attention", q, k, v, key_mask)  # (B, NH, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
-    return _linear(y, c_proj, ops, tape, "c_proj")  # (B, T, C)
+    return _linear(y, c_proj, ops, tape, "c_proj", rng)  # (B, T, C)
 
 
-def mlp_block(x, c_fc, c_proj, *, ops, tape):
+def mlp_block(x, c_fc, c_proj, *, ops, tape, rng=None):
     """x (B, T, C) -> (B, T, C): expand to 4C, GELU, project back."""
-    h = _linear(x, c_fc, ops, tape, "c_fc")  # (B, T, 4C)
+    h = _linear(x, c_fc, ops, tape, "c_fc", rng)  # (B, T, 4C)
     h = _run(ops.gelu_forward, tape, "gelu", h)  # (B, T, 4C)
-    return _linear(h, c_proj, ops, tape, "mlp_c_proj")  # (B, T, C)
+    return _linear(h, c_proj, ops, tape, "mlp_c_proj", rng)  # (B, T, C)
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, tape):
+def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, tape, rng=None):
     """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
     h = _run(ops.layernorm_forward, tape, "ln_1", x, ln_1["g"], ln_1["b"], eps)  # (B, T, C)
     x = x + attention_block(
-        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, tape=tape
+        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, tape=tape, rng=rng
     )  # (B, T, C)
     h = _run(ops.layernorm_forward, tape, "ln_2", x, ln_2["g"], ln_2["b"], eps)  # (B, T, C)
-    return x + mlp_block(h, **mlp, ops=ops, tape=tape)  # (B, T, C)
+    return x + mlp_block(h, **mlp, ops=ops, tape=tape, rng=rng)  # (B, T, C)
 
 
 def forward(
@@ -133,6 +141,7 @@ def forward(
     last_only: bool = False,
     ops=ref_ops,
     tape: dict | None = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Logits for the tokens `ids` (B, T), continuing from `cache` if one is given.
 
@@ -140,6 +149,7 @@ def forward(
     last_only: return logits for the last position only, (B, 1, V); the LM head over all
         positions costs as much as several blocks, and generation needs only the last.
     tape: a dict that receives every op's cache, for the backward pass (training).
+    rng: drives LoRA dropout while training (ref/lora.py); None (the default) means no dropout.
     Returns logits (B, T, V) float32. `cache` is updated in place.
     """
     B, T = ids.shape
@@ -150,9 +160,7 @@ def forward(
     pos = positions(mask, n_before)  # (B, T)
     if P + T > (cfg.n_ctx if cache is None else cache.capacity) or pos.max() >= cfg.n_ctx:
         limit = cfg.n_ctx if cache is None else cache.capacity
-        raise ContextLengthError(
-            f"{P + T} tokens exceed the model's context of {limit} positions"
-        )
+        raise ContextLengthError(f"{P + T} tokens exceed the model's context of {limit} positions")
     if cache is not None:
         cache.mask[:, P : P + T] = mask
         cache.n_real = cache.n_real + mask.sum(axis=1)
@@ -168,7 +176,15 @@ def forward(
         kv = None if cache is None else (cache.k[layer], cache.v[layer], P)
         bt = {} if tape is not None else None
         x = transformer_block(
-            x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv, key_mask=key_mask, tape=bt
+            x,
+            **block,
+            n_head=cfg.n_head,
+            eps=cfg.eps,
+            ops=ops,
+            kv=kv,
+            key_mask=key_mask,
+            tape=bt,
+            rng=rng,
         )  # (B, T, C)
         if tape is not None:
             blocks_tape.append(bt)
@@ -176,8 +192,9 @@ def forward(
         cache.length = P + T
     if last_only:
         x = x[:, -1:]  # (B, 1, C)
-    x = _run(ops.layernorm_forward, tape, "ln_f", x, params["ln_f"]["g"], params["ln_f"]["b"],
-             cfg.eps)  # (B, T, C)
+    x = _run(
+        ops.layernorm_forward, tape, "ln_f", x, params["ln_f"]["g"], params["ln_f"]["b"], cfg.eps
+    )  # (B, T, C)
     if tape is not None:
         tape["blocks"] = blocks_tape
         tape["x_final"] = x

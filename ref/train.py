@@ -1,0 +1,302 @@
+"""The finetuning loop: micro-batches, gradient accumulation, clipping, AdamW, validation.
+
+Shape legend: B = batch, T = time, V = n_vocab.
+
+One optimizer step averages the gradients of `grad_accum` micro-batches (each the mean loss of
+its own targets), clips them by global norm, and takes an AdamW step at the schedule's learning
+rate. Everything that varies between steps is a function of (seed, step): the batches
+(`ref.data.batch_indices`) and LoRA's dropout masks; so a run resumed from a checkpoint of
+step s, with its parameters and AdamW moments, computes exactly the losses the uninterrupted
+run would have.
+
+Trainable parameters are a flat dict {canonical name: array}: every tensor of the layout for
+full finetuning (train="all"), the adapters alone with LoRA (train="lora").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+from ref import ops as ref_ops
+from ref.backward import loss_and_grads, loss_only
+from ref.config import GPT2Config
+from ref.data import EOT, Split, batch_indices, eval_batches, make_batch
+from ref.generate import generate
+from ref.lora import TARGETS
+from ref.model import KVCache, forward
+from ref.optim import AdamWConfig, adamw_init, adamw_step, clip_by_global_norm, decay_mask, lr_at
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int  # optimizer steps in the whole run
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr; 1.0 keeps lr constant
+    weight_decay: float = 0.0
+    decay: str = "matrices"  # which tensors decay: see ref.optim.decay_mask
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global norm; 0 disables
+    eval_every: int = 0  # validate every N steps (and at the end); 0: only at the end
+    eval_batches: int | None = None  # cap on validation batches per evaluation
+    save_every: int = 0  # checkpoint every N steps (and at the end); 0: only at the end
+    seed: int = 0
+    mask_prompt: bool = False  # instruction data: ignore the prompt's targets in the loss
+    train: str = "all"  # "all" | "lora"
+    n_samples: int = 3  # responses generated from validation prompts at the end
+    sample_tokens: int = 40
+
+
+# ---------------------------------------------------------------------------------------------
+# flat names <-> nested params
+
+
+def _node(params: dict, name: str) -> tuple[dict, str]:
+    """The dict that holds parameter `name` and its key there."""
+    parts = name.split("/")
+    node = params
+    if parts[0].startswith("h") and parts[0][1:].isdigit():
+        node = params["blocks"][int(parts[0][1:])]
+        parts = parts[1:]
+    for p in parts[:-1]:
+        node = node[p]
+    leaf = parts[-1]
+    if leaf in ("lora_a", "lora_b"):
+        return node["lora"], leaf[-1]
+    return node, leaf
+
+
+def param_names(params: dict, train: str) -> list[str]:
+    """The flat names of the trainable tensors, in the layout's order."""
+    names: list[str] = []
+    if train == "all":
+        names += ["wte", "wpe", "ln_f/g", "ln_f/b"]
+    for i, block in enumerate(params["blocks"]):
+        for mod, proj in (
+            ("attn", "c_attn"),
+            ("attn", "c_proj"),
+            ("mlp", "c_fc"),
+            ("mlp", "c_proj"),
+        ):
+            p = block[mod][proj]
+            pre = f"h{i}/{mod}/{proj}"
+            if train == "all":
+                if mod == "attn" and proj == "c_attn":
+                    names += [f"h{i}/ln_1/g", f"h{i}/ln_1/b"]
+                if mod == "mlp" and proj == "c_fc":
+                    names += [f"h{i}/ln_2/g", f"h{i}/ln_2/b"]
+                names += [pre + "/w", pre + "/b"]
+            elif "lora" in p:
+                names += [pre + "/lora_a", pre + "/lora_b"]
+    return names
+
+
+def get_flat(params: dict, names: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for n in names:
+        node, key = _node(params, n)
+        out[n] = node[key]
+    return out
+
+
+def with_flat(params: dict, flat: dict[str, np.ndarray]) -> dict:
+    """A copy of params (sharing untouched arrays) with the tensors of `flat` replaced."""
+    out = copy.deepcopy(params, memo=_array_memo(params))
+    for n, a in flat.items():
+        node, key = _node(out, n)
+        node[key] = a
+    return out
+
+
+def _array_memo(tree) -> dict:
+    """deepcopy memo that keeps every array shared (only the dict structure is copied)."""
+    memo: dict = {}
+    stack = [tree]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, np.ndarray):
+            memo[id(t)] = t
+        elif isinstance(t, dict):
+            stack.extend(t.values())
+        elif isinstance(t, list):
+            stack.extend(t)
+    return memo
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and samples
+
+
+def validate(
+    params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops
+) -> tuple[float, float]:
+    """(mean loss over every counted validation target, perplexity)."""
+    total, count = 0.0, 0
+    for idx in eval_batches(split, tcfg.batch_size, tcfg.eval_batches):
+        ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
+        loss, n = loss_only(params, ids, tgt, cfg, ops=ops)
+        total += loss * n
+        count += n
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 700.0))
+
+
+def numpy_model(params: dict, cfg: GPT2Config, ops=ref_ops):
+    """The model interface of `ref.generate` over nested params (adapters applied unmerged)."""
+    return SimpleNamespace(
+        cfg=cfg,
+        new_cache=lambda batch, capacity=None: KVCache(cfg, batch, capacity),
+        forward=lambda ids, cache=None, mask=None, last_only=False: forward(
+            params, ids, cfg, cache=cache, mask=mask, last_only=last_only, ops=ops
+        ),
+    )
+
+
+def sample_prompts(split: Split, n: int) -> list[list[int]]:
+    """Prompts for sample responses: the first validation instructions' prompts, or the first
+    16 tokens of the first validation windows for plain text."""
+    if split.kind == "instruction":
+        return [tok[:n_prompt] for tok, n_prompt in split.examples[:n]]
+    return [list(map(int, w[:16])) for w in split.windows[:n]]
+
+
+def samples(params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops):
+    """[(prompt ids, response ids)], greedy, stopping at <|endoftext|>."""
+    room = cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
+    prompts = [p[-room:] for p in sample_prompts(split, tcfg.n_samples) if p and room > 0]
+    if not prompts:
+        return []
+    model = numpy_model(params, cfg, ops)
+    outs = generate(model, prompts, tcfg.sample_tokens, temperature=0.0, eos_id=EOT)
+    return [(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to resume: the step reached, the trainable tensors and the
+    AdamW state."""
+
+    step: int
+    trainable: dict[str, np.ndarray]
+    opt: dict
+
+
+def init_state(params: dict, train: str) -> TrainState:
+    names = param_names(params, train)
+    if not names:
+        raise ValueError("nothing to train: LoRA mode but the model carries no adapters")
+    # writable float32 copies: loaded weights are read-only memory maps
+    trainable = {n: np.array(a, np.float32) for n, a in get_flat(params, names).items()}
+    return TrainState(0, trainable, adamw_init(trainable))
+
+
+def micro_step(
+    params: dict,
+    split: Split,
+    cfg: GPT2Config,
+    tcfg: TrainConfig,
+    k: int,
+    lora_dropout: bool,
+    ops=ref_ops,
+):
+    """Loss, gradients and token count of micro-batch k."""
+    idx = batch_indices(len(split), tcfg.batch_size, k, tcfg.seed)
+    ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
+    rng = np.random.default_rng([tcfg.seed, 1, k]) if lora_dropout else None
+    loss, grads = loss_and_grads(params, ids, tgt, cfg, ops=ops, train=tcfg.train, rng=rng)
+    return loss, grads, ids.size
+
+
+def train(
+    params: dict,
+    cfg: GPT2Config,
+    train_split: Split,
+    val_split: Split | None,
+    tcfg: TrainConfig,
+    *,
+    ops=ref_ops,
+    state: TrainState | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    save: Callable[[dict, TrainState], None] | None = None,
+) -> tuple[dict, TrainState, list[float]]:
+    """Train from `state` (a fresh one when None) up to tcfg.steps.
+
+    on_event receives dicts: {"event": "train", step, loss, lr, grad_norm, tokens,
+    tokens_per_s}, {"event": "val", step, val_loss, val_perplexity},
+    {"event": "sample", prompt, response} (token ids). save(params, state) is called every
+    save_every steps and at the end. Returns (params, final state, the train losses).
+    """
+    state = init_state(params, tcfg.train) if state is None else state
+    params = with_flat(params, state.trainable)
+    acfg = AdamWConfig(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay)
+    decay = decay_mask(list(state.trainable), tcfg.decay)
+    dropout = tcfg.train == "lora" and any(
+        p.get("lora", {}).get("dropout", 0.0) > 0
+        for block in params["blocks"]
+        for mod, proj in TARGETS.values()
+        for p in [block[mod][proj]]
+    )
+    emit = on_event or (lambda e: None)
+    losses: list[float] = []
+    for step in range(state.step, tcfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tcfg.lr, tcfg.warmup, tcfg.steps, tcfg.min_lr_ratio)
+        loss_sum, tokens, acc = 0.0, 0, None
+        for micro in range(tcfg.grad_accum):
+            loss, grads, n = micro_step(
+                params, train_split, cfg, tcfg, step * tcfg.grad_accum + micro, dropout, ops
+            )
+            loss_sum += loss
+            tokens += n
+            acc = grads if acc is None else {k: acc[k] + g for k, g in grads.items()}
+        if tcfg.grad_accum > 1:
+            acc = {k: g * np.float32(1.0 / tcfg.grad_accum) for k, g in acc.items()}
+        loss = loss_sum / tcfg.grad_accum
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: the loss is {loss}; lower --lr")
+        acc, norm = clip_by_global_norm(acc, tcfg.grad_clip)
+        trainable, opt = adamw_step(state.trainable, acc, state.opt, acfg, lr, decay)
+        state = TrainState(step + 1, trainable, opt)
+        params = with_flat(params, trainable)
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        emit(
+            {
+                "event": "train",
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens": tokens,
+                "tokens_per_s": tokens / max(dt, 1e-9),
+            }
+        )
+        last = step + 1 == tcfg.steps
+        if (
+            val_split is not None
+            and len(val_split)
+            and (last or (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0))
+        ):
+            vl, ppl = validate(params, val_split, cfg, tcfg, ops)
+            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+        if save is not None and (last or (tcfg.save_every and (step + 1) % tcfg.save_every == 0)):
+            save(params, state)
+    if val_split is not None and len(val_split) and tcfg.n_samples > 0:
+        for prompt, response in samples(params, val_split, cfg, tcfg, ops):
+            emit({"event": "sample", "prompt": prompt, "response": response})
+    return params, state, losses

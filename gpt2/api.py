@@ -1,9 +1,8 @@
-"""The small Python API: load a model, tokenize, forward, generate, evaluate."""
+"""The small Python API: load a model, tokenize, forward, generate, instruct, evaluate."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,8 +12,10 @@ from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
 from ref.config import GPT2Config
 from ref.model import KVCache, forward
+from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
+from ref.sampling import SamplingParams
 from weights import loader
-from weights.tokenizer import decode, encode
+from weights.tokenizer import decode_bytes, encode
 
 
 class Model:
@@ -55,21 +56,108 @@ def load(model: str = "124M", backend: str = "ref", cache_dir: str | None = None
 
 @dataclass
 class GenerateResult:
-    text: str
+    text: str  # the completion, without the prompt (and cut before a stop string)
     token_ids: list[int]
-    finish_reason: str
-    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str  # "eos" | "length" | "stop"
+    logprobs: list[float] = field(default_factory=list)  # model log-prob of each token
+    score: float | None = None  # beam search only: length-penalised sum of log-probs
 
 
 @dataclass
 class Timing:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    new_tokens: int = 0
+    prefill_s: float = 0.0  # prompt forward pass, up to the first token chosen
+    decode_s: float = 0.0  # every later step
+    new_tokens: int = 0  # token positions run through the model in the decode steps
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def generate_batch(
+    model,
+    prompts: list[str | list[int]],
+    max_new_tokens: int = 40,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    logit_bias: dict[int, float] | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    eos_id: int | None = ref_generate.EOT,
+    on_token: Callable[[int, int], None] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    timing: Timing | None = None,
+) -> list[list[GenerateResult]]:
+    """Continue each prompt (text, or token ids); one list of completions per prompt.
+
+    Sampling (temperature > 0) returns num_return_sequences samples per prompt; beam search
+    (num_beams > 1) the num_return_sequences best beams, best first, with their `score`.
+    See `ref.sampling` for the order the sampling options apply in, and `ref.generate` for
+    beam search and stop strings. The same seed and arguments give the same text.
+    `on_token(row, id)` / `on_text(row, text)` stream (sampling and greedy only); row r
+    belongs to prompt r // num_return_sequences.
+    """
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        logit_bias=dict(logit_bias or {}),
+    )
+    ids = [encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    stats: dict = {}
+    common = dict(
+        params=params,
+        eos_id=eos_id,
+        stop=list(stop),
+        decode_bytes=decode_bytes,
+        num_return_sequences=num_return_sequences,
+        stats=stats,
+    )
+    if num_beams > 1:
+        outs = ref_generate.beam_search(
+            model,
+            ids,
+            max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            **common,
+        )
+    else:
+        outs = ref_generate.generate(
+            model,
+            ids,
+            max_new_tokens,
+            rng=np.random.default_rng(seed),
+            on_token=on_token,
+            on_text=on_text,
+            **common,
+        )
+    if timing is not None:
+        timing.prefill_s = stats["prefill_s"]
+        timing.decode_s = stats["decode_s"]
+        timing.new_tokens = stats["decode_tokens"]
+    n = num_return_sequences
+    results = [
+        GenerateResult(o.text, o.token_ids, o.finish_reason, o.logprobs, o.score) for o in outs
+    ]
+    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def generate(
@@ -80,29 +168,32 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     timing: Timing | None = None,
+    **options,
 ) -> list[GenerateResult]:
-    """Generate a continuation of `prompt` (text, or token ids)."""
-    ids = encode(prompt) if isinstance(prompt, str) else list(prompt)
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    first: list[float] = []
+    """Generate continuations of one `prompt` (text, or token ids): a list of
+    num_return_sequences results. `options` are those of `generate_batch`."""
+    return generate_batch(
+        model,
+        [prompt],
+        max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        on_token=on_token,
+        timing=timing,
+        **options,
+    )[0]
 
-    def cb(row: int, tok: int) -> None:
-        if not first:
-            first.append(time.perf_counter())
-        if on_token is not None:
-            on_token(row, tok)
 
-    outs = ref_generate.generate(
-        model, [ids], max_new_tokens, temperature=temperature, rng=rng, on_token=cb
-    )
-    t1 = time.perf_counter()
-    if timing is not None:
-        timing.prefill_s = (first[0] if first else t1) - t0
-        timing.decode_s = t1 - (first[0] if first else t1)
-        timing.new_tokens = max(sum(len(o.token_ids) for o in outs) - 1, 0)
-    return [GenerateResult(decode(o.token_ids), o.token_ids, o.finish_reason, o.logprobs)
-            for o in outs]
+def instruct(
+    model, instruction: str, input: str = "", max_new_tokens: int = 256, **options
+) -> GenerateResult:
+    """Answer an instruction in the Alpaca format (`ref.prompts.alpaca_prompt`): the result
+    holds only the response, which ends at <|endoftext|> or where the model starts a new
+    `### Instruction` section; surrounding whitespace is stripped from its text."""
+    stop = [INSTRUCTION_STOP, *options.pop("stop", ())]
+    r = generate(model, alpaca_prompt(instruction, input), max_new_tokens, stop=stop, **options)[0]
+    r.text = r.text.strip()
+    return r
 
 
 def evaluate(model, text: str | list[int], stride: int | None = None, progress=None):

@@ -1,0 +1,51 @@
+"""The Numba CPU backend: numpy arrays in and out, kernels compiled on first use.
+
+Kernels (one file each, forward and backward side by side):
+    fast/numba_layernorm.py    LayerNorm: one pass for the statistics, one for the output
+    fast/numba_gelu.py         GELU (tanh form through a vectorisable exp) and bias + GELU
+    fast/numba_attention.py    causal attention with KV cache and padding mask, online softmax
+    fast/numba_crossentropy.py softmax cross-entropy, probabilities made once
+    fast/numba_common.py       threading layer, fastmath flags, exp32
+`linear` and `embedding` reuse the reference: a matmul is BLAS's job (numpy already calls it),
+and the embedding is a gather.
+
+Compilation: every kernel is `cache=True`, so the machine code is written next to the source
+(`fast/__pycache__`) on first use and loaded from there afterwards; inputs are normalised to
+C-contiguous float32 so each kernel has one signature. Importing this module compiles nothing.
+"""
+
+from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
+from fast.numba_attention import attention_backward, attention_forward
+from fast.numba_crossentropy import crossentropy_backward, crossentropy_forward
+from fast.numba_gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
+from fast.numba_layernorm import layernorm_backward, layernorm_forward
+from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
+    embedding_backward,
+    embedding_forward,
+    linear_backward,
+    linear_forward,
+)
+
+__all__ = [
+    "VARIANTS",
+    "attention_backward",
+    "attention_forward",
+    "bias_gelu_backward",
+    "bias_gelu_forward",
+    "crossentropy_backward",
+    "crossentropy_forward",
+    "embedding_backward",
+    "embedding_forward",
+    "gelu_backward",
+    "gelu_forward",
+    "layernorm_backward",
+    "layernorm_forward",
+    "linear_backward",
+    "linear_forward",
+]
+
+VARIANTS = {
+    op: dict(variants)
+    for module in (numba_layernorm, numba_gelu, numba_attention, numba_crossentropy)
+    for op, variants in module.VARIANTS.items()
+}

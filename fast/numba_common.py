@@ -1,0 +1,102 @@
+"""Shared pieces of the Numba kernels: threading layer, fastmath flags, a vectorisable exp.
+
+Threading layer: on a 2-core machine shared with other processes, numba's OpenMP layer (GNU
+libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial;
+the "workqueue" layer does not spin. It is pinned here unless the user chose one through
+NUMBA_THREADING_LAYER. The layer is read when the first parallel kernel runs, so setting the
+config at import (before any kernel has run) is enough.
+
+fastmath: {"reassoc", "contract"} lets LLVM vectorise float32 reductions (sums, dot products)
+and fuse multiply-adds. "nnan"/"ninf" are left out on purpose: the attention kernels rely on
+-inf comparisons for masked keys.
+
+exp32: `math.exp` inside a Numba loop is a scalar libm call that blocks vectorisation (no SVML
+here), and softmax over a 50257-wide vocabulary is dominated by it. exp32 is written with
+operations LLVM vectorises: exp(y) = 2^n * exp(r), n = round(y / ln 2), r = y - n ln 2 with
+|r| <= ln(2)/2, exp(r) by its degree-7 Taylor polynomial (truncation |r|^8/8! < 1.1e-8, below
+float32's half ulp 6e-8), and 2^n built from its IEEE-754 bits through a bitcast.
+Inputs are clamped to [-87, 88] so that 2^n stays a normal float (n in [-126, 127]); exp32
+never returns 0 or inf: callers that need an exact 0 (masked keys) select it themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+FASTMATH = {"reassoc", "contract"}
+
+_LOG2E = np.float32(1.0 / math.log(2.0))
+# ln 2 split in two so that n * _LN2_HI is exact for |n| <= 127 (Cody and Waite's reduction):
+# _LN2_HI keeps the top 16 bits of ln 2's float32 significand.
+_LN2_HI = np.float32(0.693145751953125)
+_LN2_LO = np.float32(math.log(2.0) - 0.693145751953125)
+_EXP_LO = np.float32(-87.0)
+_EXP_HI = np.float32(88.0)
+_C2 = np.float32(1.0 / 2)
+_C3 = np.float32(1.0 / 6)
+_C4 = np.float32(1.0 / 24)
+_C5 = np.float32(1.0 / 120)
+_C6 = np.float32(1.0 / 720)
+_C7 = np.float32(1.0 / 5040)
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, i):
+    """Reinterpret an int32's bits as a float32 (LLVM `bitcast`, free and vectorisable)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def exp32(y):
+    """exp(y) for float32 y, relative error ~2 ulp; see the module docstring."""
+    y = min(max(y, _EXP_LO), _EXP_HI)
+    n = np.floor(y * _LOG2E + _HALF)  # float32 integer in [-126, 127]
+    r = (y - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln(2)/2
+    p = _C7
+    p = p * r + _C6
+    p = p * r + _C5
+    p = p * r + _C4
+    p = p * r + _C3
+    p = p * r + _C2
+    p = p * r + _ONE
+    p = p * r + _ONE  # exp(r)
+    two_n = _int32_bits_as_float32((np.int32(n) + np.int32(127)) << np.int32(23))  # 2^n
+    return p * two_n
+
+
+def check_f32(op: str, name: str, a) -> np.ndarray:
+    """A C-contiguous float32 view or copy of `a`; other dtypes are refused by name.
+
+    The kernels are compiled for one signature (C-contiguous float32) to keep compile time
+    and the on-disk cache small, and so that LLVM knows the inner stride is 1.
+    """
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"numba backend: {op} expects {name} as a float32 numpy array, got {got}")
+    return np.ascontiguousarray(a)
+
+
+def n_partials(rows: int) -> int:
+    """How many per-thread partial sums a parallel reduction over `rows` rows writes.
+
+    A fixed count (not the thread count), so results are bit-identical whatever the number of
+    threads; 16 keeps two to sixteen threads busy and the final sum of partials tiny.
+    """
+    return max(1, min(16, rows))

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -41,6 +42,8 @@ class FakeServer:
         self.redirects: dict[str, str] = {}  # path -> Location of a 302
         self.fail: dict[str, list[int]] = {}  # path -> statuses to answer first, one per request
         self.cut: dict[str, list[int]] = {}  # path -> bytes to send before dropping, per request
+        self.chunk: int | None = None  # answer ranged requests with at most this many bytes
+        self.stall: dict[str, float] = {}  # path -> seconds to wait after the headers
         self.ignore_range = False
         self.log: list[tuple[str, str | None]] = []
         self.url = ""
@@ -84,15 +87,19 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            end = len(data) if fake.chunk is None else min(len(data), start + fake.chunk)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Length", str(end - start))
+            body = body[:end]
         else:
             self.send_response(200)
             self.send_header("Content-Length", str(fake.length.get(path, len(data))))
         for k, v in fake.headers.get(path, {}).items():
             self.send_header(k, v)
         self.end_headers()
+        if path in fake.stall:
+            time.sleep(fake.stall[path])
         payload = body[start:]
         if fake.cut.get(path):
             payload = payload[: fake.cut[path].pop(0)]
@@ -324,6 +331,37 @@ def test_transient_5xx_is_retried(server, tmp_path):
     )
     assert_files(path, files)
     assert len(server.requests(f"/models/124M/{DATA}")) == 3
+
+
+def test_server_sending_ranges_in_pieces(server, tmp_path):
+    files = add_openai(server)
+    server.chunk = 40_000
+    directory = tmp_path / "124M"
+    directory.mkdir()
+    (directory / (DATA + ".part")).write_bytes(files[DATA][:1000])
+    dl.download("124M", str(tmp_path), source="openai", openai_url=server.url + "/models", **FAST)
+    assert_files(str(directory), files)
+    starts = [int(r[6:-1]) for r in server.requests(f"/models/124M/{DATA}")]
+    assert starts == list(range(1000, len(files[DATA]), 40_000))
+
+
+def test_stalled_server_times_out_after_bounded_retries(server, tmp_path):
+    server.files["/f"] = b"x" * 10
+    server.stall["/f"] = 1.0
+    kw = {**FAST, "timeout": 0.2, "retries": 1}
+    with pytest.raises(
+        WeightsError, match=r"f: download from .*/f failed after retries.*timed out"
+    ):
+        dl.fetch(server.url + "/f", str(tmp_path / "f"), **kw)
+    assert len(server.requests("/f")) == 2
+    assert not (tmp_path / "f").exists()
+
+
+def test_progress_bar_on_stderr(server, tmp_path, capsys):
+    server.files["/vocab.bpe"] = content(5, 3000)
+    dl.fetch(server.url + "/vocab.bpe", str(tmp_path / "vocab.bpe"), **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert "vocab.bpe" in err and "100.0%" in err
 
 
 def test_404_names_the_url(server, tmp_path):

@@ -87,9 +87,9 @@ PARTIAL = ".partial.json"
 LOCK = ".lock"
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
-# A cap on all attempts of one file, so a server that always cuts after a few bytes cannot keep
-# the loop going forever even though each attempt makes progress.
-MAX_ATTEMPTS = 200
+# A cap on all attempts of one file: `retries` bounds failures in a row without progress, and
+# this bounds a server that keeps cutting the connection after a few more bytes each time.
+MAX_ATTEMPTS = 1000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -278,8 +278,10 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
     that answered.
     """
     declared: dict[str, str] = {}
+    first = url
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(url)
+        check_url(url, what="URL" if url == first else "redirect to")
+        hop = "" if url == first else f" (at {_strip_query(url)})"
         req = urllib.request.Request(url, headers={"User-Agent": "gpt2-spec", "Accept": "*/*"})
         if offset:
             req.add_header("Range", f"bytes={offset}-")
@@ -295,12 +297,12 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
                 url = urllib.parse.urljoin(url, headers["Location"])
                 continue
             if code == 416:
-                raise _Restart(f"{url}: 416 range not satisfiable") from None
+                raise _Restart(f"HTTP 416 range not satisfiable{hop}") from None
             if code >= 500 or code in (408, 429):
-                raise _Transient(f"{url}: HTTP {code}") from None
-            raise WeightsError(f"{url}: HTTP {code} {e.reason}") from None
+                raise _Transient(f"HTTP {code} {e.reason}{hop}") from None
+            raise WeightsError(f"HTTP {code} {e.reason}{hop}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise _Transient(f"{url}: {getattr(e, 'reason', e)}") from None
+            raise _Transient(f"{getattr(e, 'reason', e)}{hop}") from None
         for key in (
             "content-length",
             "content-range",
@@ -314,16 +316,21 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
             if value and key not in declared:
                 declared[key] = value
         return resp, declared, url
-    raise WeightsError(f"{url}: more than {MAX_REDIRECTS} redirects")
+    raise WeightsError(f"more than {MAX_REDIRECTS} redirects")
 
 
-def _md5_header(value: str, url: str, name: str) -> str:
+def _strip_query(url: str) -> str:
+    """A URL without its query: storage redirects carry signatures that need not be kept."""
+    return urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
+
+
+def _md5_header(value: str, name: str) -> str:
     try:
         digest = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise WeightsError(f"{url}: header {name} is not base64: {value!r}") from None
+        raise WeightsError(f"header {name} is not base64: {value!r}") from None
     if len(digest) != 16:
-        raise WeightsError(f"{url}: header {name} is not an MD5 digest: {value!r}")
+        raise WeightsError(f"header {name} is not an MD5 digest: {value!r}")
     return digest.hex()
 
 
@@ -334,7 +341,7 @@ def _sha256_etag(value: str | None) -> str | None:
     return tag if _HEX64.match(tag) else None
 
 
-def _expectations(status: int, declared: dict, offset: int, url: str, source: str) -> dict:
+def _expectations(status: int, declared: dict, offset: int, source: str) -> dict:
     """What the answer declares: 'start' (first byte sent), 'total' size, 'sha256', 'md5'."""
     exp: dict = {"start": 0, "total": None, "sha256": None, "md5": None, "checks": []}
     totals: list[tuple[str, int]] = []
@@ -342,30 +349,27 @@ def _expectations(status: int, declared: dict, offset: int, url: str, source: st
     if status == 206:
         m = _CONTENT_RANGE.match(declared.get("content-range", "").strip())
         if m is None or int(m.group(1)) != offset:
-            raise _Restart(f"{url}: unusable Content-Range {declared.get('content-range')!r}")
+            raise _Restart(f"unusable Content-Range {declared.get('content-range')!r}")
         start, end = int(m.group(1)), int(m.group(2))
         exp["start"] = start
         if m.group(3) != "*":
             totals.append(("Content-Range", int(m.group(3))))
         if length is not None and length.isdigit() and int(length) != end - start + 1:
             raise WeightsError(
-                f"{url}: Content-Length {length} disagrees with Content-Range "
-                f"{declared['content-range']}"
+                f"Content-Length {length} disagrees with Content-Range {declared['content-range']}"
             )
-        if m.group(3) != "*" and end + 1 != int(m.group(3)):
-            raise _Restart(f"{url}: partial answer {declared['content-range']} stops early")
     elif length is not None:
         if not length.isdigit():
-            raise WeightsError(f"{url}: invalid Content-Length {length!r}")
+            raise WeightsError(f"invalid Content-Length {length!r}")
         totals.append(("Content-Length", int(length)))
     linked = declared.get("x-linked-size")
     if linked is not None:
         if not linked.strip().isdigit():
-            raise WeightsError(f"{url}: invalid X-Linked-Size {linked!r}")
+            raise WeightsError(f"invalid X-Linked-Size {linked!r}")
         totals.append(("X-Linked-Size", int(linked)))
     if len({t for _, t in totals}) > 1:
         said = ", ".join(f"{k} {v}" for k, v in totals)
-        raise WeightsError(f"{url}: the server declares different sizes ({said})")
+        raise WeightsError(f"the server declares different sizes ({said})")
     if totals:
         exp["total"] = totals[0][1]
         exp["checks"].append("size:" + "+".join(k for k, _ in totals))
@@ -377,10 +381,10 @@ def _expectations(status: int, declared: dict, offset: int, url: str, source: st
         exp["sha256"] = sha
         exp["checks"].append("sha256:etag")
     if declared.get("x-ms-blob-content-md5"):
-        exp["md5"] = _md5_header(declared["x-ms-blob-content-md5"], url, "x-ms-blob-content-md5")
+        exp["md5"] = _md5_header(declared["x-ms-blob-content-md5"], "x-ms-blob-content-md5")
         exp["checks"].append("md5:x-ms-blob-content-md5")
     elif status == 200 and declared.get("content-md5"):
-        exp["md5"] = _md5_header(declared["content-md5"], url, "Content-MD5")
+        exp["md5"] = _md5_header(declared["content-md5"], "Content-MD5")
         exp["checks"].append("md5:Content-MD5")
     return exp
 
@@ -413,10 +417,10 @@ def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> d
     with resp:
         status = resp.status
         if status not in (200, 206):
-            raise WeightsError(f"{url}: unexpected HTTP {status}")
+            raise WeightsError(f"unexpected HTTP {status}")
         if status == 206 and not offset:
-            raise _Restart(f"{url}: partial answer to a whole-file request")
-        exp = _expectations(status, declared, offset, url, source)
+            raise _Restart("partial answer to a whole-file request")
+        exp = _expectations(status, declared, offset, source)
         if status == 200:
             offset = 0  # the server ignored Range (or none was sent): start again from zero
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
@@ -433,9 +437,7 @@ def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> d
                     try:
                         block = resp.read(CHUNK)
                     except (OSError, http.client.HTTPException) as e:
-                        raise _Transient(
-                            f"{url}: connection lost after {got} bytes ({e})"
-                        ) from None
+                        raise _Transient(f"connection lost after {got} bytes ({e})") from None
                     if not block:
                         break
                     f.write(block)
@@ -451,7 +453,8 @@ def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> d
             bar.close()
     total = exp["total"]
     if total is not None and got < total:
-        raise _Transient(f"{url}: connection closed after {got} of {total} bytes")
+        # A cut connection, or a server that sends ranges in pieces: continue from here.
+        raise _Transient(f"connection closed after {got} of {total} bytes")
     problem = None
     if total is not None and got != total:
         problem = f"received {got} bytes but the server declared {total}"
@@ -461,14 +464,14 @@ def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> d
         problem = f"MD5 {md5.hexdigest()} does not match the declared {exp['md5']}"
     if problem is not None:
         _remove(part)
-        raise WeightsError(f"{dest}: download from {url} is corrupt: {problem}; deleted it")
+        raise WeightsError(f"corrupt: {problem}; the partial file was deleted")
     os.replace(part, dest)
     return {
         "size": got,
         "sha256": sha.hexdigest(),
         "url": url,
         "verified": exp["checks"],
-        **({"served_by": final_url} if final_url != url else {}),
+        **({"served_by": _strip_query(final_url)} if final_url != url else {}),
     }
 
 
@@ -495,6 +498,8 @@ def fetch(
         before = os.path.getsize(part) if os.path.exists(part) else 0
         try:
             return _attempt(url, dest, source, timeout, bar_factory)
+        except WeightsError as e:
+            raise WeightsError(f"{dest}: download from {url} failed: {e}") from None
         except _Restart as e:
             _remove(part)
             last = str(e)
@@ -540,7 +545,12 @@ def _locked(directory: str) -> Iterator[None]:
     except ImportError:
         yield
         return
-    with open(os.path.join(directory, LOCK), "a+") as f:
+    path = os.path.join(directory, LOCK)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot create the lock file ({e})") from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield

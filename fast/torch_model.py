@@ -1,0 +1,219 @@
+"""GPT-2 in torch, taking its ops from a backend: "torch" (torch's own kernels, CPU or GPU) or
+"triton" (our kernels, `fast/triton_*.py`). The same forward as `ref/model.py`, on tensors.
+
+Shape legend: B = batch, T = new tokens this call, P = tokens already in the cache,
+C = n_embd, NH = n_head, hs = C // NH, V = n_vocab, L = n_layer.
+
+Params are the nested dict of `ref/model.py` with torch tensors for leaves (`to_torch` makes
+it from the numpy one, which every loader returns). The backend gives the differentiable
+`layernorm`, `bias_gelu`, `attention` and `crossentropy`; the embedding and the linear layers
+are torch ops in both backends (a gather and a cuBLAS matmul). Autograd differentiates
+through either backend, so `gpt2_loss(...).backward()` trains the model (fast/torch_train.py).
+
+`TorchModel` is the model interface of `ref.generate` (cfg, new_cache, forward -> numpy
+float32 logits), so `gpt2 generate/eval --backend torch|triton` run on it. Device: CUDA when
+available, else CPU; the triton backend on CPU only under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fast import get_backend
+from ref.config import GPT2Config
+from ref.model import ContextLengthError
+
+
+def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
+    """The nested numpy params as tensors on `device` (same structure and keys)."""
+    if isinstance(params, dict):
+        return {k: to_torch(v, device, dtype) for k, v in params.items()}
+    if isinstance(params, list):
+        return [to_torch(v, device, dtype) for v in params]
+    return torch.tensor(np.asarray(params), dtype=dtype, device=device)
+
+
+def to_numpy(params: dict) -> dict:
+    """Back to nested float32 numpy arrays."""
+    if isinstance(params, dict):
+        return {k: to_numpy(v) for k, v in params.items()}
+    if isinstance(params, list):
+        return [to_numpy(v) for v in params]
+    return params.detach().to("cpu", torch.float32).numpy()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TorchKVCache:
+    """Keys and values of every layer for the tokens seen so far, as tensors.
+
+    k, v: (L, B, NH, capacity, hs); mask: (B, capacity) bool, False on padding;
+    n_real: (B,) int64 real tokens per row; length: slots filled (P, the same for every row).
+    """
+
+    def __init__(self, cfg: GPT2Config, batch: int, capacity: int | None, device, dtype):
+        capacity = cfg.n_ctx if capacity is None else capacity
+        if not 1 <= capacity <= cfg.n_ctx:
+            raise ContextLengthError(f"KV cache capacity {capacity} must be in [1, {cfg.n_ctx}]")
+        shape = (cfg.n_layer, batch, cfg.n_head, capacity, cfg.head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, rows) -> None:
+        """Keep (and reorder, or repeat) the rows `rows`: beam search and finished rows."""
+        idx = torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=self.k.device)
+        self.k = self.k[:, idx].contiguous()
+        self.v = self.v[:, idx].contiguous()
+        self.mask = self.mask[idx].contiguous()
+        self.n_real = self.n_real[idx].contiguous()
+
+
+def positions(mask: torch.Tensor, n_before: torch.Tensor) -> torch.Tensor:
+    """Position of each new token: real tokens before it in its row (padding gets 0)."""
+    pos = n_before[:, None] + torch.cumsum(mask.to(torch.int64), dim=1) - 1  # (B, T)
+    return pos.clamp(min=0)
+
+
+def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask):
+    """Causal self-attention over the new tokens and the cached ones; x (B, T, C)."""
+    B, T, C = x.shape
+    hs = C // n_head
+    qkv = x @ c_attn["w"] + c_attn["b"]  # (B, T, 3C)
+    qkv = qkv.view(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs), views of qkv
+    if kv is not None:
+        k_cache, v_cache, P = kv
+        k_cache[:, :, P : P + T] = k
+        v_cache[:, :, P : P + T] = v
+        k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
+    y = ops.attention(q, k, v, key_mask)  # (B, NH, T, hs)
+    y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+    return y @ c_proj["w"] + c_proj["b"]  # (B, T, C)
+
+
+def mlp_block(x, c_fc, c_proj, *, ops):
+    """x (B, T, C) -> (B, T, C); the c_fc bias is fused into the GELU."""
+    h = ops.bias_gelu(x @ c_fc["w"], c_fc["b"])  # (B, T, 4C)
+    return h @ c_proj["w"] + c_proj["b"]  # (B, T, C)
+
+
+def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask):
+    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    h = ops.layernorm(x, ln_1["g"], ln_1["b"], eps)  # (B, T, C)
+    x = x + attention_block(h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask)
+    h = ops.layernorm(x, ln_2["g"], ln_2["b"], eps)  # (B, T, C)
+    return x + mlp_block(h, **mlp, ops=ops)  # (B, T, C)
+
+
+def gpt2_forward(
+    params: dict,
+    ids: torch.Tensor,
+    cfg: GPT2Config,
+    ops,
+    *,
+    cache: TorchKVCache | None = None,
+    mask: torch.Tensor | None = None,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """Logits (B, T, V) for ids (B, T) int64, continuing from `cache` (updated in place).
+
+    mask (B, T) bool: False on left padding. last_only: logits of the last position only.
+    """
+    B, T = ids.shape
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=ids.device)
+    P = 0 if cache is None else cache.length
+    n_before = (
+        torch.zeros(B, dtype=torch.int64, device=ids.device) if cache is None else (cache.n_real)
+    )
+    pos = positions(mask, n_before)  # (B, T)
+    limit = cfg.n_ctx if cache is None else cache.capacity
+    if P + T > limit or (T and int(pos.max()) >= cfg.n_ctx):
+        raise ContextLengthError(f"{P + T} tokens exceed the model's context of {limit} positions")
+    if cache is not None:
+        cache.mask[:, P : P + T] = mask
+        cache.n_real = cache.n_real + mask.sum(dim=1)
+        key_mask = cache.mask[:, : P + T]  # (B, P+T)
+    else:
+        key_mask = mask  # (B, T)
+    if bool(key_mask.all()):
+        key_mask = None  # nothing to hide: the attention op takes its causal-only path
+
+    x = params["wte"][ids] + params["wpe"][pos]  # (B, T, C)
+    for layer, block in enumerate(params["blocks"]):
+        kv = None if cache is None else (cache.k[layer], cache.v[layer], P)
+        x = transformer_block(
+            x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv, key_mask=key_mask
+        )  # (B, T, C)
+    if cache is not None:
+        cache.length = P + T
+    if last_only:
+        x = x[:, -1:]  # (B, 1, C)
+    x = ops.layernorm(x, params["ln_f"]["g"], params["ln_f"]["b"], cfg.eps)  # (B, T, C)
+    return x @ params["wte"].T  # (B, T, V): the LM head is tied to the token embedding
+
+
+def gpt2_loss(
+    params: dict, ids: torch.Tensor, targets: torch.Tensor, cfg: GPT2Config, ops,
+    ignore_index: int = -100,
+) -> torch.Tensor:  # fmt: skip
+    """Mean cross-entropy over the targets (B, T) that are not ignore_index; () float32."""
+    logits = gpt2_forward(params, ids, cfg, ops)  # (B, T, V)
+    V = logits.shape[-1]
+    return ops.crossentropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
+
+
+class TorchModel:
+    """GPT-2 on a torch backend ("torch" or "triton") with the model interface of
+    `ref.generate`: numpy in, numpy float32 logits out."""
+
+    def __init__(
+        self,
+        cfg: GPT2Config,
+        params: dict,
+        backend: str = "torch",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"TorchModel: backend must be 'torch' or 'triton', got {backend!r}")
+        self.cfg = cfg
+        self.backend = backend
+        self.ops = get_backend(backend)
+        self.device = default_device() if device is None else torch.device(device)
+        if backend == "triton":
+            self.ops.check_device(self.device)
+        self.dtype = dtype
+        self.params = to_torch(params, self.device, dtype)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> TorchKVCache:
+        return TorchKVCache(self.cfg, batch, capacity, self.device, self.dtype)
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        cache: TorchKVCache | None = None,
+        mask: np.ndarray | None = None,
+        last_only: bool = False,
+    ) -> np.ndarray:
+        """ids (B, T) int -> logits (B, T, V) float32 numpy (B, 1, V with last_only)."""
+        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        mask_t = (
+            None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=self.device)
+        )
+        with torch.no_grad():
+            logits = gpt2_forward(
+                self.params, ids_t, self.cfg, self.ops, cache=cache, mask=mask_t,
+                last_only=last_only,
+            )  # fmt: skip
+        return logits.to("cpu", torch.float32).numpy()

@@ -1,0 +1,97 @@
+"""The triton backend: GPT-2's ops as Triton kernels on torch tensors (CUDA, or CPU under
+TRITON_INTERPRET=1 for tests).
+
+Same contract as `ref/ops.py` (`<op>_forward -> (out, cache)`, `<op>_backward(dout, cache)`),
+plus the differentiable functions `layernorm, gelu, bias_gelu, attention, crossentropy`
+(each a `torch.autograd.Function` over the kernels) that `fast/torch_model.py` trains through.
+Kernels, one file per op: fast/triton_layernorm.py, triton_gelu.py, triton_attention.py,
+triton_crossentropy.py (each file's docstring gives its maths, variants and limits).
+Embedding and linear are torch ops here (an index and a cuBLAS matmul, which a hand-written
+Triton matmul would not beat), so every op of the contract is present under one name.
+
+The kernels are defined when this module is imported: TRITON_INTERPRET must be set before
+that to run them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fast import torch_backend
+from fast.triton_attention import attention, attention_backward, attention_forward
+from fast.triton_common import TritonDeviceError, is_interpreted
+from fast.triton_crossentropy import (
+    crossentropy,
+    crossentropy_backward,
+    crossentropy_forward,
+    crossentropy_forward_fused,
+)
+from fast.triton_gelu import (
+    bias_gelu,
+    bias_gelu_backward,
+    bias_gelu_forward,
+    gelu,
+    gelu_backward,
+    gelu_forward,
+)
+from fast.triton_layernorm import layernorm, layernorm_backward, layernorm_forward
+
+embedding_forward = torch_backend.embedding_forward
+embedding_backward = torch_backend.embedding_backward
+linear_forward = torch_backend.linear_forward
+linear_backward = torch_backend.linear_backward
+
+__all__ = [
+    "attention",
+    "attention_backward",
+    "attention_forward",
+    "bias_gelu",
+    "bias_gelu_backward",
+    "bias_gelu_forward",
+    "check_device",
+    "crossentropy",
+    "crossentropy_backward",
+    "crossentropy_forward",
+    "embedding_backward",
+    "embedding_forward",
+    "gelu",
+    "gelu_backward",
+    "gelu_forward",
+    "layernorm",
+    "layernorm_backward",
+    "layernorm_forward",
+    "linear_backward",
+    "linear_forward",
+    "VARIANTS",
+]
+
+
+def check_device(device: torch.device) -> None:
+    """Raise a clear error unless the kernels can run on `device`."""
+    from fast.triton_layernorm import _layernorm_fwd_kernel
+
+    if torch.device(device).type == "cpu" and not is_interpreted(_layernorm_fwd_kernel):
+        raise TritonDeviceError(
+            "--backend triton needs a CUDA GPU; on CPU it runs only in Triton's interpreter "
+            "(set TRITON_INTERPRET=1; slow, meant for tests)"
+        )
+
+
+VARIANTS = {
+    "layernorm": {"triton": (layernorm_forward, layernorm_backward)},
+    "gelu": {"triton": (gelu_forward, gelu_backward)},
+    "bias_gelu": {"triton": (bias_gelu_forward, bias_gelu_backward)},
+    "attention": {
+        "flash64": (attention_forward, attention_backward),
+        "flash32": (
+            functools.partial(attention_forward, block_m=32, block_n=32),
+            attention_backward,
+        ),
+    },
+    "crossentropy": {
+        "online": (crossentropy_forward, crossentropy_backward),
+        "fused": (crossentropy_forward_fused, crossentropy_backward),
+    },
+}

@@ -538,6 +538,37 @@ def test_resume_is_byte_identical_for_any_cut(tmp_path_factory, n, cut, seed):
     assert rec["size"] == n and rec["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+def test_loader_downloads_on_first_use(server, tmp_path, monkeypatch):
+    """`--model 124M` through weights.loader: fetched once (OpenAI 404s, so from HF), then cached.
+
+    A tiny config stands in for 124M: the loader takes the shapes from the downloaded config.
+    """
+    from ref.config import GPT2Config
+    from weights import loader
+    from weights import safetensors as sft
+    from weights.layout import canonical_to_hf, expected_shapes
+
+    cfg = GPT2Config(n_vocab=16, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
+    rng = np.random.default_rng(0)
+    flat = {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(cfg).items()}
+    sft.write(str(tmp_path / "w.safetensors"), {canonical_to_hf(k): v for k, v in flat.items()})
+    repo = "/openai-community/gpt2/resolve/main"
+    server.files[f"{repo}/config.json"] = json.dumps(cfg.to_hf_config()).encode()
+    server.files[f"{repo}/model.safetensors"] = (tmp_path / "w.safetensors").read_bytes()
+    monkeypatch.setenv("GPT2_DOWNLOAD_URL_OPENAI", server.url + "/models")
+    monkeypatch.setenv("GPT2_DOWNLOAD_URL_HF", server.url)
+    cache = str(tmp_path / "cache")
+
+    with pytest.raises(WeightsError, match="not downloaded"):
+        loader.load("124M", cache_dir=cache, download=False)
+    got_cfg, params = loader.load("124M", cache_dir=cache)
+    assert got_cfg == cfg
+    np.testing.assert_array_equal(params["wte"], flat["wte"])  # bytes moved, nothing computed
+    n = len(server.log)
+    loader.load("124M", cache_dir=cache, download=False)
+    assert len(server.log) == n
+
+
 def test_cli_download_json_and_error(server, tmp_path, monkeypatch, capsys):
     files = add_openai(server)
     monkeypatch.setenv("GPT2_DOWNLOAD_URL_OPENAI", server.url + "/models")

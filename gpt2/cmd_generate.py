@@ -1,97 +1,306 @@
-"""gpt2 generate PROMPT --model M --max-new-tokens N --temperature T --seed S [--json]"""
+"""gpt2 generate [PROMPT | - | --prompt-file FILE | --instruction TEXT [--input TEXT]] [options]
+
+Prompts: PROMPT on the command line; `-` reads the whole of stdin as one prompt;
+`--prompt-file FILE` reads one prompt per line (blank lines skipped; FILE `-` is stdin), and
+generates for all of them in one batch. `--instruction` wraps the request in the Alpaca
+prompt (ref/prompts.py), prints only the response, and stops at <|endoftext|> or where the
+model starts a new `### Instruction` section.
+
+Output: a single prompt decoded by sampling or greedily streams to the terminal as it is
+generated; several prompts, several samples or beam search print when done, each completion
+under a `--- prompt i, completion j ---` line. `--json` prints one JSON object per prompt
+(one line each): prompt, prompt_token_ids, completions [{text, token_ids, finish_reason,
+logprobs (with --logprobs), score (beam search)}] and timing {prefill_s, decode_s,
+tokens_per_s} of the whole run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from gpt2.cli import UsageError, add_model_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="the prompt text (empty: start from <|endoftext|>)")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt text ('-': read stdin; empty: start from <|endoftext|>)",
+    )
+    p.add_argument("--prompt-file", default=None, help="one prompt per line ('-': stdin)")
+    p.add_argument("--instruction", default=None, help="answer this instruction (Alpaca format)")
+    p.add_argument("--input", default=None, help="the input of --instruction (optional)")
     add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (40)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    g = p.add_argument_group("sampling (applied in this order; see ref/sampling.py)")
+    g.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS to token ID's logit (repeatable; -inf bans the token)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL penalty on tokens already present, > 0 (default 1: off)",
+    )
+    g.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this times each token's count so far (default 0)",
+    )
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this from every token already generated (default 0)",
+    )
+    g.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="never repeat an n-gram of this size (default 0: off)",
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: off)")
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="keep tokens with prob >= min-p * top prob, in [0, 1] (0: off)",
+    )
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    b = p.add_argument_group("beam search")
+    b.add_argument("--num-beams", type=int, default=1, help="beams (default 1: no beam search)")
+    b.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam score = sum of log-probs / length ** this (default 1)",
+    )
+    b.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="stop as soon as num-beams hypotheses are finished",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        help="samples per prompt, or best beams (<= --num-beams) (default 1)",
+    )
+    o.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the text contains TEXT, which is left out (repeatable)",
+    )
+    o.add_argument("--json", action="store_true", help="print JSON, no streaming")
+    o.add_argument("--logprobs", action="store_true", help="per-token log-probs in the JSON")
     p.set_defaults(run=run)
 
 
-def validate(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0.0 or args.temperature == float("inf"):
-        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for item in items:
+        tok, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            tok_id, b = int(tok), float(value)
+        except ValueError:
+            raise UsageError(
+                f"--logit-bias expects ID=BIAS (e.g. 50256=-inf), got {item!r}"
+            ) from None
+        if tok_id < 0 or math.isnan(b) or b == math.inf:
+            raise UsageError(f"--logit-bias needs an id >= 0 and a bias < inf, got {item!r}")
+        bias[tok_id] = b
+    return bias
+
+
+def validate(args: argparse.Namespace):
+    """Check every flag before any work; returns the SamplingParams."""
+    from ref.generate import check_generate_args
+    from ref.sampling import SamplingError, SamplingParams
+
+    sources = [args.prompt is not None, args.prompt_file is not None, args.instruction is not None]
+    if sum(sources) > 1:
+        raise UsageError("give one of PROMPT, --prompt-file or --instruction")
+    if args.input is not None and args.instruction is None:
+        raise UsageError("--input needs --instruction")
+    if args.logprobs and not args.json:
+        raise UsageError("--logprobs needs --json")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            logit_bias=parse_logit_bias(args.logit_bias),
+        )
+        check_generate_args(
+            args.max_new_tokens,
+            params,
+            args.num_beams,
+            args.num_return_sequences,
+            args.length_penalty,
+            args.early_stopping,
+            args.stop,
+        )
+    except SamplingError as e:
+        raise UsageError(f"{flag(e.field)} {e.reason}") from None
+    return params
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts, from the command line, stdin or --prompt-file."""
+    if args.instruction is not None:
+        from ref.prompts import alpaca_prompt
+
+        return [alpaca_prompt(args.instruction, args.input or "")]
+    if args.prompt_file is not None:
+        text = _read(args.prompt_file)
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompt-file {args.prompt_file}: no prompts (all lines blank)")
+        return prompts
+    if args.prompt == "-":
+        return [sys.stdin.read()]
+    return [args.prompt or ""]
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--prompt-file {path}: file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompt-file {path}: is a directory") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt-file {path}: not UTF-8 text ({e})") from None
 
 
 class StreamPrinter:
-    """Prints tokens as they come, holding back bytes that do not yet form UTF-8 text."""
+    """Writes text pieces as they come; with strip=True leaves out leading whitespace and
+    holds back trailing whitespace until more text follows (the --instruction response)."""
 
-    def __init__(self, out=sys.stdout):
-        from weights.tokenizer import decode_bytes
+    def __init__(self, out=None, strip: bool = False):
+        self.out = sys.stdout if out is None else out
+        self.strip = strip
+        self.started = False
+        self.pending = ""  # whitespace held back
 
-        self.decode_bytes = decode_bytes
-        self.ids: list[int] = []
-        self.printed = 0  # bytes already printed
-        self.out = out
-
-    def __call__(self, row: int, tok: int) -> None:
-        self.ids.append(tok)
-        data = self.decode_bytes(self.ids)
-        text = data[self.printed :].decode("utf-8", errors="ignore")
-        good = len(text.encode("utf-8"))
-        if good:
-            self.out.write(text)
+    def __call__(self, row: int, piece: str) -> None:
+        if self.strip:
+            if not self.started:
+                piece = piece.lstrip()
+                self.started = bool(piece)
+            body = (self.pending + piece).rstrip()
+            self.pending = (self.pending + piece)[len(body) :]
+            piece = body
+        if piece:
+            self.out.write(piece)
             self.out.flush()
-            self.printed += good
 
 
 def run(args: argparse.Namespace) -> int:
     import gpt2
-    from gpt2.api import Timing
+    from gpt2.api import Timing, generate_batch
+    from ref.prompts import INSTRUCTION_STOP
+    from ref.sampling import SamplingError
     from weights.tokenizer import encode
 
-    validate(args)
-    prompt = args.prompt or ""
+    params = validate(args)
+    prompts = read_prompts(args)
     model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)
-    timing = Timing()
-    stream = None
-    if not args.json:
-        sys.stdout.write(prompt)
+    instruct = args.instruction is not None
+    stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
+    n = args.num_return_sequences
+    stream = not args.json and len(prompts) == 1 and args.num_beams == 1 and n == 1
+    printer = StreamPrinter(strip=instruct) if stream else None
+    if stream and not instruct:
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        stream = StreamPrinter()
-    results = gpt2.generate(
-        model,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        on_token=stream,
-        timing=timing,
-    )
-    if args.json:
-        obj = {
-            "prompt": prompt,
-            "prompt_token_ids": encode(prompt),
-            "model": args.model,
-            "backend": args.backend,
-            "completions": [
-                {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
-                for r in results
-            ],
-            "timing": {
-                "prefill_s": timing.prefill_s,
-                "decode_s": timing.decode_s,
-                "tokens_per_s": timing.tokens_per_s,
-            },
-        }
-        print(json.dumps(obj, ensure_ascii=False))
-    else:
+    timing = Timing()
+    try:
+        results = generate_batch(
+            model,
+            prompts,
+            args.max_new_tokens,
+            **{k: getattr(params, k) for k in params.__dataclass_fields__},
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+            num_return_sequences=n,
+            stop=stop,
+            seed=args.seed,
+            on_text=printer,
+            timing=timing,
+        )
+    except SamplingError as e:
+        raise UsageError(f"{flag(e.field)} {e.reason}") from None
+    if instruct:
+        for r in results[0]:
+            r.text = r.text.strip()
+    if stream:
         sys.stdout.write("\n")
+    elif not args.json:
+        for i, (prompt, rs) in enumerate(zip(prompts, results, strict=True)):
+            for j, r in enumerate(rs):
+                if len(prompts) > 1 or n > 1:
+                    score = "" if r.score is None else f", score {r.score:.4f}"
+                    print(f"--- prompt {i + 1}, completion {j + 1}{score} ---")
+                print(r.text if instruct else prompt + r.text)
+    else:
+        for prompt, rs in zip(prompts, results, strict=True):
+            completions = []
+            for r in rs:
+                c = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                if args.logprobs:
+                    c["logprobs"] = r.logprobs
+                if r.score is not None:
+                    c["score"] = r.score
+                completions.append(c)
+            obj = {
+                "prompt": prompt,
+                "prompt_token_ids": encode(prompt),
+                "model": args.model,
+                "backend": args.backend,
+                "completions": completions,
+                "timing": {
+                    "prefill_s": timing.prefill_s,
+                    "decode_s": timing.decode_s,
+                    "tokens_per_s": timing.tokens_per_s,
+                },
+            }
+            print(json.dumps(obj, ensure_ascii=False))
     return 0

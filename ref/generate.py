@@ -79,7 +79,7 @@ def check_generate_args(
         if num_return_sequences > num_beams:
             raise SamplingError(
                 "num_return_sequences",
-                f"must be <= num_beams ({num_beams}) with beam search, got {num_return_sequences}",
+                f"must be <= the number of beams ({num_beams}), got {num_return_sequences}",
             )
         if not params.greedy or params.top_k or params.top_p < 1 or params.min_p > 0:
             raise SamplingError(

@@ -342,8 +342,8 @@ def _sha256_etag(value: str | None) -> str | None:
 
 
 def _expectations(status: int, declared: dict, offset: int, source: str) -> dict:
-    """What the answer declares: 'start' (first byte sent), 'total' size, 'sha256', 'md5'."""
-    exp: dict = {"start": 0, "total": None, "sha256": None, "md5": None, "checks": []}
+    """What the answer declares: the 'total' size, 'sha256', 'md5', and the 'checks' made."""
+    exp: dict = {"total": None, "sha256": None, "md5": None, "checks": []}
     totals: list[tuple[str, int]] = []
     length = declared.get("content-length")
     if status == 206:
@@ -351,7 +351,6 @@ def _expectations(status: int, declared: dict, offset: int, source: str) -> dict
         if m is None or int(m.group(1)) != offset:
             raise _Restart(f"unusable Content-Range {declared.get('content-range')!r}")
         start, end = int(m.group(1)), int(m.group(2))
-        exp["start"] = start
         if m.group(3) != "*":
             totals.append(("Content-Range", int(m.group(3))))
         if length is not None and length.isdigit() and int(length) != end - start + 1:

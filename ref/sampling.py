@@ -19,7 +19,9 @@ is skipped, so default params leave the logits untouched:
                            at least p                                 (top_p, 1)
     8. min-p               keep tokens with prob >= min_p * (largest prob)   (min_p, 0)
 
-then `sample` draws from the softmax of what is left. Steps 6-8 always keep the most likely
+Each step sees the output of the one before: top-p measures mass in the distribution left
+by top-k (renormalised), as transformers' warpers do. Then `sample` draws from the softmax
+of what is left. Steps 6-8 always keep the most likely
 token, so they never change a greedy choice. Every random draw comes from a
 `numpy.random.Generator` passed in, so a seed fixes the output.
 """

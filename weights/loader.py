@@ -60,6 +60,10 @@ def _safe_join(directory: str, name: object, index_path: str) -> str:
     """A shard path from the index, refused if it would leave the model directory."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
         raise WeightsError(f"{index_path}: invalid shard file name {name!r}")
+    try:
+        os.fsencode(name)  # JSON can spell lone surrogates, which no file name holds
+    except UnicodeEncodeError:
+        raise WeightsError(f"{index_path}: invalid shard file name {name!r}") from None
     base = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(base, name))
     if os.path.dirname(full) != base:
@@ -82,7 +86,7 @@ def hf_files(path: str) -> list[str]:
             raise WeightsError(f"{index}: not a valid shard index ({e})") from None
         files = sorted({_safe_join(path, v, index) for v in weight_map.values()})
         for f in files:
-            if not os.path.exists(f):
+            if not os.path.isfile(f):  # a name like "sub" may resolve to a directory
                 raise WeightsError(f"{f}: shard named in {index} is missing")
         return files
     return [os.path.join(path, HF_SINGLE)]
@@ -140,7 +144,9 @@ def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict
 
 def load(model: str, cache_dir: str | None = None, download: bool = True):
     """`--model` -> (cfg, params). Size names come from the cache, downloaded on first use."""
-    size = canonical_size(model) if not os.path.exists(model) else None
+    # A bare size name always means the cache (write ./gpt2 for a directory named gpt2).
+    bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
+    size = canonical_size(model) if bare else None
     if size is not None:
         from weights import download as dl
 

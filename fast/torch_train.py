@@ -1,0 +1,391 @@
+"""Finetuning the torch GPT-2 (`--backend torch|triton`), data-parallel under torchrun.
+
+Shape legend: B = batch (one micro-batch, all ranks together), b = this rank's rows,
+T = time, V = n_vocab, W = world size (processes).
+
+The same run as the numpy trainer (`ref/train.py`): the same batches (`ref.data`, drawn by
+(seed, step)), the same loss (each micro-batch's mean over its own counted targets, micro-
+batches averaged), clipping by global norm, AdamW with decoupled decay on the tensors
+`ref.optim.decay_mask` picks, and `ref.optim.lr_at`'s warmup + cosine schedule. Only the
+arithmetic moves to torch: autograd through the backend's ops instead of `ref/backward.py`.
+
+Data parallelism (torch.distributed, DDP): with WORLD_SIZE > 1 (torchrun sets it, with RANK,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), every rank builds the whole micro-batch (cheap, and the
+padding then matches a single process) and keeps its slice of the rows. Rank r's loss is
+    sum of its rows' token losses / count of the whole micro-batch * W
+so that DDP's gradient *average* over ranks is exactly the gradient of the micro-batch's mean
+loss: the same run as one process with the same global batch, up to float32 summation order.
+The process group is NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fast import get_backend
+from fast.torch_model import default_device, gpt2_loss, to_torch
+from ref.config import GPT2Config
+from ref.data import IGNORE, Split, batch_indices, eval_batches, make_batch
+from ref.optim import decay_mask, lr_at
+from ref.train import TrainConfig, TrainState, param_names
+from weights.layout import flatten, nest
+
+
+class GPT2Module(torch.nn.Module):
+    """The trainable tensors as nn.Parameters, so DDP can find and all-reduce them; the
+    forward is the functional `gpt2_loss` over the nested params that hold those Parameters."""
+
+    def __init__(self, cfg: GPT2Config, params: dict, names: list[str], ops, device):
+        super().__init__()
+        self.cfg, self.ops, self.names = cfg, ops, names
+        flat = to_torch(flatten(params), device)  # {canonical name: tensor}
+        self.flat = torch.nn.ParameterList([torch.nn.Parameter(flat[n]) for n in names])
+        flat.update(zip(names, self.flat, strict=True))
+        self.params = nest(flat, cfg)  # nested, leaves are the Parameters above
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * (mean loss of this rank's rows); ids, targets (b, T)."""
+        return gpt2_loss(self.params, ids, targets, self.cfg, self.ops, IGNORE) * scale
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size), joining the process group torchrun describes if not yet joined."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) or the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return default_device()
+
+
+def _all_sum(values: list[float], world: int, device) -> list[float]:
+    """Sum over ranks (on `device`: gloo reduces CPU tensors, NCCL GPU ones)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _rows(n: int, rank: int, world: int) -> np.ndarray:
+    """This rank's rows of a micro-batch of n rows (contiguous slices, sizes differ by <= 1)."""
+    if n < world:
+        raise ValueError(
+            f"a micro-batch of {n} rows cannot be split over {world} processes: raise "
+            "--batch-size to at least the number of processes"
+        )
+    return np.array_split(np.arange(n), world)[rank]
+
+
+def validate(
+    module: GPT2Module, split: Split, tcfg: TrainConfig, rank: int, world: int, device
+) -> tuple[float, float]:
+    """(mean loss over every counted validation target, perplexity); ranks share the batches."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for j, idx in enumerate(eval_batches(split, tcfg.batch_size, tcfg.eval_batches)):
+            if j % world != rank:
+                continue
+            ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
+            n = int((tgt != IGNORE).sum())
+            ids_t = torch.as_tensor(ids, device=device)
+            tgt_t = torch.as_tensor(tgt, device=device)
+            total += float(module(ids_t, tgt_t, 1.0)) * n
+            count += n
+    total, count = _all_sum([total, float(count)], world, device)
+    loss = total / max(count, 1.0)
+    return loss, math.exp(min(loss, 700.0))
+
+
+def export_state(module: GPT2Module, opt: torch.optim.Optimizer, step: int) -> TrainState:
+    """The numpy trainer's TrainState (flat float32 tensors and AdamW moments): checkpoints
+    are interchangeable between backends."""
+    trainable = {
+        n: p.detach().cpu().numpy().copy() for n, p in zip(module.names, module.flat, strict=True)
+    }
+    m, v = {}, {}
+    for n, p in zip(module.names, module.flat, strict=True):
+        s = opt.state.get(p, {})
+        m[n] = s["exp_avg"].cpu().numpy().copy() if s else np.zeros_like(trainable[n])
+        v[n] = s["exp_avg_sq"].cpu().numpy().copy() if s else np.zeros_like(trainable[n])
+    return TrainState(step, trainable, {"step": step, "m": m, "v": v})
+
+
+def _import_state(module: GPT2Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
+    """Resume from a TrainState (written by either trainer)."""
+    with torch.no_grad():
+        for n, p in zip(module.names, module.flat, strict=True):
+            if n not in state.trainable:
+                raise ValueError(f"checkpoint lacks trainable tensor {n!r}")
+            p.copy_(torch.as_tensor(state.trainable[n]))
+            if state.opt["step"] > 0:
+                opt.state[p] = {
+                    "step": torch.tensor(float(state.opt["step"])),
+                    "exp_avg": torch.as_tensor(state.opt["m"][n], device=p.device).clone(),
+                    "exp_avg_sq": torch.as_tensor(state.opt["v"][n], device=p.device).clone(),
+                }
+
+
+def train(
+    params: dict,
+    cfg: GPT2Config,
+    train_split: Split,
+    val_split: Split | None,
+    tcfg: TrainConfig,
+    *,
+    backend: str = "torch",
+    device: str | torch.device | None = None,
+    state: TrainState | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    save: Callable[[dict, TrainState], None] | None = None,
+) -> tuple[dict, TrainState, list[float]]:
+    """`ref.train.train` on a torch backend, data-parallel when torch.distributed is set up
+    (see `distributed()`). Same events, same return: (numpy params, final state, losses).
+
+    Every rank returns the same params and losses; events and saves happen on rank 0 only.
+    """
+    if tcfg.train != "all":
+        raise ValueError(
+            f"--backend {backend} finetunes all weights; LoRA (--train lora) runs on the "
+            "numpy backends (ref, numba)"
+        )
+    if tcfg.grad_accum < 1 or tcfg.batch_size < 1 or tcfg.steps < 0:
+        raise ValueError("steps >= 0, batch size >= 1 and grad_accum >= 1 are required")
+    rank, world = distributed()
+    device = (rank_device() if world > 1 else default_device()) if device is None else device
+    device = torch.device(device)
+    ops = get_backend(backend)
+    if backend == "triton":
+        ops.check_device(device)
+    names = param_names(params, "all")
+    module = GPT2Module(cfg, params, names, ops, device)
+    model = module
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    decay = decay_mask(names, tcfg.decay)
+    groups = [
+        {"params": [p for n, p in zip(names, module.flat, strict=True) if decay[n]]},
+        {
+            "params": [p for n, p in zip(names, module.flat, strict=True) if not decay[n]],
+            "weight_decay": 0.0,
+        },
+    ]
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=tcfg.lr,
+        betas=(tcfg.beta1, tcfg.beta2),
+        eps=tcfg.eps,
+        weight_decay=tcfg.weight_decay,
+    )
+    start = 0
+    if state is not None:
+        _import_state(module, opt, state)
+        start = state.step
+    emit = (on_event or (lambda e: None)) if rank == 0 else (lambda e: None)
+    losses: list[float] = []
+    for step in range(start, tcfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tcfg.lr, tcfg.warmup, tcfg.steps, tcfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, tokens = 0.0, 0
+        for micro in range(tcfg.grad_accum):
+            k = step * tcfg.grad_accum + micro
+            idx = batch_indices(len(train_split), tcfg.batch_size, k, tcfg.seed)
+            ids, tgt = make_batch(train_split, idx, tcfg.mask_prompt)  # (B, T) each
+            count = max(int((tgt != IGNORE).sum()), 1)
+            rows = _rows(len(ids), rank, world)
+            local_count = int((tgt[rows] != IGNORE).sum())
+            # this rank's share of the micro-batch mean, x W because DDP averages over ranks,
+            # / grad_accum because the numpy trainer averages the micro-batches
+            scale = local_count / count * world / tcfg.grad_accum
+            ids_t = torch.as_tensor(ids[rows], device=device)  # (b, T)
+            tgt_t = torch.as_tensor(tgt[rows], device=device)  # (b, T)
+            last = micro == tcfg.grad_accum - 1
+            if world > 1 and not last:
+                with model.no_sync():  # all-reduce once, after the last micro-batch
+                    loss = model(ids_t, tgt_t, scale)
+                    loss.backward()
+            else:
+                loss = model(ids_t, tgt_t, scale)
+                loss.backward()
+            loss_sum += float(loss.detach()) / world  # this rank's share of the micro-batch mean
+            tokens += ids.size
+        (loss_sum,) = _all_sum([loss_sum], world, device)
+        loss = loss_sum  # the mean of the micro-batch means, as ref/train.py reports
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: the loss is {loss}; lower --lr")
+        if tcfg.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in module.flat]))
+        opt.step()
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        emit(
+            {
+                "event": "train",
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens": tokens,
+                "tokens_per_s": tokens / max(dt, 1e-9),
+            }
+        )
+        final = step + 1 == tcfg.steps
+        if (
+            val_split is not None
+            and len(val_split)
+            and (final or (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0))
+        ):
+            vl, ppl = validate(module, val_split, tcfg, rank, world, device)
+            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+        if (
+            save is not None
+            and rank == 0
+            and (final or (tcfg.save_every and (step + 1) % tcfg.save_every == 0))
+        ):
+            st = export_state(module, opt, step + 1)
+            save(_numpy_params(module, params), st)
+    return _numpy_params(module, params), export_state(module, opt, tcfg.steps), losses
+
+
+def _numpy_params(module: GPT2Module, like: dict) -> dict:
+    flat = dict(flatten(like))
+    flat.update(
+        {n: p.detach().cpu().numpy().copy() for n, p in zip(module.names, module.flat, strict=True)}
+    )
+    return nest(flat, module.cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: `gpt2 finetune --backend torch|triton` (and under torchrun)
+
+
+def train_config(args) -> TrainConfig:
+    """A TrainConfig from the parsed flags: every TrainConfig field that `args` has, the
+    defaults for the rest (flag names are the field names, e.g. --batch-size -> batch_size)."""
+    from dataclasses import fields
+
+    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "steps" not in kw:
+        raise ValueError("--steps is required")
+    return TrainConfig(**kw)
+
+
+def load_splits(path: str, T: int, val_fraction: float) -> tuple[Split, Split]:
+    """A .json file of instruction records, or any other file as UTF-8 plain text."""
+    from ref.data import (
+        DataError,
+        instruction_splits,
+        read_instructions,
+        text_splits,
+    )
+    from weights.tokenizer import encode
+
+    if path.endswith(".json"):
+        return instruction_splits(read_instructions(path), encode, T, val_fraction)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    return text_splits(encode(text), T, val_fraction)
+
+
+def _resume_state(directory: str) -> TrainState:
+    from weights import checkpoint, loader
+
+    saved = checkpoint.read_state(directory)
+    moments, _ = checkpoint.read_optimizer(directory, saved)
+    _, params = loader.load(directory)
+    names = param_names(params, "all")
+    flat = flatten(params)
+    trainable = {n: np.array(flat[n], np.float32) for n in names}
+    step = int(saved["step"])
+    return TrainState(step, trainable, {"step": step, "m": moments["m"], "v": moments["v"]})
+
+
+def finetune(args) -> int:
+    """Run `gpt2 finetune` on a torch backend; under torchrun, one process per rank.
+
+    Reads from `args`: model, cache_dir, backend ("torch" | "triton"), data (a .json of
+    instruction records, or a text file), context_length (default n_ctx), val_fraction
+    (default 0.1), out (a checkpoint directory, `weights.checkpoint`'s format, written by
+    rank 0 at the end and every save_every steps), resume (a checkpoint directory), json
+    (events as JSON lines) and every TrainConfig field (steps, batch_size, grad_accum, lr,
+    warmup, min_lr_ratio, weight_decay, decay, grad_clip, eval_every, eval_batches,
+    save_every, seed, mask_prompt, train).
+    """
+    import json
+
+    from weights import loader
+
+    tcfg = train_config(args)
+    rank, world = distributed()
+    cfg, params = loader.load(args.model, cache_dir=getattr(args, "cache_dir", None))
+    T = getattr(args, "context_length", None) or cfg.n_ctx
+    if not 1 <= T <= cfg.n_ctx:
+        raise ValueError(f"--context-length must be in [1, {cfg.n_ctx}], got {T}")
+    val_fraction = getattr(args, "val_fraction", None)
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    train_split, val_split = load_splits(args.data, T, val_fraction)
+    resume = getattr(args, "resume", None)
+    state = _resume_state(resume) if resume else None
+    as_json = bool(getattr(args, "json", False))
+    out = getattr(args, "out", None)
+
+    def on_event(e: dict) -> None:
+        if as_json:
+            print(json.dumps(e), flush=True)
+        elif e["event"] == "train":
+            print(
+                f"step {e['step']}/{tcfg.steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
+                f"grad norm {e['grad_norm']:.3f}  {e['tokens_per_s']:.0f} tok/s"
+                + (f"  ({world} processes)" if world > 1 else ""),
+                flush=True,
+            )
+        elif e["event"] == "val":
+            print(
+                f"step {e['step']}  val loss {e['val_loss']:.4f}  "
+                f"perplexity {e['val_perplexity']:.2f}",
+                flush=True,
+            )
+
+    def save(p: dict, st: TrainState) -> None:
+        from weights import checkpoint
+
+        info = {"step": st.step, "backend": args.backend, "world_size": world}
+        checkpoint.save(out, cfg, p, info, {"m": st.opt["m"], "v": st.opt["v"]})
+
+    train(
+        params, cfg, train_split, val_split, tcfg, backend=args.backend, state=state,
+        on_event=on_event, save=save if out else None,
+    )  # fmt: skip
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

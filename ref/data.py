@@ -26,29 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ref.prompts import alpaca_prompt
+
 EOT = 50256  # <|endoftext|>
 IGNORE = -100  # targets the loss skips (torch's and crossentropy_forward's ignore_index)
 
 
 class DataError(ValueError):
     """A data file is missing, malformed or too small; the message names the file."""
-
-
-def _alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt up to and including the response header (the book's format_input
-    followed by its "\\n\\n### Response:\\n")."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{instruction}"
-    )
-    if input:
-        text += f"\n\n### Input:\n{input}"
-    return text + "\n\n### Response:\n"
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    return _alpaca_prompt(instruction, input)
 
 
 @dataclass

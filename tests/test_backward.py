@@ -10,14 +10,13 @@ wide margin while catching any real mistake (a wrong term changes the result at 
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny_model import TINY, tiny_params
+from tiny_model import TINY, tiny_params, torch_loss
 
 from ref import ops
 from ref.backward import loss_and_grads, model_backward
@@ -200,41 +199,6 @@ def test_model_backward_fd_float64():
         )
 
     check_fd(f, [flat[n] for n in names], [grads[n] for n in names], rng, n_dirs=2)
-
-
-def torch_loss(tp: dict, ids, targets, cfg: GPT2Config, lora: dict | None = None):
-    """GPT-2 in torch from the same flat params (tp: name -> tensor), written from the paper's
-    equations independently of ref/model.py. lora: {prefix: (A, B, scale)}."""
-    import torch
-    import torch.nn.functional as F
-
-    B, T = ids.shape
-    C, NH = cfg.n_embd, cfg.n_head
-    ids_t = torch.as_tensor(ids)
-
-    def lin(x, pre):
-        y = x @ tp[pre + "/w"] + tp[pre + "/b"]
-        if lora and pre in lora:
-            a, b, s = lora[pre]
-            y = y + s * ((x @ a) @ b)
-        return y
-
-    x = tp["wte"][ids_t] + tp["wpe"][:T]
-    for i in range(cfg.n_layer):
-        h = F.layer_norm(x, (C,), tp[f"h{i}/ln_1/g"], tp[f"h{i}/ln_1/b"], cfg.eps)
-        q, k, v = lin(h, f"h{i}/attn/c_attn").split(C, dim=-1)
-        q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(C // NH)
-        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + lin(y, f"h{i}/attn/c_proj")
-        h = F.layer_norm(x, (C,), tp[f"h{i}/ln_2/g"], tp[f"h{i}/ln_2/b"], cfg.eps)
-        x = x + lin(F.gelu(lin(h, f"h{i}/mlp/c_fc"), approximate="tanh"), f"h{i}/mlp/c_proj")
-    x = F.layer_norm(x, (C,), tp["ln_f/g"], tp["ln_f/b"], cfg.eps)
-    logits = x @ tp["wte"].T
-    return F.cross_entropy(
-        logits.view(B * T, -1), torch.as_tensor(targets).view(-1), ignore_index=-100
-    )
 
 
 # Per-tensor tolerance against torch in float32: max |ours - torch| <= 2e-5 * max |torch grad|

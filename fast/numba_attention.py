@@ -1,32 +1,39 @@
 """Causal attention in Numba with online softmax: prompt, decode step and training in one kernel.
 
 Shape legend: B = batch, NH = heads, Tq = queries, Tk = keys (Tk >= Tq, the cache included),
-hs = head size, K = keys per block (_BLOCK).
+hs = head size, K = keys per block (_BLOCK), Tk4 = Tk rounded up to a multiple of 4.
 
 The semantics are `ref.ops.attention_forward`'s: query i sits at absolute position Tk - Tq + i
 and sees keys j <= Tk - Tq + i whose key_mask[b, j] is True; a query that sees no key outputs 0.
 
-Forward, per (b, h) and query row i (one thread owns a whole (b, h), so no two threads write
-the same output): keys are visited in blocks of K. For each block the scores
-s_j = (q_i * scale) . k_j are computed against a transposed copy kT (hs, Tk) of k[b, h], so the
-inner loop runs over contiguous keys and vectorises; then the online softmax
-(Milakov and Gimelshein 2018) keeps a running maximum m, a running sum l = sum_j exp(s_j - m)
-and an accumulator acc = sum_j exp(s_j - m) v_j, rescaling l and acc by exp(m_old - m_new)
-when a block raises the maximum. At the end out_i = acc / l and lse_i = m + log(l). Memory per
-thread is O(K + hs + Tk hs); the (Tq, Tk) score matrix of the reference is never formed.
+Layout: one thread owns a whole (b, h) (prange over B * NH), so no two threads write the same
+output or gradient. It first copies k[b, h] and v[b, h] into (Tk4, hs) buffers padded with
+zero rows, so that keys can always be taken four at a time: `_dot4` computes four dot products
+in one pass over hs (LLVM vectorises it over hs with four accumulators), and the value updates
+add four keys per pass. The padded keys and the keys past the causal limit get score -inf, so
+they never count. Four at a time was 2.5-3x faster than one score per key against a
+transposed k (measured on the project's 2-core machine, T = 1024, NH = 12, hs = 64).
 
-Backward (the reference's formulas, recomputing att instead of reading it):
+Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
+softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum
+l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j, rescaling l and acc by
+exp(m_old - m_new) when a block raises the maximum. Then out_i = acc / l and
+lse_i = m + log(l). Memory per thread is O(K + Tk4 hs); the reference's (Tq, Tk) score matrix
+is never formed.
+
+Backward (the reference's formulas, recomputing att from lse instead of storing it):
     p_ij = exp(s_ij - lse_i)                       (att, 0 where masked)
     dv_j += p_ij dout_i;   dp_ij = dout_i . v_j
     ds_ij = p_ij (dp_ij - D_i),  D_i = sum_j p_ij dp_ij = dout_i . out_i
     dq_i += ds_ij k_j scale;   dk_j += ds_ij q_i scale
-The cache keeps q, k, v, the mask, out and lse (B, NH, Tq): O(T) per row, not (Tq, Tk).
-A row with lse = -inf saw no key and gets no gradient. dk, dv of (b, h) are written only by the
-thread that owns (b, h), in a fixed order, so gradients are bit-identical from run to run.
+The cache keeps q, k, v, the padded mask, out and lse (B, NH, Tq): O(T) per row, not (Tq, Tk).
+A row with lse = -inf saw no key and gets no gradient. dk_j, dv_j of one (b, h) are summed in
+a thread-private buffer in a fixed order, so gradients are bit-identical from run to run.
 
-Variants: "numba" (parallel over B * NH). Limits: float32; q, k, v are made C-contiguous (a
-copy when the model passes a view of its KV cache or of qkv: O(Tk hs) per head, small next to
-the O(Tq Tk hs) of the attention itself).
+Variants: "numba". Limits: float32; q, k, v are made C-contiguous (one compiled signature): a
+copy when the model passes a view of its KV cache or of qkv, O(Tk hs) per head, small next to
+the O(Tq Tk hs) of the attention itself (in the decode step, Tq = 1, it doubles the kernel's
+own copy of k and v).
 """
 
 from __future__ import annotations
@@ -37,46 +44,54 @@ from numba import prange
 
 from fast.numba_common import FASTMATH, check_f32, exp32
 
-_BLOCK = 64  # K: 64 float32 scores are four 512-bit registers; small enough to stay in L1
+_BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _transpose_head(a, b, h, aT):
-    # a (B, NH, Tk, hs) -> aT (hs, Tk) = a[b, h].T
-    Tk, hs = a.shape[2], a.shape[3]
-    for j in range(Tk):
-        for c in range(hs):
-            aT[c, j] = a[b, h, j, c]
+def _dot4(x, a, j):
+    # x (hs,), a (Tk4, hs) -> (x . a[j], x . a[j + 1], x . a[j + 2], x . a[j + 3])
+    s0 = _ZERO
+    s1 = _ZERO
+    s2 = _ZERO
+    s3 = _ZERO
+    for c in range(x.shape[0]):
+        xc = x[c]
+        s0 += xc * a[j, c]
+        s1 += xc * a[j + 1, c]
+        s2 += xc * a[j + 2, c]
+        s3 += xc * a[j + 3, c]
+    return s0, s1, s2, s3
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _block_scores(qi, kT, j0, nb, s):
-    # s[jj] = qi . kT[:, j0 + jj] for jj < nb: qi (hs,), kT (hs, Tk), s (K,)
-    s[:nb] = 0.0
-    for c in range(qi.shape[0]):
-        qc = qi[c]
-        for jj in range(nb):
-            s[jj] += qc * kT[c, j0 + jj]
+def _pad_head(a, b, h, out):
+    # a (B, NH, Tk, hs) -> out (Tk4, hs): a[b, h], then zero rows
+    Tk = a.shape[2]
+    out[:Tk] = a[b, h]
+    out[Tk:] = 0.0
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_forward_kernel(q, k, v, key_mask, out, lse):
-    # q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool
+def _attention_forward_kernel(q, k, v, mask, out, lse):
+    # q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), mask (B, Tk4) bool (key_mask, False past Tk)
     # -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
+    Tk4 = mask.shape[1]
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kT = np.empty((hs, Tk), np.float32)  # (hs, Tk)
-        _transpose_head(k, b, h, kT)
+        kp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
+        vp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
+        _pad_head(k, b, h, kp)
+        _pad_head(v, b, h, vp)
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then probabilities, of one block
         acc = np.empty(hs, np.float32)  # (hs,)
-        qi = np.empty(hs, np.float32)  # (hs,)
+        qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
         for i in range(Tq):
             last = Tk - Tq + i  # the last key query i may see
             for c in range(hs):
@@ -85,28 +100,42 @@ def _attention_forward_kernel(q, k, v, key_mask, out, lse):
             l = _ZERO
             acc[:] = 0.0
             for j0 in range(0, last + 1, _BLOCK):
-                nb = min(_BLOCK, last + 1 - j0)
-                _block_scores(qi, kT, j0, nb, s)
+                nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)  # keys in block, 4 | nb
                 bm = _NEG_INF
+                for jj in range(0, nb, 4):
+                    j = j0 + jj
+                    s0, s1, s2, s3 = _dot4(qi, kp, j)
+                    s[jj] = s0 if (mask[b, j] and j <= last) else _NEG_INF
+                    s[jj + 1] = s1 if (mask[b, j + 1] and j + 1 <= last) else _NEG_INF
+                    s[jj + 2] = s2 if (mask[b, j + 2] and j + 2 <= last) else _NEG_INF
+                    s[jj + 3] = s3 if (mask[b, j + 3] and j + 3 <= last) else _NEG_INF
                 for jj in range(nb):
-                    if not key_mask[b, j0 + jj]:
-                        s[jj] = _NEG_INF
                     bm = max(bm, s[jj])
                 if bm == _NEG_INF:
-                    continue  # every key of this block is padding
+                    continue  # every key of this block is hidden
                 m_new = max(m, bm)
-                corr = exp32(m - m_new) if m > _NEG_INF else _ZERO  # l, acc are 0 before
-                l *= corr
-                for c in range(hs):
-                    acc[c] *= corr
+                if m_new > m:
+                    corr = exp32(m - m_new) if m > _NEG_INF else _ZERO  # l, acc were 0
+                    l *= corr
+                    for c in range(hs):
+                        acc[c] *= corr
                 for jj in range(nb):
                     p = exp32(s[jj] - m_new) if s[jj] > _NEG_INF else _ZERO
                     s[jj] = p
                     l += p
-                for jj in range(nb):
-                    p = s[jj]
+                for jj in range(0, nb, 4):
+                    j = j0 + jj
+                    p0 = s[jj]
+                    p1 = s[jj + 1]
+                    p2 = s[jj + 2]
+                    p3 = s[jj + 3]
                     for c in range(hs):
-                        acc[c] += p * v[b, h, j0 + jj, c]
+                        acc[c] += (
+                            p0 * vp[j, c]
+                            + p1 * vp[j + 1, c]
+                            + p2 * vp[j + 2, c]
+                            + p3 * vp[j + 3, c]
+                        )
                 m = m_new
             if l == _ZERO:
                 out[b, h, i, :] = 0.0  # no visible key (a padding query)
@@ -119,22 +148,26 @@ def _attention_forward_kernel(q, k, v, key_mask, out, lse):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_backward_kernel(dout, q, k, v, key_mask, out, lse, dq, dk, dv):
-    # dout, q, out (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk), lse (B, NH, Tq)
+def _attention_backward_kernel(dout, q, k, v, mask, out, lse, dq, dk, dv):
+    # dout, q, out (B, NH, Tq, hs), k, v (B, NH, Tk, hs), mask (B, Tk4), lse (B, NH, Tq)
     # -> writes dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
+    Tk4 = mask.shape[1]
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kT = np.empty((hs, Tk), np.float32)  # (hs, Tk)
-        vT = np.empty((hs, Tk), np.float32)  # (hs, Tk)
-        _transpose_head(k, b, h, kT)
-        _transpose_head(v, b, h, vT)
+        kp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
+        vp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
+        _pad_head(k, b, h, kp)
+        _pad_head(v, b, h, vp)
+        dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dk[b, h]
+        dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dv[b, h]
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then p
         dp = np.empty(_BLOCK, np.float32)  # (K,) dout_i . v_j, then ds * scale
-        qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
+        qi = np.empty(hs, np.float32)  # (hs,)
+        qs = np.empty(hs, np.float32)  # (hs,) q_i * scale
         doi = np.empty(hs, np.float32)  # (hs,)
         dqi = np.empty(hs, np.float32)  # (hs,)
         for i in range(Tq):
@@ -144,32 +177,66 @@ def _attention_backward_kernel(dout, q, k, v, key_mask, out, lse, dq, dk, dv):
                 continue
             D = _ZERO
             for c in range(hs):
-                qi[c] = q[b, h, i, c] * scale
+                qi[c] = q[b, h, i, c]
+                qs[c] = qi[c] * scale
                 doi[c] = dout[b, h, i, c]
                 D += doi[c] * out[b, h, i, c]
             dqi[:] = 0.0
             last = Tk - Tq + i
             for j0 in range(0, last + 1, _BLOCK):
-                nb = min(_BLOCK, last + 1 - j0)
-                _block_scores(qi, kT, j0, nb, s)
-                _block_scores(doi, vT, j0, nb, dp)
-                for jj in range(nb):
-                    p = exp32(s[jj] - L) if key_mask[b, j0 + jj] else _ZERO
-                    s[jj] = p
-                    dp[jj] = p * (dp[jj] - D) * scale
+                nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)
+                for jj in range(0, nb, 4):
+                    j = j0 + jj
+                    s0, s1, s2, s3 = _dot4(qs, kp, j)
+                    s[jj] = s0
+                    s[jj + 1] = s1
+                    s[jj + 2] = s2
+                    s[jj + 3] = s3
+                    d0, d1, d2, d3 = _dot4(doi, vp, j)
+                    dp[jj] = d0
+                    dp[jj + 1] = d1
+                    dp[jj + 2] = d2
+                    dp[jj + 3] = d3
                 for jj in range(nb):
                     j = j0 + jj
-                    p = s[jj]
-                    ds = dp[jj]
+                    p = exp32(s[jj] - L) if (mask[b, j] and j <= last) else _ZERO
+                    s[jj] = p
+                    dp[jj] = p * (dp[jj] - D) * scale
+                for jj in range(0, nb, 4):
+                    j = j0 + jj
+                    p0 = s[jj]
+                    p1 = s[jj + 1]
+                    p2 = s[jj + 2]
+                    p3 = s[jj + 3]
+                    g0 = dp[jj]
+                    g1 = dp[jj + 1]
+                    g2 = dp[jj + 2]
+                    g3 = dp[jj + 3]
                     for c in range(hs):
-                        dv[b, h, j, c] += p * doi[c]
-                        dk[b, h, j, c] += ds * q[b, h, i, c]
-                        dqi[c] += ds * k[b, h, j, c]
+                        dqi[c] += (
+                            g0 * kp[j, c]
+                            + g1 * kp[j + 1, c]
+                            + g2 * kp[j + 2, c]
+                            + g3 * kp[j + 3, c]
+                        )
+                    for c in range(hs):
+                        dvp[j, c] += p0 * doi[c]
+                        dvp[j + 1, c] += p1 * doi[c]
+                        dvp[j + 2, c] += p2 * doi[c]
+                        dvp[j + 3, c] += p3 * doi[c]
+                    for c in range(hs):
+                        dkp[j, c] += g0 * qi[c]
+                        dkp[j + 1, c] += g1 * qi[c]
+                        dkp[j + 2, c] += g2 * qi[c]
+                        dkp[j + 3, c] += g3 * qi[c]
             for c in range(hs):
                 dq[b, h, i, c] = dqi[c]
+        dk[b, h] = dkp[:Tk]
+        dv[b, h] = dvp[:Tk]
 
 
 def _check(q, k, v, key_mask):
+    """Validate, make contiguous, and pad key_mask to (B, Tk4) with False."""
     q = check_f32("attention", "q", q)
     k = check_f32("attention", "k", k)
     v = check_f32("attention", "v", v)
@@ -184,8 +251,9 @@ def _check(q, k, v, key_mask):
         raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
     if Tk < Tq:
         raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
+    mask = np.zeros((B, (Tk + 3) // 4 * 4), dtype=bool)  # (B, Tk4)
     if key_mask is None:
-        key_mask = np.ones((B, Tk), dtype=bool)  # (B, Tk)
+        mask[:, :Tk] = True
     else:
         key_mask = np.asarray(key_mask)
         if key_mask.dtype != np.bool_ or key_mask.shape != (B, Tk):
@@ -193,31 +261,31 @@ def _check(q, k, v, key_mask):
                 f"attention: key_mask must be bool of shape ({B}, {Tk}), "
                 f"got {key_mask.dtype} {key_mask.shape}"
             )
-        key_mask = np.ascontiguousarray(key_mask)
-    return q, k, v, key_mask
+        mask[:, :Tk] = key_mask
+    return q, k, v, mask
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
     """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
-    q, k, v, key_mask = _check(q, k, v, key_mask)
+    q, k, v, mask = _check(q, k, v, key_mask)
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
     if q.size:
-        _attention_forward_kernel(q, k, v, key_mask, out, lse)
-    return out, (q, k, v, key_mask, out, lse)
+        _attention_forward_kernel(q, k, v, mask, out, lse)
+    return out, (q, k, v, mask, out, lse)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    q, k, v, key_mask, out, lse = cache
+    q, k, v, mask, out, lse = cache
     dout = check_f32("attention_backward", "dout", dout)
     if dout.shape != q.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
     dq = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
-    dk = np.zeros(k.shape, np.float32)  # (B, NH, Tk, hs), accumulated by the kernel
+    dk = np.zeros(k.shape, np.float32)  # (B, NH, Tk, hs)
     dv = np.zeros(v.shape, np.float32)  # (B, NH, Tk, hs)
     if q.size:
-        _attention_backward_kernel(dout, q, k, v, key_mask, out, lse, dq, dk, dv)
+        _attention_backward_kernel(dout, q, k, v, mask, out, lse, dq, dk, dv)
     return dq, dk, dv
 
 

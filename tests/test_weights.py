@@ -91,8 +91,9 @@ def _snappy_literals(raw: bytes) -> bytes:
     return bytes(out)
 
 
-def write_table(path, entries, per_block=4, snappy=False) -> None:
-    """A LevelDB-style table of sorted (key, value) pairs, `per_block` entries per data block."""
+def write_table(path, entries, per_block=4, compression=0) -> None:
+    """A LevelDB-style table of sorted (key, value) pairs, `per_block` entries per data block;
+    compression 1 writes snappy data blocks, any other value is written as the type byte."""
     out, index = bytearray(), []
 
     def put(contents: bytes, kind: int = 0) -> bytes:
@@ -106,7 +107,9 @@ def write_table(path, entries, per_block=4, snappy=False) -> None:
     for i in range(0, len(entries), per_block):
         chunk = entries[i : i + per_block]
         contents = _block(chunk)
-        handle = put(_snappy_literals(contents), 1) if snappy else put(contents)
+        if compression == 1:
+            contents = _snappy_literals(contents)
+        handle = put(contents, compression)
         index.append((chunk[-1][0], handle))
     meta = put(_block([]))
     idx = put(_block(index, restart_interval=1))
@@ -258,13 +261,13 @@ def test_unsupported_dtype_written_by_tensorflow():
         tc.read(os.path.join(FIX, "tf-dtypes", "ints.ckpt"))
 
 
-@pytest.mark.parametrize("snappy", [False, True])
-def test_written_table_round_trips(tmp_path, snappy):
+@pytest.mark.parametrize("compression", [0, 1])
+def test_written_table_round_trips(tmp_path, compression):
     # multi-block tables, prefix compression and snappy blocks, which TensorFlow's own bundles
     # (one uncompressed block at this size) do not exercise
     tensors = tc.read(os.path.join(TF_TINY, "model.ckpt"))
     prefix = str(tmp_path / "model.ckpt")
-    write_checkpoint(prefix, tensors, per_block=5, snappy=snappy)
+    write_checkpoint(prefix, tensors, per_block=5, compression=compression)
     again = tc.read(prefix)
     assert again.keys() == tensors.keys()
     for k in tensors:
@@ -481,6 +484,9 @@ def test_bad_index_structure(tmp_path):
         tc.read(prefix)
     write_table(prefix + ".index", [(b"", header_proto()), (b"model/a", b"\x08\x81")])
     with pytest.raises(WeightsError, match="varint runs past"):
+        tc.read(prefix)
+    write_table(prefix + ".index", [(b"", header_proto()), good], compression=4)
+    with pytest.raises(WeightsError, match="data block at offset 0 has unknown compression type 4"):
         tc.read(prefix)
     write_table(prefix + ".index", [(b"", header_proto()), good])
     assert tc.read(prefix)["model/a"].tolist() == [0.0, 0.0, 0.0]

@@ -119,6 +119,15 @@ def generate_batch(
         no_repeat_ngram_size=no_repeat_ngram_size,
         logit_bias=dict(logit_bias or {}),
     )
+    ref_generate.check_generate_args(
+        max_new_tokens,
+        params,
+        num_beams,
+        num_return_sequences,
+        length_penalty,
+        early_stopping,
+        stop,
+    )
     ids = [encode(p) if isinstance(p, str) else list(p) for p in prompts]
     stats: dict = {}
     common = dict(

@@ -1,0 +1,61 @@
+"""gpt2-spec's benchmarks: one suite, the machine's limits measured beside every number.
+
+    python -m bench --quick                  # under two minutes on 2 cores
+    python -m bench --out bench-out          # the full run (~10-15 minutes on 2 cores)
+    gpt2 bench --suite ops --sizes 124M,1558M --backends ref,numba
+
+Suites (bench/suite_*.py): `limits` (streaming-read and copy bandwidth, float32 matmul FLOP/s;
+on a GPU also device bandwidth and fp32/bf16/fp16 matmul), `ops` (every op x backend x variant
+x shape, forward and backward), `generate` (prefill and decode tokens/s, peak memory),
+`finetune` (training-step tokens/s and peak memory, full and LoRA). The harness
+(bench/harness.py) does the warm-up, repeats, cache flushing and environment capture;
+bench/workload.py holds the FLOP and byte counts; bench/report.py computes the ratios and
+writes report.md and the plots.
+
+Outputs in --out: results.json, report.md, decode.png, ops_fraction.png.
+
+results.json (schema "gpt2-spec-bench/1"), one object:
+    schema        "gpt2-spec-bench/1"
+    command       the command line that produced it
+    mode          "full" | "quick" | "tiny"
+    options       {suites, sizes, model_sizes, backends, baselines, seed}
+    environment   {time_utc, python, platform, cpu_model, cpu_count, cpus_usable,
+                   caches {L1d, L2, L3: bytes}, memory_bytes, load_average (at start),
+                   env {OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, OMP_NUM_THREADS, ...},
+                   libraries {name: version or null}, git_commit}
+    threads       {threadpools: threadpoolctl's BLAS/OpenMP pools in force, numba_threads,
+                   numba_threading_layer, torch_threads} (read at the end, once all loaded)
+    gpu           {name, memory_bytes, multiprocessors, capability, cuda} or null
+    load_average_end  the load average when the run finished (noise: other processes)
+    elapsed_s     wall time of the run
+    backends      {name: {status "ok" | "unavailable", reason, device, variants {op: [names]}}}
+    limits        {read_GBps, copy_GBps, matmul_f32_GFLOPs[, gpu_read_GBps, gpu_copy_GBps,
+                   gpu_matmul_f32_GFLOPs, gpu_matmul_bf16_GFLOPs, gpu_matmul_fp16_GFLOPs]}
+    limits_end    the CPU limits measured again after the suites (drift = noise)
+    results       [record, ...]
+    ratios        [{name, value, numerator, denominator, note}, ...]; numerator and
+                  denominator describe the records divided (or the limit used)
+    plots         file names of the PNGs written beside it
+
+A record:
+    suite         "limits" | "ops" | "generate" | "finetune"
+    case          limits: read, copy, matmul, gpu_*; ops: the op name; generate: prefill,
+                  decode; finetune: step
+    backend       a fast.BACKENDS name, or a baseline: torch-native, ref-nocache,
+                  torch-eager, hf-generate, torch-autograd (numpy for the limits)
+    variant       the VARIANTS name (ops), else ""
+    params        what was measured: ops {size, N, C | H | B, NH, Tq, Tk, hs | V, pass,
+                  device}; prefill {size, device, B, T}; decode {size, device, B, ctx,
+                  contexts [lo, hi]}; finetune {size, device, train, B, T, lora_rank}
+    status        "ok" | "error" | "unavailable"; reason: one line when not ok
+    time_s        {min, median, n (timed repeats), warmup (untimed calls)} in seconds, or null
+    cache         ops: "flushed" (working set < 4 x LLC: the cache is rewritten before each
+                  call) | "exceeds-llc" | "device-not-flushed"
+    metrics       ops {flops, read_bytes, write_bytes, GBps, GFLOPs, roofline_s, bound,
+                  fraction_of_limit}; prefill {tokens_per_s, flops, GFLOPs,
+                  fraction_of_matmul, peak_rss_bytes, rss_before_bytes}; decode
+                  {tokens_per_s, bytes_per_step, ceiling_tokens_per_s, fraction_of_ceiling,
+                  peak_rss_bytes, rss_before_bytes}; finetune {tokens_per_s, flops, GFLOPs,
+                  peak_rss_bytes, rss_before_bytes}
+Rates use the min time (the best the machine did); the median shows the noise.
+"""

@@ -1,0 +1,199 @@
+"""`python -m bench` and `gpt2 bench`: run the suites, write results.json, report.md and the
+plots into --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+SUITES = ("limits", "ops", "generate", "finetune")
+SCHEMA = "gpt2-spec-bench/1"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fast import BACKENDS
+
+    p.add_argument(
+        "--suite",
+        default=",".join(SUITES),
+        help="comma-separated suites to run: limits, ops, generate, finetune "
+        "(default all; the limits are measured in every run)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer shapes and repeats: under two minutes on 2 cores",
+    )
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a toy model: tests
+    p.add_argument(
+        "--out",
+        default="bench-out",
+        help="directory for results.json, report.md and the plots (default ./bench-out)",
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="sizes whose widths the ops suite sweeps (default 124M,355M,774M,1558M; "
+        "--quick: 124M)",
+    )
+    p.add_argument(
+        "--model-sizes",
+        default=None,
+        help="model sizes for generate (the first at every context and batch, the "
+        "others at short contexts) and finetune (the first only); default 124M",
+    )
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"backends to time (default all: {','.join(BACKENDS)}; those that do "
+        "not import are recorded and skipped)",
+    )
+    p.add_argument(
+        "--no-baselines", action="store_true", help="skip the torch and transformers baselines"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+
+
+def _suites(text: str) -> list[str]:
+    from gpt2.cli import UsageError
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise UsageError(
+            f"--suite: unknown suite(s) {', '.join(bad) or '(none)'}; choose from "
+            f"{', '.join(SUITES)}"
+        )
+    return names
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=None) -> dict:
+    """Run what `args` asks for; write the outputs into args.out; return the document."""
+    from bench import limits as limits_suite
+    from bench import report, suite_finetune, suite_generate, suite_ops
+    from bench.backends import load_backends
+    from bench.harness import environment, gpu_info, thread_settings
+    from bench.plan import PlanError, make_plan
+    from gpt2.cli import UsageError
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    suites = _suites(args.suite)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    try:
+        plan = make_plan(mode, args.sizes, args.model_sizes)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not names:
+        raise UsageError("--backends: no backend given")
+    try:
+        backends, status = load_backends(names)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot create the directory ({e})") from None
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    doc: dict = {
+        "schema": SCHEMA,
+        "command": command,
+        "mode": mode,
+        "options": {
+            "suites": suites,
+            "sizes": [s for s, _ in plan.widths],
+            "model_sizes": [s for s, _ in plan.models],
+            "backends": names,
+            "baselines": not args.no_baselines,
+            "seed": args.seed,
+        },
+        "environment": environment(),
+        "backends": status,
+    }
+    for name, st in status.items():
+        log(
+            f"bench: backend {name}: {st['status']}"
+            + (f" ({st['reason']})" if st.get("reason") else "")
+        )
+    log(f"bench: {mode} run, suites {','.join(suites)}, out {args.out}")
+    results: list[dict] = []
+    log("bench: limits ...")
+    recs, limits = limits_suite.run(plan, rng, gpu=True)
+    results += recs
+    doc["limits"] = limits
+    log("bench: limits " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
+    runners = {"ops": suite_ops.run, "generate": suite_generate.run, "finetune": suite_finetune.run}
+    for suite in suites:
+        if suite == "limits":
+            continue
+        t0 = time.perf_counter()
+        log(f"bench: {suite} ...")
+        if suite == "ops":
+            recs = suite_ops.run(plan, backends, limits, rng, native=not args.no_baselines)
+        else:
+            recs = runners[suite](plan, backends, limits, rng, baselines=not args.no_baselines)
+        results += recs
+        n_bad = sum(r["status"] != "ok" for r in recs)
+        log(
+            f"bench: {suite}: {len(recs)} records ({n_bad} not measured) in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
+    log("bench: limits again (drift between start and end = noise from other processes) ...")
+    _, doc["limits_end"] = limits_suite.run(plan, rng, gpu=False)
+    doc["results"] = results
+    doc["threads"] = thread_settings()
+    doc["gpu"] = gpu_info()
+    doc["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    doc["elapsed_s"] = time.perf_counter() - t_start
+    doc["ratios"] = report.compute_ratios(doc)
+    doc["plots"] = [os.path.basename(p) for p in report.plots(doc, args.out)]
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, default=_json_default)
+    with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report.markdown(doc))
+    log(
+        f"bench: wrote {args.out}/results.json, report.md and {len(doc['plots'])} plot(s) in "
+        f"{doc['elapsed_s']:.0f} s"
+    )
+    return doc
+
+
+def print_ratios(doc: dict, out=sys.stdout) -> None:
+    for r in doc["ratios"]:
+        out.write(f"{r['value']:10.3g}  {r['name']}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2.cli import UsageError
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        doc = run_bench(args, "python -m bench " + shlex.join(argv))
+    except UsageError as e:
+        print(f"python -m bench: error: {e}", file=sys.stderr)
+        return 2
+    print_ratios(doc)
+    return 0

@@ -1,0 +1,134 @@
+"""What each run measures: the shapes, lengths and time budgets of the three modes.
+
+full  -- the numbers for the README: every op at the widths of --sizes, generation and
+         finetuning at --model-sizes (124M by default) at real shapes. ~10-15 min on 2 cores.
+quick -- the same code paths on fewer shapes (--quick, under two minutes on 2 cores).
+tiny  -- a 2-layer toy model (hidden --tiny flag): the tests run the whole pipeline with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ref.config import SIZES, GPT2Config, canonical_size
+
+TINY = GPT2Config(n_vocab=256, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+
+
+class PlanError(ValueError):
+    """A flag names a size or suite that does not exist."""
+
+
+@dataclass
+class Plan:
+    mode: str
+    widths: list[tuple[str, GPT2Config]]  # (size name, cfg) whose widths the ops suite sweeps
+    models: list[tuple[str, GPT2Config]]  # (size name, cfg) for generate and finetune
+    # harness
+    budget_s: float = 0.4  # timed seconds per measurement (at least min_repeats calls)
+    max_repeats: int = 30
+    # limits
+    stream_bytes: int = 256 * 1024**2
+    matmul_n: int = 2048
+    gpu_stream_bytes: int = 1024**3
+    gpu_matmul_n: int = 8192
+    # ops
+    rows: list[int] = field(default_factory=lambda: [1, 64, 1024, 4096])  # N = B * T
+    attn_T: list[int] = field(default_factory=lambda: [128, 1024])  # prefill, Tq = Tk
+    attn_decode_Tk: list[int] = field(default_factory=lambda: [1024])  # decode, Tq = 1
+    ce_rows: list[int] = field(default_factory=lambda: [64, 1024])
+    # generate
+    prefill_T: list[int] = field(default_factory=lambda: [1, 16, 64, 256, 512, 1024])
+    decode_ctx: list[int] = field(default_factory=lambda: [1, 16, 64, 256, 512, 1024])
+    decode_batches: list[int] = field(default_factory=lambda: [4, 16])  # besides batch 1
+    batch_ctx: list[int] = field(default_factory=lambda: [256, 1024])  # where batches run
+    short_ctx: int = 256  # models after the first: contexts up to this, batch 1 only
+    decode_steps: int = 8  # timed single-token steps per point
+    hf_ctx: list[int] = field(default_factory=lambda: [1, 256, 1024])
+    hf_new_tokens: int = 8
+    # finetune
+    ft_batch: int = 4
+    ft_T: int = 256
+    ft_steps: int = 2
+    lora_rank: int = 8
+
+
+def parse_sizes(text: str, flag: str) -> list[tuple[str, GPT2Config]]:
+    out = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name = canonical_size(part)
+        if name is None:
+            raise PlanError(
+                f"{flag}: unknown size {part.strip()!r}; choose from {', '.join(SIZES)}"
+            )
+        out.append((name, SIZES[name]))
+    if not out:
+        raise PlanError(f"{flag}: no size given")
+    return out
+
+
+def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
+    if mode == "tiny":
+        return Plan(
+            mode="tiny",
+            widths=[("tiny", TINY)],
+            models=[("tiny", TINY)],
+            budget_s=0.01,
+            max_repeats=3,
+            stream_bytes=16 * 1024**2,
+            matmul_n=256,
+            gpu_stream_bytes=64 * 1024**2,
+            gpu_matmul_n=1024,
+            rows=[1, 16],
+            attn_T=[16],
+            attn_decode_Tk=[32],
+            ce_rows=[16],
+            prefill_T=[4, 32],
+            decode_ctx=[1, 32],
+            decode_batches=[4],
+            batch_ctx=[32],
+            short_ctx=16,
+            decode_steps=2,
+            hf_ctx=[32],
+            hf_new_tokens=3,
+            ft_batch=2,
+            ft_T=16,
+            ft_steps=1,
+            lora_rank=2,
+        )
+    if mode == "quick":
+        return Plan(
+            mode="quick",
+            widths=parse_sizes(sizes or "124M", "--sizes"),
+            models=parse_sizes(model_sizes or "124M", "--model-sizes"),
+            budget_s=0.15,
+            max_repeats=10,
+            stream_bytes=128 * 1024**2,
+            matmul_n=1024,
+            gpu_stream_bytes=256 * 1024**2,
+            gpu_matmul_n=4096,
+            rows=[64, 4096],
+            attn_T=[1024],
+            attn_decode_Tk=[1024],
+            ce_rows=[256],
+            prefill_T=[64, 1024],
+            decode_ctx=[1, 256, 1024],
+            decode_batches=[16],
+            batch_ctx=[256],
+            short_ctx=256,
+            decode_steps=3,
+            hf_ctx=[256],
+            hf_new_tokens=4,
+            ft_batch=4,
+            ft_T=64,
+            ft_steps=1,
+        )
+    if mode == "full":
+        return Plan(
+            mode="full",
+            widths=parse_sizes(sizes or "124M,355M,774M,1558M", "--sizes"),
+            models=parse_sizes(model_sizes or "124M", "--model-sizes"),
+        )
+    raise PlanError(f"unknown mode {mode!r}")

@@ -1,0 +1,563 @@
+"""From one run's results: the ratios the issues ask for, a markdown report and PNG plots.
+
+Every ratio is computed from records of the same run (same machine, same load), and names
+the records it divides. Speedups are time(baseline) / time(backend) on min times; fractions
+are achieved / limit.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bench.plan import TINY
+from bench.workload import decode_ceiling
+from ref.config import SIZES
+
+
+def _ok(results: list[dict], suite: str, case: str | None = None) -> list[dict]:
+    """The records of `suite` (and `case`) that measured something."""
+    return [
+        r
+        for r in results
+        if r["suite"] == suite and r["status"] == "ok" and (case is None or r["case"] == case)
+    ]
+
+
+def _best(records: list[dict]) -> dict | None:
+    """The fastest variant among `records`."""
+    return min(records, key=lambda r: r["time_s"]["min"]) if records else None
+
+
+def _desc(r: dict) -> str:
+    p = {k: v for k, v in r["params"].items() if k not in ("pass", "device", "contexts")}
+    v = f"/{r['variant']}" if r["variant"] and r["variant"] != r["backend"] else ""
+    return f"{r['suite']}.{r['case']} {r['backend']}{v} {p}"
+
+
+def _ratio(name: str, value: float, num: dict | str, den: dict | str, note: str = "") -> dict:
+    return {
+        "name": name,
+        "value": value,
+        "numerator": num if isinstance(num, str) else _desc(num),
+        "denominator": den if isinstance(den, str) else _desc(den),
+        "note": note,
+    }
+
+
+def _shape_key(r: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in r["params"].items() if k not in ("device",)))
+
+
+def _ops_ratios(results: list[dict], limits: dict) -> list[dict]:
+    out = []
+    ops = _ok(results, "ops")
+    if not ops:
+        return out
+    # headline shapes: the first width of the run, the most rows; attention at T = 1024
+    # (NH=12, hs=64 at 124M) or the largest T of the run
+    first_size = ops[0]["params"].get("size")
+    for op in ("layernorm", "gelu", "bias_gelu", "attention", "crossentropy"):
+        recs = [r for r in ops if r["case"] == op and r["params"]["device"] == "cpu"]
+        if op != "crossentropy":
+            recs = [r for r in recs if r["params"].get("size") == first_size]
+        if op == "attention":
+            recs = [r for r in recs if r["params"]["Tq"] == r["params"]["Tk"]]
+            if not recs:
+                continue
+            top = max(r["params"]["Tk"] for r in recs)
+            recs = [r for r in recs if r["params"]["Tk"] == top]
+        elif recs:
+            top = max(r["params"]["N"] for r in recs)
+            recs = [r for r in recs if r["params"]["N"] == top]
+        for direction in ("forward", "backward"):
+            here = [r for r in recs if r["params"]["pass"] == direction]
+            ref = _best([r for r in here if r["backend"] == "ref"])
+            for be in sorted({r["backend"] for r in here} - {"ref"}):
+                best = _best([r for r in here if r["backend"] == be])
+                if ref is not None:
+                    out.append(
+                        _ratio(
+                            f"{op} {direction}: {be} speedup over ref",
+                            ref["time_s"]["min"] / best["time_s"]["min"],
+                            best,
+                            ref,
+                            "time(ref) / time(backend), best variant",
+                        )
+                    )
+                if op in ("gelu", "bias_gelu") and direction == "forward" and limits:
+                    out.append(
+                        _ratio(
+                            f"{op} forward: {be} GB/s / copy GB/s",
+                            best["metrics"]["GBps"] / limits["copy_GBps"],
+                            best,
+                            f"limits.copy_GBps = {limits['copy_GBps']:.1f}",
+                        )
+                    )
+            if ref is not None and op in ("gelu", "bias_gelu") and direction == "forward":
+                out.append(
+                    _ratio(
+                        f"{op} forward: ref GB/s / copy GB/s",
+                        ref["metrics"]["GBps"] / limits["copy_GBps"],
+                        ref,
+                        f"limits.copy_GBps = {limits['copy_GBps']:.1f}",
+                    )
+                )
+    # on a GPU: our kernels against torch's own, per op at the largest shape
+    gpu = [r for r in ops if r["params"]["device"] == "cuda"]
+    for key in sorted({(r["case"], r["params"]["pass"]) for r in gpu}):
+        op, direction = key
+        here = [r for r in gpu if (r["case"], r["params"]["pass"]) == key]
+        native_all = [r for r in here if r["backend"] == "torch-native"]
+        if not native_all:
+            continue
+        big = max(native_all, key=lambda r: r["metrics"]["read_bytes"] + r["metrics"]["flops"])
+        same = [r for r in here if _shape_key(r) == _shape_key(big)]
+        for be in sorted({r["backend"] for r in same} - {"torch-native"}):
+            best = _best([r for r in same if r["backend"] == be])
+            out.append(
+                _ratio(
+                    f"GPU {op} {direction}: {be} speedup over torch-native",
+                    big["time_s"]["min"] / best["time_s"]["min"],
+                    best,
+                    big,
+                )
+            )
+    return out
+
+
+def _generate_ratios(results: list[dict], limits: dict) -> list[dict]:
+    out = []
+    pre = _ok(results, "generate", "prefill")
+    for r in pre:
+        T_top = max(x["params"]["T"] for x in pre if x["params"]["size"] == r["params"]["size"])
+        if r["params"]["T"] == T_top and r["metrics"].get("fraction_of_matmul") is not None:
+            out.append(
+                _ratio(
+                    f"prefill {T_top} tokens B=1 ({r['params']['size']}, {r['backend']}, "
+                    f"{r['params']['device']}): effective FLOP/s / matmul FLOP/s",
+                    r["metrics"]["fraction_of_matmul"],
+                    r,
+                    "limits.matmul (same device)",
+                )
+            )
+    dec = _ok(results, "generate", "decode")
+    b1 = [r for r in dec if r["params"]["B"] == 1]
+    for r in b1:
+        if "fraction_of_ceiling" in r["metrics"]:
+            out.append(
+                _ratio(
+                    f"decode B=1 ctx={r['params']['ctx']} ({r['params']['size']}, {r['backend']}, "
+                    f"{r['params']['device']}): tokens/s / bandwidth ceiling",
+                    r["metrics"]["fraction_of_ceiling"],
+                    r,
+                    f"ceiling {r['metrics']['ceiling_tokens_per_s']:.1f} tokens/s",
+                )
+            )
+    hf = [r for r in b1 if r["backend"] == "hf-generate"]
+    for h in hf:
+        for r in b1:
+            same = (r["params"]["ctx"], r["params"]["size"]) == (
+                h["params"]["ctx"],
+                h["params"]["size"],
+            )
+            if same and r["backend"] not in ("hf-generate", "ref-nocache"):
+                out.append(
+                    _ratio(
+                        f"decode B=1 ctx={h['params']['ctx']} ({r['params']['size']}): "
+                        f"{r['backend']} ({r['params']['device']}) / hf-generate "
+                        f"({h['params']['device']})",
+                        r["metrics"]["tokens_per_s"] / h["metrics"]["tokens_per_s"],
+                        r,
+                        h,
+                    )
+                )
+    for r in b1:
+        if r["backend"] != "ref":
+            continue
+        for n in b1:
+            if n["backend"] == "ref-nocache" and (n["params"]["ctx"], n["params"]["size"]) == (
+                r["params"]["ctx"],
+                r["params"]["size"],
+            ):
+                out.append(
+                    _ratio(
+                        f"decode B=1 ctx={r['params']['ctx']} ({r['params']['size']}): "
+                        "ref with KV cache / ref-nocache",
+                        r["metrics"]["tokens_per_s"] / n["metrics"]["tokens_per_s"],
+                        r,
+                        n,
+                    )
+                )
+    for r in dec:
+        B = r["params"]["B"]
+        if B == 1:
+            continue
+        for one in b1:
+            if (
+                one["backend"],
+                one["params"]["device"],
+                one["params"]["size"],
+                one["params"]["ctx"],
+            ) == (r["backend"], r["params"]["device"], r["params"]["size"], r["params"]["ctx"]):
+                out.append(
+                    _ratio(
+                        f"decode B={B} / B=1 at ctx={r['params']['ctx']} ({r['params']['size']}, "
+                        f"{r['backend']}, {r['params']['device']}): tokens/s",
+                        r["metrics"]["tokens_per_s"] / one["metrics"]["tokens_per_s"],
+                        r,
+                        one,
+                    )
+                )
+    return out
+
+
+def _finetune_ratios(results: list[dict]) -> list[dict]:
+    out = []
+    ft = _ok(results, "finetune")
+    for r in ft:
+        if r["backend"] == "torch-autograd":
+            continue
+        for base in ft:
+            if (
+                base["backend"] == "torch-autograd"
+                and base["params"] == {**r["params"], "device": base["params"]["device"]}
+                and base["params"]["device"] in ("cpu", r["params"]["device"])
+            ):
+                out.append(
+                    _ratio(
+                        f"finetune {r['params']['train']} B={r['params']['B']} T={r['params']['T']}"
+                        f": {r['backend']} ({r['params']['device']}) / torch-autograd "
+                        f"({base['params']['device']}) tokens/s",
+                        r["metrics"]["tokens_per_s"] / base["metrics"]["tokens_per_s"],
+                        r,
+                        base,
+                    )
+                )
+    return out
+
+
+def compute_ratios(doc: dict) -> list[dict]:
+    results, limits = doc["results"], doc.get("limits") or {}
+    return (
+        _ops_ratios(results, limits) + _generate_ratios(results, limits) + _finetune_ratios(results)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:,.0f}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def markdown(doc: dict) -> str:
+    env, limits = doc["environment"], doc.get("limits") or {}
+    lines = [f"# gpt2-spec benchmark ({doc['mode']})", ""]
+    lines += [
+        f"Command: `{doc['command']}`  ",
+        f"Started {env['time_utc']}, took "
+        f"{doc['elapsed_s']:.0f} s. Commit {env.get('git_commit') or '?'}.",
+        "",
+    ]
+    threads = doc.get("threads", {})
+    pools = threads.get("threadpools")
+    blas = (
+        ", ".join(
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} "
+            f"threads, {p.get('architecture')})"
+            for p in pools
+        )
+        if isinstance(pools, list)
+        else str(pools)
+    )
+    envs = ", ".join(f"{k}={v}" for k, v in env["env"].items() if v is not None) or "none set"
+    libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)
+    lines += [
+        f"Machine: {env['cpu_model']}, {env['cpus_usable']} usable CPUs of "
+        f"{env['cpu_count']}, caches {env['caches']}, memory "
+        f"{_mib(env['memory_bytes'])} MiB; load average at start "
+        f"{env['load_average']}, at end {doc.get('load_average_end')}.  ",
+        f"Threads: BLAS {blas}; numba {threads.get('numba_threads', '-')}, torch "
+        f"{threads.get('torch_threads', '-')}. Environment: {envs}.  ",
+        f"Libraries: {libs}.  ",
+        f"GPU: {doc.get('gpu') or 'none'}.",
+        "",
+        "## Limits (measured in this run)",
+        "",
+    ]
+    end = doc.get("limits_end") or {}
+    lines += _table(
+        ["limit", "at start", "at end"], [[k, v, end.get(k)] for k, v in limits.items()]
+    )
+    lines += ["## Backends", ""]
+    lines += _table(
+        ["backend", "status", "device / reason"],
+        [[k, v["status"], v.get("device") or v.get("reason")] for k, v in doc["backends"].items()],
+    )
+    lines += ["## Ratios", ""]
+    lines += _table(
+        ["ratio", "value", "numerator", "denominator"],
+        [[r["name"], r["value"], r["numerator"], r["denominator"]] for r in doc["ratios"]],
+    )
+    res = doc["results"]
+    ops = _ok(res, "ops")
+    if ops:
+        lines += [
+            "## Ops",
+            "",
+            "Time is the min over repeats (median beside it); fraction = "
+            "roofline time / measured time (bench/workload.py).",
+            "",
+        ]
+        rows = []
+        for r in ops:
+            p = r["params"]
+            shape = ", ".join(
+                f"{k}={v}" for k, v in p.items() if k not in ("pass", "device", "size")
+            )
+            m = r["metrics"]
+            rows.append(
+                [
+                    r["case"],
+                    p["pass"],
+                    p.get("size", "-"),
+                    shape,
+                    f"{r['backend']}/{r['variant']}",
+                    p["device"],
+                    r["time_s"]["min"] * 1e3,
+                    r["time_s"]["median"] * 1e3,
+                    m["GBps"],
+                    m["GFLOPs"],
+                    m["fraction_of_limit"],
+                    m["bound"],
+                    r["cache"],
+                ]
+            )
+        lines += _table(
+            [
+                "op",
+                "pass",
+                "size",
+                "shape",
+                "backend/variant",
+                "device",
+                "min ms",
+                "median ms",
+                "GB/s",
+                "GFLOP/s",
+                "fraction",
+                "bound",
+                "cache",
+            ],
+            rows,
+        )
+    pre = _ok(res, "generate", "prefill")
+    if pre:
+        lines += ["## Prefill (B=1, last position through the LM head)", ""]
+        rows = [
+            [
+                r["params"]["size"],
+                r["backend"],
+                r["params"]["device"],
+                r["params"]["T"],
+                r["metrics"]["tokens_per_s"],
+                r["metrics"]["GFLOPs"],
+                r["metrics"]["fraction_of_matmul"],
+                _mib(r["metrics"].get("peak_rss_bytes")),
+            ]
+            for r in pre
+        ]
+        lines += _table(
+            ["size", "backend", "device", "T", "tokens/s", "GFLOP/s", "of matmul", "peak RSS MiB"],
+            rows,
+        )
+    dec = _ok(res, "generate", "decode")
+    if dec:
+        lines += [
+            "## Decode",
+            "",
+            "Keys attended by the timed steps in brackets; ceiling = "
+            "batch x read bandwidth / bytes read per step.",
+            "",
+        ]
+        rows = [
+            [
+                r["params"]["size"],
+                r["backend"],
+                r["params"]["device"],
+                r["params"]["B"],
+                f"{r['params']['ctx']} {r['params']['contexts']}",
+                r["metrics"]["tokens_per_s"],
+                r["metrics"].get("ceiling_tokens_per_s"),
+                r["metrics"].get("fraction_of_ceiling"),
+                _mib(r["metrics"].get("peak_rss_bytes")),
+            ]
+            for r in dec
+        ]
+        lines += _table(
+            [
+                "size",
+                "backend",
+                "device",
+                "B",
+                "ctx",
+                "tokens/s",
+                "ceiling",
+                "of ceiling",
+                "peak RSS MiB",
+            ],
+            rows,
+        )
+    ft = _ok(res, "finetune")
+    if ft:
+        lines += ["## Finetune (one optimizer step: forward, backward, clip, AdamW)", ""]
+        rows = [
+            [
+                r["params"]["size"],
+                r["backend"],
+                r["params"]["device"],
+                r["params"]["train"],
+                f"{r['params']['B']}x{r['params']['T']}",
+                r["time_s"]["min"],
+                r["metrics"]["tokens_per_s"],
+                r["metrics"]["GFLOPs"],
+                _mib(r["metrics"].get("peak_rss_bytes")),
+            ]
+            for r in ft
+        ]
+        lines += _table(
+            [
+                "size",
+                "backend",
+                "device",
+                "train",
+                "BxT",
+                "step s",
+                "tokens/s",
+                "GFLOP/s",
+                "peak RSS MiB",
+            ],
+            rows,
+        )
+    bad = [r for r in res if r["status"] != "ok"]
+    if bad:
+        lines += ["## Not measured", ""]
+        lines += _table(
+            ["suite", "case", "backend", "params", "status", "reason"],
+            [
+                [
+                    r["suite"],
+                    r["case"],
+                    r["backend"],
+                    ", ".join(f"{k}={v}" for k, v in r["params"].items()),
+                    r["status"],
+                    r["reason"],
+                ]
+                for r in bad
+            ],
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def plots(doc: dict, out_dir: str) -> list[str]:
+    """decode.png and ops_fraction.png in `out_dir`; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    res, limits = doc["results"], doc.get("limits") or {}
+    dec = [r for r in _ok(res, "generate", "decode") if r["params"]["B"] == 1]
+    if dec:
+        sizes = list(dict.fromkeys(r["params"]["size"] for r in dec))
+        fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.5), squeeze=False)
+        for ax, size in zip(axes[0], sizes, strict=True):
+            here = [r for r in dec if r["params"]["size"] == size]
+            for key in dict.fromkeys((r["backend"], r["params"]["device"]) for r in here):
+                pts = sorted(
+                    (sum(r["params"]["contexts"]) / 2, r["metrics"]["tokens_per_s"])
+                    for r in here
+                    if (r["backend"], r["params"]["device"]) == key
+                )
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
+            cfg = SIZES.get(size, TINY)
+            if limits.get("read_GBps"):
+                xs = sorted({sum(r["params"]["contexts"]) / 2 for r in here})
+                ax.plot(
+                    xs,
+                    [decode_ceiling(cfg, 1, round(x), limits["read_GBps"]) for x in xs],
+                    "k--",
+                    label="bandwidth ceiling (CPU)",
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("context (keys attended)")
+            ax.set_ylabel("tokens/s (batch 1)")
+            ax.set_title(f"decode, GPT-2 {size}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "decode.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    ops = _ok(res, "ops")
+    if ops:
+        first_size = ops[0]["params"].get("size")
+        bars: dict[str, dict[str, float]] = {}
+        for r in ops:
+            p = r["params"]
+            if p.get("size", first_size) != first_size:
+                continue
+            label = f"{r['case']} {p['pass'][:3]} " + ",".join(
+                f"{k}{v}" for k, v in p.items() if k in ("N", "T", "Tq", "Tk")
+            )
+            key = f"{r['backend']} ({p['device']})"
+            bars.setdefault(label, {})
+            bars[label][key] = max(bars[label].get(key, 0.0), r["metrics"]["fraction_of_limit"])
+        keys = list(dict.fromkeys(k for v in bars.values() for k in v))
+        labels = list(bars)
+        fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) * max(len(keys), 1) + 1.5))
+        h = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            ys = [j + i * h for j in range(len(labels))]
+            ax.barh(ys, [bars[lab].get(key, 0.0) for lab in labels], height=h, label=key)
+        ax.set_yticks([j + 0.4 - h / 2 for j in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of the machine's limit (roofline time / measured time)")
+        ax.set_title(f"ops at the width of {first_size} (best variant per backend)")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "ops_fraction.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

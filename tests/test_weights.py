@@ -292,6 +292,12 @@ def test_checkpoint_prefix_honours_the_checkpoint_file(tmp_path):
     with open(os.path.join(d, "checkpoint"), "w") as f:
         f.write('model_checkpoint_path: "/home/openai/run3/step-7"\n')
     assert tc.checkpoint_prefix(d) == os.path.join(d, "step-7")
+    # text format writes non-ASCII as octal-escaped UTF-8 bytes
+    for ext in (".index", ".data-00000-of-00001"):
+        os.rename(os.path.join(d, "step-7" + ext), os.path.join(d, '模 "7"' + ext))
+    with open(os.path.join(d, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "\\346\\250\\241 \\"7\\""\n')
+    assert tc.checkpoint_prefix(d) == os.path.join(d, '模 "7"')
 
 
 def test_checkpoint_prefix_falls_back_to_model_ckpt(tmp_path):

@@ -76,7 +76,12 @@ prompts_st = st.lists(st.integers(0, CFG.n_vocab - 1), min_size=1, max_size=8)
 def test_greedy_equivalences(prompt, eos, seed):
     model = tiny_model()
     want = greedy_reference(model, prompt, 10, eos)
-    for kw in ({}, {"temperature": 1.0, "top_k": 1}, {"temperature": 0.8, "top_p": 1e-9}):
+    for kw in (
+        {},
+        {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0},
+        {"temperature": 1.0, "top_k": 1},
+        {"temperature": 0.8, "top_p": 1e-9},
+    ):
         rng = np.random.default_rng(seed)
         got = G.generate(model, [prompt], 10, eos_id=eos, rng=rng, **kw)[0]
         assert got.token_ids == want, kw
@@ -315,6 +320,23 @@ def test_stream_holds_back_a_possible_stop_start():
     c, pieces = run_script(" abc abd", ["abd"])
     assert c.text == " abc "
     assert pieces[-1].endswith(" ") and "".join(pieces) == " abc "
+
+
+def test_beam_search_stop_strings():
+    model = ScriptModel([encode(" one two. three") + [G.EOT]])
+    outs = G.beam_search(
+        model,
+        [[1]],
+        10,
+        num_beams=2,
+        num_return_sequences=2,
+        stop=["."],
+        decode_bytes=decode_bytes,
+    )
+    best = outs[0]
+    assert (best.text, best.finish_reason) == (" one two", "stop")
+    assert decode(best.token_ids) == " one two"
+    assert outs[0].score >= outs[1].score
 
 
 def test_eos_ends_and_is_not_returned_and_empty_prompt_starts_from_eot():

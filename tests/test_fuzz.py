@@ -1,0 +1,563 @@
+"""Fuzzing every parser of untrusted input: bad bytes must end in the project's own error.
+
+Each test feeds generated input to one parser and accepts exactly two outcomes: a result that
+satisfies the parser's invariants, or the project's clear error type with a message
+(`weights.WeightsError`, `ref.config.ConfigError`, `gpt2.cli.UsageError`, or the ValueError a
+function documents). Anything else (KeyError, TypeError, OverflowError, MemoryError, a crash)
+fails the test.
+
+Example counts: FUZZ_EXAMPLES per test (default 300, what CI runs). The full run is
+`python tests/fuzz/run_full.py` (10,000 per test); with FUZZ_REPORT=path the number of cases
+each test really ran is written there as JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import struct
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpt2.cli import UsageError
+from ref.config import ConfigError, GPT2Config, load_config
+from ref.model import ContextLengthError
+from weights import WeightsError, loader
+from weights import safetensors as sft
+from weights.layout import canonical_to_hf, expected_shapes
+from weights.tokenizer import EOT_ID, EOT_TOKEN, decode, decode_bytes, encode
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+fuzz = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
+)
+CASES: collections.Counter = collections.Counter()  # cases run per test, for FUZZ_REPORT
+
+# A tiny GPT-2 whose loading costs milliseconds; n_vocab 16 keeps its files small.
+TINY = GPT2Config(n_vocab=16, n_ctx=8, n_embd=4, n_head=2, n_layer=1)
+# Interesting integers for sizes and offsets: boundaries of int32/int64/uint64, 1 TB, and
+# Python ints past any C type.
+BIG_INTS = [0, 1, 3, 4, 7, 8, 255, 2**31 - 1, 2**31, 2**32, 10**12, 2**53 + 1, 2**62 - 1]
+BIG_INTS += [2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30, -1, -(2**63)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_cases():
+    yield
+    path = os.environ.get("FUZZ_REPORT")
+    if path:
+        old = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        old.update(CASES)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(old, f, indent=1, sort_keys=True)
+
+
+def _tiny_params(cfg: GPT2Config, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in expected_shapes(cfg).items()
+    }
+
+
+def _write_hf_model(directory, cfg: GPT2Config) -> None:
+    flat = _tiny_params(cfg)
+    sft.write(
+        os.path.join(directory, "model.safetensors"),
+        {canonical_to_hf(k): v for k, v in flat.items()},
+    )
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_hf_config(), f)
+
+
+def _put(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _message(e: BaseException) -> str:
+    msg = str(e)
+    assert msg.strip(), f"{type(e).__name__} without a message"
+    return msg
+
+
+# ---------------------------------------------------------------- mutations of a valid file
+
+
+@st.composite
+def mutated(draw, base: bytes, max_ops: int = 4) -> bytes:
+    """`base` with a few random edits: byte flips, overwrites, cuts, insertions, and the
+    little-endian integers at a random offset replaced by a boundary value."""
+    data = bytearray(base)
+    for _ in range(draw(st.integers(1, max_ops))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "insert", "delete", "int"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[pos:]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete":
+            del data[pos : pos + draw(st.integers(1, 16))]
+        elif op == "int":
+            value = draw(st.sampled_from(BIG_INTS)) % 2**64
+            data[pos : pos + 8] = struct.pack("<Q", value)
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+def _valid_safetensors(tmp_dir) -> bytes:
+    rng = np.random.default_rng(1)
+    path = os.path.join(tmp_dir, "base.safetensors")
+    sft.write(
+        path,
+        {
+            "a": rng.standard_normal((3, 5)).astype(np.float32),
+            "b": rng.standard_normal(7).astype(np.float16),
+            "c": np.arange(4, dtype=np.int64),
+            "empty": np.zeros((0, 3), np.float32),
+        },
+        metadata={"format": "pt"},
+    )
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _check_read(path: str) -> None:
+    """st.read must return in-bounds arrays or raise WeightsError; never allocate more than
+    the file could justify."""
+    size = os.path.getsize(path)
+    tracemalloc.start()
+    try:
+        out = sft.read(path)
+    except WeightsError as e:
+        assert path in _message(e)
+        return
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # Parsing the JSON header costs Python objects (tens of bytes per header byte) and a
+        # BF16 tensor is widened to float32 (2x its bytes); nothing may scale with a declared
+        # size. 64x the file plus 4 MiB of slack bounds both.
+        assert peak <= 64 * size + 4 * 2**20, f"read allocated {peak} bytes for a {size}-byte file"
+    # memory-mapped tensors are read-only views; a writeable one is a widened BF16 copy
+    stored = sum(a.nbytes // (2 if a.flags.writeable else 1) for a in out.values())
+    assert stored <= size
+    for a in out.values():
+        np.asarray(a).tobytes()  # every byte of every view really lies in the file
+
+
+@pytest.fixture(scope="module")
+def st_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fuzz_st"))
+
+
+@pytest.fixture(scope="module")
+def st_base(st_dir):
+    return _valid_safetensors(st_dir)
+
+
+@fuzz
+@given(data=st.data())
+def test_safetensors_mutated_file(st_dir, st_base, data):
+    """A valid file (F32, F16, I64, an empty tensor, metadata) with random edits."""
+    CASES["safetensors_mutated"] += 1
+    blob = data.draw(mutated(st_base))
+    _check_read(_put(os.path.join(st_dir, "m.safetensors"), blob))
+
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from(BIG_INTS),
+    st.integers(-5, 40),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4)
+    ),
+    max_leaves=12,
+)
+dtypes = st.sampled_from(list(sft._DTYPES) + ["F8", "f32", "F32 ", "", "STR", "float32"])
+dims = st.one_of(st.integers(0, 6), st.sampled_from(BIG_INTS))
+
+
+@st.composite
+def st_entry(draw, data_len: int):
+    """A header entry that is mostly well-formed, so the checks after the first one run."""
+    e = {
+        "dtype": draw(dtypes | json_values) if draw(st.integers(0, 9)) == 0 else draw(dtypes),
+        "shape": draw(st.lists(dims, max_size=4) | json_values)
+        if draw(st.integers(0, 9)) == 0
+        else draw(st.lists(dims, max_size=4)),
+    }
+    near = st.integers(0, data_len + 2) | st.sampled_from(BIG_INTS)
+    e["data_offsets"] = (
+        draw(json_values) if draw(st.integers(0, 9)) == 0 else [draw(near), draw(near)]
+    )
+    if draw(st.integers(0, 9)) == 0:
+        del e[draw(st.sampled_from(sorted(e)))]
+    return e
+
+
+@fuzz
+@given(data=st.data())
+def test_safetensors_header(st_dir, data):
+    """Huge declared sizes, overlapping and out-of-range offsets, wrong dtypes and shapes,
+    non-UTF-8 and non-JSON headers, lying header lengths."""
+    CASES["safetensors_header"] += 1
+    data_len = data.draw(st.integers(0, 64))
+    names = st.text(min_size=1, max_size=6)
+    header = data.draw(st.dictionaries(names, st_entry(data_len), max_size=4))
+    if data.draw(st.booleans()):
+        header["__metadata__"] = data.draw(json_values)
+    raw = json.dumps(header).encode("utf-8")
+    kind = data.draw(st.sampled_from(["ok", "ok", "bytes", "non_utf8", "lie", "deep", "digits"]))
+    if kind == "bytes":
+        raw = data.draw(st.binary(max_size=64))
+    elif kind == "non_utf8":
+        pos = data.draw(st.integers(0, len(raw)))
+        raw = (
+            raw[:pos]
+            + data.draw(st.sampled_from([b"\xff", b"\xc0\x80", b"\xed\xa0\x80"]))
+            + raw[pos:]
+        )
+    elif kind == "deep":
+        raw = b"[" * data.draw(st.integers(1, 100_000))
+    elif kind == "digits":  # past Python's 4300-digit limit for int()
+        raw = b'{"a": {"dtype": "F32", "shape": [' + b"9" * 4400 + b'], "data_offsets": [0, 0]}}'
+    n = len(raw)
+    if kind == "lie":
+        n = data.draw(st.sampled_from(BIG_INTS)) % 2**64
+    blob = struct.pack("<Q", n) + raw + data.draw(st.binary(min_size=data_len, max_size=data_len))
+    _check_read(_put(os.path.join(st_dir, "h.safetensors"), blob))
+
+
+# ---------------------------------------------------------------------------- shard index
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """model/ with a shard, a shard in a subdirectory, a symlink out, and a file outside
+    that an escaping path would reach."""
+    root = tmp_path_factory.mktemp("fuzz_shards")
+    model = root / "model"
+    (model / "sub").mkdir(parents=True)
+    for p in (
+        model / "a.safetensors",
+        model / "sub" / "b.safetensors",
+        root / "outside.safetensors",
+    ):
+        p.write_bytes(b"x")
+    (model / "link.safetensors").symlink_to(root / "outside.safetensors")
+    (model / "uplink").symlink_to(root)
+    (model / "inlink.safetensors").symlink_to(model / "a.safetensors")
+    return str(model)
+
+
+shard_names = st.one_of(
+    st.sampled_from(
+        [
+            "a.safetensors",
+            "./a.safetensors",
+            "a.safetensors/",
+            "inlink.safetensors",
+            "missing.safetensors",
+            "sub/b.safetensors",
+            "sub",
+            "..",
+            ".",
+            "",
+            "../outside.safetensors",
+            "../model/a.safetensors",
+            "link.safetensors",
+            "uplink/outside.safetensors",
+            "/etc/passwd",
+            "a.safetensors\x00.txt",
+            "\\..\\outside.safetensors",
+            "~/a.safetensors",
+            "a" * 5000,
+        ]
+    ),
+    st.text(max_size=12),
+    st.lists(st.integers(0xD800, 0xDFFF).map(chr) | st.sampled_from(["a", "/", ".."])).map("".join),
+    json_values,
+)
+
+
+@fuzz
+@given(data=st.data())
+def test_shard_index(shard_dir, data):
+    """Every shard path hf_files returns is an existing file directly in the model
+    directory; everything else is a WeightsError naming the index."""
+    CASES["shard_index"] += 1
+    weight_map = data.draw(st.dictionaries(st.text(max_size=8), shard_names, max_size=4))
+    doc = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    kind = data.draw(st.sampled_from(["ok", "ok", "ok", "top", "no_map", "bytes", "deep"]))
+    if kind == "top":
+        doc = data.draw(json_values)
+    elif kind == "no_map":
+        doc = {"weight_map": data.draw(json_values)}
+    raw = json.dumps(doc).encode("utf-8")
+    if kind == "bytes":
+        raw = data.draw(mutated(raw))
+    elif kind == "deep":
+        raw = b'{"weight_map": ' + b"{" * data.draw(st.integers(1, 100_000))
+    index = _put(os.path.join(shard_dir, loader.HF_INDEX), raw)
+    try:
+        files = loader.hf_files(shard_dir)
+    except WeightsError as e:
+        assert _message(e)
+        return
+    base = os.path.realpath(shard_dir)
+    for f in files:
+        assert os.path.dirname(os.path.realpath(f)) == base, (f, index)
+        assert os.path.isfile(f)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz_tiny")
+    _write_hf_model(str(d), TINY)
+    return str(d)
+
+
+config_keys = st.sampled_from(
+    [
+        "n_vocab",
+        "vocab_size",
+        "n_ctx",
+        "n_positions",
+        "n_embd",
+        "hidden_size",
+        "n_head",
+        "num_attention_heads",
+        "n_layer",
+        "num_hidden_layers",
+        "layer_norm_epsilon",
+        "activation_function",
+    ]
+)
+config_values = st.one_of(
+    st.integers(1, 16),
+    st.sampled_from(BIG_INTS + [10_000_000, 10_000_001]),
+    st.sampled_from([1e-5, 0.0, 1.0, float("inf"), float("nan"), "gelu_new", "relu"]),
+    json_values,
+)
+
+
+@st.composite
+def config_docs(draw) -> bytes:
+    base = TINY.to_hf_config() if draw(st.booleans()) else TINY.to_hparams()
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["set", "del"]))
+        key = draw(config_keys)
+        if op == "set":
+            base[key] = draw(config_values)
+        else:
+            base.pop(key, None)
+    kind = draw(st.sampled_from(["ok", "ok", "ok", "absurd", "top", "bytes", "deep", "digits"]))
+    if kind == "absurd":  # valid JSON, a valid config, a model no file could hold
+        base[draw(st.sampled_from(["n_layer", "n_embd", "n_ctx"]))] = draw(
+            st.sampled_from([9_999_998, 10_000_000, 1 << 20])
+        )
+    if kind == "top":
+        base = draw(json_values)
+    raw = json.dumps(base).encode("utf-8")
+    if kind == "bytes":
+        raw = draw(mutated(raw))
+    elif kind == "deep":
+        raw = b'{"n_layer": ' + b"[" * draw(st.integers(1, 100_000))
+    elif kind == "digits":  # past Python's 4300-digit limit for int()
+        raw = b'{"n_layer": ' + b"7" * draw(st.integers(4000, 5000)) + b"}"
+    return raw
+
+
+@fuzz
+@given(raw=config_docs(), name=st.sampled_from(["config.json", "hparams.json"]))
+def test_config_file(tiny_model, raw, name):
+    """load_config on missing keys, wrong types, absurd sizes, non-JSON: a valid config or a
+    ConfigError naming the file."""
+    CASES["config"] += 1
+    path = _put(os.path.join(tiny_model, "..", f"fuzz-{name}"), raw)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        assert path in _message(e)
+        return
+    for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+        v = getattr(cfg, k)
+        assert type(v) is int and 1 <= v <= 10_000_000
+    assert cfg.n_embd % cfg.n_head == 0 and 0 < cfg.eps < 1
+
+
+@fuzz
+@given(raw=config_docs())
+def test_model_with_fuzzed_config(tiny_model, raw):
+    """A real model directory whose config.json lies (n_layer=10,000,000 included): loading
+    fails fast with a WeightsError, or succeeds only when the config fits the tensors."""
+    CASES["model_config"] += 1
+    _put(os.path.join(tiny_model, "config.json"), raw)
+    try:
+        cfg, params = loader.load_hf(tiny_model)
+    except (WeightsError, ConfigError) as e:
+        assert tiny_model in _message(e)
+        return
+    assert (cfg.n_vocab, cfg.n_ctx, cfg.n_embd, cfg.n_layer) == (16, 8, 4, 1)
+    assert params["wte"].shape == (16, 4)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+# Arbitrary Unicode with the awkward parts made likely: lone surrogates (which argv decoding
+# produces from invalid UTF-8), control characters, the special token's text.
+awkward = st.one_of(
+    st.characters(min_codepoint=0, max_codepoint=0x10FFFF),
+    st.integers(0xD800, 0xDFFF).map(chr),
+    st.integers(0, 0x1F).map(chr),
+    st.sampled_from([EOT_TOKEN, "<|endoftext", "|>", "<|", "\r\n", "\u200b", "\ufeff", " "]),
+)
+texts = st.lists(awkward, max_size=60).map("".join)
+
+
+@fuzz
+@given(text=texts, allow_eot=st.booleans())
+def test_tokenizer_encode(text, allow_eot):
+    """Any text encodes to ids in the vocabulary; user text never yields <|endoftext|>
+    unless allowed; decoding gives the text back (lone surrogates become U+FFFD)."""
+    CASES["tokenizer_encode"] += 1
+    ids = encode(text, allow_eot=allow_eot)
+    assert all(type(i) is int and 0 <= i <= EOT_ID for i in ids)
+    assert ids.count(EOT_ID) == (text.count(EOT_TOKEN) if allow_eot else 0)
+    # tiktoken's own fallback for text UTF-8 cannot hold: surrogate pairs join, lone ones
+    # become U+FFFD
+    want = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    assert decode(ids) == want
+
+
+@fuzz
+@given(
+    ids=st.lists(
+        st.one_of(
+            st.integers(0, EOT_ID),
+            st.sampled_from(BIG_INTS + [EOT_ID + 1]),
+            st.sampled_from([1.5, "3", None, True, np.int64(5), np.uint8(7), -0.0]),
+        ),
+        max_size=12,
+    )
+)
+def test_tokenizer_decode(ids):
+    """Arbitrary id lists: text (invalid UTF-8 becomes U+FFFD) or a ValueError naming the id."""
+    CASES["tokenizer_decode"] += 1
+    try:
+        text = decode(ids)
+        raw = decode_bytes(ids)
+    except ValueError as e:
+        assert "token id" in _message(e)
+        return
+    assert text == raw.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- generate / eval inputs
+
+
+@pytest.fixture(scope="module")
+def vocab_model(tmp_path_factory):
+    """A one-layer model with GPT-2's full vocabulary (C=4) for the text paths."""
+    import gpt2
+
+    d = tmp_path_factory.mktemp("fuzz_vocab")
+    _write_hf_model(str(d), GPT2Config(n_ctx=16, n_embd=4, n_head=1, n_layer=1))
+    return str(d), gpt2.load(str(d))
+
+
+@fuzz
+@given(
+    raw=st.one_of(texts.map(lambda s: s.encode("utf-8", "surrogatepass")), st.binary(max_size=80))
+)
+def test_eval_inputs(vocab_model, raw):
+    """eval's FILE: any bytes (empty, non-UTF-8, control characters, longer than the context)
+    give a loss or a UsageError/ValueError with a message."""
+    import gpt2
+    from gpt2.cmd_eval import read_text
+
+    CASES["eval_input"] += 1
+    directory, model = vocab_model
+    path = _put(os.path.join(directory, "..", "eval.txt"), raw)
+    try:
+        text = read_text(path)
+        res = gpt2.evaluate(model, text, stride=8)
+    except (UsageError, ValueError) as e:
+        _message(e)
+        return
+    assert np.isfinite(res.loss) and res.tokens == len(encode(text)) - 1
+
+
+@fuzz
+@given(prompt=texts, n=st.integers(1, 4))
+def test_generate_prompts(vocab_model, prompt, n):
+    """Any prompt (empty, surrogates, control characters, <|endoftext|>, too long) gives
+    completions of valid ids or a ContextLengthError."""
+    import gpt2
+
+    CASES["generate_prompt"] += 1
+    _, model = vocab_model
+    try:
+        out = gpt2.generate(model, prompt, max_new_tokens=n, temperature=1.0, seed=0)
+    except ContextLengthError as e:
+        assert "context" in _message(e)
+        return
+    assert all(0 <= t <= EOT_ID for r in out for t in r.token_ids)
+    assert all(isinstance(r.text, str) for r in out)
+
+
+@settings(fuzz, max_examples=max(FUZZ_EXAMPLES // 10, 20))
+@given(prompt=texts)
+def test_generate_cli_prompts(vocab_model, prompt):
+    """`gpt2 generate PROMPT` end to end on a UTF-8 stdout: exit 0, or exit 2 with one line
+    on stderr; never a traceback. (Fewer cases: each one loads the model.)"""
+    from gpt2.cli import main
+
+    CASES["generate_cli"] += 1
+    directory, _ = vocab_model
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    err = io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        rc = main(["generate", prompt, "--model", directory, "--max-new-tokens", "2", "--json"])
+    except SystemExit as e:  # argparse's own usage error, e.g. a prompt that looks like a flag
+        rc = e.code
+    finally:
+        sys.stdout, sys.stderr = old
+    assert rc in (0, 2)
+    if rc == 2:
+        assert err.getvalue().startswith("gpt2 generate: error:")

@@ -1,7 +1,7 @@
 """gpt2-spec's benchmarks: one suite, the machine's limits measured beside every number.
 
     python -m bench --quick                  # under two minutes on 2 cores
-    python -m bench --out bench-out          # the full run (~10-15 minutes on 2 cores)
+    python -m bench                          # the full run into bench/results/ (~10-15 min)
     gpt2 bench --suite ops --sizes 124M,1558M --backends ref,numba
 
 Suites (bench/suite_*.py): `limits` (streaming-read and copy bandwidth, float32 matmul FLOP/s;

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a toy model: tests
     p.add_argument(
         "--out",
-        default="bench-out",
-        help="directory for results.json, report.md and the plots (default ./bench-out)",
+        default="bench/results",
+        help="directory for results.json, report.md and the plots (default bench/results)",
     )
     p.add_argument(
         "--sizes",

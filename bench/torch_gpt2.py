@@ -118,6 +118,6 @@ def trainer(p: dict, cfg: GPT2Config, lora_rank: int | None, seed: int = 0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step

@@ -1,0 +1,331 @@
+"""The benchmark harness: the JSON schema, ratios computed from the same run, the work models,
+and `python -m bench` end to end on a toy model (the hidden --tiny mode). No timing thresholds:
+only structure and arithmetic are checked, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench import cli, harness, report, workload
+from bench.plan import TINY, make_plan
+from ref.config import SIZES
+from ref.model import forward
+
+STATUSES = {"ok", "error", "unavailable"}
+SUITES = {"limits", "ops", "generate", "finetune"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One --tiny run of every suite (about 30 s on 2 cores, most of it imports and JIT)."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["--tiny", "--out", str(out)])
+    assert rc == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        doc = json.load(f)
+    return out, doc
+
+
+def test_outputs_written(tiny_run):
+    out, doc = tiny_run
+    for name in ("results.json", "report.md", "decode.png", "ops_fraction.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert sorted(doc["plots"]) == ["decode.png", "ops_fraction.png"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for section in ("## Limits", "## Backends", "## Ratios", "## Ops", "## Decode"):
+        assert section in md
+
+
+def test_schema(tiny_run):
+    _, doc = tiny_run
+    assert doc["schema"] == cli.SCHEMA
+    assert doc["mode"] == "tiny"
+    for key in (
+        "command",
+        "options",
+        "environment",
+        "threads",
+        "backends",
+        "limits",
+        "limits_end",
+        "results",
+        "ratios",
+        "elapsed_s",
+        "load_average_end",
+    ):
+        assert key in doc, key
+    env = doc["environment"]
+    for key in ("cpu_model", "cpu_count", "caches", "libraries", "env", "load_average"):
+        assert key in env, key
+    assert "OPENBLAS_CORETYPE" in env["env"] and "OPENBLAS_L2_SIZE" in env["env"]
+    assert env["libraries"]["numpy"] == np.__version__
+    assert isinstance(doc["threads"]["threadpools"], list)
+    for name in ("read_GBps", "copy_GBps", "matmul_f32_GFLOPs"):
+        assert doc["limits"][name] > 0 and doc["limits_end"][name] > 0
+    assert doc["backends"]["ref"]["status"] == "ok"
+    for st_ in doc["backends"].values():
+        assert st_["status"] in ("ok", "unavailable")
+        assert st_["status"] == "ok" or st_["reason"]
+    for r in doc["results"]:
+        assert set(r) == {
+            "suite",
+            "case",
+            "backend",
+            "variant",
+            "params",
+            "status",
+            "reason",
+            "time_s",
+            "cache",
+            "metrics",
+        }
+        assert r["suite"] in SUITES and r["status"] in STATUSES
+        if r["status"] != "ok":
+            assert r["reason"], r
+            continue
+        t = r["time_s"]
+        assert 0 < t["min"] <= t["median"] and t["n"] >= 1 and t["warmup"] >= 0, r
+        for k, v in r["metrics"].items():
+            if isinstance(v, float):
+                assert math.isfinite(v) and v >= 0, (k, r)
+    suites = {r["suite"] for r in doc["results"] if r["status"] == "ok"}
+    assert suites == SUITES
+
+
+def test_every_op_and_pass_measured_for_ref(tiny_run):
+    _, doc = tiny_run
+    got = {
+        (r["case"], r["params"]["pass"])
+        for r in doc["results"]
+        if r["suite"] == "ops" and r["backend"] == "ref" and r["status"] == "ok"
+    }
+    for op in ("layernorm", "gelu", "bias_gelu", "attention", "crossentropy"):
+        assert {(op, "forward"), (op, "backward")} <= got
+
+
+def test_ops_metrics_follow_from_time_and_work(tiny_run):
+    _, doc = tiny_run
+    ops = [r for r in doc["results"] if r["suite"] == "ops" and r["status"] == "ok"]
+    assert ops
+    for r in ops:
+        m, t = r["metrics"], r["time_s"]["min"]
+        moved = m["read_bytes"] + m["write_bytes"]
+        assert m["GBps"] == pytest.approx(moved / t / 1e9, rel=1e-12)
+        assert m["fraction_of_limit"] == pytest.approx(m["roofline_s"] / t, rel=1e-12)
+        assert r["cache"] in ("flushed", "exceeds-llc", "device-not-flushed")
+
+
+def test_ratios_come_from_this_run(tiny_run):
+    """The stored ratios are exactly what the stored records give."""
+    _, doc = tiny_run
+    again = report.compute_ratios(doc)
+    assert [r["name"] for r in again] == [r["name"] for r in doc["ratios"]]
+    for a, b in zip(again, doc["ratios"], strict=True):
+        assert a["value"] == pytest.approx(b["value"], rel=1e-12)
+
+
+def _rec(doc, suite, case, backend, **params):
+    hits = [
+        r
+        for r in doc["results"]
+        if r["suite"] == suite
+        and r["case"] == case
+        and r["backend"] == backend
+        and r["status"] == "ok"
+        and all(r["params"].get(k) == v for k, v in params.items())
+    ]
+    return hits
+
+
+def test_ratio_values(tiny_run):
+    _, doc = tiny_run
+    ratios = {r["name"]: r["value"] for r in doc["ratios"]}
+    ok = {n for n, s in doc["backends"].items() if s["status"] == "ok"}
+    if "numba" in ok:
+        # speedup = time(ref) / time(best numba variant) at the headline shape (most rows)
+        N = max(r["params"]["N"] for r in _rec(doc, "ops", "layernorm", "ref"))
+        for direction in ("forward", "backward"):
+            ref = _rec(doc, "ops", "layernorm", "ref", N=N, **{"pass": direction})
+            nb = _rec(doc, "ops", "layernorm", "numba", N=N, **{"pass": direction})
+            want = ref[0]["time_s"]["min"] / min(r["time_s"]["min"] for r in nb)
+            assert ratios[f"layernorm {direction}: numba speedup over ref"] == pytest.approx(want)
+        assert "gelu forward: numba GB/s / copy GB/s" in ratios
+        assert "attention forward: numba speedup over ref" in ratios
+        assert "attention backward: numba speedup over ref" in ratios
+    # decode against the bandwidth ceiling: tokens/s over B * read / bytes per step
+    for r in _rec(doc, "generate", "decode", "ref", B=1):
+        lo, hi = r["params"]["contexts"]
+        ceiling = workload.decode_ceiling(TINY, 1, (lo + hi) // 2, doc["limits"]["read_GBps"])
+        assert r["metrics"]["fraction_of_ceiling"] == pytest.approx(
+            r["metrics"]["tokens_per_s"] / ceiling
+        )
+    names = list(ratios)
+    assert any(n.startswith("prefill 32 tokens B=1 (tiny, ref, cpu)") for n in names)
+    assert any("ref with KV cache / ref-nocache" in n for n in names)
+    assert any(n.startswith("decode B=4 / B=1 at ctx=32 (tiny, ref, cpu)") for n in names)
+    torch_ok = doc["environment"]["libraries"]["torch"] is not None
+    if torch_ok:
+        assert "layernorm forward: torch-native speedup over ref" in ratios
+        assert any("/ torch-autograd (cpu) tokens/s" in n for n in names)
+    if torch_ok and doc["environment"]["libraries"]["transformers"] is not None:
+        assert any("ref (cpu) / hf-generate (cpu)" in n for n in names)
+
+
+def test_finetune_records(tiny_run):
+    _, doc = tiny_run
+    ft = [r for r in doc["results"] if r["suite"] == "finetune"]
+    modes = {(r["backend"], r["params"]["train"]) for r in ft if r["status"] == "ok"}
+    assert ("ref", "all") in modes and ("ref", "lora") in modes
+    for r in ft:
+        if r["status"] == "ok":
+            B, T = r["params"]["B"], r["params"]["T"]
+            assert r["metrics"]["tokens_per_s"] == pytest.approx(B * T / r["time_s"]["min"])
+        else:
+            assert r["reason"].startswith("not available")
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness and the work models, without running a suite
+
+
+def test_measure_counts_and_order():
+    calls = []
+    t = harness.measure(
+        lambda: calls.append(1), warmup=2, min_repeats=3, max_repeats=5, budget_s=10.0
+    )
+    # the budget is never reached by a no-op: max_repeats timed calls after the warm-up
+    assert len(calls) == 2 + 5 and t["n"] == 5 and t["warmup"] == 2
+    assert 0 <= t["min"] <= t["median"]
+    seen = []
+    harness.measure(
+        lambda: seen.append("call"),
+        before=lambda: seen.append("before"),
+        warmup=1,
+        min_repeats=2,
+        max_repeats=2,
+        budget_s=0.0,
+    )
+    assert seen == ["before", "call"] * 3
+
+
+def test_cache_policy_and_flusher():
+    llc = 1 << 20
+    assert harness.cache_policy(llc, llc) == "flushed"
+    assert harness.cache_policy(harness.FLUSH_FACTOR * llc, llc) == "exceeds-llc"
+    f = harness.CacheFlusher(llc)
+    assert f.buf.nbytes == 2 * llc
+    f()
+    assert f.buf[0] == 1.0
+
+
+def test_peak_rss_sees_an_allocation():
+    if not harness.reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
+    n = 64 * 2**20  # 64 MiB, touched page by page
+    m = harness.peak_rss(lambda: np.ones(n, np.uint8).sum())
+    # the allocation shows in the peak (minus slack for pages the allocator already held)
+    assert m["peak_rss_bytes"] - m["rss_before_bytes"] >= n // 2
+
+
+def test_environment_records_blas_and_env():
+    env = harness.environment()
+    assert env["env"]["OPENBLAS_CORETYPE"] == os.environ.get("OPENBLAS_CORETYPE")
+    assert env["cpu_count"] == os.cpu_count()
+    threads = harness.thread_settings()
+    assert any(p.get("user_api") == "blas" for p in threads["threadpools"])
+
+
+@given(st.integers(1, 64), st.integers(0, 64))
+def test_causal_pairs_counts_visible_keys(Tq, extra):
+    Tk = Tq + extra
+    from ref.ops import causal_mask
+
+    assert workload.causal_pairs(Tq, Tk) == int(causal_mask(Tq, Tk).sum())
+
+
+@given(st.integers(1, 40), st.integers(1, 3))
+def test_prefill_flops_equal_the_sum_of_decode_steps(T, B):
+    """A forward over T tokens does the work of T single-token steps (every position through
+    the LM head), so the attention accounting of the two paths agrees."""
+    whole = workload.forward_flops(TINY, B, T)
+    steps = sum(workload.forward_flops(TINY, B, 1, P=p) for p in range(T))
+    assert whole == steps
+
+
+def test_model_flops_of_gpt2_small():
+    """2 x (non-embedding matmul params) per token, plus attention and the LM head: for 124M
+    the dense part is 2 * 84,934,656 FLOPs per token (12 layers x 12 C^2)."""
+    cfg = SIZES["124M"]
+    assert workload.linear_params(cfg) == 84_934_656
+    f = workload.forward_flops(cfg, 1, 1, head_rows=1)
+    assert f == 2 * 84_934_656 + 12 * 4 * 768 * 1 + 2 * 768 * 50257
+
+
+def test_decode_ceiling():
+    cfg = SIZES["124M"]
+    assert workload.weight_bytes(cfg) == 4 * (cfg.n_params() - 1024 * 768 + 768)
+    c1 = workload.decode_ceiling(cfg, 1, 1, 10.0)
+    c1024 = workload.decode_ceiling(cfg, 1, 1024, 10.0)
+    assert c1 > c1024 > 0
+    # batch 16 reads the weights once for 16 tokens
+    assert workload.decode_ceiling(cfg, 16, 1, 10.0) > 10 * c1
+
+
+def test_op_work_is_consistent_with_the_ops():
+    """Bytes of the forward are the arrays the reference reads and returns."""
+    rng = np.random.default_rng(0)
+    from bench.suite_ops import make_inputs
+    from ref import ops
+
+    for op, shape in (
+        ("layernorm", {"N": 8, "C": 16}),
+        ("gelu", {"N": 8, "H": 64}),
+        ("attention", {"B": 2, "NH": 3, "Tq": 5, "Tk": 7, "hs": 4}),
+    ):
+        args, dout = make_inputs(op, shape, rng)
+        out, _ = getattr(ops, f"{op}_forward")(*args)
+        w = workload.op_work(op, "forward", shape)
+        assert w["write_bytes"] == out.nbytes
+        assert w["read_bytes"] == sum(a.nbytes for a in args if a.ndim > 1)
+        assert dout.shape == out.shape
+
+
+def test_random_params_run_finite():
+    params = workload.random_params(TINY, np.random.default_rng(0))
+    logits = forward(params, np.zeros((1, 5), np.int64), TINY)
+    assert logits.shape == (1, 5, TINY.n_vocab) and np.isfinite(logits).all()
+
+
+def test_plans():
+    quick = make_plan("quick", None, None)
+    full = make_plan("full", None, None)
+    assert [s for s, _ in quick.widths] == ["124M"]
+    assert [s for s, _ in full.widths] == ["124M", "355M", "774M", "1558M"]
+    assert 1024 in full.decode_ctx and 1024 in full.prefill_T and 1024 in full.attn_T
+    assert 16 in full.decode_batches and 256 in full.batch_ctx
+    assert (full.ft_batch, full.ft_T) == (4, 256)
+    assert [s for s, _ in make_plan("full", "gpt2-xl", "355M").models] == ["355M"]
+
+
+def test_bad_flags(tmp_path, capsys):
+    assert cli.main(["--tiny", "--suite", "ops,bogus", "--out", str(tmp_path)]) == 2
+    assert "--suite" in capsys.readouterr().err
+    assert cli.main(["--tiny", "--backends", "nope", "--out", str(tmp_path)]) == 2
+    assert "--backends" in capsys.readouterr().err
+    assert cli.main(["--quick", "--sizes", "999M", "--out", str(tmp_path)]) == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+def test_gpt2_bench_subcommand():
+    from gpt2.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--tiny", "--suite", "ops", "--out", "x"])
+    assert args.tiny and args.suite == "ops" and args.out == "x"
+    assert args.run.__module__ == "gpt2.cmd_bench"

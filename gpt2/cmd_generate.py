@@ -23,6 +23,8 @@ import sys
 
 from gpt2.cli import UsageError, add_model_args
 
+N_VOCAB = 50257  # GPT-2's tokenizer; a model's own n_vocab is checked once it is loaded
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -132,8 +134,10 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
             raise UsageError(
                 f"--logit-bias expects ID=BIAS (e.g. 50256=-inf), got {item!r}"
             ) from None
-        if tok_id < 0 or math.isnan(b) or b == math.inf:
-            raise UsageError(f"--logit-bias needs an id >= 0 and a bias < inf, got {item!r}")
+        if not 0 <= tok_id < N_VOCAB or math.isnan(b) or b == math.inf:
+            raise UsageError(
+                f"--logit-bias needs a token id in [0, {N_VOCAB}) and a bias < inf, got {item!r}"
+            )
         bias[tok_id] = b
     return bias
 
@@ -235,6 +239,7 @@ class StreamPrinter:
 def run(args: argparse.Namespace) -> int:
     import gpt2
     from gpt2.api import Timing, generate_batch
+    from ref.generate import check_params_vocab
     from ref.prompts import INSTRUCTION_STOP
     from ref.sampling import SamplingError
     from weights.tokenizer import encode
@@ -242,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
     params = validate(args)
     prompts = read_prompts(args)
     model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    try:
+        check_params_vocab(params, model.cfg.n_vocab)
+    except SamplingError as e:
+        raise UsageError(f"{flag(e.field)} {e.reason}") from None
     instruct = args.instruction is not None
     stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
     n = args.num_return_sequences

@@ -498,6 +498,7 @@ def test_cli_instruction_prints_only_the_response(cli):
         (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size"),
         (["--logit-bias", "abc"], "--logit-bias"),
         (["--logit-bias", "5=nan"], "--logit-bias"),
+        (["--logit-bias", "50257=1"], "--logit-bias"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--stop", ""], "--stop"),
         (["--logprobs"], "--logprobs"),

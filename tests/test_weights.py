@@ -509,3 +509,56 @@ def test_unknown_tensor_name_outside_model_scope(tmp_path):
     d = _tf_variant(tmp_path, lambda t: _set(t, "global_step", np.zeros(1, np.float32)))
     with pytest.raises(WeightsError, match=r"model\.ckpt\.index: unknown tensor 'global_step'"):
         loader.load(d)
+
+
+@given(pos=st.integers(0, 10_000), bit=st.integers(0, 7))
+def test_any_flipped_index_bit_gives_weights_error_or_same_tensors(tmp_path_factory, pos, bit):
+    raw = bytearray(open(os.path.join(TF_TINY, "model.ckpt.index"), "rb").read())
+    pos %= len(raw)
+    raw[pos] ^= 1 << bit
+    d = tmp_path_factory.mktemp("flip")
+    os.symlink(os.path.join(TF_TINY, DATA), d / DATA)
+    (d / "model.ckpt.index").write_bytes(raw)
+    try:
+        got = tc.read(str(d / "model.ckpt"))
+    except WeightsError:
+        return
+    # only the footer's padding is not covered by a checksum
+    assert len(raw) - tc.FOOTER_SIZE <= pos
+    assert got.keys() == tc.read(os.path.join(TF_TINY, "model.ckpt")).keys()
+
+
+entry_values = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        entry_proto,
+        dtype=st.integers(0, 30),
+        shape=st.lists(st.integers(0, 6), max_size=3),
+        offset=st.integers(0, 80),
+        size=st.integers(0, 80),
+        crc=st.integers(0, 2**32 - 1),
+        shard=st.integers(0, 2),
+    ),
+)
+
+
+@given(
+    entries=st.lists(st.tuples(st.binary(min_size=1, max_size=12), entry_values), max_size=12),
+    header=st.one_of(st.just(header_proto()), st.binary(max_size=12)),
+    per_block=st.integers(1, 5),
+    compression=st.sampled_from([0, 1]),
+)
+def test_garbage_entries_in_a_valid_table_give_weights_error(
+    tmp_path_factory, entries, header, per_block, compression
+):
+    # checksums are right, so this reaches the key and protobuf decoding with arbitrary bytes
+    d = tmp_path_factory.mktemp("garbage")
+    prefix = str(d / "model.ckpt")
+    entries = [(b"", header), *sorted(dict(entries).items())]
+    write_table(prefix + ".index", entries, per_block=per_block, compression=compression)
+    (d / DATA).write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    try:
+        got = tc.read(prefix)
+    except WeightsError:
+        return
+    assert all(a.dtype == np.float32 for a in got.values())

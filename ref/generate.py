@@ -397,7 +397,9 @@ def beam_search(
     for t in range(max_new_tokens):
         b = len(live)
         logp_model = log_softmax(logits)  # (bK, V)
-        seqs = [prompts[live[i // K]] + gen[i // K, i % K].tolist() for i in range(b * K)]
+        seqs = []  # prompt + generated per beam, for the penalties that look at history
+        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
+            seqs = [prompts[live[i // K]] + gen[i // K, i % K].tolist() for i in range(b * K)]
         counts = None
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             counts = np.zeros((b * K, V), np.int32)  # (bK, V)

@@ -391,3 +391,34 @@ def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(fast, "torch_train", fake, raising=False)
     assert main(argv) == 0
     assert seen[0].steps == 2 and seen[0].lr == 1e-4 and seen[0].backend == "torch"
+
+
+def test_lora_run_resumes_through_the_cli(files, capsys, tmp_path):
+    """LoRA with dropout: 2 steps, then --resume --steps 4, equal the 4-step run bit for bit
+    (a constant rate, --min-lr-ratio 1, makes the schedule independent of the run length)."""
+    args = [
+        "--model",
+        str(files / "base"),
+        "--data",
+        str(files / "data.json"),
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "2",
+        "--lora-dropout",
+        "0.2",
+        "--lora-targets",
+        "c_attn,c_fc",
+        "--min-lr-ratio",
+        "1",
+        "--lr",
+        "1e-2",
+        "--samples",
+        "0",
+        "--val-fraction",
+        "0.2",
+    ]
+    full = losses(finetune(capsys, *args, "--steps", "4", "--out", str(tmp_path / "a")))
+    finetune(capsys, *args, "--steps", "2", "--out", str(tmp_path / "b"))
+    resumed = losses(finetune(capsys, "--resume", str(tmp_path / "b"), "--steps", "4"))
+    assert resumed == {3: full[3], 4: full[4]}

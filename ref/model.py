@@ -14,6 +14,9 @@ The ops (LayerNorm, GELU, attention, ...) come from `ops`, a module or namespace
 functions of `ref/ops.py`; the default is the reference itself. Backends in `fast/` pass
 their own. Linear layers are plain matmuls (BLAS) in every numpy backend.
 
+LoRA (ref/lora.py): a projection dict may carry an adapter, {"w", "b", "lora": {...}}; `_linear`
+adds its low-rank update, with dropout only when `forward` is given an `rng` (training).
+
 Padding: a batch of prompts of different lengths is left-padded; `mask` (B, T) is False on
 padding. Each row's positions count only its real tokens, and no query sees a padding key, so
 every row gives the same logits as when run alone.
@@ -172,20 +175,11 @@ def forward(
 
     x = _run(ops.embedding_forward, tape, "embedding", ids, pos, params["wte"], params["wpe"])
     blocks_tape = [] if tape is not None else None
+    shared = {"n_head": cfg.n_head, "eps": cfg.eps, "ops": ops, "key_mask": key_mask, "rng": rng}
     for layer, block in enumerate(params["blocks"]):
         kv = None if cache is None else (cache.k[layer], cache.v[layer], P)
         bt = {} if tape is not None else None
-        x = transformer_block(
-            x,
-            **block,
-            n_head=cfg.n_head,
-            eps=cfg.eps,
-            ops=ops,
-            kv=kv,
-            key_mask=key_mask,
-            tape=bt,
-            rng=rng,
-        )  # (B, T, C)
+        x = transformer_block(x, **block, **shared, kv=kv, tape=bt)  # (B, T, C)
         if tape is not None:
             blocks_tape.append(bt)
     if cache is not None:

@@ -171,18 +171,17 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
 
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus: with tokens sorted by probability q_(1) >= q_(2) >= ..., keep token (j) when
-    q_(1) + ... + q_(j-1) < p, i.e. the smallest prefix whose mass reaches p. p = 1 keeps all
-    (a tail of tokens with probability below float round-off would otherwise be lost)."""
+    q_(1) + ... + q_(j-1) < p, i.e. the smallest prefix whose mass reaches p (and any token
+    tied with its last one). p = 1 keeps all (a tail of tokens with probability below float
+    round-off would otherwise be lost)."""
     if p >= 1.0:
         return logits
     q = softmax(logits)  # (B, V) float64
-    order = np.argsort(-q, axis=-1, kind="stable")  # (B, V)
-    q_sorted = np.take_along_axis(q, order, axis=-1)  # (B, V)
-    mass_before = np.cumsum(q_sorted, axis=-1) - q_sorted  # (B, V)
-    keep_sorted = mass_before < p  # (B, V); the first token always has mass_before 0
-    keep = np.empty_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    return np.where(keep, logits, -np.inf)
+    q_sorted = -np.sort(-q, axis=-1)  # (B, V) descending
+    mass_before = np.cumsum(q_sorted, axis=-1) - q_sorted  # (B, V), non-decreasing
+    n_keep = (mass_before < p).sum(axis=-1)  # (B,) >= 1: the first has mass_before 0
+    q_last = np.take_along_axis(q_sorted, n_keep[:, None] - 1, axis=-1)  # (B, 1)
+    return np.where(q >= q_last, logits, -np.inf)
 
 
 def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:

@@ -1,0 +1,157 @@
+"""The whole model on the Numba backend against the reference backend.
+
+Logits (prompt, padded batch, KV-cache decode), greedy tokens, the committed Hugging Face
+fixture, training (loss, every gradient, a few optimizer steps), run-to-run determinism of the
+gradients, and `gpt2 generate/eval --backend numba` end to end.
+
+Tolerances: every op of the Numba backend agrees with the reference to a few float32 ulps of
+its output's scale (tests/test_backends.py); through L blocks the differences add up, growing
+with depth and with the length of the reductions (C, T), and are read here against the scale
+of the compared array (max |ref|). Measured on these models: logits within 5e-7 of
+max |logits|, every gradient within 5e-7 of its tensor's max, losses within 1e-7 (five
+training steps included); the bounds below leave 10x room or more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from tiny_model import TINY, tiny_params
+
+nb = pytest.importorskip("fast.numba_backend", reason="numba is not installed")
+
+from gpt2 import cli  # noqa: E402
+from gpt2.api import Model  # noqa: E402
+from ref import generate as ref_generate  # noqa: E402
+from ref import ops as ref_ops  # noqa: E402
+from ref.backward import loss_and_grads  # noqa: E402
+from ref.config import GPT2Config  # noqa: E402
+from ref.data import Split  # noqa: E402
+from ref.model import KVCache, forward  # noqa: E402
+from ref.train import TrainConfig, train  # noqa: E402
+from weights import loader  # noqa: E402
+
+HF_TINY = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny")
+LOGITS_RTOL = 5e-6  # of max |logits|; see the module docstring
+GRAD_RTOL = 5e-6  # of max |grad| per tensor
+LOSS_RTOL = 1e-6
+
+# awkward on purpose: head size 5, a prime vocabulary, C not a multiple of the vector width
+ODD = GPT2Config(n_vocab=211, n_ctx=48, n_embd=15, n_head=3, n_layer=3)
+
+
+def close_to_scale(got: np.ndarray, want: np.ndarray, rtol: float, what: str) -> None:
+    err = float(np.abs(got - want).max(initial=0.0))
+    scale = float(np.abs(want).max(initial=0.0))
+    assert err <= rtol * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("cfg", [TINY, ODD], ids=["tiny", "odd"])
+def test_logits_match_reference_prompt_padding_and_decode(cfg):
+    params = tiny_params(cfg, seed=7)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.n_vocab, (3, 11))
+    mask = np.ones(ids.shape, bool)
+    mask[1, :4] = False  # left padding
+    mask[2, :10] = False  # a single real token
+    want = forward(params, ids, cfg, mask=mask)
+    got = forward(params, ids, cfg, mask=mask, ops=nb)
+    close_to_scale(got, want, LOGITS_RTOL, "prompt logits")
+    # decode: the prompt into a cache, then one token at a time against it
+    caches = {name: KVCache(cfg, 3, capacity=20) for name in ("ref", "numba")}
+    for name, ops in (("ref", ref_ops), ("numba", nb)):
+        forward(params, ids, cfg, cache=caches[name], mask=mask, ops=ops)
+    for step in range(4):
+        new = rng.integers(0, cfg.n_vocab, (3, 1))
+        want = forward(params, new, cfg, cache=caches["ref"], last_only=True)
+        got = forward(params, new, cfg, cache=caches["numba"], last_only=True, ops=nb)
+        close_to_scale(got, want, LOGITS_RTOL, f"decode step {step}")
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    (out,) = ref_generate.generate(model, [prompt], n, temperature=0.0, eos_id=None)
+    return out.token_ids
+
+
+def test_greedy_tokens_identical():
+    cfg = ODD
+    params = tiny_params(cfg, seed=3)
+    prompt = [5, 17, 99, 3, 150]
+    want = greedy(Model(cfg, params, "ref"), prompt, 20)
+    assert greedy(Model(cfg, params, "numba"), prompt, 20) == want
+
+
+@pytest.mark.skipif(not os.path.isdir(HF_TINY), reason="fixture tests/fixtures/hf-tiny absent")
+def test_hf_tiny_fixture_logits_and_greedy_tokens():
+    cfg, params = loader.load(HF_TINY)
+    ids = np.array([[15496, 11, 616, 1438, 318, 1757, 13, 314, 588]])
+    close_to_scale(
+        forward(params, ids, cfg, ops=nb), forward(params, ids, cfg), LOGITS_RTOL, "hf-tiny"
+    )
+    prompt = ids[0].tolist()
+    want = greedy(Model(cfg, params, "ref"), prompt, 16)
+    assert greedy(Model(cfg, params, "numba"), prompt, 16) == want
+
+
+def batch(cfg: GPT2Config, B: int, T: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.n_vocab, (B, T + 1))
+    targets = ids[:, 1:].copy()
+    targets[0, :3] = -100  # ignored targets (a masked prompt)
+    return ids[:, :-1], targets
+
+
+@pytest.mark.parametrize("cfg", [TINY, ODD], ids=["tiny", "odd"])
+def test_loss_and_every_gradient_match_reference(cfg):
+    params = tiny_params(cfg, seed=11)
+    ids, targets = batch(cfg, 3, 13, seed=2)
+    loss, grads = loss_and_grads(params, ids, targets, cfg, ops=nb)
+    want_loss, want = loss_and_grads(params, ids, targets, cfg)
+    assert abs(loss - want_loss) <= LOSS_RTOL * abs(want_loss)
+    assert grads.keys() == want.keys()
+    for name, g in want.items():
+        close_to_scale(grads[name], g, GRAD_RTOL, name)
+
+
+def test_finetuning_losses_match_reference():
+    """Five AdamW steps: the per-step losses agree (the parameters drift apart only by the
+    gradients' round-off, which Adam's normalisation does not amplify at this scale)."""
+    params = tiny_params(TINY, seed=12)
+    rng = np.random.default_rng(3)
+    split = Split("text", windows=rng.integers(0, TINY.n_vocab, (6, 17)), context_length=16)
+    tcfg = TrainConfig(steps=5, batch_size=3, lr=3e-3, n_samples=0)
+    _, _, want = train(params, TINY, split, None, tcfg)
+    _, _, got = train(params, TINY, split, None, tcfg, ops=nb)
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+
+
+def test_whole_model_gradients_bit_identical_run_to_run():
+    cfg = GPT2Config(n_vocab=97, n_ctx=80, n_embd=32, n_head=2, n_layer=2)
+    params = tiny_params(cfg, seed=5)
+    ids, targets = batch(cfg, 4, 70, seed=6)  # enough rows for every parallel loop to split
+    _, first = loss_and_grads(params, ids, targets, cfg, ops=nb)
+    _, second = loss_and_grads(params, ids, targets, cfg, ops=nb)
+    for name, g in first.items():
+        assert g.tobytes() == second[name].tobytes(), name
+
+
+@pytest.mark.skipif(not os.path.isdir(HF_TINY), reason="fixture tests/fixtures/hf-tiny absent")
+def test_cli_generate_and_eval_with_backend_numba(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. It was a sunny day.")
+    out = {}
+    for backend in ("ref", "numba"):
+        gen = ["generate", "Hello, my name is", "--model", HF_TINY, "--backend", backend]
+        assert cli.main([*gen, "--max-new-tokens", "8", "--json"]) == 0
+        g = json.loads(capsys.readouterr().out)
+        ev = ["eval", str(text), "--model", HF_TINY, "--backend", backend, "--json"]
+        assert cli.main(ev) == 0
+        e = json.loads(capsys.readouterr().out)
+        out[backend] = (g, e)
+    assert out["numba"][0]["backend"] == "numba"
+    ids = [c["token_ids"] for c in out["numba"][0]["completions"]]
+    assert ids == [c["token_ids"] for c in out["ref"][0]["completions"]]
+    assert out["numba"][1]["loss"] == pytest.approx(out["ref"][1]["loss"], rel=LOSS_RTOL)

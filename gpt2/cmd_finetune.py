@@ -234,7 +234,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     return s, state
 
 
-def load_data(s: dict, n_ctx: int):
+def load_data(s: dict, n_ctx: int) -> tuple:
     """(train split, validation split) for the settings' data file."""
     from ref.data import DataError, instruction_splits, read_instructions, text_splits
     from weights.tokenizer import encode
@@ -261,7 +261,7 @@ def total_steps(s: dict, n_train: int) -> int:
     return max(1, math.ceil((s["epochs"] or 1.0) * per_epoch))
 
 
-def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | None):
+def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | None) -> tuple:
     """(cfg, params, TrainState or None): the model to train, from scratch or a checkpoint."""
     import numpy as np
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,7 +178,7 @@ def batch_indices(n: int, batch_size: int, k: int, seed: int) -> np.ndarray:
     return perm[j * batch_size : (j + 1) * batch_size]
 
 
-def make_batch(split: Split, indices, mask_prompt: bool = False):
+def make_batch(split: Split, indices, mask_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """ids (B, T), targets (B, T) for the rows `indices` of `split`."""
     if split.kind == "text":
         w = split.windows[np.asarray(indices)]  # (B, T + 1)
@@ -186,8 +187,10 @@ def make_batch(split: Split, indices, mask_prompt: bool = False):
     return instruction_batch(ex, split.context_length, mask_prompt)
 
 
-def eval_batches(split: Split, batch_size: int, max_batches: int | None = None):
-    """Validation batches in order: (ids, targets) over the whole split (or its first
+def eval_batches(
+    split: Split, batch_size: int, max_batches: int | None = None
+) -> Iterator[list[int]]:
+    """Row indices of the validation batches, in order, over the whole split (or its first
     `max_batches` batches)."""
     n_batches = math.ceil(len(split) / batch_size)
     if max_batches is not None:

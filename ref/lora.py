@@ -52,7 +52,9 @@ def parse_targets(spec: str | list[str]) -> list[str]:
     return out
 
 
-def lora_forward(x: np.ndarray, lora: dict, rng: np.random.Generator | None):
+def lora_forward(
+    x: np.ndarray, lora: dict, rng: np.random.Generator | None
+) -> tuple[np.ndarray, tuple]:
     """x (..., Cin) -> delta (..., Cout) = scale * (drop(x) @ A) @ B.
 
     Dropout (inverted, as in PEFT: kept entries are scaled by 1 / (1 - p)) runs only when an
@@ -69,7 +71,7 @@ def lora_forward(x: np.ndarray, lora: dict, rng: np.random.Generator | None):
     return delta, (x, h, a, b, np.float32(scale), keep)
 
 
-def lora_backward(ddelta: np.ndarray, cache):
+def lora_backward(ddelta: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of delta = scale * (xd @ A) @ B, xd = x * keep:
     dB = scale * h^T ddelta;  dh = scale * ddelta B^T;  dA = xd^T dh;  dx = (dh A^T) * keep.
     """

@@ -152,7 +152,7 @@ def validate(
     return loss, math.exp(min(loss, 700.0))
 
 
-def numpy_model(params: dict, cfg: GPT2Config, ops=ref_ops):
+def numpy_model(params: dict, cfg: GPT2Config, ops=ref_ops) -> SimpleNamespace:
     """The model interface of `ref.generate` over nested params (adapters applied unmerged)."""
     return SimpleNamespace(
         cfg=cfg,
@@ -171,7 +171,9 @@ def sample_prompts(split: Split, n: int) -> list[list[int]]:
     return [list(map(int, w[:16])) for w in split.windows[:n]]
 
 
-def samples(params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops):
+def samples(
+    params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops
+) -> list[tuple[list[int], list[int]]]:
     """[(prompt ids, response ids)], greedy, stopping at <|endoftext|>."""
     room = cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
     prompts = [p[-room:] for p in sample_prompts(split, tcfg.n_samples) if p and room > 0]
@@ -213,7 +215,7 @@ def micro_step(
     k: int,
     lora_dropout: bool,
     ops=ref_ops,
-):
+) -> tuple[float, dict[str, np.ndarray], int]:
     """Loss, gradients and token count of micro-batch k."""
     idx = batch_indices(len(split), tcfg.batch_size, k, tcfg.seed)
     ids, tgt = make_batch(split, idx, tcfg.mask_prompt)

@@ -166,7 +166,9 @@ def read_state(directory: str) -> dict:
     return state
 
 
-def read_optimizer(directory: str, state: dict):
+def read_optimizer(
+    directory: str, state: dict
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """-> (moments {"m": {...}, "v": {...}}, adapters {name: array}) as writable float32."""
     name = state.get("optimizer_file")
     if not isinstance(name, str) or os.path.basename(name) != name:

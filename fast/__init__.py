@@ -5,7 +5,8 @@ signatures, on its own array type:
     embedding_forward/backward, layernorm_forward/backward, linear_forward/backward,
     gelu_forward/backward, bias_gelu_forward/backward, attention_forward/backward,
     crossentropy_forward/backward
-and `VARIANTS`: {op name: {variant name: function}} for tests and benchmarks to sweep.
+and `VARIANTS`: {op name: {variant name: (forward, backward)}} for tests and benchmarks to
+sweep (the ops with named variants: layernorm, gelu, bias_gelu, attention, crossentropy).
 
 `get_backend(name)` imports the backend lazily, so optional libraries (numba, torch, triton)
 are loaded only when asked for.

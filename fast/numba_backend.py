@@ -16,6 +16,7 @@ C-contiguous float32 so each kernel has one signature. Importing this module com
 
 from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
 from fast.numba_attention import attention_backward, attention_forward
+from fast.numba_common import single_threaded
 from fast.numba_crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba_gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from fast.numba_layernorm import layernorm_backward, layernorm_forward
@@ -44,8 +45,19 @@ __all__ = [
     "linear_forward",
 ]
 
+
+def _with_serial(variants: dict) -> dict:
+    """Each parallel variant, and the same kernels on one thread as the serial baseline."""
+    out = {}
+    for name, (fwd, bwd) in variants.items():
+        out[name] = (fwd, bwd)
+        out[f"{name}_1thread"] = (single_threaded(fwd), single_threaded(bwd))
+    return out
+
+
+# {op: {variant: (forward, backward)}}, swept by tests/test_backends.py and bench/
 VARIANTS = {
-    op: dict(variants)
+    op: _with_serial(variants)
     for module in (numba_layernorm, numba_gelu, numba_attention, numba_crossentropy)
     for op, variants in module.VARIANTS.items()
 }

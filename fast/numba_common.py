@@ -21,6 +21,7 @@ never returns 0 or inf: callers that need an exact 0 (masked keys) select it the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -100,3 +101,22 @@ def n_partials(rows: int) -> int:
     threads; 16 keeps two to sixteen threads busy and the final sum of partials tiny.
     """
     return max(1, min(16, rows))
+
+
+def single_threaded(fn):
+    """`fn` run with one Numba thread: the serial baseline of a parallel kernel, same code.
+
+    Registered as the "numba_1thread" variant of every op so benchmarks can show what the
+    parallel loop buys on a given machine (on a loaded 2-core machine, sometimes nothing).
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        previous = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            numba.set_num_threads(previous)
+
+    return run

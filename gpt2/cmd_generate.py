@@ -195,13 +195,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--prompt-file {args.prompt_file}: no prompts (all lines blank)")
         return prompts
     if args.prompt == "-":
-        return [sys.stdin.read()]
+        return [_read_stdin("PROMPT -")]
     return [args.prompt or ""]
+
+
+def _read_stdin(what: str) -> str:
+    try:
+        return sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: cannot read stdin ({e})") from None
 
 
 def _read(path: str) -> str:
     if path == "-":
-        return sys.stdin.read()
+        return _read_stdin("--prompt-file -")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

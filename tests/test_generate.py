@@ -448,6 +448,44 @@ def test_cli_streams_prompt_and_completion(cli):
     assert (rc, out) == (0, "Once upon a\n")
 
 
+def test_cli_stop_and_every_option_together(cli):
+    rc, out, _ = cli(["Once", "--stop", " end", "--stop", "zz"], script=" the end")
+    assert (rc, out) == (0, "Once the\n")
+    argv = [
+        "Once",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.05",
+        "--repetition-penalty",
+        "1.1",
+        "--frequency-penalty",
+        "0.2",
+        "--presence-penalty",
+        "0.1",
+        "--no-repeat-ngram-size",
+        "3",
+        "--logit-bias",
+        "50256=-inf",
+        "--seed",
+        "3",
+        "--num-return-sequences",
+        "2",
+        "--json",
+        "--max-new-tokens",
+        "2",
+    ]
+    rc, out, _ = cli(argv, script=" the end")
+    assert [c["text"] for c in json.loads(out)["completions"]] == [" the end"] * 2
+    argv = ["Once", "--num-beams", "3", "--length-penalty", "0.5", "--early-stopping"]
+    rc, out, _ = cli([*argv, "--max-new-tokens", "2"], script=" the end")
+    assert (rc, out) == (0, "Once the end\n")
+
+
 def test_cli_json_with_logprobs_and_beams(cli):
     rc, out, _ = cli(["Once", "--json", "--logprobs", "--max-new-tokens", "2"])
     obj = json.loads(out)

@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
             ) from None
         for k, v in s.items():
             setattr(args, k, v)
+        args.train = "lora" if s["lora_rank"] > 0 else "all"  # TrainConfig.train, as ref/train.py
         return int(torch_train.finetune(args) or 0)
     ops = get_backend(backend)
     out_dir = args.resume or args.out

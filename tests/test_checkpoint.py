@@ -391,6 +391,7 @@ def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(fast, "torch_train", fake, raising=False)
     assert main(argv) == 0
     assert seen[0].steps == 2 and seen[0].lr == 1e-4 and seen[0].backend == "torch"
+    assert seen[0].train == "all" and seen[0].data == str(files / "data.txt")
 
 
 def test_lora_run_resumes_through_the_cli(files, capsys, tmp_path):

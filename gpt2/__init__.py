@@ -8,7 +8,17 @@ print(gpt2.generate(model, "The dog", max_new_tokens=20)[0].text)
 print(gpt2.evaluate(model, open("book.txt").read()).perplexity)
 """
 
-from gpt2.api import GenerateResult, Model, evaluate, generate, load
+from gpt2.api import GenerateResult, Model, evaluate, generate, generate_batch, instruct, load
 from weights.tokenizer import decode, encode
 
-__all__ = ["GenerateResult", "Model", "decode", "encode", "evaluate", "generate", "load"]
+__all__ = [
+    "GenerateResult",
+    "Model",
+    "decode",
+    "encode",
+    "evaluate",
+    "generate",
+    "generate_batch",
+    "instruct",
+    "load",
+]

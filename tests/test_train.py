@@ -369,6 +369,9 @@ def test_validation_loss_counts_every_target_once():
 # llm.c's reference run on the real weights
 
 
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
 def _weights_dir() -> str | None:
     for root in (os.environ.get("GPT2_CACHE"), os.path.expanduser("~/.cache/gpt2-spec")):
         if root and os.path.isdir(os.path.join(root, "124M")):
@@ -391,29 +394,36 @@ LLMC_LOSSES = [
 ]
 
 
+def llmc_shakespeare_tokens() -> list[int]:
+    """llm.c's dev/data/tinyshakespeare.py: the text split on "\\n\\n", <|endoftext|> before
+    each section, "\\n\\n" after all but the last, GPT-2 tokens."""
+    from weights.tokenizer import encode
+
+    # karpathy/char-rnn's input.txt, shipped under weights/data (sha256 in SOURCES.md there)
+    with open(os.path.join(ROOT, "weights", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
+        sections = f.read().split("\n\n")
+    ids: list[int] = []
+    for i, s in enumerate(sections):
+        ids.append(EOT)
+        ids += encode(s + ("\n\n" if i < len(sections) - 1 else ""))
+    return ids
+
+
+def test_llmc_tiny_shakespeare_tokens():
+    """llm.c's script reports 32,768 validation and 305,260 training tokens."""
+    ids = llmc_shakespeare_tokens()
+    assert len(ids) == 32768 + 305260
+    assert ids[:5] == [EOT, 5962, 22307, 25, 198]  # <|endoftext|>First Citizen:\n
+
+
 @pytest.mark.real_weights
 def test_llmc_reference_run_124m():
     path = _weights_dir()
     if path is None:
         pytest.skip("GPT-2 124M weights not found in $GPT2_CACHE/124M or ~/.cache/gpt2-spec/124M")
     from weights.loader import load
-    from weights.tokenizer import encode
 
-    shakespeare = "/work/shared/data/tinyshakespeare.txt"
-    here = os.path.join(os.path.dirname(__file__), "..", "weights", "data", "tinyshakespeare.txt")
-    if not os.path.exists(shakespeare):
-        shakespeare = here
-    if not os.path.exists(shakespeare):
-        pytest.skip("tinyshakespeare.txt not found")
-    with open(shakespeare, encoding="utf-8") as f:
-        sections = f.read().split("\n\n")
-    # llm.c's dev/data/tinyshakespeare.py: <|endoftext|> before each section, "\n\n" after all
-    # but the last
-    ids: list[int] = []
-    for i, s in enumerate(sections):
-        ids.append(EOT)
-        ids += encode(s + ("\n\n" if i < len(sections) - 1 else ""))
-    val = np.array(ids[:32768])  # the validation split
+    val = np.array(llmc_shakespeare_tokens()[:32768])  # the validation split
     B, T = 4, 64
     chunk = val[: B * T + 1]
     x, y = chunk[:-1].reshape(B, T), chunk[1:].reshape(B, T)

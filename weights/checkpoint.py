@@ -18,7 +18,9 @@ Atomicity: every file is written to a temporary name, fsynced and renamed (os.re
 rename of model.safetensors is the commit point: its metadata names the optimizer file of the
 same step, which was written before it, and older optimizer files are deleted only after it.
 A crash at any moment therefore leaves a model.safetensors whose optimizer file exists: the
-previous checkpoint (or the new one) loads and resumes. `GPT2_SPEC_SAVE_PAUSE=<seconds>` sleeps
+previous checkpoint (or the new one) loads and resumes. The adapter files and
+trainer_state.json are written after the commit, for people and PEFT-style tools; resuming
+reads the adapters from the optimizer file, which always matches the committed model. `GPT2_SPEC_SAVE_PAUSE=<seconds>` sleeps
 between the files of a save, so tests can kill a process mid-save for real.
 """
 

@@ -20,8 +20,9 @@ same step, which was written before it, and older optimizer files are deleted on
 A crash at any moment therefore leaves a model.safetensors whose optimizer file exists: the
 previous checkpoint (or the new one) loads and resumes. The adapter files and
 trainer_state.json are written after the commit, for people and PEFT-style tools; resuming
-reads the adapters from the optimizer file, which always matches the committed model. `GPT2_SPEC_SAVE_PAUSE=<seconds>` sleeps
-between the files of a save, so tests can kill a process mid-save for real.
+reads the adapters from the optimizer file, which always matches the committed model.
+`GPT2_SPEC_SAVE_PAUSE=<seconds>` sleeps between the files of a save, so tests can kill a
+process mid-save for real.
 """
 
 from __future__ import annotations

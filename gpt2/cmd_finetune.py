@@ -6,6 +6,10 @@ DIR receives a Hugging Face model directory (config.json + model.safetensors) th
 `--model DIR` and transformers load, plus the optimizer state to resume from
 (see weights/checkpoint.py). `--resume DIR` continues a run with its saved settings; only
 --steps/--epochs (to extend it), --eval-every, --save-every, --json and --backend may be given.
+
+--json prints one object per line: {"event": "train", step, loss, lr, grad_norm, tokens,
+tokens_per_s}, {"event": "val", step, val_loss, val_perplexity}, {"event": "checkpoint", step,
+dir}, {"event": "sample", prompt, response}.
 """
 
 from __future__ import annotations
@@ -415,6 +419,8 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
             adapters,
             adapter_cfg,
         )
+        if args.json:
+            print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)
 
     try:
         train(

@@ -93,6 +93,7 @@ def test_checkpoint_loads_in_transformers_and_as_model(files, capsys, tmp_path):
         "3",
     )
     assert [e["step"] for e in log if e["event"] == "val"] == [3, 6]
+    assert [e["step"] for e in log if e["event"] == "checkpoint"] == [6]
     assert any(e["event"] == "sample" for e in log)
     cfg, params = loader.load(str(out))  # works as --model
     assert cfg == CFG

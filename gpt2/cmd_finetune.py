@@ -5,7 +5,8 @@ windows; a .json file is a list of {instruction, input, output} records in the A
 DIR receives a Hugging Face model directory (config.json + model.safetensors) that
 `--model DIR` and transformers load, plus the optimizer state to resume from
 (see weights/checkpoint.py). `--resume DIR` continues a run with its saved settings; only
---steps/--epochs (to extend it), --eval-every, --save-every, --json and --backend may be given.
+--steps/--epochs (to extend it), --eval-every, --eval-batches, --save-every, --samples, --json
+and --backend may differ.
 
 --json prints one object per line: {"event": "train", step, loss, lr, grad_norm, tokens,
 tokens_per_s}, {"event": "val", step, val_loss, val_perplexity}, {"event": "checkpoint", step,

@@ -99,6 +99,7 @@ def _attention_forward_kernel(q, k, v, mask, out, lse):
             m = _NEG_INF
             l = _ZERO
             acc[:] = 0.0
+            has_nan = False  # max() and the > tests skip NaN scores: flag them instead
             for j0 in range(0, last + 1, _BLOCK):
                 nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)  # keys in block, 4 | nb
                 bm = _NEG_INF
@@ -111,6 +112,7 @@ def _attention_forward_kernel(q, k, v, mask, out, lse):
                     s[jj + 3] = s3 if (mask[b, j + 3] and j + 3 <= last) else _NEG_INF
                 for jj in range(nb):
                     bm = max(bm, s[jj])
+                    has_nan |= s[jj] != s[jj]
                 if bm == _NEG_INF:
                     continue  # every key of this block is hidden
                 m_new = max(m, bm)
@@ -137,7 +139,10 @@ def _attention_forward_kernel(q, k, v, mask, out, lse):
                             + p3 * vp[j + 3, c]
                         )
                 m = m_new
-            if l == _ZERO:
+            if has_nan:
+                out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
+                lse[b, h, i] = np.nan
+            elif l == _ZERO:
                 out[b, h, i, :] = 0.0  # no visible key (a padding query)
                 lse[b, h, i] = _NEG_INF
             else:

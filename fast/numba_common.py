@@ -17,6 +17,7 @@ operations LLVM vectorises: exp(y) = 2^n * exp(r), n = round(y / ln 2), r = y - 
 float32's half ulp 6e-8), and 2^n built from its IEEE-754 bits through a bitcast.
 Inputs are clamped to [-87, 88] so that 2^n stays a normal float (n in [-126, 127]); exp32
 never returns 0 or inf: callers that need an exact 0 (masked keys) select it themselves.
+NaN stays NaN, so a diverged model shows NaN as it does with the reference.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _int32_bits_as_float32(typingctx, i):
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def exp32(y):
     """exp(y) for float32 y, relative error ~2 ulp; see the module docstring."""
-    y = min(max(y, _EXP_LO), _EXP_HI)
+    # clamp with selects that keep NaN (min/max may drop it): a NaN input gives a NaN output
+    y = _EXP_LO if y < _EXP_LO else y
+    y = _EXP_HI if y > _EXP_HI else y
     n = np.floor(y * _LOG2E + _HALF)  # float32 integer in [-126, 127]
     r = (y - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln(2)/2
     p = _C7

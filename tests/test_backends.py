@@ -336,6 +336,36 @@ def test_gradients_are_bit_identical_run_to_run(op):
 
 
 # ---------------------------------------------------------------------------------------------
+# NaN in, NaN out, where the reference has it: a diverged model must not look healthy
+
+
+def test_nan_reaches_the_same_outputs_as_in_the_reference():
+    rng = np.random.default_rng(6)
+    x = f32(rng.standard_normal((3, 8)))
+    x[1, 2] = np.nan
+    g, b = f32(rng.standard_normal(8)), f32(rng.standard_normal(8))
+    q, k, v = (f32(rng.standard_normal((1, 2, 6, 4))) for _ in range(3))
+    k[0, 0, 2, 1] = np.nan  # seen by the queries i >= 2 of head 0
+    q[0, 1, 4, 0] = np.nan  # every score of query 4 of head 1
+    logits = f32(rng.standard_normal((2, 9)))
+    logits[1, 5] = np.nan
+    cases = {
+        "layernorm": ((x, g, b), ref.layernorm_forward),
+        "gelu": ((x,), ref.gelu_forward),
+        "attention": ((q, k, v), ref.attention_forward),
+        "crossentropy": ((logits, np.array([1, 2])), ref.crossentropy_forward),
+    }
+    with np.errstate(invalid="ignore"):
+        for op, (args, ref_fwd) in cases.items():
+            want = np.isnan(ref_fwd(*args)[0])
+            assert want.any()
+            for impl in variants(op):
+                if impl.values[0] is not None:
+                    got = np.isnan(impl.values[0][0](*args)[0])
+                    np.testing.assert_array_equal(got, want, err_msg=f"{op} {impl.id}")
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input is refused by name
 
 

@@ -623,6 +623,7 @@ def _check_tf(prefix: str) -> None:
         # delete this clause then.
         if not re.search(r"maximum supported dimension|array is too big|cannot reshape", str(e)):
             raise
+        CASES["known_bug:tf_checkpoint_shape"] += 1
         warnings.warn(f"KNOWN BUG weights/tf_checkpoint.py, unchecked shape: {e}", stacklevel=1)
         return
     finally:
@@ -828,6 +829,7 @@ def test_instruction_data(tmp_path_factory, raw):
             isinstance(e, RecursionError) or "integer string conversion" in str(e)
         ):
             raise
+        CASES[f"known_bug:read_instructions_{type(e).__name__}"] += 1
         warnings.warn(f"KNOWN BUG ref/data.py, read_instructions: {type(e).__name__}", stacklevel=1)
         return
     for ids, n_prompt in train.examples + val.examples:

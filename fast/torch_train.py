@@ -267,7 +267,47 @@ def train(
         ):
             st = export_state(module, opt, step + 1)
             save(_numpy_params(module, params), st)
+    if rank == 0 and val_split is not None and len(val_split) and tcfg.n_samples > 0:
+        for prompt, response in samples(module, val_split, tcfg, device):
+            emit({"event": "sample", "prompt": prompt, "response": response})
     return _numpy_params(module, params), export_state(module, opt, tcfg.steps), losses
+
+
+def samples(module: GPT2Module, split: Split, tcfg: TrainConfig, device):
+    """[(prompt ids, response ids)]: greedy responses to the first validation prompts, as
+    `ref.train.samples` gives them, from the model being trained."""
+    from types import SimpleNamespace
+
+    from fast.torch_model import TorchKVCache, gpt2_forward
+    from ref.data import EOT
+    from ref.generate import generate
+    from ref.train import sample_prompts
+
+    cfg = module.cfg
+    room = cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
+    prompts = [p[-room:] for p in sample_prompts(split, tcfg.n_samples) if p and room > 0]
+    if not prompts:
+        return []
+
+    def forward(ids, cache=None, mask=None, last_only=False):
+        ids_t = torch.as_tensor(np.asarray(ids, np.int64), device=device)
+        mask_t = None if mask is None else torch.as_tensor(np.asarray(mask), device=device)
+        with torch.no_grad():
+            logits = gpt2_forward(
+                module.params, ids_t, cfg, module.ops, cache=cache, mask=mask_t,
+                last_only=last_only,
+            )  # fmt: skip
+        return logits.float().cpu().numpy()
+
+    model = SimpleNamespace(
+        cfg=cfg,
+        new_cache=lambda batch, capacity=None: TorchKVCache(
+            cfg, batch, capacity, device, torch.float32
+        ),
+        forward=forward,
+    )
+    outs = generate(model, prompts, tcfg.sample_tokens, temperature=0.0, eos_id=EOT)
+    return [(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
 
 
 def _numpy_params(module: GPT2Module, like: dict) -> dict:
@@ -282,110 +322,104 @@ def _numpy_params(module: GPT2Module, like: dict) -> dict:
 # the command line: `gpt2 finetune --backend torch|triton` (and under torchrun)
 
 
-def train_config(args) -> TrainConfig:
-    """A TrainConfig from the parsed flags: every TrainConfig field that `args` has, the
-    defaults for the rest (flag names are the field names, e.g. --batch-size -> batch_size)."""
-    from dataclasses import fields
-
-    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if "steps" not in kw:
-        raise ValueError("--steps is required")
-    return TrainConfig(**kw)
-
-
-def load_splits(path: str, T: int, val_fraction: float) -> tuple[Split, Split]:
-    """A .json file of instruction records, or any other file as UTF-8 plain text."""
-    from ref.data import (
-        DataError,
-        instruction_splits,
-        read_instructions,
-        text_splits,
-    )
-    from weights.tokenizer import encode
-
-    if path.endswith(".json"):
-        return instruction_splits(read_instructions(path), encode, T, val_fraction)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    return text_splits(encode(text), T, val_fraction)
-
-
-def _resume_state(directory: str) -> TrainState:
-    from weights import checkpoint, loader
-
-    saved = checkpoint.read_state(directory)
-    moments, _ = checkpoint.read_optimizer(directory, saved)
-    _, params = loader.load(directory)
-    names = param_names(params, "all")
-    flat = flatten(params)
-    trainable = {n: np.array(flat[n], np.float32) for n in names}
-    step = int(saved["step"])
-    return TrainState(step, trainable, {"step": step, "m": moments["m"], "v": moments["v"]})
-
-
 def finetune(args) -> int:
-    """Run `gpt2 finetune` on a torch backend; under torchrun, one process per rank.
+    """`gpt2 finetune` on a torch backend; gpt2/cmd_finetune.py calls it with the run's
+    settings set on `args` (its DEFAULTS keys, plus out, resume, json, backend, cache_dir).
 
-    Reads from `args`: model, cache_dir, backend ("torch" | "triton"), data (a .json of
-    instruction records, or a text file), context_length (default n_ctx), val_fraction
-    (default 0.1), out (a checkpoint directory, `weights.checkpoint`'s format, written by
-    rank 0 at the end and every save_every steps), resume (a checkpoint directory), json
-    (events as JSON lines) and every TrainConfig field (steps, batch_size, grad_accum, lr,
-    warmup, min_lr_ratio, weight_decay, decay, grad_clip, eval_every, eval_batches,
-    save_every, seed, mask_prompt, train).
+    The model, data, step count and checkpoints are cmd_finetune's own (`build`,
+    `load_data`, `total_steps`, weights/checkpoint.py), so a run saved by one backend resumes
+    on another. Under torchrun every rank runs this; rank 0 alone prints and saves.
     """
     import json
 
-    from weights import loader
+    from gpt2 import cmd_finetune as cf
+    from weights import checkpoint
+    from weights.tokenizer import decode
 
-    tcfg = train_config(args)
-    rank, world = distributed()
-    cfg, params = loader.load(args.model, cache_dir=getattr(args, "cache_dir", None))
-    T = getattr(args, "context_length", None) or cfg.n_ctx
-    if not 1 <= T <= cfg.n_ctx:
-        raise ValueError(f"--context-length must be in [1, {cfg.n_ctx}], got {T}")
-    val_fraction = getattr(args, "val_fraction", None)
-    val_fraction = 0.1 if val_fraction is None else val_fraction
-    train_split, val_split = load_splits(args.data, T, val_fraction)
+    s = {k: getattr(args, k, v) for k, v in cf.DEFAULTS.items()}
     resume = getattr(args, "resume", None)
-    state = _resume_state(resume) if resume else None
+    saved = checkpoint.read_state(resume) if resume else None
+    rank, world = distributed()
+    cfg, params, state = cf.build(s, saved, resume, getattr(args, "cache_dir", None))
+    train_split, val_split = cf.load_data(s, cfg.n_ctx)
+    steps = cf.total_steps(s, len(train_split))
+    if state is not None and state.step >= steps:
+        raise ValueError(
+            f"--resume {resume}: the run is already at step {state.step} of {steps}; "
+            "pass a larger --steps to continue"
+        )
+    tcfg = TrainConfig(
+        steps=steps,
+        batch_size=s["batch_size"],
+        grad_accum=s["grad_accum"],
+        lr=s["lr"],
+        warmup=s["warmup"],
+        min_lr_ratio=s["min_lr_ratio"],
+        weight_decay=s["weight_decay"],
+        decay=s["decay"],
+        grad_clip=s["grad_clip"],
+        eval_every=s["eval_every"],
+        eval_batches=s["eval_batches"],
+        save_every=s["save_every"],
+        seed=s["seed"],
+        mask_prompt=bool(s["mask_prompt"]),
+        train="lora" if s["lora_rank"] > 0 else "all",
+        n_samples=s["samples"],
+    )
+    out_dir = resume or args.out
     as_json = bool(getattr(args, "json", False))
-    out = getattr(args, "out", None)
+    last: dict = {}
 
     def on_event(e: dict) -> None:
+        if e["event"] == "train":
+            last.update(e)
+        if e["event"] == "sample":
+            e = {**e, "prompt": decode(e["prompt"]), "response": decode(e["response"])}
         if as_json:
             print(json.dumps(e), flush=True)
         elif e["event"] == "train":
             print(
-                f"step {e['step']}/{tcfg.steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
-                f"grad norm {e['grad_norm']:.3f}  {e['tokens_per_s']:.0f} tok/s"
-                + (f"  ({world} processes)" if world > 1 else ""),
+                f"step {e['step']}/{steps}: loss {e['loss']:.4f} lr {e['lr']:.2e} "
+                f"{e['tokens_per_s']:.0f} tok/s ({world} process{'es' if world > 1 else ''})",
                 flush=True,
             )
         elif e["event"] == "val":
             print(
-                f"step {e['step']}  val loss {e['val_loss']:.4f}  "
+                f"step {e['step']}: val loss {e['val_loss']:.4f} "
                 f"perplexity {e['val_perplexity']:.2f}",
                 flush=True,
             )
+        else:
+            print(f"--- {e['prompt']!r}\n{e['response']}", flush=True)
 
     def save(p: dict, st: TrainState) -> None:
-        from weights import checkpoint
+        from ref.data import batches_per_epoch
 
-        info = {"step": st.step, "backend": args.backend, "world_size": world}
-        checkpoint.save(out, cfg, p, info, {"m": st.opt["m"], "v": st.opt["v"]})
+        consumed = st.step * s["grad_accum"]
+        per_epoch = batches_per_epoch(len(train_split), s["batch_size"])
+        info = {
+            "step": st.step,
+            "total_steps": steps,
+            "settings": s,
+            "data_position": {
+                "micro_batches": consumed,
+                "epoch": consumed // per_epoch,
+                "batch_in_epoch": consumed % per_epoch,
+            },
+            "last_loss": last.get("loss"),
+            "backend": args.backend,
+            "world_size": world,
+        }
+        checkpoint.save(out_dir, cfg, p, info, {"m": st.opt["m"], "v": st.opt["v"]})
+        if as_json:
+            print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)
 
-    train(
-        params, cfg, train_split, val_split, tcfg, backend=args.backend, state=state,
-        on_event=on_event, save=save if out else None,
-    )  # fmt: skip
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        train(
+            params, cfg, train_split, val_split, tcfg, backend=args.backend, state=state,
+            on_event=on_event, save=save,
+        )  # fmt: skip
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
+import hashlib
+import http.server
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -217,6 +223,99 @@ def test_terabyte_declarations_fail_without_allocating(tmp_path):
     for p, outcome in results.items():
         assert outcome.startswith("error: "), (p, outcome)
         assert os.path.basename(p).removesuffix(".index") in outcome  # names the file
+
+
+# ---------------------------------------------------------------- a killed download
+
+
+class _SlowFile(http.server.BaseHTTPRequestHandler):
+    """Serves `server.data` with Range support, in small pieces with pauses, so a downloader
+    can be killed in the middle of it; logs each request's Range header."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        data, log = self.server.data, self.server.log
+        rng = self.headers.get("Range")
+        log.append(rng)
+        start = int(rng.removeprefix("bytes=").removesuffix("-")) if rng else 0
+        if rng:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+            md5 = hashlib.md5(data, usedforsecurity=False).digest()
+            self.send_header("Content-MD5", base64.b64encode(md5).decode())
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        try:
+            for i in range(start, len(data), 65536):
+                self.wfile.write(data[i : i + 65536])
+                time.sleep(self.server.pause)
+        except OSError:
+            pass  # the client was killed
+
+
+_FETCH = """
+    import sys
+    from weights import download
+    download.fetch(sys.argv[1], sys.argv[2], timeout=10, retries=1, backoff=0, progress=False)
+"""
+
+
+def test_download_killed_at_random_points_then_resumed_is_byte_identical(tmp_path):
+    """A downloader process is SIGKILLed (for real) at random points of one file; the next
+    run continues from the partial file with a Range request, and the result is the served
+    bytes exactly."""
+    from weights import download
+
+    rng = np.random.default_rng(8)
+    # 8 MiB: the downloader writes 1 MiB blocks (weights.download.CHUNK), so this leaves
+    # several points to be killed between
+    data = rng.integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowFile)
+    httpd.daemon_threads = True
+    httpd.data, httpd.log, httpd.pause = data, [], 0.01  # 128 pieces: about 1.3 s
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/model.safetensors"
+    try:
+        for attempt in range(3):
+            dest = tmp_path / f"model{attempt}.safetensors"
+            part = tmp_path / f"model{attempt}.safetensors.part"
+            cut = int(rng.integers(len(data) // 10, len(data) * 9 // 10))
+            proc = subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(_FETCH), url, str(dest)],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": ROOT},
+                stderr=subprocess.PIPE,
+            )
+            try:
+                deadline = time.monotonic() + 60  # a hung child fails the test, not CI
+                while not (part.exists() and part.stat().st_size >= cut):
+                    assert proc.poll() is None, proc.stderr.read().decode()
+                    assert time.monotonic() < deadline, "download never reached the cut"
+                    time.sleep(0.002)
+                os.kill(proc.pid, signal.SIGKILL)
+            finally:
+                proc.wait()
+                proc.stderr.close()
+            assert proc.returncode == -signal.SIGKILL
+            assert not dest.exists()  # only complete, verified files get the final name
+            kept = part.read_bytes()
+            assert 0 < len(kept) < len(data) and data.startswith(kept)
+            httpd.log.clear()
+            httpd.pause = 0.0
+            rec = download.fetch(url, str(dest), timeout=10, retries=1, backoff=0, progress=False)
+            httpd.pause = 0.01
+            assert httpd.log == [f"bytes={len(kept)}-"]  # resumed, not started again
+            assert dest.read_bytes() == data and not part.exists()
+            assert rec["sha256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
 
 
 # ---------------------------------------------------------------------------- CLI flags

@@ -7,6 +7,11 @@ Modules, in reading order:
     sampling.py -- the sampler: logit bias, penalties, temperature, top-k/top-p/min-p, draws
     generate.py -- the decoding loops: sampling and beam search, batched, with stop strings
     prompts.py  -- the Alpaca instruction prompt
+    lora.py     -- LoRA adapters
+    backward.py -- the whole model's backward
+    optim.py    -- AdamW, warmup + cosine schedule, clipping
+    data.py     -- text windows and instruction batches
+    train.py    -- the finetuning loop
     evaluate.py -- cross-entropy / perplexity over a long token stream
 
 Nothing in ref/ imports anything but numpy and the standard library.

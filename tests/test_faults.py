@@ -318,6 +318,97 @@ def test_download_killed_at_random_points_then_resumed_is_byte_identical(tmp_pat
         thread.join(5)
 
 
+# ---------------------------------------------------------------- a killed finetune run
+
+# A tiny model with GPT-2's vocabulary (the data is tokenised for real). A constant learning
+# rate (--min-lr-ratio 1, no warmup) makes a step's arithmetic independent of --steps, so a
+# run resumed with any --steps can be compared step by step with a run that was never killed.
+FT_FLAGS = [
+    "--batch-size", "2", "--context-length", "16", "--lr", "1e-2", "--min-lr-ratio", "1",
+    "--seed", "5", "--samples", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ft_files(tmp_path_factory):
+    from ref.config import GPT2Config
+    from weights.layout import canonical_to_hf, expected_shapes
+
+    d = tmp_path_factory.mktemp("ft_kill")
+    cfg = GPT2Config(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
+    rng = np.random.default_rng(2)
+    base = d / "base"
+    base.mkdir()
+    tensors = {
+        canonical_to_hf(k): (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        for k, shape in expected_shapes(cfg).items()
+    }
+    sft.write(str(base / "model.safetensors"), tensors)
+    (base / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    text = "The quick brown fox jumps over the lazy dog, and then it naps. " * 30
+    (d / "data.txt").write_text(text, encoding="utf-8")
+    return d
+
+
+def _ft_losses(capsys, argv: list[str]) -> dict[int, float]:
+    from gpt2.cli import main
+
+    capsys.readouterr()
+    rc = main(["finetune", *argv, "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
+
+
+def test_finetune_killed_while_training_resumes_with_equal_losses(ft_files, capsys):
+    """SIGKILL (for real) at a random moment of a run that saves every 2 steps: the last
+    committed checkpoint loads, and resuming it gives the never-killed run's losses for the
+    following steps exactly."""
+    from weights import checkpoint, loader
+
+    rng = np.random.default_rng(11)
+    model = ["--model", str(ft_files / "base"), "--data", str(ft_files / "data.txt")]
+    out = ft_files / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt2", "finetune", *model, *FT_FLAGS, "--steps", "100000",
+         "--save-every", "2", "--out", str(out), "--json"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    def committed() -> int:
+        try:
+            return checkpoint.read_state(str(out))["step"]
+        except Exception:  # not written yet, or mid-write: what the test waits out
+            return 0
+
+    try:
+        deadline = time.monotonic() + 120  # a hung child fails the test, not CI
+        while committed() < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint was ever committed"
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 0.3)))  # somewhere in the following steps
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    step = checkpoint.read_state(str(out))["step"]
+    assert step >= 2 and step % 2 == 0
+    print(f"killed with step {step} committed")
+    loader.load(str(out))  # the committed checkpoint is a loadable model
+    resumed = _ft_losses(capsys, ["--resume", str(out), "--steps", str(step + 2)])
+    never_killed = _ft_losses(
+        capsys, [*model, *FT_FLAGS, "--steps", str(step + 2), "--out", str(ft_files / "ref")]
+    )
+    assert sorted(resumed) == [step + 1, step + 2]
+    assert resumed == {s: never_killed[s] for s in resumed}  # bit-identical
+
+
 # ---------------------------------------------------------------------------- CLI flags
 
 

@@ -399,7 +399,6 @@ def test_finetune_killed_while_training_resumes_with_equal_losses(ft_files, caps
     assert proc.returncode == -signal.SIGKILL
     step = checkpoint.read_state(str(out))["step"]
     assert step >= 2 and step % 2 == 0
-    print(f"killed with step {step} committed")
     loader.load(str(out))  # the committed checkpoint is a loadable model
     resumed = _ft_losses(capsys, ["--resume", str(out), "--steps", str(step + 2)])
     never_killed = _ft_losses(

@@ -6,8 +6,9 @@ Forward (`ref.ops.layernorm_forward`, same symbols): per row, one pass for the s
 one for the output. The statistics come from shifted sums, K = x[0] of the row:
     s1 = sum(x - K),  s2 = sum((x - K)^2),  mean = K + s1 / C,  var = (s2 - s1^2 / C) / C
 which is exact algebra; the shift keeps the cancellation in s2 - s1^2/C small because K is a
-sample of the row, so |mean - K| is of the order of the row's spread (without a shift,
-GPT-2's residual stream, whose mean can be large against its spread, would lose digits).
+sample of the row, so |mean - K| is of the order of the row's spread (unshifted sums lose
+digits on rows whose mean is large against their spread: tests/test_backends.py checks rows
+offset by -50).
 The cache keeps x, mean and rstd (N,) instead of the (N, C) xhat the reference keeps, so the
 forward writes only its output; the backward recomputes xhat = (x - mean) * rstd.
 

@@ -15,10 +15,11 @@ blocks for each key block and accumulates dk and dv, another walks the key block
 query block and accumulates dq. Each output has one writer, so there are no atomics and
 the result is the same on every run. Inside both, p = exp(s - lse) recomputes att and
     dv = p^T dout,  dp = dout v^T,  ds = p * (dp - delta),  dq = ds k * scale,  dk = ds^T q * scale.
-Limits (checked on the host): 1 <= hs <= 256, any Tq <= Tk (blocks are masked at the edges,
-no "T must be a multiple of 128"), q, k, v of one dtype among float32, float16, bfloat16
-(accumulation is float32; float32 matmuls use IEEE precision, not TF32, so float32 results
-match the reference), any strides (the model passes views of its qkv buffer and KV cache).
+Limits (checked on the host): 1 <= hs <= 256, B * NH <= 65535 (a grid axis), any Tq <= Tk
+(blocks are masked at the edges, no "T must be a multiple of 128"), q, k, v of one dtype among
+float32, float16, bfloat16 (accumulation is float32; float32 matmuls use IEEE precision, not
+TF32, so float32 results match the reference), any strides (the model passes views of its qkv
+buffer and KV cache).
 Variants: block sizes (BM, BN) = (64, 64) "flash64" and (32, 32) "flash32".
 """
 
@@ -33,6 +34,7 @@ import triton.language as tl
 from fast.triton_common import check_device, check_float
 
 MAX_HEAD_SIZE = 256
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
 
 
 @triton.jit
@@ -278,6 +280,11 @@ def _check(q, k, v, key_mask) -> None:
         )
     if Tq < 1 or Tk < Tq:
         raise ValueError(f"{op}: need 1 <= Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    if B * NH > MAX_GRID_Y:
+        raise ValueError(
+            f"{op}: B * NH = {B * NH} exceeds CUDA's grid limit of {MAX_GRID_Y} (axis 1); "
+            "split the batch"
+        )
     if not 1 <= hs <= MAX_HEAD_SIZE:
         raise ValueError(f"{op}: head size {hs} is outside the kernel's range 1..{MAX_HEAD_SIZE}")
     if key_mask is not None:

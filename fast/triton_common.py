@@ -13,9 +13,14 @@ from __future__ import annotations
 import torch
 import triton
 
+from fast import BackendUnavailable
 
-class TritonDeviceError(RuntimeError):
-    """The tensors are not where the kernel can run (CPU tensors without the interpreter)."""
+
+class TritonDeviceError(BackendUnavailable, ValueError):
+    """The tensors are not where the kernel can run (CPU tensors without the interpreter).
+
+    A ValueError too, so the CLI reports it in one line like any other bad --backend value.
+    """
 
 
 def is_interpreted(kernel) -> bool:

@@ -145,9 +145,9 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
         t0 = time.perf_counter()
         log(f"bench: {suite} ...")
         if suite == "ops":
-            recs = suite_ops.run(plan, backends, limits, rng, native=not args.no_baselines)
+            recs = suite_ops.run(plan, backends, limits, rng, not args.no_baselines, log)
         else:
-            recs = runners[suite](plan, backends, limits, rng, baselines=not args.no_baselines)
+            recs = runners[suite](plan, backends, limits, rng, not args.no_baselines, log)
         results += recs
         n_bad = sum(r["status"] != "ok" for r in recs)
         log(

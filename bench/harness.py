@@ -321,6 +321,10 @@ def record(
     }
 
 
+def silent(msg: str) -> None:
+    """The default progress log of the suites: nothing."""
+
+
 def error_text(e: BaseException) -> str:
     """One line naming the exception, for a record's `reason`."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

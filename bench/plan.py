@@ -27,6 +27,7 @@ class Plan:
     # harness
     budget_s: float = 0.4  # timed seconds per measurement (at least min_repeats calls)
     max_repeats: int = 30
+    heavy_repeats: int = 2  # timed repeats of a model forward (prefill), after one warm-up
     # limits
     stream_bytes: int = 256 * 1024**2
     matmul_n: int = 2048
@@ -45,7 +46,6 @@ class Plan:
     short_ctx: int = 256  # models after the first: contexts up to this, batch 1 only
     decode_steps: int = 8  # timed single-token steps per point
     hf_ctx: list[int] = field(default_factory=lambda: [1, 256, 1024])
-    hf_new_tokens: int = 8
     # finetune
     ft_batch: int = 4
     ft_T: int = 256
@@ -77,6 +77,7 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             models=[("tiny", TINY)],
             budget_s=0.01,
             max_repeats=3,
+            heavy_repeats=1,
             stream_bytes=16 * 1024**2,
             matmul_n=256,
             gpu_stream_bytes=64 * 1024**2,
@@ -92,7 +93,6 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             short_ctx=16,
             decode_steps=2,
             hf_ctx=[32],
-            hf_new_tokens=3,
             ft_batch=2,
             ft_T=16,
             ft_steps=1,
@@ -103,26 +103,26 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             mode="quick",
             widths=parse_sizes(sizes or "124M", "--sizes"),
             models=parse_sizes(model_sizes or "124M", "--model-sizes"),
-            budget_s=0.15,
+            budget_s=0.1,
             max_repeats=10,
+            heavy_repeats=1,
             stream_bytes=128 * 1024**2,
             matmul_n=1024,
             gpu_stream_bytes=256 * 1024**2,
             gpu_matmul_n=4096,
-            rows=[64, 4096],
+            rows=[1024],
             attn_T=[1024],
-            attn_decode_Tk=[1024],
+            attn_decode_Tk=[],
             ce_rows=[256],
-            prefill_T=[64, 1024],
+            prefill_T=[1, 256, 1024],
             decode_ctx=[1, 256, 1024],
             decode_batches=[16],
             batch_ctx=[256],
             short_ctx=256,
             decode_steps=3,
             hf_ctx=[256],
-            hf_new_tokens=4,
             ft_batch=4,
-            ft_T=64,
+            ft_T=32,
             ft_steps=1,
         )
     if mode == "full":

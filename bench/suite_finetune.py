@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 
 from bench.backends import Backend, cuda_available
-from bench.harness import error_text, peak_rss, record
+from bench.harness import error_text, peak_rss, record, silent
 from bench.plan import Plan
 from bench.workload import random_params, train_flops
 
@@ -105,6 +105,7 @@ def run(
     limits: dict,
     rng: np.random.Generator,
     baselines: bool = True,
+    log=silent,
 ) -> list[dict]:
     recs: list[dict] = []
     for size, cfg in plan.models[:1]:  # finetuning at the first model size only
@@ -138,6 +139,7 @@ def run(
                         )
                     )
         for label, device, mode, fn in jobs:
+            log(f"bench: finetune {size} {label} ({device}) train={mode}")
             B, T = plan.ft_batch, plan.ft_T
             rp = {"size": size, "device": device, "train": mode, "B": B, "T": T}
             if mode == "lora":

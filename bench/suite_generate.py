@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from bench.backends import Backend, cuda_available
-from bench.harness import error_text, measure, peak_rss, record
+from bench.harness import error_text, measure, peak_rss, record, silent
 from bench.plan import Plan
 from bench.workload import (
     decode_ceiling,
@@ -218,6 +218,7 @@ def run(
     limits: dict,
     rng: np.random.Generator,
     baselines: bool = True,
+    log=silent,
 ) -> list[dict]:
     recs: list[dict] = []
     for index, (size, cfg) in enumerate(plan.models):
@@ -228,6 +229,7 @@ def run(
             prefill_T = [T for T in prefill_T if T <= plan.short_ctx]
         points = _points(plan, first, cfg)
         for label, device, runner in _runners(cfg, params, backends, baselines):
+            log(f"bench: generate {size} {label} ({device})")
             base = {"size": size, "device": device}
             if isinstance(runner, Exception):
                 recs.append(
@@ -264,7 +266,7 @@ def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[di
             t = measure(
                 lambda ids=ids: runner["prefill"](ids),
                 warmup=1,
-                min_repeats=2,
+                min_repeats=plan.heavy_repeats,
                 max_repeats=plan.max_repeats,
                 budget_s=plan.budget_s,
             )
@@ -315,7 +317,7 @@ def _nocache(plan, runner, base, cfg, recs, read) -> list[dict]:
             t = measure(
                 lambda ids=ids: runner["prefill"](ids),
                 warmup=1,
-                min_repeats=2,
+                min_repeats=plan.heavy_repeats,
                 max_repeats=plan.max_repeats,
                 budget_s=plan.budget_s,
             )

@@ -26,6 +26,7 @@ from bench.harness import (
     llc_bytes,
     measure,
     record,
+    silent,
 )
 from bench.plan import Plan
 from bench.workload import op_work, roofline
@@ -183,13 +184,20 @@ def _measure_backward(fwd, bwd, args, dout, flush, sync, kw) -> dict:
 
 
 def run(
-    plan: Plan, backends: list[Backend], limits: dict, rng: np.random.Generator, native: bool = True
+    plan: Plan,
+    backends: list[Backend],
+    limits: dict,
+    rng: np.random.Generator,
+    native: bool = True,
+    log=silent,
 ) -> list[dict]:
     llc = llc_bytes()
     flusher = CacheFlusher(llc)
     recs: list[dict] = []
     kw = {"budget_s": plan.budget_s, "max_repeats": plan.max_repeats, "warmup": 2}
-    for op, shape, passes in cases(plan):
+    todo = cases(plan)
+    for i, (op, shape, passes) in enumerate(todo):
+        log(f"bench: ops {i + 1}/{len(todo)}: {op} {shape}")
         args_np, dout_np = make_inputs(op, shape, rng)
         for label, variant, device, to, sync, fwd, fwd_cache, bwd in _targets(backends, op):
             if not native and label == "torch-native":

@@ -6,19 +6,20 @@ hs = head size, K = keys per block (_BLOCK), Tk4 = Tk rounded up to a multiple o
 The semantics are `ref.ops.attention_forward`'s: query i sits at absolute position Tk - Tq + i
 and sees keys j <= Tk - Tq + i whose key_mask[b, j] is True; a query that sees no key outputs 0.
 
-Layout: one thread owns a whole (b, h) (prange over B * NH), so no two threads write the same
-output or gradient. It first copies k[b, h] and v[b, h] into (Tk4, hs) buffers padded with
-zero rows, so that keys can always be taken four at a time: `_dot4` computes four dot products
-in one pass over hs (LLVM vectorises it over hs with four accumulators), and the value updates
-add four keys per pass. The padded keys and the keys past the causal limit get score -inf, so
-they never count. Four at a time was 2.5-3x faster than one score per key against a
-transposed k (measured on the project's 2-core machine, T = 1024, NH = 12, hs = 64).
+Layout: the launcher copies k and v once into (B, NH, Tk4, hs) buffers padded with zero rows
+(whatever their strides: the model passes views of its KV cache or of qkv), so that keys can
+always be taken four at a time: `_dot4` computes four dot products in one pass over hs (LLVM
+vectorises it over hs with four accumulators), and the value updates add four keys per pass.
+Padded keys and keys past the causal limit get score -inf, so they never count. Four at a time
+was 2.5-3x faster than one score per key against a transposed k (measured on the project's
+2-core machine, T = 1024, NH = 12, hs = 64). One thread owns a whole (b, h) (prange over
+B * NH), so no two threads write the same output or gradient.
 
 Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
 softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum
 l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j, rescaling l and acc by
 exp(m_old - m_new) when a block raises the maximum. Then out_i = acc / l and
-lse_i = m + log(l). Memory per thread is O(K + Tk4 hs); the reference's (Tq, Tk) score matrix
+lse_i = m + log(l). Memory per thread is O(K + hs); the reference's (Tq, Tk) score matrix
 is never formed.
 
 Backward (the reference's formulas, recomputing att from lse instead of storing it):
@@ -26,14 +27,15 @@ Backward (the reference's formulas, recomputing att from lse instead of storing 
     dv_j += p_ij dout_i;   dp_ij = dout_i . v_j
     ds_ij = p_ij (dp_ij - D_i),  D_i = sum_j p_ij dp_ij = dout_i . out_i
     dq_i += ds_ij k_j scale;   dk_j += ds_ij q_i scale
-The cache keeps q, k, v, the padded mask, out and lse (B, NH, Tq): O(T) per row, not (Tq, Tk).
+The cache keeps q, the padded k and v, the mask, out and lse (B, NH, Tq): O(T) per row, not
+(Tq, Tk).
 A row with lse = -inf saw no key and gets no gradient. dk_j, dv_j of one (b, h) are summed in
 a thread-private buffer in a fixed order, so gradients are bit-identical from run to run.
 
-Variants: "numba". Limits: float32; q, k, v are made C-contiguous (one compiled signature): a
-copy when the model passes a view of its KV cache or of qkv, O(Tk hs) per head, small next to
-the O(Tq Tk hs) of the attention itself (in the decode step, Tq = 1, it doubles the kernel's
-own copy of k and v).
+Variants: "numba". Limits: float32. Cost of the copy: O(Tk hs) per head, small next to the
+O(Tq Tk hs) of the prompt or of training; in the decode step (Tq = 1) it is most of the work,
+and the reference's BLAS matrix-vector products are faster there (0.13 against 0.3 ms at
+Tk = 1000, NH = 12, hs = 64), a small part of a decode step either way.
 """
 
 from __future__ import annotations
@@ -66,29 +68,17 @@ def _dot4(x, a, j):
     return s0, s1, s2, s3
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _pad_head(a, b, h, out):
-    # a (B, NH, Tk, hs) -> out (Tk4, hs): a[b, h], then zero rows
-    Tk = a.shape[2]
-    out[:Tk] = a[b, h]
-    out[Tk:] = 0.0
-
-
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_forward_kernel(q, k, v, mask, out, lse):
-    # q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), mask (B, Tk4) bool (key_mask, False past Tk)
-    # -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+def _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse):
+    # q (B, NH, Tq, hs), k4, v4 (B, NH, Tk4, hs) zero-padded past Tk, mask (B, Tk4) bool
+    # (key_mask, False past Tk) -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
     B, NH, Tq, hs = q.shape
-    Tk = k.shape[2]
-    Tk4 = mask.shape[1]
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
-        vp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
-        _pad_head(k, b, h, kp)
-        _pad_head(v, b, h, vp)
+        kp = k4[b, h]  # (Tk4, hs)
+        vp = v4[b, h]  # (Tk4, hs)
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then probabilities, of one block
         acc = np.empty(hs, np.float32)  # (hs,)
         qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
@@ -153,20 +143,17 @@ def _attention_forward_kernel(q, k, v, mask, out, lse):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_backward_kernel(dout, q, k, v, mask, out, lse, dq, dk, dv):
-    # dout, q, out (B, NH, Tq, hs), k, v (B, NH, Tk, hs), mask (B, Tk4), lse (B, NH, Tq)
+def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
+    # dout, q, out (B, NH, Tq, hs), k4, v4 (B, NH, Tk4, hs), mask (B, Tk4), lse (B, NH, Tq)
     # -> writes dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)
     B, NH, Tq, hs = q.shape
-    Tk = k.shape[2]
     Tk4 = mask.shape[1]
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
-        vp = np.empty((Tk4, hs), np.float32)  # (Tk4, hs)
-        _pad_head(k, b, h, kp)
-        _pad_head(v, b, h, vp)
+        kp = k4[b, h]  # (Tk4, hs)
+        vp = v4[b, h]  # (Tk4, hs)
         dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dk[b, h]
         dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dv[b, h]
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then p
@@ -241,10 +228,11 @@ def _attention_backward_kernel(dout, q, k, v, mask, out, lse, dq, dk, dv):
 
 
 def _check(q, k, v, key_mask):
-    """Validate, make contiguous, and pad key_mask to (B, Tk4) with False."""
+    """Validate; q contiguous; k, v copied into zero-padded (B, NH, Tk4, hs); mask (B, Tk4)."""
     q = check_f32("attention", "q", q)
-    k = check_f32("attention", "k", k)
-    v = check_f32("attention", "v", v)
+    for name, a in (("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            check_f32("attention", name, a)  # raises, naming the tensor
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(
             f"attention: q must be (B, NH, Tq, hs) and k, v (B, NH, Tk, hs); "
@@ -256,7 +244,13 @@ def _check(q, k, v, key_mask):
         raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
     if Tk < Tq:
         raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
-    mask = np.zeros((B, (Tk + 3) // 4 * 4), dtype=bool)  # (B, Tk4)
+    Tk4 = (Tk + 3) // 4 * 4
+    k4 = np.empty((B, NH, Tk4, hs), np.float32)  # (B, NH, Tk4, hs)
+    v4 = np.empty((B, NH, Tk4, hs), np.float32)  # (B, NH, Tk4, hs)
+    for a, a4 in ((k, k4), (v, v4)):
+        a4[:, :, :Tk] = a  # one copy, whatever a's strides (a view of the KV cache or of qkv)
+        a4[:, :, Tk:] = 0.0
+    mask = np.zeros((B, Tk4), dtype=bool)  # (B, Tk4)
     if key_mask is None:
         mask[:, :Tk] = True
     else:
@@ -267,30 +261,31 @@ def _check(q, k, v, key_mask):
                 f"got {key_mask.dtype} {key_mask.shape}"
             )
         mask[:, :Tk] = key_mask
-    return q, k, v, mask
+    return q, k4, v4, Tk, mask
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
     """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
-    q, k, v, mask = _check(q, k, v, key_mask)
+    q, k4, v4, Tk, mask = _check(q, k, v, key_mask)
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
     if q.size:
-        _attention_forward_kernel(q, k, v, mask, out, lse)
-    return out, (q, k, v, mask, out, lse)
+        _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse)
+    return out, (q, k4, v4, Tk, mask, out, lse)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    q, k, v, mask, out, lse = cache
+    q, k4, v4, Tk, mask, out, lse = cache
     dout = check_f32("attention_backward", "dout", dout)
     if dout.shape != q.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
+    B, NH, Tq, hs = q.shape
     dq = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
-    dk = np.zeros(k.shape, np.float32)  # (B, NH, Tk, hs)
-    dv = np.zeros(v.shape, np.float32)  # (B, NH, Tk, hs)
+    dk = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
+    dv = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
     if q.size:
-        _attention_backward_kernel(dout, q, k, v, mask, out, lse, dq, dk, dv)
+        _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv)
     return dq, dk, dv
 
 

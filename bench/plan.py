@@ -25,7 +25,7 @@ class Plan:
     widths: list[tuple[str, GPT2Config]]  # (size name, cfg) whose widths the ops suite sweeps
     models: list[tuple[str, GPT2Config]]  # (size name, cfg) for generate and finetune
     # harness
-    budget_s: float = 0.4  # timed seconds per measurement (at least min_repeats calls)
+    budget_s: float = 0.3  # timed seconds per measurement (at least min_repeats calls)
     max_repeats: int = 30
     heavy_repeats: int = 2  # timed repeats of a model forward (prefill), after one warm-up
     # limits

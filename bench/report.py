@@ -8,6 +8,7 @@ are achieved / limit.
 from __future__ import annotations
 
 import os
+import re
 
 from bench.plan import TINY
 from bench.workload import decode_ceiling
@@ -236,11 +237,30 @@ def _finetune_ratios(results: list[dict]) -> list[dict]:
     return out
 
 
-def compute_ratios(doc: dict) -> list[dict]:
-    results, limits = doc["results"], doc.get("limits") or {}
+def _is_key(name: str, top_ctx: int) -> bool:
+    """The ratios the Numba and GPU issues ask for by name (the rest are context)."""
+    m = re.search(r"ctx=(\d+)", name)
+    ctx_top = m is not None and int(m.group(1)) == top_ctx
     return (
+        ("numba" in name and name.startswith(("layernorm", "gelu", "attention")))
+        or name.startswith(("gelu forward: ref GB/s", "GPU ", "prefill ", "finetune "))
+        or "/ hf-generate" in name
+        or ("/ B=1 at ctx=" in name and name.startswith("decode B=16"))
+        or (ctx_top and ("bandwidth ceiling" in name or "ref-nocache" in name))
+    )
+
+
+def compute_ratios(doc: dict) -> list[dict]:
+    """Every ratio of the run; `key` marks those the issues name."""
+    results, limits = doc["results"], doc.get("limits") or {}
+    out = (
         _ops_ratios(results, limits) + _generate_ratios(results, limits) + _finetune_ratios(results)
     )
+    ctxs = [r["params"]["ctx"] for r in _ok(results, "generate", "decode")]
+    top = max(ctxs) if ctxs else -1
+    for r in out:
+        r["key"] = _is_key(r["name"], top)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +289,16 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _pool(p: dict) -> str:
+    """One threadpoolctl pool: 'blas: openblas 0.3.31 (2 threads, Haswell)'."""
+    extra = f", {p['architecture']}" if p.get("architecture") else ""
+    version = f" {p['version']}" if p.get("version") else ""
+    return (
+        f"{p.get('user_api')}: {p.get('internal_api')}{version} "
+        f"({p.get('num_threads')} threads{extra})"
+    )
+
+
 def markdown(doc: dict) -> str:
     env, limits = doc["environment"], doc.get("limits") or {}
     lines = [f"# gpt2-spec benchmark ({doc['mode']})", ""]
@@ -280,15 +310,7 @@ def markdown(doc: dict) -> str:
     ]
     threads = doc.get("threads", {})
     pools = threads.get("threadpools")
-    blas = (
-        ", ".join(
-            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} "
-            f"threads, {p.get('architecture')})"
-            for p in pools
-        )
-        if isinstance(pools, list)
-        else str(pools)
-    )
+    blas = ", ".join(_pool(p) for p in pools) if isinstance(pools, list) else str(pools)
     envs = ", ".join(f"{k}={v}" for k, v in env["env"].items() if v is not None) or "none set"
     libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)
     lines += [
@@ -296,7 +318,7 @@ def markdown(doc: dict) -> str:
         f"{env['cpu_count']}, caches {env['caches']}, memory "
         f"{_mib(env['memory_bytes'])} MiB; load average at start "
         f"{env['load_average']}, at end {doc.get('load_average_end')}.  ",
-        f"Threads: BLAS {blas}; numba {threads.get('numba_threads', '-')}, torch "
+        f"Thread pools: {blas}; numba {threads.get('numba_threads', '-')}, torch "
         f"{threads.get('torch_threads', '-')}. Environment: {envs}.  ",
         f"Libraries: {libs}.  ",
         f"GPU: {doc.get('gpu') or 'none'}.",
@@ -313,7 +335,17 @@ def markdown(doc: dict) -> str:
         ["backend", "status", "device / reason"],
         [[k, v["status"], v.get("device") or v.get("reason")] for k, v in doc["backends"].items()],
     )
-    lines += ["## Ratios", ""]
+    lines += [
+        "## Key ratios",
+        "",
+        "The ratios the Numba and GPU issues ask for, from this run's "
+        "records (speedup = time of the denominator / time of the numerator).",
+        "",
+    ]
+    lines += _table(
+        ["ratio", "value"], [[r["name"], r["value"]] for r in doc["ratios"] if r.get("key")]
+    )
+    lines += ["## All ratios", ""]
     lines += _table(
         ["ratio", "value", "numerator", "denominator"],
         [[r["name"], r["value"], r["numerator"], r["denominator"]] for r in doc["ratios"]],

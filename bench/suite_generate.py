@@ -67,7 +67,7 @@ def _fill(cache, start: int) -> bool:
 #           "sync": fn or None}
 
 
-def model_runner(model) -> dict:
+def model_runner(model, dtype: str = "float32") -> dict:
     """A model with the interface of ref.generate (numpy ids in, numpy logits out)."""
 
     def prefill(ids):
@@ -85,7 +85,7 @@ def model_runner(model) -> dict:
             times.append(time.perf_counter() - t0)
         return times
 
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "dtype": dtype}
 
 
 def torch_eager_runner(cfg: GPT2Config, params: dict, device: str) -> dict:
@@ -175,11 +175,15 @@ def _runners(cfg, params, backends: list[Backend], baselines: bool):
         try:
             if be.kind == "numpy":
                 yield be.name, "cpu", model_runner(Model(cfg, params, be.name))
-            else:
-                from fast.torch_model import TorchModel
+                continue
+            from fast.torch_model import TorchModel
 
-                model = TorchModel(cfg, params, be.name, device=be.device)
-                yield be.name, be.device, model_runner(model)
+            yield be.name, be.device, model_runner(TorchModel(cfg, params, be.name, be.device))
+            if be.device == "cuda":  # the GPU issue's half-precision weights and cache
+                import torch
+
+                model = TorchModel(cfg, params, be.name, be.device, dtype=torch.bfloat16)
+                yield f"{be.name}-bf16", be.device, model_runner(model, "bfloat16")
         except Exception as e:
             yield be.name, be.device, e
     if not baselines:
@@ -228,7 +232,9 @@ def run(
         if not first:
             prefill_T = [T for T in prefill_T if T <= plan.short_ctx]
         points = _points(plan, first, cfg)
-        for label, device, runner in _runners(cfg, params, backends, baselines):
+        # the baselines at the first size only: transformers' random init of a large model
+        # alone takes longer than its decode points
+        for label, device, runner in _runners(cfg, params, backends, baselines and first):
             log(f"bench: generate {size} {label} ({device})")
             base = {"size": size, "device": device}
             if isinstance(runner, Exception):
@@ -244,10 +250,12 @@ def run(
                 )
                 continue
             read = limits.get("gpu_read_GBps" if device == "cuda" else "read_GBps")
+            base["dtype"] = runner.get("dtype", "float32")
             if runner["prefill"] is not None:
                 recs += _prefill(plan, runner, label, base, cfg, prefill_T, limits, device)
                 if label == "ref":
-                    recs += _nocache(plan, runner, base, cfg, recs, read)
+                    ctxs = sorted({c for B, c in points if B == 1})
+                    recs += _nocache(plan, runner, base, cfg, recs, read, ctxs)
             hf = label == "hf-generate"
             for B, ctx in points:
                 if hf and (B != 1 or ctx not in plan.hf_ctx):
@@ -258,7 +266,8 @@ def run(
 
 def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[dict]:
     out = []
-    peak = limits.get("gpu_matmul_f32_GFLOPs" if device == "cuda" else "matmul_f32_GFLOPs")
+    kind = "bf16" if runner.get("dtype") == "bfloat16" else "f32"
+    peak = limits.get(f"gpu_matmul_{kind}_GFLOPs" if device == "cuda" else "matmul_f32_GFLOPs")
     for T in lengths:
         ids = np.zeros((1, T), np.int64)  # (1, T)
         params = {**base, "B": 1, "T": T}
@@ -296,7 +305,7 @@ def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[di
     return out
 
 
-def _nocache(plan, runner, base, cfg, recs, read) -> list[dict]:
+def _nocache(plan, runner, base, cfg, recs, read, ctxs) -> list[dict]:
     """ref without a KV cache: a decode step at ctx is a forward over ctx tokens."""
     out = []
     prefills = {
@@ -307,7 +316,7 @@ def _nocache(plan, runner, base, cfg, recs, read) -> list[dict]:
         and r["status"] == "ok"
         and r["params"]["size"] == base["size"]
     }
-    for ctx in [c for c in plan.decode_ctx if c <= cfg.n_ctx]:
+    for ctx in ctxs:
         params = {**base, "B": 1, "ctx": ctx, "contexts": [ctx, ctx]}
         if ctx in prefills:
             t = prefills[ctx]["time_s"]
@@ -333,12 +342,12 @@ def _nocache(plan, runner, base, cfg, recs, read) -> list[dict]:
     return out
 
 
-def _ceiling(cfg, B, ctx, tokens_per_s, read) -> dict:
+def _ceiling(cfg, B, ctx, tokens_per_s, read, elt: int = 4) -> dict:
     if not read:
         return {}
-    ceiling = decode_ceiling(cfg, B, ctx, read)
+    ceiling = decode_ceiling(cfg, B, ctx, read, elt)
     return {
-        "bytes_per_step": weight_bytes(cfg) + kv_bytes(cfg, B, ctx),
+        "bytes_per_step": weight_bytes(cfg, elt) + kv_bytes(cfg, B, ctx, elt),
         "ceiling_tokens_per_s": ceiling,
         "fraction_of_ceiling": tokens_per_s / ceiling,
     }
@@ -358,7 +367,8 @@ def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
         )
     t = _step_stats(times)
     tps = B / t["min"]
-    metrics = {"tokens_per_s": tps, **_ceiling(cfg, B, (lo + hi) // 2, tps, read), **mem}
+    elt = 2 if runner.get("dtype") == "bfloat16" else 4
+    metrics = {"tokens_per_s": tps, **_ceiling(cfg, B, (lo + hi) // 2, tps, read, elt), **mem}
     if "attn" in runner:
         metrics["attn_implementation"] = runner["attn"]
     return record("generate", "decode", label, params=params, time_s=t, metrics=metrics)

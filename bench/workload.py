@@ -116,19 +116,20 @@ def forward_flops(cfg: GPT2Config, B: int, T: int, P: int = 0, head_rows: int | 
     return dense + attn + head
 
 
-def weight_bytes(cfg: GPT2Config) -> int:
-    """Bytes of weights one decode step reads: everything but wpe, of which it reads a row."""
-    return (cfg.n_params() - cfg.n_ctx * cfg.n_embd + cfg.n_embd) * F32
+def weight_bytes(cfg: GPT2Config, elt: int = F32) -> int:
+    """Bytes of weights one decode step reads: everything but wpe, of which it reads a row.
+    elt: bytes per element (4 for float32, 2 for bfloat16)."""
+    return (cfg.n_params() - cfg.n_ctx * cfg.n_embd + cfg.n_embd) * elt
 
 
-def kv_bytes(cfg: GPT2Config, B: int, ctx: int) -> int:
+def kv_bytes(cfg: GPT2Config, B: int, ctx: int, elt: int = F32) -> int:
     """Bytes of keys and values a decode step reads at context `ctx` (keys it attends to)."""
-    return 2 * cfg.n_layer * B * ctx * cfg.n_embd * F32
+    return 2 * cfg.n_layer * B * ctx * cfg.n_embd * elt
 
 
-def decode_ceiling(cfg: GPT2Config, B: int, ctx: int, read_GBps: float) -> float:
+def decode_ceiling(cfg: GPT2Config, B: int, ctx: int, read_GBps: float, elt: int = F32) -> float:
     """tokens/s if a step took only the time to stream its weights and KV cache from memory."""
-    return B * read_GBps * 1e9 / (weight_bytes(cfg) + kv_bytes(cfg, B, ctx))
+    return B * read_GBps * 1e9 / (weight_bytes(cfg, elt) + kv_bytes(cfg, B, ctx, elt))
 
 
 def train_flops(cfg: GPT2Config, B: int, T: int, lora: bool) -> int:

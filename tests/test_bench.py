@@ -39,7 +39,16 @@ def test_outputs_written(tiny_run):
         assert (out / name).stat().st_size > 0, name
     assert sorted(doc["plots"]) == ["decode.png", "ops_fraction.png"]
     md = (out / "report.md").read_text(encoding="utf-8")
-    for section in ("## Limits", "## Backends", "## Ratios", "## Ops", "## Decode"):
+    for section in (
+        "## Limits",
+        "## Backends",
+        "## Key ratios",
+        "## All ratios",
+        "## Ops",
+        "## Prefill",
+        "## Decode",
+        "## Finetune",
+    ):
         assert section in md
 
 
@@ -120,6 +129,15 @@ def test_ops_metrics_follow_from_time_and_work(tiny_run):
         assert m["GBps"] == pytest.approx(moved / t / 1e9, rel=1e-12)
         assert m["fraction_of_limit"] == pytest.approx(m["roofline_s"] / t, rel=1e-12)
         assert r["cache"] in ("flushed", "exceeds-llc", "device-not-flushed")
+
+
+def test_key_ratios_marked(tiny_run):
+    _, doc = tiny_run
+    key = [r["name"] for r in doc["ratios"] if r["key"]]
+    assert any(n.startswith("prefill ") for n in key)
+    assert any(n.startswith("finetune ") for n in key)
+    assert any("bandwidth ceiling" in n and "ctx=32" in n for n in key)
+    assert not any("bandwidth ceiling" in n and "ctx=1 " in n for n in key)
 
 
 def test_ratios_come_from_this_run(tiny_run):

@@ -408,6 +408,38 @@ def test_finetune_killed_while_training_resumes_with_equal_losses(ft_files, caps
     assert resumed == {s: never_killed[s] for s in resumed}  # bit-identical
 
 
+_FINETUNE_UNDER_LIMIT = """
+    import resource, sys
+    from gpt2.cli import main
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    sys.exit(main(["finetune", *sys.argv[2:]]))
+"""
+
+
+def test_finetune_save_on_a_full_disk_keeps_the_last_checkpoint(ft_files, capsys):
+    """A resumed run whose next save cannot be written (a 64 KiB file-size limit; the model
+    file is megabytes) exits 2 naming the file, and the checkpoint it resumed from is intact:
+    same step, loadable, no temporary files, and it resumes once the disk has room."""
+    from weights import checkpoint, loader
+
+    model = ["--model", str(ft_files / "base"), "--data", str(ft_files / "data.txt")]
+    out = ft_files / "full_disk"
+    _ft_losses(capsys, [*model, *FT_FLAGS, "--steps", "2", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _run_child(
+        _FINETUNE_UNDER_LIMIT, str(64 << 10), "--resume", str(out), "--steps", "4", "--json"
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("gpt2 finetune: error:") and str(out) in err
+    assert "File too large" in err and "cannot write" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing changed
+    assert checkpoint.read_state(str(out))["step"] == 2
+    loader.load(str(out))
+    assert sorted(_ft_losses(capsys, ["--resume", str(out), "--steps", "4"])) == [3, 4]
+
+
 # ---------------------------------------------------------------------------- CLI flags
 
 

@@ -343,6 +343,92 @@ def test_shard_index(shard_dir, data):
         assert os.path.isfile(f)
 
 
+# ---------------------------------------------------------------- a whole sharded model
+
+HF_NAMES = st.sampled_from(
+    [
+        "transformer.h.0.attn.c_attn.weight",
+        "h.0.attn.c_attn.weight",
+        "lm_head.weight",
+        "transformer.h.0.attn.bias",
+        "h.0.attn.masked_bias",
+        "transformer.h.99.ln_1.weight",
+        "transformer.h.-1.ln_1.weight",
+        "transformer.wte.bias",
+        "transformer.h.0.wte.weight",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.ln_f.weight",
+        "wpe.weight",
+        "",
+        "transformer.h.00.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight ",
+    ]
+) | st.text(max_size=12)
+
+
+@pytest.fixture(scope="module")
+def sharded_model(tmp_path_factory):
+    """A copy of the fixture hf-tiny-sharded (4 shards, an index, transformer.-prefixed
+    keys) and each shard's header and data, for edits that keep the file well-formed."""
+    import shutil
+
+    d = str(tmp_path_factory.mktemp("fuzz_sharded") / "model")
+    shutil.copytree(os.path.join(TF_FIXTURES, "hf-tiny-sharded"), d)
+    shards = _Quiet()
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(d, name), "rb") as f:
+                raw = f.read()
+            (n,) = struct.unpack("<Q", raw[:8])
+            shards[name] = (json.loads(raw[8 : 8 + n]), raw[8 + n :], raw)
+    return d, shards
+
+
+@fuzz
+@given(data=st.data())
+def test_sharded_model_edits(sharded_model, data):
+    """The whole loader on a real sharded model whose shard headers are edited: renamed,
+    dropped and duplicated tensors, buffers and lm_head, other dtypes and shapes, raw byte
+    edits. Either the config's model with every tensor finite float32, or a WeightsError."""
+    CASES["sharded_model"] += 1
+    d, shards = sharded_model
+    name = data.draw(st.sampled_from(sorted(shards)))
+    header, payload, original = shards[name]
+    header = json.loads(json.dumps(header))
+    tensors = [k for k in header if k != "__metadata__"]
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(tensors))
+        op = data.draw(st.sampled_from(["rename", "drop", "copy", "dtype", "shape"]))
+        if key not in header:
+            continue
+        if op == "rename":
+            header[data.draw(HF_NAMES)] = header.pop(key)
+        elif op == "drop":
+            del header[key]
+        elif op == "copy":
+            header[data.draw(HF_NAMES)] = dict(header[key])
+        elif op == "dtype":
+            header[key]["dtype"] = data.draw(st.sampled_from(["F16", "BF16", "F64", "I32", "U8"]))
+        elif op == "shape":
+            header[key]["shape"] = data.draw(st.lists(st.integers(0, 40), max_size=3))
+    raw = json.dumps(header).encode("utf-8")
+    blob = struct.pack("<Q", len(raw)) + raw + payload
+    if data.draw(st.integers(0, 4)) == 0:
+        blob = data.draw(mutated(blob, max_ops=2))
+    path = os.path.join(d, name)
+    _put(path, blob)
+    try:
+        cfg, params = loader.load(d)
+    except WeightsError as e:
+        assert d in _message(e)
+        return
+    finally:
+        _put(path, original)
+    flat = [params["wte"], params["wpe"], params["ln_f"]["g"]]
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in flat)
+    assert params["wte"].shape == (cfg.n_vocab, cfg.n_embd)
+
+
 # ---------------------------------------------------------------------------- configs
 
 

@@ -111,7 +111,9 @@ def read(path: str) -> dict[str, np.ndarray]:
     header, data_start, size = read_header(path)
     if size == data_start:
         return {name: np.zeros(e["shape"], _DTYPES[e["dtype"]]) for name, e in header.items()}
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    # A plain ndarray view of the map (its base keeps the file mapped): numpy.memmap is a
+    # subclass whose per-operation bookkeeping made a decode-step matmul ~100x slower.
+    mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
     out = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]

@@ -595,7 +595,7 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
             buf = np.zeros(0, dtype=np.uint8)
         else:
             if e["shard_id"] not in maps:
-                maps[e["shard_id"]] = np.memmap(shard, dtype=np.uint8, mode="r")
+                maps[e["shard_id"]] = np.asarray(np.memmap(shard, dtype=np.uint8, mode="r"))
             buf = maps[e["shard_id"]][e["offset"] : e["offset"] + e["size"]]
         if verify:
             if e["crc32c"] is None:

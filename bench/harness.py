@@ -147,18 +147,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss(fn: Callable[[], object]) -> dict:
-    """Run `fn` once; {"peak_rss_bytes": process peak during it, "rss_before_bytes"}.
+def peak_rss(fn: Callable[[], object], gpu: bool = False) -> dict:
+    """Run `fn` once; {"peak_rss_bytes": process peak during it, "rss_before_bytes"}, and
+    with `gpu` "peak_gpu_bytes": torch's peak of allocated device memory during it.
 
     The peak is the whole process (weights included); the growth above `rss_before_bytes` is
     what the call itself allocated (a lower bound: freed memory that malloc reuses is not
     counted twice). None where /proc is not available.
     """
+    if gpu:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     ok = reset_peak_rss()
     before = _status_kb("VmRSS")
     fn()
     peak = _status_kb("VmHWM") if ok else None
-    return {"peak_rss_bytes": peak, "rss_before_bytes": before}
+    out = {"peak_rss_bytes": peak, "rss_before_bytes": before}
+    if gpu:
+        torch.cuda.synchronize()
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

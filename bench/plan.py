@@ -35,6 +35,7 @@ class Plan:
     gpu_matmul_n: int = 8192
     # ops
     rows: list[int] = field(default_factory=lambda: [1, 64, 1024, 4096])  # N = B * T
+    linear_max_rows: int = 1024  # linear at rows up to this (a matmul at N=4096 adds little)
     attn_T: list[int] = field(default_factory=lambda: [128, 1024])  # prefill, Tq = Tk
     attn_decode_Tk: list[int] = field(default_factory=lambda: [1024])  # decode, Tq = 1
     ce_rows: list[int] = field(default_factory=lambda: [64, 1024])

@@ -57,7 +57,15 @@ def _ops_ratios(results: list[dict], limits: dict) -> list[dict]:
     # headline shapes: the first width of the run, the most rows; attention at T = 1024
     # (NH=12, hs=64 at 124M) or the largest T of the run
     first_size = ops[0]["params"].get("size")
-    for op in ("layernorm", "gelu", "bias_gelu", "attention", "crossentropy"):
+    for op in (
+        "embedding",
+        "layernorm",
+        "linear",
+        "gelu",
+        "bias_gelu",
+        "attention",
+        "crossentropy",
+    ):
         recs = [r for r in ops if r["case"] == op and r["params"]["device"] == "cpu"]
         if op != "crossentropy":
             recs = [r for r in recs if r["params"].get("size") == first_size]
@@ -283,6 +291,12 @@ def _mib(x) -> str:
     return "-" if x is None else f"{x / 2**20:,.0f}"
 
 
+def _mem(m: dict) -> str:
+    """Peak resident memory of the process, and of the GPU where measured, in MiB."""
+    gpu = f" (GPU {_mib(m['peak_gpu_bytes'])})" if m.get("peak_gpu_bytes") is not None else ""
+    return _mib(m.get("peak_rss_bytes")) + gpu
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
@@ -414,12 +428,21 @@ def markdown(doc: dict) -> str:
                 r["metrics"]["tokens_per_s"],
                 r["metrics"]["GFLOPs"],
                 r["metrics"]["fraction_of_matmul"],
-                _mib(r["metrics"].get("peak_rss_bytes")),
+                _mem(r["metrics"]),
             ]
             for r in pre
         ]
         lines += _table(
-            ["size", "backend", "device", "T", "tokens/s", "GFLOP/s", "of matmul", "peak RSS MiB"],
+            [
+                "size",
+                "backend",
+                "device",
+                "T",
+                "tokens/s",
+                "GFLOP/s",
+                "of matmul",
+                "peak memory MiB",
+            ],
             rows,
         )
     dec = _ok(res, "generate", "decode")
@@ -441,7 +464,7 @@ def markdown(doc: dict) -> str:
                 r["metrics"]["tokens_per_s"],
                 r["metrics"].get("ceiling_tokens_per_s"),
                 r["metrics"].get("fraction_of_ceiling"),
-                _mib(r["metrics"].get("peak_rss_bytes")),
+                _mem(r["metrics"]),
             ]
             for r in dec
         ]
@@ -455,7 +478,7 @@ def markdown(doc: dict) -> str:
                 "tokens/s",
                 "ceiling",
                 "of ceiling",
-                "peak RSS MiB",
+                "peak memory MiB",
             ],
             rows,
         )
@@ -472,7 +495,7 @@ def markdown(doc: dict) -> str:
                 r["time_s"]["min"],
                 r["metrics"]["tokens_per_s"],
                 r["metrics"]["GFLOPs"],
-                _mib(r["metrics"].get("peak_rss_bytes")),
+                _mem(r["metrics"]),
             ]
             for r in ft
         ]
@@ -486,7 +509,7 @@ def markdown(doc: dict) -> str:
                 "step s",
                 "tokens/s",
                 "GFLOP/s",
-                "peak RSS MiB",
+                "peak memory MiB",
             ],
             rows,
         )
@@ -539,14 +562,11 @@ def plots(doc: dict, out_dir: str) -> list[str]:
                 )
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
             cfg = SIZES.get(size, TINY)
-            if limits.get("read_GBps"):
-                xs = sorted({sum(r["params"]["contexts"]) / 2 for r in here})
-                ax.plot(
-                    xs,
-                    [decode_ceiling(cfg, 1, round(x), limits["read_GBps"]) for x in xs],
-                    "k--",
-                    label="bandwidth ceiling (CPU)",
-                )
+            xs = sorted({sum(r["params"]["contexts"]) / 2 for r in here})
+            for key, style, label in (("read_GBps", "k--", "CPU"), ("gpu_read_GBps", "k:", "GPU")):
+                if limits.get(key):
+                    ys = [decode_ceiling(cfg, 1, round(x), limits[key]) for x in xs]
+                    ax.plot(xs, ys, style, label=f"bandwidth ceiling ({label}, float32)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("context (keys attended)")
@@ -572,7 +592,9 @@ def plots(doc: dict, out_dir: str) -> list[str]:
             )
             key = f"{r['backend']} ({p['device']})"
             bars.setdefault(label, {})
-            bars[label][key] = max(bars[label].get(key, 0.0), r["metrics"]["fraction_of_limit"])
+            frac = r["metrics"]["fraction_of_limit"]
+            if frac is not None:
+                bars[label][key] = max(bars[label].get(key, 0.0), frac)
         keys = list(dict.fromkeys(k for v in bars.values() for k in v))
         labels = list(bars)
         fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) * max(len(keys), 1) + 1.5))

@@ -146,7 +146,7 @@ def run(
                 rp["lora_rank"] = plan.lora_rank
             box: dict = {}
             try:
-                mem = peak_rss(partial(_into, box, fn))
+                mem = peak_rss(partial(_into, box, fn), gpu=device == "cuda")
             except Exception as e:
                 recs.append(
                     record(

@@ -279,7 +279,7 @@ def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[di
                 max_repeats=plan.max_repeats,
                 budget_s=plan.budget_s,
             )
-            mem = peak_rss(lambda ids=ids: runner["prefill"](ids))
+            mem = peak_rss(lambda ids=ids: runner["prefill"](ids), gpu=device == "cuda")
         except Exception as e:
             out.append(
                 record(
@@ -360,7 +360,7 @@ def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
     params = {**base, "B": B, "ctx": ctx, "contexts": [lo, hi]}
     try:
         times = runner["decode"](B, start, k + 1)
-        mem = peak_rss(lambda: runner["decode"](B, start, 1))
+        mem = peak_rss(lambda: runner["decode"](B, start, 1), gpu=base["device"] == "cuda")
     except Exception as e:
         return record(
             "generate", "decode", label, params=params, status="error", reason=error_text(e)

@@ -4,8 +4,13 @@ Shape legend: B = batch, N = rows, C = n_embd, H = 4C (the MLP's hidden width), 
 hs = head size, Tq / Tk = query / key length, V = vocabulary.
 
 Shapes come from the widths of the sizes asked for (--sizes): LayerNorm on (N, C); GELU and
-bias+GELU on (N, H); attention on (B=1, NH, T, hs) with Tq = Tk (prefill, forward and
+bias+GELU on (N, H); linear (the MLP's c_fc) on (N, C) x (C, H); the embedding of N tokens
+from (V, C) and (n_ctx, C); attention on (B=1, NH, T, hs) with Tq = Tk (prefill, forward and
 backward) and with Tq = 1 (one decode step, forward); cross-entropy on (N, V).
+
+Variants: a backend's VARIANTS[op]; where it lists none for an op, its contract pair
+`<op>_forward` / `<op>_backward` as variant "default" (the reference lists no linear or
+embedding variants, but exposes both).
 
 Each record carries the op's compulsory work (bench/workload.py), the achieved GB/s and
 FLOP/s, and `fraction_of_limit`: the roofline time (the least the measured limits allow)
@@ -29,7 +34,7 @@ from bench.harness import (
     silent,
 )
 from bench.plan import Plan
-from bench.workload import op_work, roofline
+from bench.workload import device_limits, op_work, roofline
 
 
 def cases(plan: Plan) -> list[tuple[str, dict, tuple[str, ...]]]:
@@ -54,6 +59,16 @@ def cases(plan: Plan) -> list[tuple[str, dict, tuple[str, ...]]]:
                     ("forward",),
                 )
             )
+        # the MLP's first projection (C -> 4C): a BLAS matmul in every numpy backend
+        for N in [n for n in plan.rows if n <= plan.linear_max_rows]:
+            out.append(("linear", {"size": size, "N": N, "C": C, "H": 4 * C}, both))
+        out.append(
+            (
+                "embedding",
+                {"size": size, "N": max(plan.rows), "C": C, "V": cfg.n_vocab, "n_ctx": cfg.n_ctx},
+                both,
+            )
+        )
     V = plan.widths[0][1].n_vocab
     for N in plan.ce_rows:
         out.append(("crossentropy", {"N": N, "V": V}, both))
@@ -80,6 +95,17 @@ def make_inputs(op: str, s: dict, rng: np.random.Generator) -> tuple[tuple, obje
         k = randn(B, NH, Tk, hs)  # (B, NH, Tk, hs)
         v = randn(B, NH, Tk, hs)  # (B, NH, Tk, hs)
         return (q, k, v), randn(B, NH, Tq, hs)
+    if op == "linear":
+        x = randn(s["N"], s["C"])  # (N, C)
+        w = randn(s["C"], s["H"])  # (C, H)
+        return (x, w, randn(s["H"])), randn(s["N"], s["H"])
+    if op == "embedding":
+        N = s["N"]
+        ids = rng.integers(0, s["V"], (1, N))  # (1, N)
+        pos = (np.arange(N) % s["n_ctx"])[None, :]  # (1, N)
+        wte = randn(s["V"], s["C"])  # (V, C)
+        wpe = randn(s["n_ctx"], s["C"])  # (n_ctx, C)
+        return (ids, pos, wte, wpe), randn(1, N, s["C"])
     if op == "crossentropy":
         logits = randn(s["N"], s["V"])  # (N, V)
         targets = rng.integers(0, s["V"], s["N"])  # (N,)
@@ -106,6 +132,8 @@ def native_ops(device: str) -> dict:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     fns = {
+        "embedding": lambda ids, pos, wte, wpe: wte[ids] + wpe[pos],
+        "linear": lambda x, w, b: torch.addmm(b, x, w),
         "layernorm": lambda x, g, b: F.layer_norm(x, (x.shape[-1],), g, b, 1e-5),
         "gelu": lambda x: F.gelu(x, approximate="tanh"),
         "bias_gelu": lambda x, b: F.gelu(x + b, approximate="tanh"),
@@ -151,7 +179,11 @@ def _native_backends() -> list[tuple[str, str]]:
 def _targets(backends: list[Backend], op: str):
     """(label, variant, device, to_device, sync, forward, forward_for_backward, backward)."""
     for be in backends:
-        for variant, fns in be.module.VARIANTS.get(op, {}).items():
+        variants = be.module.VARIANTS.get(op)
+        if not variants:  # the op's contract pair, which every backend exposes
+            pair = [getattr(be.module, f"{op}_{d}", None) for d in ("forward", "backward")]
+            variants = {"default": tuple(pair)} if all(pair) else {}
+        for variant, fns in variants.items():
             fwd, bwd = fns
             yield be.name, variant, be.device, be.asarray, be.sync(), fwd, fwd, bwd
     for label, device in _native_backends():
@@ -244,7 +276,7 @@ def run(
                         )
                     )
                     continue
-                t_roof, bound = roofline(work, limits)
+                t_roof, bound = roofline(work, device_limits(limits, device))
                 tm = t["min"]
                 metrics = {
                     **work,
@@ -252,7 +284,7 @@ def run(
                     "GFLOPs": work["flops"] / tm / 1e9,
                     "roofline_s": t_roof,
                     "bound": bound,
-                    "fraction_of_limit": t_roof / tm,
+                    "fraction_of_limit": None if t_roof is None else t_roof / tm,
                 }
                 recs.append(
                     record(

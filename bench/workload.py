@@ -68,6 +68,18 @@ def op_work(op: str, direction: str, shape: dict) -> dict:
             return _work(4 * pairs * hs, qo + 2 * kv, qo)
         # dv, datt, dq, dk: four matmuls over the pairs; reads q, k, v, out, dout
         return _work(8 * pairs * hs, 3 * qo + 2 * kv, qo + 2 * kv)
+    if op == "linear":
+        N, C, H = shape["N"], shape["C"], shape["H"]
+        if direction == "forward":  # out = x @ w + b
+            return _work(2 * N * C * H, (N * C + C * H + H) * F32, N * H * F32)
+        # dx = dout w^T, dw = x^T dout, db = sum(dout): reads dout, x, w; writes dx, dw, db
+        return _work(4 * N * C * H, (N * H + N * C + C * H) * F32, (N * C + C * H + H) * F32)
+    if op == "embedding":
+        N, C, V, n_ctx = shape["N"], shape["C"], shape["V"], shape["n_ctx"]
+        if direction == "forward":  # two rows gathered per token, one row written
+            return _work(N * C, 2 * N * C * F32, N * C * F32)
+        # dwte and dwpe are written whole (zeros where no token read the row)
+        return _work(2 * N * C, N * C * F32, (V + n_ctx) * C * F32)
     if op == "crossentropy":
         n = shape["N"] * shape["V"]
         if direction == "forward":  # max, exp, sum: the logits read once
@@ -80,11 +92,29 @@ def _work(flops: int, read: int, write: int) -> dict:
     return {"flops": int(flops), "read_bytes": int(read), "write_bytes": int(write)}
 
 
-def roofline(work: dict, limits: dict) -> tuple[float, str]:
-    """The least time the machine could take for `work`, and which limit sets it.
+def device_limits(limits: dict, device: str) -> dict:
+    """The limits of `device` under the CPU names (copy_GBps, read_GBps, matmul_f32_GFLOPs);
+    empty when they were not measured."""
+    if device == "cpu":
+        return limits
+    names = {
+        "copy_GBps": "gpu_copy_GBps",
+        "read_GBps": "gpu_read_GBps",
+        "matmul_f32_GFLOPs": "gpu_matmul_f32_GFLOPs",
+    }
+    if not all(g in limits for g in names.values()):
+        return {}
+    return {k: limits[g] for k, g in names.items()}
+
+
+def roofline(work: dict, limits: dict) -> tuple[float | None, str | None]:
+    """The least time the machine could take for `work`, and which limit sets it ((None,
+    None) without limits).
 
     Traffic that writes goes at copy bandwidth; read-only traffic at streaming-read bandwidth.
     """
+    if not limits:
+        return None, None
     total = work["read_bytes"] + work["write_bytes"]
     bw = limits["copy_GBps"] if work["write_bytes"] else limits["read_GBps"]
     t_mem = total / (bw * 1e9)

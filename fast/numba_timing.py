@@ -1,6 +1,6 @@
 """Quick sanity timings of the Numba kernels against the numpy reference (a few seconds).
 
-    python -m fast.numba_timing [--repeat 5] [--variants numba numba_1thread]
+    python -m fast.numba_timing [--repeat 5] [--variants numba numba_1thread] [--model]
 
 Not the benchmark (bench/ sweeps every backend and variant with the machine's limits); this
 prints one line per op and variant: best-of-`repeat` milliseconds, forward and backward, with
@@ -8,7 +8,9 @@ the speedup over the reference, at GPT-2 124M's sizes:
     layernorm (4096, 768)  gelu (4096, 3072)  attention (1, 12, 1024, 64)
     crossentropy (256, 50257)
 and np.copyto on GELU's array, the memory-bandwidth yardstick for GELU. Compilation and
-first-touch of the inputs are excluded by a warm-up call.
+first-touch of the inputs are excluded by a warm-up call. With --model: the whole forward of a
+GPT-2 124M-shaped model with random weights on each numpy backend, a 256-token prompt and
+single-token decode steps against a KV cache.
 """
 
 from __future__ import annotations
@@ -49,6 +51,46 @@ def _cases(rng: np.random.Generator) -> dict:
     }
 
 
+def _model_times(repeat: int) -> None:
+    from fast import get_backend
+    from ref.config import SIZES
+    from ref.model import KVCache, forward
+    from weights.layout import expected_shapes, nest
+
+    cfg = SIZES["124M"]
+    rng = np.random.default_rng(0)
+    flat = {
+        name: (0.02 * rng.standard_normal(shape, dtype=np.float32))
+        for name, shape in expected_shapes(cfg).items()
+    }
+    params = nest(flat, cfg)
+    ids = rng.integers(0, cfg.n_vocab, (1, 256))  # (1, 256)
+    for name in ("ref", "numba"):
+        ops = get_backend(name)
+        cache = KVCache(cfg, 1, 512)
+        forward(params, ids, cfg, cache=cache, ops=ops, last_only=True)
+        prompt_ms = _best_ms(_prompt, (params, ids, cfg, ops), repeat)
+        step_ms = _best_ms(_decode_step, (params, ids[:, :1], cfg, cache, ops), repeat)
+        print(
+            f"model 124M    {name:<14} prompt(256) {prompt_ms:8.1f} ms  "
+            f"decode step (P=256) {step_ms:6.1f} ms"
+        )
+
+
+def _prompt(params, ids, cfg, ops) -> None:
+    from ref.model import forward
+
+    forward(params, ids, cfg, ops=ops, last_only=True)
+
+
+def _decode_step(params, ids, cfg, cache, ops) -> None:
+    from ref.model import forward
+
+    forward(params, ids, cfg, cache=cache, ops=ops, last_only=True)
+    cache.length -= 1  # back to the same P, so every timed step costs the same
+    cache.n_real -= 1
+
+
 def main(argv: list[str] | None = None) -> None:
     from fast import numba_backend, ref_backend
 
@@ -57,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--variants", nargs="+", default=list(next(iter(numba_backend.VARIANTS.values())))
     )
+    p.add_argument("--model", action="store_true", help="also time a whole 124M-shaped model")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -81,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     x = _cases(rng)["gelu"][0][0]
     copy_ms = _best_ms(np.copyto, (np.empty_like(x), x), args.repeat)
     print(f"{'copy':<13} {'np.copyto':<14} fwd {copy_ms:8.2f} ms (GELU's array)")
+    if args.model:
+        _model_times(args.repeat)
 
 
 if __name__ == "__main__":

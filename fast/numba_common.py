@@ -4,10 +4,9 @@ Threading layer: on a 2-core machine shared with other processes, numba's OpenMP
 libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial
 (LayerNorm forward on (4096, 768): 16-20 ms with omp, 1.0 ms with workqueue, 1.1 ms on one
 thread, measured under load with `NUMBA_THREADING_LAYER=omp python -m fast.numba_timing`
-against the default); the "workqueue" layer does
-not spin. It is pinned here unless the user chose one through
-NUMBA_THREADING_LAYER. The layer is read when the first parallel kernel runs, so setting the
-config at import (before any kernel has run) is enough.
+against the default); the "workqueue" layer does not spin. It is pinned here unless the user
+chose one through NUMBA_THREADING_LAYER. The layer is read when the first parallel kernel
+runs, so setting the config at import (before any kernel has run) is enough.
 
 fastmath: {"reassoc", "contract"} lets LLVM vectorise float32 reductions (sums, dot products)
 and fuse multiply-adds. "nnan"/"ninf" are left out on purpose: the attention kernels rely on

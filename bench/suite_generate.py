@@ -63,8 +63,9 @@ def _fill(cache, start: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# runners: {"prefill": fn(ids (1, T)) -> None, "decode": fn(B, start, n) -> step times,
-#           "sync": fn or None}
+# runners: {"prefill": fn(ids (1, T)) -> None (or None: not measured),
+#           "decode": fn(B, start, n) -> the times of n single-token steps after `start` tokens,
+#           "dtype": the weights' dtype where not float32}
 
 
 def model_runner(model, dtype: str = "float32") -> dict:
@@ -161,7 +162,8 @@ def hf_runner(cfg: GPT2Config, device: str) -> dict:
         # puts: the prompt, then each new token; the gaps after the first new token are steps
         return list(np.diff(clock.t[1:]))
 
-    return {"prefill": None, "decode": decode, "attn": hf_cfg._attn_implementation}
+    attn = getattr(model.config, "_attn_implementation", None)
+    return {"prefill": None, "decode": decode, "attn": attn}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,14 +88,18 @@ def exp32(y):
 
 
 def check_f32(op: str, name: str, a) -> np.ndarray:
-    """A C-contiguous float32 view or copy of `a`; other dtypes are refused by name.
+    """A C-contiguous, writeable float32 view or copy of `a`; other dtypes are refused by name.
 
-    The kernels are compiled for one signature (C-contiguous float32) to keep compile time
-    and the on-disk cache small, and so that LLVM knows the inner stride is 1.
+    The kernels are compiled for one signature (C-contiguous writeable float32) to keep compile
+    time and the on-disk cache small, and so that LLVM knows the inner stride is 1. Numba types
+    a read-only array differently (one more compilation), so read-only inputs are copied: in
+    practice the LayerNorm gains and biases of weights read from safetensors, (C,) each.
     """
     if not isinstance(a, np.ndarray) or a.dtype != np.float32:
         got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
         raise TypeError(f"numba backend: {op} expects {name} as a float32 numpy array, got {got}")
+    if not a.flags.writeable:
+        return a.copy()  # C-contiguous and writeable
     return np.ascontiguousarray(a)
 
 

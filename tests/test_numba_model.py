@@ -155,3 +155,29 @@ def test_cli_generate_and_eval_with_backend_numba(tmp_path, capsys):
     ids = [c["token_ids"] for c in out["numba"][0]["completions"]]
     assert ids == [c["token_ids"] for c in out["ref"][0]["completions"]]
     assert out["numba"][1]["loss"] == pytest.approx(out["ref"][1]["loss"], rel=LOSS_RTOL)
+
+
+def test_each_kernel_compiles_one_signature():
+    """Views, read-only weights and contiguous arrays all reach one compiled signature per
+    kernel (compile time and the on-disk cache stay small). Run after the other tests of the
+    session, it also checks that none of them made a second one."""
+    import numba
+
+    from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
+
+    cfg, params = loader.load(HF_TINY) if os.path.isdir(HF_TINY) else (ODD, tiny_params(ODD))
+    ids = np.arange(12).reshape(2, 6) % cfg.n_vocab
+    cache = KVCache(cfg, 2, capacity=10)
+    forward(params, ids, cfg, cache=cache, ops=nb, last_only=True)  # views, read-only g, b
+    forward(params, ids[:, :1], cfg, cache=cache, ops=nb)
+    loss_and_grads(tiny_params(TINY), *batch(TINY, 2, 7, seed=1), TINY, ops=nb)
+    modules = (numba_attention, numba_crossentropy, numba_gelu, numba_layernorm)
+    kernels = [
+        obj
+        for m in modules
+        for name, obj in vars(m).items()
+        if name.endswith("_kernel") and isinstance(obj, numba.core.registry.CPUDispatcher)
+    ]
+    assert len(kernels) == 10  # forward and backward of five ops
+    for k in kernels:
+        assert len(k.signatures) <= 1, (k.__name__, k.signatures)

@@ -100,10 +100,13 @@ def check_params(p: SamplingParams, n_vocab: int | None = None) -> None:
         raise SamplingError("logit_bias", f"must be a dict {{id: bias}}, got {p.logit_bias!r}")
     for tok, bias in p.logit_bias.items():
         if not _is_int(tok) or tok < 0 or (n_vocab is not None and tok >= n_vocab):
-            limit = "" if n_vocab is None else f" < {n_vocab}"
-            raise SamplingError("logit_bias", f"token id must be an integer >= 0{limit}: {tok!r}")
-        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or math.isnan(bias):
+            where = ">= 0" if n_vocab is None else f"in [0, {n_vocab}) (the vocabulary)"
+            raise SamplingError("logit_bias", f"token id must be an integer {where}, got {tok!r}")
+        if not isinstance(bias, (int, float, np.floating)) or isinstance(bias, bool):
             raise SamplingError("logit_bias", f"bias of token {tok} must be a number: {bias!r}")
+        # -inf bans a token; +inf would give softmax inf - inf = NaN for every token
+        if math.isnan(bias) or bias == math.inf:
+            raise SamplingError("logit_bias", f"bias of token {tok} must be < inf: {bias!r}")
 
 
 # ---------------------------------------------------------------------------------------------

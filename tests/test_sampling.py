@@ -173,6 +173,11 @@ def test_logit_bias_minus_inf_bans():
     assert S.choose(logits, p, [[]], np.random.default_rng(0))[0] != 2
 
 
+def test_logit_bias_accepts_numpy_floats():
+    p = SamplingParams(logit_bias={2: np.float32(-1.5)})
+    assert S.penalize(np.zeros((1, 4), np.float32), p, [[]])[0, 2] == np.float32(-1.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # sampling
 
@@ -264,6 +269,8 @@ def test_zero_probability_tokens_are_never_drawn():
         ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size"),
         ({"logit_bias": {-1: 1.0}}, "logit_bias"),
         ({"logit_bias": {3: math.nan}}, "logit_bias"),
+        # +inf made softmax NaN everywhere, and sampling then drew token 0 silently
+        ({"logit_bias": {3: math.inf}}, "logit_bias"),
     ],
 )
 def test_invalid_params_name_the_field(kw, field):

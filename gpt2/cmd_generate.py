@@ -246,16 +246,15 @@ class StreamPrinter:
 def run(args: argparse.Namespace) -> int:
     import gpt2
     from gpt2.api import Timing, generate_batch
-    from ref.generate import check_params_vocab
     from ref.prompts import INSTRUCTION_STOP
-    from ref.sampling import SamplingError
+    from ref.sampling import SamplingError, check_params
     from weights.tokenizer import encode
 
     params = validate(args)
     prompts = read_prompts(args)
     model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)
     try:
-        check_params_vocab(params, model.cfg.n_vocab)
+        check_params(params, model.cfg.n_vocab)
     except SamplingError as e:
         raise UsageError(f"{flag(e.field)} {e.reason}") from None
     instruct = args.instruction is not None

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ref.sampling import SamplingError, SamplingParams, choose, log_softmax, penalize
+from ref.model import ContextLengthError
+from ref.sampling import (
+    SamplingError,
+    SamplingParams,
+    check_params,
+    choose,
+    log_softmax,
+    penalize,
+)
 
 EOT = 50256  # <|endoftext|>
 NEG = -1.0e9  # score of an impossible beam (as transformers uses, so ties break alike)
@@ -112,14 +120,27 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     return params if params is not None else SamplingParams(**sampling)
 
 
-def _check_context(cfg, T: int, max_new_tokens: int) -> None:
-    if T + max_new_tokens > cfg.n_ctx:
-        from ref.model import ContextLengthError
+def _prefill(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams):
+    """Check the prompts against the model, left-pad them into one batch and run it.
 
+    Returns (prompts, with an empty one replaced by [<|endoftext|>] as GPT-2 was trained;
+    the KV cache, room for max_new_tokens more; the last position's logits (P, V)).
+    """
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt")
+    cfg = model.cfg
+    check_params(params, cfg.n_vocab)
+    prompts = [list(p) if len(p) else [EOT] for p in prompts]
+    ids, mask = left_pad(prompts, pad_id=0)  # (P, T); padding is masked, any id will do
+    P, T = ids.shape
+    if T + max_new_tokens > cfg.n_ctx:
         raise ContextLengthError(
             f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context "
             f"of {cfg.n_ctx}"
         )
+    cache = model.new_cache(P, T + max_new_tokens)
+    logits = model.forward(ids, cache=cache, mask=mask, last_only=True)[:, -1]  # (P, V)
+    return prompts, cache, logits
 
 
 class RowText:
@@ -214,16 +235,10 @@ def generate(
     if (stop or on_text is not None) and decode_bytes is None:
         raise ValueError("stop strings and on_text need decode_bytes")
     rng = np.random.default_rng() if rng is None else rng
-    prompts = [list(p) if len(p) else [EOT] for p in prompts]
     n = num_return_sequences
-    ids, mask = left_pad(prompts, pad_id=0)  # (P, T); padding is masked, any id will do
-    P, T = ids.shape
-    _check_context(model.cfg, T, max_new_tokens)
-    check_params_vocab(params, model.cfg.n_vocab)
-
     t0 = time.perf_counter()
-    cache = model.new_cache(P, T + max_new_tokens)
-    logits = model.forward(ids, cache=cache, mask=mask, last_only=True)[:, -1]  # (P, V)
+    prompts, cache, logits = _prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
+    P = len(prompts)
     if n > 1:  # the samples of a prompt share its prefill
         rows = np.repeat(np.arange(P), n)  # (R,)
         cache.select(rows)
@@ -296,14 +311,6 @@ def generate(
     return out
 
 
-def check_params_vocab(params: SamplingParams, n_vocab: int) -> None:
-    for tok in params.logit_bias:
-        if tok >= n_vocab:
-            raise SamplingError(
-                "logit_bias", f"token id must be < {n_vocab} (the vocabulary), got {tok}"
-            )
-
-
 def _record(stats: dict | None, t0: float, t_first: float | None, decode_tokens: int) -> None:
     if stats is None:
         return
@@ -367,16 +374,10 @@ def beam_search(
     )
     if stop and decode_bytes is None:
         raise ValueError("stop strings need decode_bytes")
-    prompts = [list(p) if len(p) else [EOT] for p in prompts]
     K = num_beams
-    ids, mask = left_pad(prompts, pad_id=0)  # (P, T); padding is masked, any id will do
-    P, T = ids.shape
-    _check_context(model.cfg, T, max_new_tokens)
-    check_params_vocab(params, model.cfg.n_vocab)
-
     t0 = time.perf_counter()
-    cache = model.new_cache(P, T + max_new_tokens)
-    logits = model.forward(ids, cache=cache, mask=mask, last_only=True)[:, -1]  # (P, V)
+    prompts, cache, logits = _prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
+    P = len(prompts)
     rows = np.repeat(np.arange(P), K)  # (P*K,): every beam starts as a copy of its prompt
     cache.select(rows)
     logits = logits[rows]  # (P*K, V)

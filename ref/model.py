@@ -58,13 +58,13 @@ class KVCache:
         return self.k.shape[3]
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep (and reorder, or repeat) the rows `rows`: beam search and finished rows."""
-        P = self.length
-        self.k = np.ascontiguousarray(self.k[:, rows])
+        """Keep (and reorder, or repeat) the rows `rows`: beam search and finished rows.
+        Fancy indexing copies, so repeated rows never share memory; on axis 1 it also leaves
+        a strided layout, so k and v are made contiguous again for the attention kernels."""
+        self.k = np.ascontiguousarray(self.k[:, rows])  # (L, len(rows), NH, capacity, hs)
         self.v = np.ascontiguousarray(self.v[:, rows])
-        self.mask = self.mask[rows].copy()
-        self.n_real = self.n_real[rows].copy()
-        assert self.length == P
+        self.mask = self.mask[rows]  # (len(rows), capacity)
+        self.n_real = self.n_real[rows]  # (len(rows),)
 
 
 def positions(mask: np.ndarray, n_before: np.ndarray) -> np.ndarray:
@@ -156,14 +156,21 @@ def forward(
     Returns logits (B, T, V) float32. `cache` is updated in place.
     """
     B, T = ids.shape
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_vocab):
+        # numpy would read wte[-1] for id -1 without a word; say which id is wrong instead
+        bad = ids[(ids < 0) | (ids >= cfg.n_vocab)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.n_vocab})")
     if mask is None:
         mask = np.ones((B, T), dtype=bool)
     P = 0 if cache is None else cache.length
+    # a row's position never passes its slot (P + t), so fitting the slots fits wpe too
+    limit, what = (
+        (cfg.n_ctx, "the model's context") if cache is None else (cache.capacity, "the KV cache")
+    )
+    if P + T > limit:
+        raise ContextLengthError(f"{P + T} tokens exceed {what} of {limit} positions")
     n_before = np.zeros(B, np.int64) if cache is None else cache.n_real
     pos = positions(mask, n_before)  # (B, T)
-    if P + T > (cfg.n_ctx if cache is None else cache.capacity) or pos.max() >= cfg.n_ctx:
-        limit = cfg.n_ctx if cache is None else cache.capacity
-        raise ContextLengthError(f"{P + T} tokens exceed the model's context of {limit} positions")
     if cache is not None:
         cache.mask[:, P : P + T] = mask
         cache.n_real = cache.n_real + mask.sum(axis=1)

@@ -394,6 +394,16 @@ def test_api_rejects_bad_arguments(kw, field):
     assert e.value.field == field
 
 
+def test_token_ids_outside_the_vocabulary_and_no_prompts_are_rejected():
+    # numpy indexing read wte[-1] for id -1: the model ran on a token nobody asked for
+    model = tiny_model()
+    for bad in (-1, CFG.n_vocab):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            api.generate_batch(model, [[1, bad]], 4)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        api.generate_batch(model, [], 4)
+
+
 def test_api_generate_text_and_timing():
     model = ScriptModel([encode(" world, again")])
     timing = api.Timing()

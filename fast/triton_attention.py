@@ -295,10 +295,22 @@ def _check(q, k, v, key_mask) -> None:
             )
 
 
+def _shared_bytes(bm: int, bn: int, bd: int, elem: int) -> int:
+    """Shared memory the kernels need, from compiling them for sm_90 (fast/triton_aot.py):
+    the largest, dq's, is 28 B (float32, IEEE dots) or 9 B (16-bit) per max(BM, BN) x BD."""
+    return (28 if elem == 4 else 9) * max(bm, bn) * bd
+
+
 def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
+    """(BM, BN, BD, dot precision): the requested blocks, halved until they fit the GPU."""
     BD = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot needs every side >= 16
-    if BD > 64:  # keep the (BM, BD) and (BN, BD) tiles inside a GPU's shared memory
-        bm, bn = min(bm, 32), min(bn, 32)
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"attention: blocks must be powers of two >= 16, got {bm}, {bn}")
+    if q.is_cuda:
+        props = torch.cuda.get_device_properties(q.device)
+        limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+        while _shared_bytes(bm, bn, BD, q.element_size()) > limit and max(bm, bn) > 16:
+            bm, bn = max(bm // 2, 16), max(bn // 2, 16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit
     return bm, bn, BD, precision
 

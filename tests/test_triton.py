@@ -23,6 +23,8 @@ tests are skipped: a skip, not a pass.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +45,7 @@ from fast import triton_layernorm as tln  # noqa: E402
 from fast.triton_common import TritonDeviceError, check_device, is_interpreted  # noqa: E402
 from ref import ops  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA and not (
@@ -403,6 +406,37 @@ def test_cpu_tensors_without_interpreter_are_refused():
     compiled = object()  # stands for a kernel compiled for CUDA (not an InterpretedFunction)
     with pytest.raises(TritonDeviceError, match="TRITON_INTERPRET=1"):
         check_device(compiled, "layernorm_forward", x=torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled for a GPU, without one: what the interpreter cannot check (types, dot operands,
+# shared memory). The full sweep is `python -m fast.triton_aot` (every kernel, dtype, block).
+
+
+@pytest.mark.slow
+def test_attention_kernels_compile_for_sm90_in_bfloat16():
+    """bfloat16 attention is the one path the interpreter cannot run (triton#11584); this
+    compiles its forward and dq kernels to a cubin for sm_90 in a process without the
+    interpreter (about 15 s on 2 cores; Triton's cache makes reruns faster)."""
+    code = (
+        "from fast.triton_aot import SHARED_LIMIT, compile_all\n"
+        "rs = compile_all(90, ('bf16',), quick=True,"
+        " only=('_attn_fwd_kernel', '_attn_bwd_dq_kernel'))\n"
+        "assert len(rs) == 2, rs\n"
+        "for r in rs:\n"
+        "    assert r.error is None, r.error\n"
+        "    assert 0 < r.shared <= SHARED_LIMIT[90], r\n"
+        "print('compiled', [r.kernel for r in rs])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, set to silence its warning
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "compiled" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

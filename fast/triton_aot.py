@@ -1,0 +1,148 @@
+"""Compile every Triton kernel of fast/triton_*.py for a CUDA target, without a GPU.
+
+Triton's interpreter (how the tests run the kernels here) executes the kernels' Python with
+numpy: it checks the arithmetic but not what only the compiler sees (types of loop-carried
+values, dot shapes and dtypes, shared memory). This compiles each kernel ahead of time with
+the configurations the launchers use, for each dtype, down to a cubin (ptxas ships with
+triton), and reports the shared memory each needs against the target's limit:
+
+    python -m fast.triton_aot [--arch 90] [--dtypes fp32,fp16,bf16] [--quick]
+
+Run it with TRITON_INTERPRET unset (the interpreter replaces the kernels it would compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+# shared memory per block, bytes (CUDA C programming guide, "Compute capabilities" table)
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+FP32_POINTERS = {
+    "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dg_part_ptr", "db_part_ptr",
+    "losses_ptr", "inv_count_ptr", "coef_ptr",
+}  # fmt: skip
+FLOAT_SCALARS = {"eps", "scale"}
+
+
+@dataclass
+class Result:
+    kernel: str
+    dtype: str
+    config: dict
+    shared: int
+    error: str | None = None
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    """Triton's type string for every argument of kernel `fn` with data of `dtype`."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "mask_ptr":
+            sig[name] = "*i8"
+        elif name == "targets_ptr":
+            sig[name] = "*i64"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
+    """(kernel, dtype, constexprs) as the launchers use them, at GPT-2's sizes (head sizes
+    64 and 128). quick: one configuration per kernel."""
+    from fast import triton_attention as ta
+    from fast import triton_crossentropy as tc
+    from fast import triton_gelu as tg
+    from fast import triton_layernorm as tln
+
+    both = (True,) if quick else (False, True)
+    for dt in dtypes:
+        for block_c in (1024,) if quick else (1024, 2048):  # C = 768 (124M), 1600 (1558M)
+            yield tln._layernorm_fwd_kernel, dt, {"BLOCK_C": block_c}
+            yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}
+        for has_bias in both:
+            yield tg._gelu_fwd_kernel, dt, {"HAS_BIAS": has_bias, "BLOCK": tg.BLOCK}
+        yield tg._gelu_bwd_kernel, dt, {"BLOCK": tg.BLOCK}
+        precision = "ieee" if dt == "fp32" else "tf32"
+        elem = 4 if dt == "fp32" else 2
+        configs = [
+            (bd, bm, bm)
+            for bd in (64, 128)
+            for bm in (64, 32)
+            if ta._shared_bytes(bm, bm, bd, elem) <= SHARED_LIMIT[arch]
+        ]  # the launcher halves blocks that would not fit this GPU
+        for bd, bm, bn in configs[:1] if quick else configs:
+            for mask in both:
+                cfg = {"HAS_MASK": mask, "PRECISION": precision, "BM": bm, "BN": bn, "BD": bd}
+                yield ta._attn_fwd_kernel, dt, cfg
+                yield ta._attn_bwd_dkdv_kernel, dt, cfg
+                yield ta._attn_bwd_dq_kernel, dt, cfg
+        for fused in both:
+            yield tc._ce_fwd_kernel, dt, {"COMPUTE_GRAD": fused, "BV": tc.BLOCK_V}
+        yield tc._ce_bwd_kernel, dt, {"BV": tc.BLOCK_V}
+
+
+def compile_all(
+    arch: int = 90,
+    dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16"),
+    quick: bool = False,
+    only: tuple[str, ...] = (),
+) -> list[Result]:
+    """Compile every case (of the kernels named in `only`, if given); one Result per case,
+    with `error` set where compilation failed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    for fn, dt, constexprs in cases(list(dtypes), arch, quick):
+        if only and fn.__name__ not in only:
+            continue
+        src = ASTSource(fn, signature(fn, dt, constexprs), constexprs=constexprs)
+        name = fn.__name__
+        try:
+            k = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
+            results.append(Result(name, dt, constexprs, int(k.metadata.shared)))
+        except Exception as e:  # report every failing case, not only the first
+            results.append(Result(name, dt, constexprs, -1, f"{type(e).__name__}: {e}"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fast.triton_aot", description=__doc__)
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
+    p.add_argument("--dtypes", default="fp32,fp16,bf16")
+    p.add_argument("--quick", action="store_true", help="one configuration per kernel")
+    args = p.parse_args(argv)
+    dtypes = tuple(args.dtypes.split(","))
+    bad = [d for d in dtypes if d not in ("fp32", "fp16", "bf16")]
+    if bad:
+        p.error(f"--dtypes: unknown {bad}; choose from fp32, fp16, bf16")
+    limit = SHARED_LIMIT[args.arch]
+    failed = 0
+    for r in compile_all(args.arch, dtypes, args.quick):
+        cfg = " ".join(f"{k}={v}" for k, v in r.config.items())
+        if r.error is None and r.shared <= limit:
+            print(f"ok    {r.kernel:24s} {r.dtype:5s} shared {r.shared:7d} B  {cfg}")
+            continue
+        failed += 1
+        why = r.error or f"needs {r.shared} B of shared memory, sm_{args.arch} has {limit}"
+        print(f"FAIL  {r.kernel:24s} {r.dtype:5s} {cfg}: {why}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -337,6 +337,11 @@ def finetune(args) -> int:
     from weights.tokenizer import decode
 
     s = {k: getattr(args, k, v) for k, v in cf.DEFAULTS.items()}
+    if s["lora_rank"] > 0:  # before loading anything
+        raise ValueError(
+            f"--backend {args.backend} finetunes all weights; --lora-rank runs on the numpy "
+            "backends (--backend ref or numba)"
+        )
     resume = getattr(args, "resume", None)
     saved = checkpoint.read_state(resume) if resume else None
     rank, world = distributed()

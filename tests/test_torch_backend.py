@@ -380,3 +380,33 @@ def test_finetune_refuses_lora():
     split, _ = text_splits(np.arange(40) % 96, 8, 0.0)
     with pytest.raises(ValueError, match="LoRA"):
         torch_train(tiny_params(), TINY, split, None, TrainConfig(steps=1, train="lora"))
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (skipped without CUDA, which is not a pass)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_triton_model_equals_torch_model():
+    """On CUDA both backends run at full speed: logits and one training step agree.
+    float32 throughout; cuBLAS may use TF32 for the linear layers unless disabled, so it is
+    disabled here and the tolerance stays at float32 round-off (1e-4 over 12 layers)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = GPT2Config(n_vocab=50257, n_ctx=256, n_embd=768, n_head=12, n_layer=2)
+    params = tiny_params(cfg, seed=8)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, cfg.n_vocab, (2, 200))
+    a = TorchModel(cfg, params, "torch").forward(ids)
+    b = TorchModel(cfg, params, "triton").forward(ids)
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+    from ref.train import TrainConfig
+
+    split, _ = text_splits(rng.integers(0, cfg.n_vocab, 2000), 128, 0.0)
+    tcfg = TrainConfig(steps=2, batch_size=4, lr=1e-4, eps=1e-4, n_samples=0)
+    from fast.torch_train import train as torch_train
+
+    _, sa, la = torch_train(params, cfg, split, None, tcfg, backend="torch")
+    _, sb, lb = torch_train(params, cfg, split, None, tcfg, backend="triton")
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    for name, want in sa.trainable.items():
+        np.testing.assert_allclose(sb.trainable[name], want, atol=1e-5, err_msg=name)

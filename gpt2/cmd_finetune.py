@@ -266,6 +266,11 @@ def total_steps(s: dict, n_train: int) -> int:
     return max(1, math.ceil((s["epochs"] or 1.0) * per_epoch))
 
 
+def lora_alpha(s: dict) -> float:
+    """--lora-alpha, or the rank when it is not given (scale alpha / rank = 1)."""
+    return float(s["lora_rank"]) if s["lora_alpha"] is None else s["lora_alpha"]
+
+
 def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | None) -> tuple:
     """(cfg, params, TrainState or None): the model to train, from scratch or a checkpoint."""
     import numpy as np
@@ -278,12 +283,11 @@ def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | 
     source = resume_dir if (state is not None and not lora) else s["model"]
     cfg, params = loader.load(source, cache_dir=cache_dir)
     if lora:
-        alpha = s["lora_alpha"] if s["lora_alpha"] is not None else float(s["lora_rank"])
         params = add_lora(
             params,
             parse_targets(s["lora_targets"]),
             s["lora_rank"],
-            alpha,
+            lora_alpha(s),
             s["lora_dropout"],
             np.random.default_rng([s["seed"], 2]),
         )
@@ -299,6 +303,13 @@ def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | 
     if set(names) != set(moments["m"]):
         raise UsageError(f"--resume {resume_dir}: optimizer state does not match the model")
     trainable = {n: np.array(a, np.float32) for n, a in get_flat(params, names).items()}
+    for n, a in trainable.items():
+        for kind in ("m", "v"):  # a moment of another shape would broadcast without a word
+            if moments[kind][n].shape != a.shape:
+                raise UsageError(
+                    f"--resume {resume_dir}: optimizer state {kind}/{n} has shape "
+                    f"{moments[kind][n].shape}, the model's tensor {a.shape}"
+                )
     opt = {"step": state["step"], "m": moments["m"], "v": moments["v"]}
     return cfg, params, TrainState(state["step"], trainable, opt)
 
@@ -407,7 +418,7 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
             adapter_cfg = {
                 "rank": s["lora_rank"],
                 "targets": lora_targets(p),
-                "alpha": s["lora_alpha"] or float(s["lora_rank"]),
+                "alpha": lora_alpha(s),
                 "dropout": s["lora_dropout"],
                 "base_model": s["model"],
             }

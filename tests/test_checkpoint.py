@@ -299,6 +299,21 @@ def test_resume_refuses_changed_settings(files, capsys, tmp_path):
     assert "--steps" in capsys.readouterr().err
 
 
+def test_resume_refuses_moments_of_another_shape(files, capsys, tmp_path):
+    # a (1, C) moment for wpe (n_ctx, C) broadcast silently in AdamW before this was checked
+    out = tmp_path / "m"
+    base = ["--model", str(files / "base"), "--data", str(files / "data.txt")]
+    finetune(capsys, *base, "--out", str(out), *COMMON[2:6], "--steps", "1", "--samples", "0")
+    state = checkpoint.read_state(str(out))
+    path = str(out / state["optimizer_file"])
+    tensors = {k: np.array(v) for k, v in sft.read(path).items()}
+    tensors["m/wpe"] = tensors["m/wpe"][:1]
+    sft.write(path, tensors)
+    assert main(["finetune", "--resume", str(out), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "m/wpe" in err and "shape" in err
+
+
 @pytest.mark.parametrize(
     "extra, word",
     [

@@ -18,7 +18,6 @@ c_fc, mlp_c_proj. "attn_c_proj" is accepted for c_proj.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -87,6 +86,16 @@ def lora_backward(ddelta: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray, np
     return dx, da, db
 
 
+def copy_params(tree):
+    """A copy of nested params with new dicts and lists and the same arrays: replacing a leaf
+    of the copy leaves the original alone, and no weight is duplicated."""
+    if isinstance(tree, dict):
+        return {k: copy_params(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [copy_params(v) for v in tree]
+    return tree
+
+
 def _projections(params: dict, targets: list[str]):
     """Yield (layer, target, the projection's dict) for every adapted projection."""
     for i, block in enumerate(params["blocks"]):
@@ -112,10 +121,7 @@ def add_lora(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {dropout}")
     rng = np.random.default_rng(0) if rng is None else rng
-    out = copy.copy(params)
-    out["blocks"] = copy.deepcopy(
-        params["blocks"], memo={id(a): a for a in _arrays(params["blocks"])}
-    )
+    out = copy_params(params)
     for _, _, p in _projections(out, targets):
         cin, cout = p["w"].shape
         bound = 1.0 / math.sqrt(cin)
@@ -128,19 +134,15 @@ def add_lora(
     return out
 
 
-def _arrays(tree):
-    if isinstance(tree, np.ndarray):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _arrays(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _arrays(v)
-
-
 def has_lora(params: dict) -> bool:
     return any("lora" in p for _, _, p in _projections(params, ALL_TARGETS))
+
+
+def has_dropout(params: dict) -> bool:
+    """Whether any adapter drops its input while training."""
+    return any(
+        p.get("lora", {}).get("dropout", 0.0) > 0 for _, _, p in _projections(params, ALL_TARGETS)
+    )
 
 
 def lora_targets(params: dict) -> list[str]:
@@ -182,17 +184,9 @@ def set_adapter_tensors(params: dict, flat: dict[str, np.ndarray]) -> None:
 
 def merge_lora(params: dict) -> dict:
     """Params with every adapter folded into its weight (w + scale * A @ B) and removed."""
-    out = copy.copy(params)
-    out["blocks"] = []
-    for block in params["blocks"]:
-        nb = {k: (dict(v) if isinstance(v, dict) else v) for k, v in block.items()}
-        for mod in ("attn", "mlp"):
-            nb[mod] = {}
-            for proj, p in block[mod].items():
-                p = dict(p)
-                lora = p.pop("lora", None)
-                if lora is not None:
-                    p["w"] = p["w"] + np.float32(lora["scale"]) * (lora["a"] @ lora["b"])
-                nb[mod][proj] = p
-        out["blocks"].append(nb)
+    out = copy_params(params)
+    for _, _, p in _projections(out, ALL_TARGETS):
+        lora = p.pop("lora", None)
+        if lora is not None:
+            p["w"] = p["w"] + np.float32(lora["scale"]) * (lora["a"] @ lora["b"])  # (Cin, Cout)
     return out

@@ -15,7 +15,6 @@ full finetuning (train="all"), the adapters alone with LoRA (train="lora").
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from ref.backward import loss_and_grads, loss_only
 from ref.config import GPT2Config
 from ref.data import EOT, Split, batch_indices, eval_batches, make_batch
 from ref.generate import generate
-from ref.lora import TARGETS
+from ref.lora import copy_params, has_dropout
 from ref.model import KVCache, forward
 from ref.optim import AdamWConfig, adamw_init, adamw_step, clip_by_global_norm, decay_mask, lr_at
 
@@ -77,27 +76,25 @@ def _node(params: dict, name: str) -> tuple[dict, str]:
     return node, leaf
 
 
+# A block's projections in the layout's order, each with the LayerNorm that comes before it.
+_BLOCK = (
+    ("ln_1", "attn", "c_attn"),
+    (None, "attn", "c_proj"),
+    ("ln_2", "mlp", "c_fc"),
+    (None, "mlp", "c_proj"),
+)
+
+
 def param_names(params: dict, train: str) -> list[str]:
     """The flat names of the trainable tensors, in the layout's order."""
-    names: list[str] = []
-    if train == "all":
-        names += ["wte", "wpe", "ln_f/g", "ln_f/b"]
+    names = ["wte", "wpe", "ln_f/g", "ln_f/b"] if train == "all" else []
     for i, block in enumerate(params["blocks"]):
-        for mod, proj in (
-            ("attn", "c_attn"),
-            ("attn", "c_proj"),
-            ("mlp", "c_fc"),
-            ("mlp", "c_proj"),
-        ):
-            p = block[mod][proj]
+        for ln, mod, proj in _BLOCK:
             pre = f"h{i}/{mod}/{proj}"
             if train == "all":
-                if mod == "attn" and proj == "c_attn":
-                    names += [f"h{i}/ln_1/g", f"h{i}/ln_1/b"]
-                if mod == "mlp" and proj == "c_fc":
-                    names += [f"h{i}/ln_2/g", f"h{i}/ln_2/b"]
+                names += [f"h{i}/{ln}/g", f"h{i}/{ln}/b"] if ln else []
                 names += [pre + "/w", pre + "/b"]
-            elif "lora" in p:
+            elif "lora" in block[mod][proj]:
                 names += [pre + "/lora_a", pre + "/lora_b"]
     return names
 
@@ -112,26 +109,11 @@ def get_flat(params: dict, names: list[str]) -> dict[str, np.ndarray]:
 
 def with_flat(params: dict, flat: dict[str, np.ndarray]) -> dict:
     """A copy of params (sharing untouched arrays) with the tensors of `flat` replaced."""
-    out = copy.deepcopy(params, memo=_array_memo(params))
+    out = copy_params(params)
     for n, a in flat.items():
         node, key = _node(out, n)
         node[key] = a
     return out
-
-
-def _array_memo(tree) -> dict:
-    """deepcopy memo that keeps every array shared (only the dict structure is copied)."""
-    memo: dict = {}
-    stack = [tree]
-    while stack:
-        t = stack.pop()
-        if isinstance(t, np.ndarray):
-            memo[id(t)] = t
-        elif isinstance(t, dict):
-            stack.extend(t.values())
-        elif isinstance(t, list):
-            stack.extend(t)
-    return memo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +229,7 @@ def train(
     params = with_flat(params, state.trainable)
     acfg = AdamWConfig(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay)
     decay = decay_mask(list(state.trainable), tcfg.decay)
-    dropout = tcfg.train == "lora" and any(
-        p.get("lora", {}).get("dropout", 0.0) > 0
-        for block in params["blocks"]
-        for mod, proj in TARGETS.values()
-        for p in [block[mod][proj]]
-    )
+    dropout = tcfg.train == "lora" and has_dropout(params)
     emit = on_event or (lambda e: None)
     losses: list[float] = []
     for step in range(state.step, tcfg.steps):

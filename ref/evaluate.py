@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ref.sampling import log_softmax
+
 
 @dataclass
 class EvalResult:
@@ -59,11 +61,9 @@ def evaluate(
     for start, end, first in windows(len(ids), n_ctx, stride):
         logits = model.forward(ids[None, start:end])[0]  # (end - start, V)
         # logits[i] predicts ids[start + i + 1]; score targets first..end-1
-        pred = logits[first - start - 1 : end - start - 1].astype(np.float64)  # (n, V)
+        logp = log_softmax(logits[first - start - 1 : end - start - 1])  # (n, V) float64
         tgt = ids[first:end]  # (n,)
-        m = pred.max(axis=-1)
-        lse = np.log(np.exp(pred - m[:, None]).sum(axis=-1)) + m
-        total += float((lse - pred[np.arange(len(tgt)), tgt]).sum())
+        total -= float(logp[np.arange(len(tgt)), tgt].sum())
         if progress is not None:
             progress(end - 1, len(ids) - 1)
     return EvalResult(loss=total / (len(ids) - 1), tokens=len(ids) - 1)

@@ -85,6 +85,7 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
 
 
 def linear_backward(dout: np.ndarray, cache):
+    """dx = dout w^T;  dw = x^T dout and db = sum of dout, both over every row (B * T)."""
     x, w = cache
     dx = dout @ w.T  # (..., Cin)
     dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])  # (Cin, Cout)
@@ -100,8 +101,9 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x: np.ndarray):
-    u = GELU_SCALE * (x + 0.044715 * (x * x * x))  # x*x*x: float32 x**3 is far slower
-    out = 0.5 * x * (1.0 + np.tanh(u))
+    """x (..., 4C) -> (..., 4C), elementwise."""
+    u = GELU_SCALE * (x + 0.044715 * (x * x * x))  # (..., 4C); float32 x**3 is far slower
+    out = 0.5 * x * (1.0 + np.tanh(u))  # (..., 4C)
     return out, (x,)
 
 
@@ -121,8 +123,9 @@ def bias_gelu_forward(x: np.ndarray, b: np.ndarray):
 
 
 def bias_gelu_backward(dout: np.ndarray, cache):
-    dxb = gelu_backward(dout, cache)
-    return dxb, dxb.reshape(-1, dxb.shape[-1]).sum(axis=0)
+    """dx = gelu'(x + b) * dout; db = the sum of dx over every row."""
+    dxb = gelu_backward(dout, cache)  # (..., 4C)
+    return dxb, dxb.reshape(-1, dxb.shape[-1]).sum(axis=0)  # (4C,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +133,12 @@ def bias_gelu_backward(dout: np.ndarray, cache):
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
+    """x (..., Tk) -> probabilities (..., Tk); exp(x - max) cannot overflow."""
+    m = x.max(axis=-1, keepdims=True)  # (..., 1)
     m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf) = 0 everywhere
-    e = np.exp(x - m)
-    s = e.sum(axis=-1, keepdims=True)
-    return e / np.where(s == 0.0, 1.0, s)
+    e = np.exp(x - m)  # (..., Tk)
+    s = e.sum(axis=-1, keepdims=True)  # (..., 1)
+    return e / np.where(s == 0.0, 1.0, s)  # (..., Tk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +207,7 @@ def crossentropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index: 
 
 
 def crossentropy_backward(dloss, cache):
+    """dloss (scalar) -> dlogits (N, V), the formula above scaled by dloss."""
     logits, safe, valid, lse, count = cache
     dlogits = np.exp(logits - lse)  # (N, V) the probabilities
     dlogits[np.arange(len(safe)), safe] -= 1.0

@@ -110,6 +110,22 @@ def test_loss_matches_transformers(model, ref):
     assert abs(result.loss - float(ref["loss"])) < LOSS_ATOL
 
 
+def test_stride_1_gives_every_target_the_last_n_ctx_minus_1_tokens(hf_model):
+    """A stream longer than the context, stride 1: target t is scored from the tokens
+    ids[max(0, t - n_ctx + 1):t], each computed here by its own forward pass."""
+    n_ctx = hf_model.cfg.n_ctx
+    ids = np.random.default_rng(5).integers(0, hf_model.cfg.n_vocab, n_ctx + 6)
+    want = 0.0
+    for t in range(1, len(ids)):
+        last = hf_model.forward(ids[None, max(0, t - n_ctx + 1) : t], last_only=True)[0, -1]
+        want += float(_lse(last) - last[ids[t]])
+    want /= len(ids) - 1
+    result = evaluate(hf_model, ids, stride=1)
+    assert result.tokens == len(ids) - 1
+    # each target's lse and logit come from a differently shaped forward: up to LOGIT_ATOL each
+    assert abs(result.loss - want) < 2 * LOGIT_ATOL
+
+
 def test_sharded_small_model_matches_transformers(ref):
     cfg, params = loader.load(os.path.join(FIX, "hf-tiny-sharded"))
     logits = forward(params, ref["small_ids"][None], cfg)[0]

@@ -33,8 +33,9 @@ results.json (schema "gpt2-spec-bench/1"), one object:
                    gpu_matmul_f32_GFLOPs, gpu_matmul_bf16_GFLOPs, gpu_matmul_fp16_GFLOPs]}
     limits_end    the CPU limits measured again after the suites (drift = noise)
     results       [record, ...]
-    ratios        [{name, value, numerator, denominator, note}, ...]; numerator and
-                  denominator describe the records divided (or the limit used)
+    ratios        [{name, value, numerator, denominator, note, key}, ...]; numerator and
+                  denominator describe the records divided (or the limit used); key: one
+                  of the ratios the Numba and GPU issues name
     plots         file names of the PNGs written beside it
 
 A record:
@@ -44,9 +45,10 @@ A record:
     backend       a fast.BACKENDS name, or a baseline: torch-native, ref-nocache,
                   torch-eager, hf-generate, torch-autograd (numpy for the limits)
     variant       the VARIANTS name (ops), else ""
-    params        what was measured: ops {size, N, C | H | B, NH, Tq, Tk, hs | V, pass,
-                  device}; prefill {size, device, B, T}; decode {size, device, B, ctx,
-                  contexts [lo, hi]}; finetune {size, device, train, B, T, lora_rank}
+    params        what was measured: ops {size, the shape (N, C, H, V, n_ctx | B, NH, Tq,
+                  Tk, hs), pass, device}; prefill {size, device, dtype, B, T}; decode
+                  {size, device, dtype, B, ctx, contexts [lo, hi]: keys attended by the
+                  timed steps}; finetune {size, device, train, B, T, lora_rank}
     status        "ok" | "error" | "unavailable"; reason: one line when not ok
     time_s        {min, median, n (timed repeats), warmup (untimed calls)} in seconds, or null
     cache         ops: "flushed" (working set < 4 x LLC: the cache is rewritten before each
@@ -56,6 +58,6 @@ A record:
                   fraction_of_matmul, peak_rss_bytes, rss_before_bytes}; decode
                   {tokens_per_s, bytes_per_step, ceiling_tokens_per_s, fraction_of_ceiling,
                   peak_rss_bytes, rss_before_bytes}; finetune {tokens_per_s, flops, GFLOPs,
-                  peak_rss_bytes, rss_before_bytes}
+                  peak_rss_bytes, rss_before_bytes}; on a GPU also peak_gpu_bytes
 Rates use the min time (the best the machine did); the median shows the noise.
 """

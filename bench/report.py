@@ -45,6 +45,12 @@ def _ratio(name: str, value: float, num: dict | str, den: dict | str, note: str 
     }
 
 
+def _size_of(r: dict) -> int:
+    """How big a measured op is: its compulsory bytes plus FLOPs (orders shapes)."""
+    m = r["metrics"]
+    return m["read_bytes"] + m["write_bytes"] + m["flops"]
+
+
 def _shape_key(r: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in r["params"].items() if k not in ("device",)))
 
@@ -582,13 +588,20 @@ def plots(doc: dict, out_dir: str) -> list[str]:
     ops = _ok(res, "ops")
     if ops:
         first_size = ops[0]["params"].get("size")
+        here = [r for r in ops if r["params"].get("size", first_size) == first_size]
+        # one shape per (op, pass): the largest, as in the ratios
+        biggest: dict[tuple, dict] = {}
+        for r in here:
+            k = (r["case"], r["params"]["pass"])
+            if k not in biggest or _size_of(r) > _size_of(biggest[k]):
+                biggest[k] = r
         bars: dict[str, dict[str, float]] = {}
-        for r in ops:
+        for r in here:
             p = r["params"]
-            if p.get("size", first_size) != first_size:
+            if _shape_key(r) != _shape_key(biggest[(r["case"], p["pass"])]):
                 continue
-            label = f"{r['case']} {p['pass'][:3]} " + ",".join(
-                f"{k}{v}" for k, v in p.items() if k in ("N", "T", "Tq", "Tk")
+            label = f"{r['case']} {'fwd' if p['pass'] == 'forward' else 'bwd'} " + ",".join(
+                f"{k}={v}" for k, v in p.items() if k in ("N", "C", "H", "Tq", "Tk")
             )
             key = f"{r['backend']} ({p['device']})"
             bars.setdefault(label, {})
@@ -597,7 +610,7 @@ def plots(doc: dict, out_dir: str) -> list[str]:
                 bars[label][key] = max(bars[label].get(key, 0.0), frac)
         keys = list(dict.fromkeys(k for v in bars.values() for k in v))
         labels = list(bars)
-        fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) * max(len(keys), 1) + 1.5))
+        fig, ax = plt.subplots(figsize=(9, 0.22 * len(labels) * max(len(keys), 1) + 1.5))
         h = 0.8 / max(len(keys), 1)
         for i, key in enumerate(keys):
             ys = [j + i * h for j in range(len(labels))]
@@ -605,6 +618,7 @@ def plots(doc: dict, out_dir: str) -> list[str]:
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(labels))], labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.axvline(1.0, color="k", linewidth=0.8)
         ax.set_xlabel("fraction of the machine's limit (roofline time / measured time)")
         ax.set_title(f"ops at the width of {first_size} (best variant per backend)")
         ax.grid(True, axis="x", which="both", alpha=0.3)

@@ -479,6 +479,18 @@ def test_unsupported_dtype_and_slices_in_the_index(tmp_path):
         tc.read(prefix)
 
 
+def test_shape_unknown_rank_flag():
+    # TensorShapeProto {dim {size 4}, unknown_rank}: only unknown_rank = true is an error (the
+    # check once read the whole shape's bytes, always non-empty, and refused an explicit false)
+    def entry(unknown_rank: int) -> bytes:
+        shape = b"\x12\x02\x08\x04" + bytes([0x18, unknown_rank])
+        return b"\x08\x01" + bytes([0x12, len(shape)]) + shape + b"\x28\x10"
+
+    assert tc._parse_entry(entry(0), "a")["shape"] == [4]
+    with pytest.raises(tc._Malformed, match="unknown rank"):
+        tc._parse_entry(entry(1), "a")
+
+
 def test_bad_index_structure(tmp_path):
     prefix = str(tmp_path / "model.ckpt")
     good = (b"model/a", entry_proto(1, (3,), 0, 12, tc.crc32c(bytes(12))))

@@ -481,7 +481,7 @@ def _parse_entry(value: bytes, name: str) -> dict:
                     if size < 0:
                         raise _Malformed(f"tensor {name!r}: unknown or negative dimension")
                     e["shape"].append(size)
-                elif n2 == 3 and w2 == 0 and v:
+                elif n2 == 3 and w2 == 0 and dim:  # unknown_rank = true
                     raise _Malformed(f"tensor {name!r}: shape of unknown rank")
         elif number in (3, 4, 5) and wire == 0:
             e[{3: "shard_id", 4: "offset", 5: "size"}[number]] = _int64(v)

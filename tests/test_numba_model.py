@@ -1,9 +1,9 @@
 """The whole model on the Numba backend against the reference backend.
 
 Logits (prompt, padded batch, KV-cache decode; a property over any padding and cache), exp32,
-greedy tokens, the committed Hugging Face
-fixture, training (loss, every gradient, a few optimizer steps), run-to-run determinism of the
-gradients, and `gpt2 generate/eval --backend numba` end to end.
+greedy tokens, the committed Hugging Face fixture, training (loss, every gradient, a few
+optimizer steps), run-to-run determinism of the gradients, one compiled signature per kernel,
+and `gpt2 generate/eval --backend numba` end to end.
 
 Tolerances: every op of the Numba backend agrees with the reference to a few float32 ulps of
 its output's scale (tests/test_backends.py); through L blocks the differences add up, growing

@@ -299,6 +299,17 @@ def test_resume_refuses_changed_settings(files, capsys, tmp_path):
     assert "--steps" in capsys.readouterr().err
 
 
+def test_unreadable_state_is_a_weights_error(tmp_path):
+    (tmp_path / "dir" / checkpoint.MODEL).mkdir(parents=True)  # a directory, not a file
+    with pytest.raises(checkpoint.WeightsError, match="cannot read"):
+        checkpoint.read_state(str(tmp_path / "dir"))
+    (tmp_path / "deep").mkdir()
+    header = b"[" * 100_000  # json.loads hits the recursion limit
+    (tmp_path / "deep" / checkpoint.MODEL).write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(checkpoint.WeightsError, match="not valid JSON"):
+        checkpoint.read_state(str(tmp_path / "deep"))
+
+
 def test_resume_refuses_moments_of_another_shape(files, capsys, tmp_path):
     # a (1, C) moment for wpe (n_ctx, C) broadcast silently in AdamW before this was checked
     out = tmp_path / "m"

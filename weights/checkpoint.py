@@ -148,7 +148,10 @@ def read_metadata(path: str) -> dict[str, str]:
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise WeightsError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
+    # ValueError covers JSONDecodeError and integers past Python's digit limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return meta if isinstance(meta, dict) else {}

@@ -34,15 +34,6 @@ def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
     return torch.tensor(np.asarray(params), dtype=dtype, device=device)
 
 
-def to_numpy(params: dict) -> dict:
-    """Back to nested float32 numpy arrays."""
-    if isinstance(params, dict):
-        return {k: to_numpy(v) for k, v in params.items()}
-    if isinstance(params, list):
-        return [to_numpy(v) for v in params]
-    return params.detach().to("cpu", torch.float32).numpy()
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -18,6 +18,7 @@ results.json (schema "gpt2-spec-bench/1"), one object:
     schema        "gpt2-spec-bench/1"
     command       the command line that produced it
     mode          "full" | "quick" | "tiny"
+    complete      false while the run is going (written after each suite), true at the end
     options       {suites, sizes, model_sizes, backends, baselines, seed}
     environment   {time_utc, python, platform, cpu_model, cpu_count, cpus_usable,
                    caches {L1d, L2, L3: bytes}, memory_bytes, load_average (at start),

@@ -84,9 +84,9 @@ def _json_default(o):
 def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=None) -> dict:
     """Run what `args` asks for; write the outputs into args.out; return the document."""
     from bench import limits as limits_suite
-    from bench import report, suite_finetune, suite_generate, suite_ops
+    from bench import suite_finetune, suite_generate, suite_ops
     from bench.backends import load_backends
-    from bench.harness import environment, gpu_info, thread_settings
+    from bench.harness import environment
     from bench.plan import PlanError, make_plan
     from gpt2.cli import UsageError
 
@@ -154,24 +154,35 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
             f"bench: {suite}: {len(recs)} records ({n_bad} not measured) in "
             f"{time.perf_counter() - t0:.0f} s"
         )
+        _write(doc, results, args.out, t_start, complete=False)  # an interrupted run keeps these
     log("bench: limits again (drift between start and end = noise from other processes) ...")
     _, doc["limits_end"] = limits_suite.run(plan, rng, gpu=False)
+    _write(doc, results, args.out, t_start, complete=True)
+    log(
+        f"bench: wrote {args.out}/results.json, report.md and {len(doc['plots'])} plot(s) in "
+        f"{doc['elapsed_s']:.0f} s"
+    )
+    return doc
+
+
+def _write(doc: dict, results: list[dict], out: str, t_start: float, complete: bool) -> None:
+    """Fill in the run-level fields and write results.json and report.md (and the plots when
+    the run is complete)."""
+    from bench import report
+    from bench.harness import gpu_info, thread_settings
+
+    doc["complete"] = complete
     doc["results"] = results
     doc["threads"] = thread_settings()
     doc["gpu"] = gpu_info()
     doc["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     doc["elapsed_s"] = time.perf_counter() - t_start
     doc["ratios"] = report.compute_ratios(doc)
-    doc["plots"] = [os.path.basename(p) for p in report.plots(doc, args.out)]
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+    doc["plots"] = [os.path.basename(p) for p in report.plots(doc, out)] if complete else []
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1, default=_json_default)
-    with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(report.markdown(doc))
-    log(
-        f"bench: wrote {args.out}/results.json, report.md and {len(doc['plots'])} plot(s) in "
-        f"{doc['elapsed_s']:.0f} s"
-    )
-    return doc
 
 
 def print_ratios(doc: dict, out=sys.stdout) -> None:
@@ -195,5 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"python -m bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"python -m bench: interrupted; the suites finished are in {args.out}", file=sys.stderr
+        )
+        return 130
     print_ratios(doc)
     return 0

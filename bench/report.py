@@ -322,6 +322,8 @@ def _pool(p: dict) -> str:
 def markdown(doc: dict) -> str:
     env, limits = doc["environment"], doc.get("limits") or {}
     lines = [f"# gpt2-spec benchmark ({doc['mode']})", ""]
+    if not doc.get("complete", True):
+        lines += ["**Incomplete: the run stopped early; these are the suites it finished.**", ""]
     lines += [
         f"Command: `{doc['command']}`  ",
         f"Started {env['time_utc']}, took "

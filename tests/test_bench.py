@@ -55,7 +55,7 @@ def test_outputs_written(tiny_run):
 def test_schema(tiny_run):
     _, doc = tiny_run
     assert doc["schema"] == cli.SCHEMA
-    assert doc["mode"] == "tiny"
+    assert doc["mode"] == "tiny" and doc["complete"] is True
     for key in (
         "command",
         "options",

@@ -19,7 +19,6 @@ mark of resident memory (VmHWM), so the peak of one call can be read without a s
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import platform
 import statistics
@@ -245,10 +244,10 @@ def thread_settings() -> dict:
         ]
     except ImportError:
         out["threadpools"] = "threadpoolctl not installed"
-    if "numba" in sys.modules:
+    if sys.modules.get("numba") is not None:
         out["numba_threads"] = sys.modules["numba"].get_num_threads()
         out["numba_threading_layer"] = _numba_layer()
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:
         out["torch_threads"] = sys.modules["torch"].get_num_threads()
     return out
 
@@ -262,9 +261,10 @@ def _numba_layer() -> str | None:
 
 def gpu_info() -> dict | None:
     """The GPU torch sees, or None (no torch, or no device)."""
-    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+    try:
+        import torch
+    except ImportError:
         return None
-    import torch
 
     if not torch.cuda.is_available():
         return None

@@ -14,8 +14,6 @@ Each limit is the best (min-time) repeat: the ceiling the other numbers are a fr
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from bench.harness import error_text, llc_bytes, measure, record
@@ -83,12 +81,10 @@ def _cpu(plan: Plan, rng: np.random.Generator) -> tuple[list[dict], dict]:
 
 def _gpu(plan: Plan) -> tuple[list[dict], dict]:
     """Device limits through torch; nothing where torch or a CUDA device is missing."""
-    if "torch" not in sys.modules:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        return [], {}
 
     if not torch.cuda.is_available():
         return [], {}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -207,6 +209,43 @@ def test_finetune_records(tiny_run):
             assert r["metrics"]["tokens_per_s"] == pytest.approx(B * T / r["time_s"]["min"])
         else:
             assert r["reason"].startswith("not available")
+
+
+BARE = """
+import sys
+for name in ("torch", "numba", "triton", "transformers", "matplotlib", "threadpoolctl"):
+    sys.modules[name] = None  # importing it raises ImportError, as where it is not installed
+from bench.cli import main
+sys.exit(main(["--tiny", "--out", sys.argv[1]]))
+"""
+
+
+def test_runs_with_numpy_alone(tmp_path):
+    """Without the optional libraries the reference is still measured, and what could not run
+    says why."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", BARE, str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert doc["complete"] and doc["plots"] == []
+    assert doc["backends"]["ref"]["status"] == "ok"
+    for name in ("numba", "torch", "triton"):
+        assert doc["backends"][name]["status"] == "unavailable"
+    ok = {(r["suite"], r["backend"]) for r in doc["results"] if r["status"] == "ok"}
+    assert {
+        ("ops", "ref"),
+        ("generate", "ref"),
+        ("generate", "ref-nocache"),
+        ("finetune", "ref"),
+    } <= ok
+    assert not any(b.startswith(("torch", "hf")) for _, b in ok)
+    assert "threadpoolctl not installed" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,21 +162,21 @@ def forward(
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.n_vocab})")
     if mask is None:
         mask = np.ones((B, T), dtype=bool)
-    P = 0 if cache is None else cache.length
+    if mask.shape != (B, T):
+        raise ValueError(f"mask has shape {mask.shape}, expected that of ids {(B, T)}")
+    if cache is None:
+        P, n_before, key_mask = 0, np.zeros(B, np.int64), mask  # key_mask (B, T)
+        limit, what = cfg.n_ctx, "the model's context"
+    else:
+        if cache.n_real.shape != (B,):
+            raise ValueError(f"ids have {B} rows but the KV cache holds {len(cache.n_real)}")
+        P, n_before = cache.length, cache.n_real
+        key_mask = np.concatenate([cache.mask[:, :P], mask], axis=1)  # (B, P+T)
+        limit, what = cache.capacity, "the KV cache"
     # a row's position never passes its slot (P + t), so fitting the slots fits wpe too
-    limit, what = (
-        (cfg.n_ctx, "the model's context") if cache is None else (cache.capacity, "the KV cache")
-    )
     if P + T > limit:
         raise ContextLengthError(f"{P + T} tokens exceed {what} of {limit} positions")
-    n_before = np.zeros(B, np.int64) if cache is None else cache.n_real
     pos = positions(mask, n_before)  # (B, T)
-    if cache is not None:
-        cache.mask[:, P : P + T] = mask
-        cache.n_real = cache.n_real + mask.sum(axis=1)
-        key_mask = cache.mask[:, : P + T]  # (B, P+T)
-    else:
-        key_mask = mask  # (B, T)
     if key_mask.all():
         key_mask = None  # nothing to hide: let the attention op take its fast path
 
@@ -189,7 +189,9 @@ def forward(
         x = transformer_block(x, **block, **shared, kv=kv, tape=bt)  # (B, T, C)
         if tape is not None:
             blocks_tape.append(bt)
-    if cache is not None:
+    if cache is not None:  # only now: a forward that raised leaves the cache as it was
+        cache.mask[:, P : P + T] = mask
+        cache.n_real = n_before + mask.sum(axis=1)
         cache.length = P + T
     if last_only:
         x = x[:, -1:]  # (B, 1, C)

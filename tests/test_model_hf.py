@@ -170,6 +170,37 @@ def test_left_padded_batch_equals_rows_alone(hf_model, prompts):
         np.testing.assert_allclose(step[b], alone[-1], rtol=0, atol=PROPERTY_ATOL)
 
 
+def test_a_forward_that_raises_leaves_the_cache_as_it_was(hf_model):
+    """The cache's mask, row counts and length change only once a forward has finished, so a
+    step that failed midway (here in layer 1's attention) can be run again."""
+    from types import SimpleNamespace
+
+    from ref import ops
+
+    ids = np.array([[5, 17, 300, 2, 9, 44, 1000, 7]])
+    cache = hf_model.new_cache(1, 8)
+    hf_model.forward(ids[:, :5], cache=cache)
+    calls = []
+
+    def attention_once(*args):  # layer 0 runs (and writes its keys), layer 1 fails
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("attention failed")
+        return ops.attention_forward(*args)
+
+    bad = SimpleNamespace(**{**vars(ops), "attention_forward": attention_once})
+    with pytest.raises(RuntimeError, match="attention failed"):
+        forward(hf_model.params, ids[:, 5:], hf_model.cfg, cache=cache, ops=bad)
+    assert cache.length == 5 and cache.n_real.tolist() == [5] and not cache.mask[0, 5:].any()
+    again = hf_model.forward(ids[:, 5:], cache=cache)[0]
+    full = hf_model.forward(ids)[0]
+    np.testing.assert_allclose(again, full[5:], rtol=0, atol=PROPERTY_ATOL)
+    with pytest.raises(ValueError, match="mask has shape"):
+        hf_model.forward(ids, mask=np.ones((1, 3), bool))
+    with pytest.raises(ValueError, match="KV cache holds 2"):
+        hf_model.forward(ids[:, :2], cache=hf_model.new_cache(2, 8))
+
+
 @given(ids=st.lists(token_ids, min_size=2, max_size=40), data=st.data())
 def test_later_tokens_never_change_earlier_logits(hf_model, ids, data):
     j = data.draw(st.integers(1, len(ids) - 1))

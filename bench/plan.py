@@ -25,7 +25,7 @@ class Plan:
     widths: list[tuple[str, GPT2Config]]  # (size name, cfg) whose widths the ops suite sweeps
     models: list[tuple[str, GPT2Config]]  # (size name, cfg) for generate and finetune
     # harness
-    budget_s: float = 0.3  # timed seconds per measurement (at least min_repeats calls)
+    budget_s: float = 0.25  # timed seconds per measurement (at least min_repeats calls)
     max_repeats: int = 30
     heavy_repeats: int = 2  # timed repeats of a model forward (prefill), after one warm-up
     # limits
@@ -34,7 +34,8 @@ class Plan:
     gpu_stream_bytes: int = 1024**3
     gpu_matmul_n: int = 8192
     # ops
-    rows: list[int] = field(default_factory=lambda: [1, 64, 1024, 4096])  # N = B * T
+    # N = B * T: one decode token, one 1024-token sequence, a B=4 x T=1024 training batch
+    rows: list[int] = field(default_factory=lambda: [1, 1024, 4096])
     linear_max_rows: int = 1024  # linear at rows up to this (a matmul at N=4096 adds little)
     attn_T: list[int] = field(default_factory=lambda: [128, 1024])  # prefill, Tq = Tk
     attn_decode_Tk: list[int] = field(default_factory=lambda: [1024])  # decode, Tq = 1

@@ -32,6 +32,8 @@ def read_text(path: str) -> str:
         raise UsageError(f"{path}: not UTF-8 text ({e})") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:  # no permission, a path through a file, an I/O error
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -218,6 +218,8 @@ def _read(path: str) -> str:
         raise UsageError(f"--prompt-file {path}: is a directory") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"--prompt-file {path}: not UTF-8 text ({e})") from None
+    except OSError as e:  # no permission, a path through a file, an I/O error
+        raise UsageError(f"--prompt-file {path}: cannot read ({e.strerror or e})") from None
 
 
 class StreamPrinter:

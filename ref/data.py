@@ -97,7 +97,10 @@ def read_instructions(path: str) -> list[dict]:
             data = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of records")

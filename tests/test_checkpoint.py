@@ -17,6 +17,7 @@ from tiny_model import tiny_params
 
 from gpt2.cli import main
 from ref.config import GPT2Config
+from ref.data import DataError, read_instructions
 from ref.model import forward
 from weights import checkpoint, loader
 from weights import safetensors as sft
@@ -388,6 +389,11 @@ def test_data_and_out_errors(files, capsys, tmp_path):
         == 2
     )
     assert "'output'" in capsys.readouterr().err
+    # unreadable paths (here through a file: NotADirectoryError) name the file, no traceback
+    assert main(["eval", str(files / "data.txt" / "x")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(DataError, match="cannot read"):
+        read_instructions(str(tmp_path))
 
 
 def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):

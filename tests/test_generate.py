@@ -552,6 +552,8 @@ def test_cli_instruction_prints_only_the_response(cli):
         (["--logprobs"], "--logprobs"),
         (["--input", "x"], "--input"),
         (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file"),
+        # a path through a file: NotADirectoryError was a traceback
+        (["--prompt-file", os.path.join(os.path.abspath(__file__), "p.txt")], "--prompt-file"),
     ],
 )
 def test_cli_rejects_bad_flags_before_loading(cli, argv, flag):

@@ -202,6 +202,10 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     given = _explicit(args)
     if args.resume is None:
         _check(args.out is not None, "--out DIR is required (or --resume DIR)")
+        _check(
+            not os.path.exists(args.out) or os.path.isdir(args.out),
+            f"--out {args.out}: exists and is not a directory",
+        )
         s = {**DEFAULTS, **given}
         if s["model"] is not None and os.path.exists(s["model"]):
             _check(

@@ -394,6 +394,13 @@ def test_data_and_out_errors(files, capsys, tmp_path):
     assert "cannot read" in capsys.readouterr().err
     with pytest.raises(DataError, match="cannot read"):
         read_instructions(str(tmp_path))
+    # --out naming a file: refused before training (the save at the end was a traceback)
+    (tmp_path / "afile").write_text("x")
+    out_file = str(tmp_path / "afile")
+    assert main(["finetune", "--data", str(files / "data.txt"), "--out", out_file]) == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(checkpoint.WeightsError, match="cannot create the checkpoint directory"):
+        checkpoint.save(str(tmp_path / "afile"), CFG, {}, {"step": 1}, {"m": {}, "v": {}})
 
 
 def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):

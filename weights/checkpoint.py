@@ -79,9 +79,13 @@ def write_json(path: str, obj) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk, a read-only directory
+            raise WeightsError(
+                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
+            ) from None
         raise
 
 
@@ -105,7 +109,10 @@ def save(
     "step"; moments: {"m": {name: array}, "v": {...}}; adapters: the LoRA tensors, flat.
     """
     step = int(state["step"])
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        raise WeightsError(f"{directory}: cannot create the checkpoint directory ({e})") from None
     for leftover in glob.glob(os.path.join(directory, "*.tmp-*")):
         os.remove(leftover)  # a save killed earlier left these; nothing refers to them
     opt_name = f"optimizer-{step:08d}.safetensors"

@@ -44,7 +44,8 @@ class Model:
 
 
 def load(model: str = "124M", backend: str = "ref", cache_dir: str | None = None):
-    """Load `model` (a size name, a model directory or a .safetensors file) on `backend`."""
+    """Load `model` (a size name, a model directory or a .safetensors file) on `backend`:
+    a `Model` on the numpy backends, a `fast.torch_model.TorchModel` on torch and triton."""
     get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir)
     if backend in NUMPY_BACKENDS:
@@ -205,7 +206,13 @@ def instruct(
     return r
 
 
-def evaluate(model, text: str | list[int], stride: int | None = None, progress=None):
-    """Mean cross-entropy (nats/token) and perplexity of `text`."""
+def evaluate(
+    model,
+    text: str | list[int],
+    stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ref_evaluate.EvalResult:
+    """Mean cross-entropy (nats/token) and perplexity of `text`; `progress(done, total)` is
+    called after each window (see `ref.evaluate` for the windows and `stride`)."""
     ids = encode(text) if isinstance(text, str) else list(text)
     return ref_evaluate.evaluate(model, ids, stride=stride, progress=progress)

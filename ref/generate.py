@@ -1,7 +1,8 @@
 """The decoding loops: prefill the prompts, then one token per step from the KV cache.
 
 Shape legend: P = prompts, R = rows decoded together (P * samples, or P * beams),
-T = padded prompt length, K = num_beams, V = vocabulary.
+b = rows (or, in beam search, prompts) still running, T = padded prompt length,
+K = num_beams, t = tokens generated so far, V = vocabulary.
 
 A `model` is anything with `cfg`, `new_cache(batch, capacity)` (a cache with
 `select(rows)`) and `forward(ids, cache=..., mask=..., last_only=...) -> logits (B, T, V)`

@@ -343,23 +343,11 @@ def run(args: argparse.Namespace) -> int:
     return _finetune(s, state, out_dir, args, ops)
 
 
-def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
-    from gpt2.progress import Progress
-    from ref.lora import adapter_tensors, lora_targets, merge_lora
-    from ref.train import TrainConfig, train
-    from weights import checkpoint
-    from weights.tokenizer import decode
+def train_config(s: dict, steps: int):
+    """The `ref.train.TrainConfig` of the run's settings."""
+    from ref.train import TrainConfig
 
-    cfg, params, tstate = build(s, state, args.resume, args.cache_dir)
-    train_split, val_split = load_data(s, cfg.n_ctx)
-    steps = total_steps(s, len(train_split))
-    if tstate is not None and tstate.step >= steps:
-        raise UsageError(
-            f"--resume {args.resume}: the run is already at step {tstate.step} of "
-            f"{steps}; pass a larger --steps to continue"
-        )
-    lora = s["lora_rank"] > 0
-    tcfg = TrainConfig(
+    return TrainConfig(
         steps=steps,
         batch_size=s["batch_size"],
         grad_accum=s["grad_accum"],
@@ -374,9 +362,47 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
         save_every=s["save_every"],
         seed=s["seed"],
         mask_prompt=bool(s["mask_prompt"]),
-        train="lora" if lora else "all",
+        train="lora" if s["lora_rank"] > 0 else "all",
         n_samples=s["samples"],
     )
+
+
+def checkpoint_state(s: dict, step: int, steps: int, n_train: int, last_loss: float | None) -> dict:
+    """The training state a checkpoint stores: step, settings and where the data stands."""
+    from ref.data import batches_per_epoch
+
+    per_epoch = batches_per_epoch(n_train, s["batch_size"])
+    consumed = step * s["grad_accum"]
+    return {
+        "step": step,
+        "total_steps": steps,
+        "settings": s,
+        "data_position": {
+            "micro_batches": consumed,
+            "epoch": consumed // per_epoch,
+            "batch_in_epoch": consumed % per_epoch,
+        },
+        "last_loss": last_loss,
+    }
+
+
+def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
+    from gpt2.progress import Progress
+    from ref.lora import adapter_tensors, lora_targets, merge_lora
+    from ref.train import train
+    from weights import checkpoint
+    from weights.tokenizer import decode
+
+    cfg, params, tstate = build(s, state, args.resume, args.cache_dir)
+    train_split, val_split = load_data(s, cfg.n_ctx)
+    steps = total_steps(s, len(train_split))
+    if tstate is not None and tstate.step >= steps:
+        raise UsageError(
+            f"--resume {args.resume}: the run is already at step {tstate.step} of "
+            f"{steps}; pass a larger --steps to continue"
+        )
+    lora = s["lora_rank"] > 0
+    tcfg = train_config(s, steps)
     bar = Progress(steps, desc="finetune", unit=" step", enabled=False if args.json else None)
     bar.set(tstate.step if tstate else 0)
     last: dict = {}
@@ -401,21 +427,7 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
             print(f"--- {decode(e['prompt'])!r}\n{decode(e['response'])}", flush=True)
 
     def save(p: dict, st) -> None:
-        from ref.data import batches_per_epoch
-
-        per_epoch = batches_per_epoch(len(train_split), s["batch_size"])
-        consumed = st.step * s["grad_accum"]
-        train_state = {
-            "step": st.step,
-            "total_steps": steps,
-            "settings": s,
-            "data_position": {
-                "micro_batches": consumed,
-                "epoch": consumed // per_epoch,
-                "batch_in_epoch": consumed % per_epoch,
-            },
-            "last_loss": last.get("loss"),
-        }
+        train_state = checkpoint_state(s, st.step, steps, len(train_split), last.get("loss"))
         adapters = adapter_tensors(p) if lora else None
         adapter_cfg = None
         if lora:

@@ -249,21 +249,22 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf-tiny")
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="tests/fixtures/hf-tiny is missing")
-def test_cli_generate_and_eval_torch_equal_ref(tmp_path, capsys):
+def test_cli_generate_and_eval_torch_and_triton_equal_ref(tmp_path, capsys):
     from gpt2.cli import main
 
     results = {}
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 3, encoding="utf-8")
-    for backend in ("ref", "torch"):
+    for backend in ("ref", "torch", "triton"):
         argv = ["generate", "Hello, I am", "--model", FIXTURE, "--backend", backend]
         assert main([*argv, "--max-new-tokens", "6", "--json"]) == 0
         gen = json.loads(capsys.readouterr().out)
         assert main(["eval", str(text), "--model", FIXTURE, "--backend", backend, "--json"]) == 0
         ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         results[backend] = (gen["completions"][0]["token_ids"], ev["loss"])
-    assert results["torch"][0] == results["ref"][0]
-    assert abs(results["torch"][1] - results["ref"][1]) < 1e-5  # mean of ~30 float32 losses
+    for backend in ("torch", "triton"):
+        assert results[backend][0] == results["ref"][0], backend
+        assert abs(results[backend][1] - results["ref"][1]) < 1e-5  # mean of ~30 float32 losses
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

@@ -38,6 +38,7 @@ from ref.sampling import (
     SamplingParams,
     check_params,
     choose,
+    is_int,
     log_softmax,
     penalize,
 )
@@ -76,11 +77,11 @@ def check_generate_args(
     stop: Sequence[str] = (),
 ) -> None:
     """Raise SamplingError naming the first argument out of range (before any work)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise SamplingError("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise SamplingError("num_beams", f"must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+    if not is_int(num_return_sequences) or num_return_sequences < 1:
         raise SamplingError(
             "num_return_sequences", f"must be an integer >= 1, got {num_return_sequences!r}"
         )

@@ -63,7 +63,8 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """A Python or numpy integer, and not a bool (True would pass for 1)."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -79,7 +80,7 @@ def check_params(p: SamplingParams, n_vocab: int | None = None) -> None:
     """Raise SamplingError naming the first parameter out of range."""
     if _finite("temperature", p.temperature) < 0:
         raise SamplingError("temperature", f"must be >= 0 (0 is greedy), got {p.temperature}")
-    if not _is_int(p.top_k) or p.top_k < 0:
+    if not is_int(p.top_k) or p.top_k < 0:
         raise SamplingError("top_k", f"must be an integer >= 0 (0 is off), got {p.top_k!r}")
     if not 0.0 < _finite("top_p", p.top_p) <= 1.0:
         raise SamplingError("top_p", f"must be in (0, 1] (1 is off), got {p.top_p}")
@@ -91,7 +92,7 @@ def check_params(p: SamplingParams, n_vocab: int | None = None) -> None:
         )
     _finite("frequency_penalty", p.frequency_penalty)
     _finite("presence_penalty", p.presence_penalty)
-    if not _is_int(p.no_repeat_ngram_size) or p.no_repeat_ngram_size < 0:
+    if not is_int(p.no_repeat_ngram_size) or p.no_repeat_ngram_size < 0:
         raise SamplingError(
             "no_repeat_ngram_size",
             f"must be an integer >= 0 (0 is off), got {p.no_repeat_ngram_size!r}",
@@ -99,7 +100,7 @@ def check_params(p: SamplingParams, n_vocab: int | None = None) -> None:
     if not isinstance(p.logit_bias, dict):
         raise SamplingError("logit_bias", f"must be a dict {{id: bias}}, got {p.logit_bias!r}")
     for tok, bias in p.logit_bias.items():
-        if not _is_int(tok) or tok < 0 or (n_vocab is not None and tok >= n_vocab):
+        if not is_int(tok) or tok < 0 or (n_vocab is not None and tok >= n_vocab):
             where = ">= 0" if n_vocab is None else f"in [0, {n_vocab}) (the vocabulary)"
             raise SamplingError("logit_bias", f"token id must be an integer {where}, got {tok!r}")
         if not isinstance(bias, (int, float, np.floating)) or isinstance(bias, bool):

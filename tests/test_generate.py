@@ -378,6 +378,7 @@ def test_samples_per_prompt_share_one_prefill():
     "kw, field",
     [
         (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=True), "max_new_tokens"),  # a bool is not a count
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(num_beams=2, temperature=0.5), "num_beams"),
@@ -392,6 +393,11 @@ def test_api_rejects_bad_arguments(kw, field):
     with pytest.raises(SamplingError) as e:
         api.generate_batch(tiny_model(), [[1, 2]], **{"max_new_tokens": 4, **kw})
     assert e.value.field == field
+
+
+def test_numpy_integer_counts_are_accepted():
+    (r,) = api.generate(tiny_model(), [1, 2], max_new_tokens=np.int64(3), eos_id=None)
+    assert len(r.token_ids) == 3
 
 
 def test_token_ids_outside_the_vocabulary_and_no_prompts_are_rejected():

@@ -326,9 +326,10 @@ def finetune(args) -> int:
     """`gpt2 finetune` on a torch backend; gpt2/cmd_finetune.py calls it with the run's
     settings set on `args` (its DEFAULTS keys, plus out, resume, json, backend, cache_dir).
 
-    The model, data, step count and checkpoints are cmd_finetune's own (`build`,
-    `load_data`, `total_steps`, weights/checkpoint.py), so a run saved by one backend resumes
-    on another. Under torchrun every rank runs this; rank 0 alone prints and saves.
+    The model, data, step count, TrainConfig and checkpoint state are cmd_finetune's own
+    (`build`, `load_data`, `total_steps`, `train_config`, `checkpoint_state`), saved by
+    weights/checkpoint.py, so a run saved by one backend resumes on another. Under torchrun
+    every rank runs this; rank 0 alone prints and saves.
     """
     import json
 
@@ -353,24 +354,7 @@ def finetune(args) -> int:
             f"--resume {resume}: the run is already at step {state.step} of {steps}; "
             "pass a larger --steps to continue"
         )
-    tcfg = TrainConfig(
-        steps=steps,
-        batch_size=s["batch_size"],
-        grad_accum=s["grad_accum"],
-        lr=s["lr"],
-        warmup=s["warmup"],
-        min_lr_ratio=s["min_lr_ratio"],
-        weight_decay=s["weight_decay"],
-        decay=s["decay"],
-        grad_clip=s["grad_clip"],
-        eval_every=s["eval_every"],
-        eval_batches=s["eval_batches"],
-        save_every=s["save_every"],
-        seed=s["seed"],
-        mask_prompt=bool(s["mask_prompt"]),
-        train="lora" if s["lora_rank"] > 0 else "all",
-        n_samples=s["samples"],
-    )
+    tcfg = cf.train_config(s, steps)
     out_dir = resume or args.out
     as_json = bool(getattr(args, "json", False))
     last: dict = {}
@@ -398,23 +382,8 @@ def finetune(args) -> int:
             print(f"--- {e['prompt']!r}\n{e['response']}", flush=True)
 
     def save(p: dict, st: TrainState) -> None:
-        from ref.data import batches_per_epoch
-
-        consumed = st.step * s["grad_accum"]
-        per_epoch = batches_per_epoch(len(train_split), s["batch_size"])
-        info = {
-            "step": st.step,
-            "total_steps": steps,
-            "settings": s,
-            "data_position": {
-                "micro_batches": consumed,
-                "epoch": consumed // per_epoch,
-                "batch_in_epoch": consumed % per_epoch,
-            },
-            "last_loss": last.get("loss"),
-            "backend": args.backend,
-            "world_size": world,
-        }
+        info = cf.checkpoint_state(s, st.step, steps, len(train_split), last.get("loss"))
+        info.update(backend=args.backend, world_size=world)
         checkpoint.save(out_dir, cfg, p, info, {"m": st.opt["m"], "v": st.opt["v"]})
         if as_json:
             print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)

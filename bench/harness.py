@@ -10,7 +10,8 @@ Caches: an op whose working set is smaller than `FLUSH_FACTOR` x the last-level 
 with the cache flushed before every call (a buffer of twice the LLC is rewritten), so it reads
 its inputs from DRAM as it would inside a model whose weights and activations do not fit in
 cache. Larger working sets evict themselves. Every record says which ("flushed" or
-"exceeds-llc").
+"exceeds-llc"). An op whose output fits in the LLC can still beat the copy bandwidth: its
+writes stay in cache until after the timed call (the largest shapes do not have that edge).
 
 Peak memory: on Linux, writing 5 to /proc/self/clear_refs resets the process's high-water
 mark of resident memory (VmHWM), so the peak of one call can be read without a subprocess.

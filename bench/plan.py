@@ -112,7 +112,8 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             matmul_n=1024,
             gpu_stream_bytes=256 * 1024**2,
             gpu_matmul_n=4096,
-            rows=[1024],
+            rows=[4096],  # the output far exceeds the LLC: writes reach memory in the timing
+            linear_max_rows=4096,
             attn_T=[1024],
             attn_decode_Tk=[],
             ce_rows=[256],

@@ -58,8 +58,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
-    """(kernel, dtype, constexprs) as the launchers use them, at GPT-2's sizes (head sizes
-    64 and 128). quick: one configuration per kernel."""
+    """(kernel, dtype, constexprs, num_warps) as the launchers use them, at GPT-2's sizes
+    (head sizes 64 and 128). quick: one configuration per kernel."""
     from fast import triton_attention as ta
     from fast import triton_crossentropy as tc
     from fast import triton_gelu as tg
@@ -68,11 +68,12 @@ def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
     both = (True,) if quick else (False, True)
     for dt in dtypes:
         for block_c in (1024,) if quick else (1024, 2048):  # C = 768 (124M), 1600 (1558M)
-            yield tln._layernorm_fwd_kernel, dt, {"BLOCK_C": block_c}
-            yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}
+            warps = tln._warps(block_c)
+            yield tln._layernorm_fwd_kernel, dt, {"BLOCK_C": block_c}, warps
+            yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}, warps
         for has_bias in both:
-            yield tg._gelu_fwd_kernel, dt, {"HAS_BIAS": has_bias, "BLOCK": tg.BLOCK}
-        yield tg._gelu_bwd_kernel, dt, {"BLOCK": tg.BLOCK}
+            yield tg._gelu_fwd_kernel, dt, {"HAS_BIAS": has_bias, "BLOCK": tg.BLOCK}, 4
+        yield tg._gelu_bwd_kernel, dt, {"BLOCK": tg.BLOCK}, 4
         precision = "ieee" if dt == "fp32" else "tf32"
         elem = 4 if dt == "fp32" else 2
         configs = [
@@ -84,12 +85,12 @@ def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
         for bd, bm, bn in configs[:1] if quick else configs:
             for mask in both:
                 cfg = {"HAS_MASK": mask, "PRECISION": precision, "BM": bm, "BN": bn, "BD": bd}
-                yield ta._attn_fwd_kernel, dt, cfg
-                yield ta._attn_bwd_dkdv_kernel, dt, cfg
-                yield ta._attn_bwd_dq_kernel, dt, cfg
+                yield ta._attn_fwd_kernel, dt, cfg, 4
+                yield ta._attn_bwd_dkdv_kernel, dt, cfg, 4
+                yield ta._attn_bwd_dq_kernel, dt, cfg, 4
         for fused in both:
-            yield tc._ce_fwd_kernel, dt, {"COMPUTE_GRAD": fused, "BV": tc.BLOCK_V}
-        yield tc._ce_bwd_kernel, dt, {"BV": tc.BLOCK_V}
+            yield tc._ce_fwd_kernel, dt, {"COMPUTE_GRAD": fused, "BV": tc.BLOCK_V}, tc.NUM_WARPS
+        yield tc._ce_bwd_kernel, dt, {"BV": tc.BLOCK_V}, tc.NUM_WARPS
 
 
 def compile_all(
@@ -108,13 +109,13 @@ def compile_all(
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for fn, dt, constexprs in cases(list(dtypes), arch, quick):
+    for fn, dt, constexprs, warps in cases(list(dtypes), arch, quick):
         if only and fn.__name__ not in only:
             continue
         src = ASTSource(fn, signature(fn, dt, constexprs), constexprs=constexprs)
         name = fn.__name__
         try:
-            k = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
+            k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 3})
             results.append(Result(name, dt, constexprs, int(k.metadata.shared)))
         except Exception as e:  # report every failing case, not only the first
             results.append(Result(name, dt, constexprs, -1, f"{type(e).__name__}: {e}"))

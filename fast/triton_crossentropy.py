@@ -26,6 +26,7 @@ import triton.language as tl
 from fast.triton_common import check_device, check_float
 
 BLOCK_V = 4096
+NUM_WARPS = 8  # 4096-column blocks: 16 values per thread, in registers
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def _forward(logits, targets, ignore_index: int, fused: bool):
     if N:
         _ce_fwd_kernel[(N,)](
             logits, targets, losses, lse, grad, inv_count, V, ignore_index,
-            COMPUTE_GRAD=fused, BV=BV,
+            COMPUTE_GRAD=fused, BV=BV, num_warps=NUM_WARPS,
         )  # fmt: skip
     loss = losses.sum() / count  # () float32
     return loss, (logits, targets, lse, count, grad if fused else None, ignore_index)
@@ -155,7 +156,7 @@ def crossentropy_backward(dloss, cache) -> torch.Tensor:
     if N:
         _ce_bwd_kernel[(N,)](
             logits, targets, lse, coef, dlogits, V, ignore_index,
-            BV=min(BLOCK_V, triton.next_power_of_2(V)),
+            BV=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=NUM_WARPS,
         )  # fmt: skip
     return dlogits
 

@@ -94,6 +94,12 @@ def _layernorm_bwd_kernel(
     tl.store(db_part_ptr + group * C + cols, db, mask=inside)
 
 
+def _warps(block_c: int) -> int:
+    """One warp per 256 columns, 1 to 8 (Triton's tutorial 05): a row's values stay in
+    registers without spilling, and short rows do not idle most of the threads."""
+    return min(max(block_c // 256, 1), 8)
+
+
 def _check(op: str, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None) -> int:
     check_float(op, x=x, g=g, b=b)
     check_device(_layernorm_fwd_kernel, op, x=x, g=g, b=b)
@@ -117,8 +123,9 @@ def layernorm_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: fl
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     if N:
         _layernorm_fwd_kernel[(N,)](
-            x2d, g.contiguous(), b.contiguous(), out, mean, rstd, C, eps, BLOCK_C=BLOCK_C
-        )
+            x2d, g.contiguous(), b.contiguous(), out, mean, rstd, C, eps, BLOCK_C=BLOCK_C,
+            num_warps=_warps(BLOCK_C),
+        )  # fmt: skip
     return out.reshape(x.shape), (x2d, g, mean, rstd)
 
 
@@ -143,7 +150,7 @@ def layernorm_backward(dout: torch.Tensor, cache):
     if N:
         _layernorm_bwd_kernel[(n_groups,)](
             dout2d, x2d, g.contiguous(), mean, rstd, dx, dg_part, db_part,
-            N, C, rows_per_group, BLOCK_C=BLOCK_C,
+            N, C, rows_per_group, BLOCK_C=BLOCK_C, num_warps=_warps(BLOCK_C),
         )  # fmt: skip
     dg = dg_part.sum(dim=0).to(g.dtype)  # (C,)
     db = db_part.sum(dim=0).to(g.dtype)  # (C,)

@@ -63,6 +63,7 @@ from collections.abc import Iterator
 
 from ref.config import SIZES, canonical_size
 from weights import WeightsError
+from weights.checkpoint import write_json
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 HF_URL = "https://huggingface.co"
@@ -188,15 +189,6 @@ def _read_json(path: str) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _valid_name(name: object) -> bool:
@@ -577,7 +569,7 @@ def _download_source(
             continue
         records[name] = fetch(url, dest, source=source, **kw)
         partial[name] = records[name]
-        _write_json_atomic(partial_path, partial)
+        write_json(partial_path, partial)
     return records
 
 
@@ -627,7 +619,7 @@ def download(
                 errors.append((src, WeightsError(f"{directory}: cannot write ({e})")))
                 continue
             manifest = {"format": 1, "model": size, "source": src, "files": records}
-            _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+            write_json(os.path.join(directory, MANIFEST), manifest)
             _remove(os.path.join(directory, PARTIAL))
             return directory
     if len(errors) == 1:

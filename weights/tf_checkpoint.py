@@ -389,12 +389,6 @@ def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def _handle(value: bytes) -> tuple[int, int]:
-    offset, pos = _varint(value, 0)
-    size, _ = _varint(value, pos)
-    return offset, size
-
-
 def read_table(path: str) -> list[tuple[bytes, bytes]]:
     """All (key, value) pairs of a LevelDB-style table file, in key order."""
     try:
@@ -419,7 +413,8 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
         _read_block(raw, metaindex, "metaindex")  # unused (no filters), but checked
         entries = []
         for last_key, value in _block_entries(_read_block(raw, index, "index")):
-            block_entries = _block_entries(_read_block(raw, _handle(value), "data"))
+            handle, _ = _handle_at(value, 0)
+            block_entries = _block_entries(_read_block(raw, handle, "data"))
             if block_entries and block_entries[-1][0] > last_key:
                 raise _Malformed("a data block holds keys past its index entry")
             entries += block_entries
@@ -432,6 +427,7 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
 
 
 def _handle_at(buf: bytes, pos: int) -> tuple[tuple[int, int], int]:
+    """A block handle (two varints: offset, size) at `pos` -> (handle, position after it)."""
     offset, pos = _varint(buf, pos)
     size, pos = _varint(buf, pos)
     return (offset, size), pos

@@ -148,9 +148,10 @@ def instruction_batch(
     ids = padded[:-1], targets = padded[1:]. Targets j < n - 1 predict the example's own
     tokens and j = n - 1 the end token; targets j >= n are padding and become -100, and with
     `mask_prompt` so do targets j < prompt_len - 1 (they predict prompt tokens). Rows are cut
-    to T inputs, T' = min(longest + 1, T).
+    to T inputs, T' = min(longest, T): the longest row's end token is the target of its last
+    input, and a column more would hold padding alone.
     """
-    width = max(len(tok) for tok, _ in examples) + 1  # the longest row plus its end token
+    width = max(len(tok) for tok, _ in examples)  # the longest row + its end token, minus one
     ids = np.full((len(examples), width), pad_id, np.int64)  # (B, width): padded[:-1]
     targets = np.full((len(examples), width), IGNORE, np.int64)  # (B, width)
     for r, (tok, n_prompt) in enumerate(examples):

@@ -256,7 +256,8 @@ examples_st = st.lists(
 def test_instruction_batch_ignores_exactly_the_intended_targets(examples, T, mask_prompt):
     examples = [(tok, min(n_prompt, len(tok))) for tok, n_prompt in examples]
     ids, targets = instruction_batch(examples, T, mask_prompt)
-    width = min(max(len(t) for t, _ in examples) + 1, T)
+    # no column of padding alone (one was once added: compute for nothing)
+    width = min(max(len(t) for t, _ in examples), T)
     assert ids.shape == targets.shape == (len(examples), width)
     for r, (tok, n_prompt) in enumerate(examples):
         n = len(tok)
@@ -266,7 +267,7 @@ def test_instruction_batch_ignores_exactly_the_intended_targets(examples, T, mas
             ignored = j >= n or (mask_prompt and j < n_prompt - 1)
             # position j predicts row[j + 1]: the example's next token or its first end token
             assert targets[r, j] == (IGNORE if ignored else row[j + 1]), (r, j)
-        if n < width and not (mask_prompt and n_prompt - 1 > n - 1):
+        if n <= width and not (mask_prompt and n_prompt - 1 > n - 1):
             assert targets[r, n - 1] == EOT  # the model learns to stop
 
 

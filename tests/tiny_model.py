@@ -18,12 +18,8 @@ def tiny_params(cfg: GPT2Config, seed: int = 0, dtype=np.float32) -> dict:
     rng = np.random.default_rng(seed)
     flat = {}
     for name, shape in expected_shapes(cfg).items():
-        if name.endswith("/g"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("/b"):
-            a = 0.02 * rng.standard_normal(shape)
-        else:
-            a = 0.02 * rng.standard_normal(shape)
+        z = rng.standard_normal(shape)
+        a = 1.0 + 0.1 * z if name.endswith("/g") else 0.02 * z
         flat[name] = a.astype(dtype)
     return nest(flat, cfg)
 

@@ -59,13 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fast import BackendUnavailable
     from weights import WeightsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (UsageError, WeightsError, ValueError, FileNotFoundError) as e:
+    except (UsageError, WeightsError, ValueError, FileNotFoundError, BackendUnavailable) as e:
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -905,19 +905,6 @@ def test_instruction_data(tmp_path_factory, raw):
     except DataError as e:
         _message(e)
         return
-    except (RecursionError, ValueError) as e:
-        # KNOWN BUG in ref/data.py (not this test's file; reported to its owner):
-        # read_instructions catches only JSONDecodeError and UnicodeDecodeError, so deep
-        # nesting (RecursionError) and integers past Python's digit limit (a plain
-        # ValueError) escape without the file's name, and `gpt2 finetune` shows a traceback
-        # for the first. Tolerated here, loudly; delete this clause when fixed.
-        if isinstance(e, DataError) or not (
-            isinstance(e, RecursionError) or "integer string conversion" in str(e)
-        ):
-            raise
-        CASES[f"known_bug:read_instructions_{type(e).__name__}"] += 1
-        warnings.warn(f"KNOWN BUG ref/data.py, read_instructions: {type(e).__name__}", stacklevel=1)
-        return
     for ids, n_prompt in train.examples + val.examples:
         assert all(0 <= i < EOT_ID for i in ids)  # no record can smuggle in the special token
         assert 0 < n_prompt <= len(ids)

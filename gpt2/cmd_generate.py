@@ -259,6 +259,13 @@ def run(args: argparse.Namespace) -> int:
         check_params(params, model.cfg.n_vocab)
     except SamplingError as e:
         raise UsageError(f"{flag(e.field)} {e.reason}") from None
+    prompt_ids = [encode(p) for p in prompts]
+    longest = max(max(len(ids), 1) for ids in prompt_ids)  # "" starts from <|endoftext|>
+    if longest + args.max_new_tokens > model.cfg.n_ctx:  # checked before the prompt streams
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens} after a prompt of {longest} tokens "
+            f"exceeds the model's context of {model.cfg.n_ctx}"
+        )
     instruct = args.instruction is not None
     stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
     n = args.num_return_sequences
@@ -271,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = generate_batch(
             model,
-            prompts,
+            prompt_ids,
             args.max_new_tokens,
             **{k: getattr(params, k) for k in params.__dataclass_fields__},
             num_beams=args.num_beams,
@@ -298,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"--- prompt {i + 1}, completion {j + 1}{score} ---")
                 print(r.text if instruct else prompt + r.text)
     else:
-        for prompt, rs in zip(prompts, results, strict=True):
+        for prompt, ids, rs in zip(prompts, prompt_ids, results, strict=True):
             completions = []
             for r in rs:
                 c = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
@@ -309,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
                 completions.append(c)
             obj = {
                 "prompt": prompt,
-                "prompt_token_ids": encode(prompt),
+                "prompt_token_ids": ids,
                 "model": args.model,
                 "backend": args.backend,
                 "completions": completions,

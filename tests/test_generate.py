@@ -464,6 +464,11 @@ def test_cli_streams_prompt_and_completion(cli):
     assert (rc, out) == (0, "Once upon a\n")
 
 
+def test_cli_context_overflow_is_a_flag_error_before_any_output(cli):
+    rc, out, err = cli(["Once", "--max-new-tokens", "1024"])  # ScriptModel: n_ctx 1024
+    assert rc == 2 and out == "" and "--max-new-tokens 1024" in err
+
+
 def test_cli_stop_and_every_option_together(cli):
     rc, out, _ = cli(["Once", "--stop", " end", "--stop", "zz"], script=" the end")
     assert (rc, out) == (0, "Once the\n")

@@ -91,6 +91,8 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
     from gpt2.cli import UsageError
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     suites = _suites(args.suite)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     try:

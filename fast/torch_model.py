@@ -22,7 +22,7 @@ import torch
 
 from fast import get_backend
 from ref.config import GPT2Config
-from ref.model import ContextLengthError
+from ref.model import ContextLengthError, check_ids
 
 
 def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
@@ -198,7 +198,9 @@ class TorchModel:
         last_only: bool = False,
     ) -> np.ndarray:
         """ids (B, T) int -> logits (B, T, V) float32 numpy (B, 1, V with last_only)."""
-        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        ids = np.asarray(ids, dtype=np.int64)
+        check_ids(ids, self.cfg.n_vocab)  # on CUDA a bad id would be a device-side assert
+        ids_t = torch.as_tensor(ids, device=self.device)
         mask_t = (
             None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=self.device)
         )

@@ -15,7 +15,7 @@ from ref.model import KVCache, forward
 from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
 from ref.sampling import SamplingParams
 from weights import loader
-from weights.tokenizer import decode_bytes, encode
+from weights.tokenizer import check_ids, decode_bytes, encode
 
 
 class Model:
@@ -129,7 +129,9 @@ def generate_batch(
         early_stopping,
         stop,
     )
-    ids = [encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    ids = [encode(p) if isinstance(p, str) else check_ids(p) for p in prompts]
     stats: dict = {}
     common = dict(
         params=params,
@@ -214,5 +216,5 @@ def evaluate(
 ) -> ref_evaluate.EvalResult:
     """Mean cross-entropy (nats/token) and perplexity of `text`; `progress(done, total)` is
     called after each window (see `ref.evaluate` for the windows and `stride`)."""
-    ids = encode(text) if isinstance(text, str) else list(text)
+    ids = encode(text) if isinstance(text, str) else check_ids(text)
     return ref_evaluate.evaluate(model, ids, stride=stride, progress=progress)

@@ -50,6 +50,19 @@ DEFAULTS = {
     "mask_prompt": False,
     "samples": 3,
 }
+# The type of each setting, to check those a checkpoint brings back (a hand-edited or corrupt
+# file must give a clear error, not a TypeError deep in training). None is allowed where the
+# default is None.
+_NUM = (int, float)
+TYPES = {
+    **{k: (int,) for k in ("steps", "batch_size", "grad_accum", "warmup", "lora_rank")},
+    **{k: (int,) for k in ("eval_every", "eval_batches", "save_every", "seed", "samples")},
+    **{k: _NUM for k in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip")},
+    **{k: _NUM for k in ("lora_alpha", "lora_dropout", "val_fraction")},
+    **{k: (str,) for k in ("model", "data", "decay", "lora_targets")},
+    "context_length": (int,),
+    "mask_prompt": (bool,),
+}
 # May differ on --resume: they change neither the batches nor the arithmetic of a step.
 RESUME_FREE = {"steps", "epochs", "eval_every", "save_every", "eval_batches", "samples"}
 
@@ -225,6 +238,12 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     state = checkpoint.read_state(args.resume)
     saved = state.get("settings")
     _check(isinstance(saved, dict), f"--resume {args.resume}: the checkpoint has no settings")
+    for k, v in saved.items():
+        ok = k in TYPES and (
+            (v is None and DEFAULTS[k] is None)
+            or (isinstance(v, TYPES[k]) and (bool in TYPES[k] or not isinstance(v, bool)))
+        )
+        _check(ok, f"--resume {args.resume}: the checkpoint's setting {k}={v!r} is invalid")
     s = {**DEFAULTS, **saved}
     for k, v in given.items():
         if k in RESUME_FREE:

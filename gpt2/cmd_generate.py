@@ -252,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
     from ref.sampling import SamplingError, check_params
     from weights.tokenizer import encode
 
+    if hasattr(sys.stdout, "reconfigure"):
+        # a prompt from argv may hold undecodable bytes (as lone surrogates): print them as
+        # U+FFFD rather than fail after the work is done
+        sys.stdout.reconfigure(errors="replace")
     params = validate(args)
     prompts = read_prompts(args)
     model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)

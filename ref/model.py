@@ -134,6 +134,13 @@ def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mas
     return x + mlp_block(h, **mlp, ops=ops, tape=tape, rng=rng)  # (B, T, C)
 
 
+def check_ids(ids: np.ndarray, n_vocab: int) -> None:
+    """Token ids must lie in [0, n_vocab): numpy would read wte[-1] for id -1 without a word."""
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        bad = ids[(ids < 0) | (ids >= n_vocab)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+
+
 def forward(
     params: dict,
     ids: np.ndarray,
@@ -156,10 +163,7 @@ def forward(
     Returns logits (B, T, V) float32. `cache` is updated in place.
     """
     B, T = ids.shape
-    if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_vocab):
-        # numpy would read wte[-1] for id -1 without a word; say which id is wrong instead
-        bad = ids[(ids < 0) | (ids >= cfg.n_vocab)][0]
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.n_vocab})")
+    check_ids(ids, cfg.n_vocab)
     if mask is None:
         mask = np.ones((B, T), dtype=bool)
     if mask.shape != (B, T):

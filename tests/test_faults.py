@@ -728,3 +728,46 @@ def test_the_unsafe_call_scan_catches_each_kind(tmp_path):
     for kind in kinds + ["eval()"]:
         assert any(kind in f for f in found), (kind, found)
     assert len(found) == 7, found  # the three safe calls at the end are not flagged
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "[" * 100_000,  # nesting deep enough to exhaust the JSON parser's recursion
+        json.dumps({"step": -1, "settings": {}}),
+        json.dumps({"step": True, "settings": {}}),
+        json.dumps({"step": 2, "settings": {"lr": "x"}}),
+        json.dumps({"step": 2, "settings": {"batch_size": None}}),
+        json.dumps({"step": 2, "settings": {"lora_targets": 5}}),
+        json.dumps({"step": 2, "settings": {"seed": True}}),
+        json.dumps({"step": 2, "settings": {"no_such_setting": 1}}),
+    ],
+)
+def test_resume_from_a_corrupt_training_state_names_the_checkpoint(tmp_path, capsys, state):
+    """A checkpoint whose saved state is malformed (hand-edited, or written by something else)
+    is refused with one line naming it, before any model is loaded."""
+    from gpt2.cli import main
+    from weights import safetensors as sft
+    from weights.checkpoint import STATE_KEY
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sft.write(str(run / "model.safetensors"), {"x": np.zeros(1, np.float32)}, {STATE_KEY: state})
+    assert main(["finetune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [[-1, 5], [1.5], [True, 3], [50257]])
+def test_token_id_prompts_are_validated(bad):
+    """Token ids given directly (not text) are integers in GPT-2's vocabulary: numpy would
+    wrap -1 to the last row and truncate 1.5 to 1 without a word."""
+    import gpt2
+
+    model = gpt2.load(os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny"))
+    with pytest.raises(ValueError, match="token id"):
+        gpt2.generate(model, bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id"):
+        gpt2.evaluate(model, [*bad, 7, 8])
+    with pytest.raises(ValueError, match="seed"):
+        gpt2.generate(model, "hi", seed=-1)

@@ -18,11 +18,9 @@ import contextlib
 import io
 import json
 import os
-import re
 import struct
 import sys
 import tracemalloc
-import warnings
 
 import numpy as np
 import pytest
@@ -703,17 +701,6 @@ def _check_tf(prefix: str) -> None:
         out = tf_checkpoint.read(prefix)
     except WeightsError as e:
         assert prefix in _message(e)
-        return
-    except ValueError as e:
-        # KNOWN BUG in weights/tf_checkpoint.py (not this test's file; reported to its owner):
-        # an empty tensor's shape is not checked against numpy's limits (more than 64 dims,
-        # or nonzero dims whose product overflows), so the final reshape raises numpy's own
-        # ValueError. Tolerated here, loudly, so the suite stays green until it is fixed;
-        # delete this clause then.
-        if not re.search(r"maximum supported dimension|array is too big|cannot reshape", str(e)):
-            raise
-        CASES["known_bug:tf_checkpoint_shape"] += 1
-        warnings.warn(f"KNOWN BUG weights/tf_checkpoint.py, unchecked shape: {e}", stacklevel=1)
         return
     finally:
         peak = tracemalloc.get_traced_memory()[1]

@@ -172,10 +172,11 @@ def read_state(directory: str) -> dict:
         raise WeightsError(f"{path}: not a gpt2 finetune checkpoint (no training state)")
     try:
         state = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
         raise WeightsError(f"{path}: training state is not valid JSON ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise WeightsError(f"{path}: training state lacks an integer 'step'")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise WeightsError(f"{path}: training state lacks a non-negative integer 'step'")
     return state
 
 

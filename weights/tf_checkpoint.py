@@ -565,6 +565,11 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
         if not 0 <= e["shard_id"] < num_shards:
             raise WeightsError(f"{where}: shard {e['shard_id']} is not one of {num_shards}")
         itemsize = np.dtype(_FLOAT_DTYPES[e["dtype"]][1]).itemsize
+        # an empty tensor may still declare a shape numpy cannot make (> 64 dims, or nonzero
+        # dims whose product overflows): refuse it here rather than in the final reshape
+        nonzero = int(np.prod([d for d in e["shape"] if d], dtype=object))
+        if len(e["shape"]) > 64 or nonzero * itemsize >= 2**62:
+            raise WeightsError(f"{where}: shape {e['shape']} is too large for an array")
         need = itemsize * int(np.prod(e["shape"], dtype=object))
         if e["size"] != need:
             raise WeightsError(

@@ -51,7 +51,7 @@ def encode(text: str, allow_eot: bool = False) -> list[int]:
     return enc.encode(text, disallowed_special=())
 
 
-def _checked_ids(ids) -> list[int]:
+def check_ids(ids) -> list[int]:
     """ids as a list of Python ints in [0, n_vocab), or a ValueError naming the bad one
     (tiktoken itself raises KeyError, OverflowError or TypeError)."""
     out = []
@@ -67,8 +67,8 @@ def _checked_ids(ids) -> list[int]:
 def decode(ids: list[int]) -> str:
     """Token ids -> text; bytes that are not valid UTF-8 (a token boundary inside a
     character) become U+FFFD."""
-    return get_encoding().decode(_checked_ids(ids), errors="replace")
+    return get_encoding().decode(check_ids(ids), errors="replace")
 
 
 def decode_bytes(ids: list[int]) -> bytes:
-    return get_encoding().decode_bytes(_checked_ids(ids))
+    return get_encoding().decode_bytes(check_ids(ids))

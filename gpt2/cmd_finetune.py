@@ -22,6 +22,7 @@ import os
 import sys
 
 from gpt2.cli import UsageError, add_model_args
+from weights.tokenizer import DATA_DIR
 
 # Settings of a run: the flag defaults, and what a checkpoint stores for --resume.
 DEFAULTS = {
@@ -50,6 +51,8 @@ DEFAULTS = {
     "mask_prompt": False,
     "samples": 3,
 }
+# The example data set shipped with the package: the book's instruction records.
+DEFAULT_DATA = os.path.join(DATA_DIR, "instruction-data.json")
 # The type of each setting, to check those a checkpoint brings back (a hand-edited or corrupt
 # file must give a clear error, not a TypeError deep in training). None is allowed where the
 # default is None.
@@ -76,7 +79,8 @@ def add_parser(sub) -> None:
     a(
         "--data",
         help="training data: a UTF-8 .txt file or a .json list of "
-        "{instruction, input, output} records",
+        "{instruction, input, output} records (default: the 1,100 instruction records of "
+        "'Build a Large Language Model (From Scratch)', ch. 7, shipped in weights/data/)",
     )
     a("--out", help="output directory (a checkpoint, loadable with --model DIR)")
     a("--resume", metavar="DIR", help="continue the run saved in DIR (written to DIR)")
@@ -226,7 +230,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
                 f"--out {args.out} is the --model directory; write the finetuned model elsewhere",
             )
             s["model"] = os.path.abspath(s["model"])
-        s["data"] = None if s["data"] is None else os.path.abspath(s["data"])
+        s["data"] = os.path.abspath(s["data"] or DEFAULT_DATA)
         return s, None
     from weights import checkpoint
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
+from numpy.lib.stride_tricks import as_strided
 
 from fast.numba_common import FASTMATH, check_f32, exp32
 
@@ -53,32 +54,34 @@ _ONE = np.float32(1.0)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _dot4(x, a, j):
-    # x (hs,), a (Tk4, hs) -> (x . a[j], x . a[j + 1], x . a[j + 2], x . a[j + 3])
+def _dot4(x, a, r0, r1, r2, r3):
+    # x (hs,), a (N, hs) rows -> (x . a[r0], x . a[r1], x . a[r2], x . a[r3])
     s0 = _ZERO
     s1 = _ZERO
     s2 = _ZERO
     s3 = _ZERO
     for c in range(x.shape[0]):
         xc = x[c]
-        s0 += xc * a[j, c]
-        s1 += xc * a[j + 1, c]
-        s2 += xc * a[j + 2, c]
-        s3 += xc * a[j + 3, c]
+        s0 += xc * a[r0, c]
+        s1 += xc * a[r1, c]
+        s2 += xc * a[r2, c]
+        s3 += xc * a[r3, c]
     return s0, s1, s2, s3
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse):
-    # q (B, NH, Tq, hs), k4, v4 (B, NH, Tk4, hs) zero-padded past Tk, mask (B, Tk4) bool
-    # (key_mask, False past Tk) -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
+    # q (B, NH, Tq, hs); kr, vr (N, hs) rows, key j of (b, h) at row b*ks[0] + h*ks[1] + j*ks[2]
+    # (v likewise with vs); mask (B, Tk) bool -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
     B, NH, Tq, hs = q.shape
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kp = k4[b, h]  # (Tk4, hs)
-        vp = v4[b, h]  # (Tk4, hs)
+        k0 = b * ks[0] + h * ks[1]  # row of key 0 of (b, h) in kr
+        v0 = b * vs[0] + h * vs[1]  # row of value 0 of (b, h) in vr
+        kt = ks[2]
+        vt = vs[2]
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then probabilities, of one block
         acc = np.empty(hs, np.float32)  # (hs,)
         qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
@@ -94,12 +97,17 @@ def _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse):
                 nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)  # keys in block, 4 | nb
                 bm = _NEG_INF
                 for jj in range(0, nb, 4):
-                    j = j0 + jj
-                    s0, s1, s2, s3 = _dot4(qi, kp, j)
-                    s[jj] = s0 if (mask[b, j] and j <= last) else _NEG_INF
-                    s[jj + 1] = s1 if (mask[b, j + 1] and j + 1 <= last) else _NEG_INF
-                    s[jj + 2] = s2 if (mask[b, j + 2] and j + 2 <= last) else _NEG_INF
-                    s[jj + 3] = s3 if (mask[b, j + 3] and j + 3 <= last) else _NEG_INF
+                    j = j0 + jj  # <= last; j + 1, j + 2, j + 3 may pass it in the last group
+                    j1 = min(j + 1, last)
+                    j2 = min(j + 2, last)
+                    j3 = min(j + 3, last)
+                    s0, s1, s2, s3 = _dot4(
+                        qi, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
+                    )
+                    s[jj] = s0 if mask[b, j] else _NEG_INF
+                    s[jj + 1] = s1 if (j + 1 <= last and mask[b, j1]) else _NEG_INF
+                    s[jj + 2] = s2 if (j + 2 <= last and mask[b, j2]) else _NEG_INF
+                    s[jj + 3] = s3 if (j + 3 <= last and mask[b, j3]) else _NEG_INF
                 for jj in range(nb):
                     bm = max(bm, s[jj])
                     has_nan |= s[jj] != s[jj]
@@ -117,17 +125,16 @@ def _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse):
                     l += p
                 for jj in range(0, nb, 4):
                     j = j0 + jj
+                    r0 = v0 + j * vt
+                    r1 = v0 + min(j + 1, last) * vt  # p = 0 past last: any row in range does
+                    r2 = v0 + min(j + 2, last) * vt
+                    r3 = v0 + min(j + 3, last) * vt
                     p0 = s[jj]
                     p1 = s[jj + 1]
                     p2 = s[jj + 2]
                     p3 = s[jj + 3]
                     for c in range(hs):
-                        acc[c] += (
-                            p0 * vp[j, c]
-                            + p1 * vp[j + 1, c]
-                            + p2 * vp[j + 2, c]
-                            + p3 * vp[j + 3, c]
-                        )
+                        acc[c] += p0 * vr[r0, c] + p1 * vr[r1, c] + p2 * vr[r2, c] + p3 * vr[r3, c]
                 m = m_new
             if has_nan:
                 out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
@@ -143,19 +150,23 @@ def _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
-    # dout, q, out (B, NH, Tq, hs), k4, v4 (B, NH, Tk4, hs), mask (B, Tk4), lse (B, NH, Tq)
+def _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, dk, dv):
+    # dout, q, out (B, NH, Tq, hs), kr, ks, vr, vs, mask as the forward's, lse (B, NH, Tq)
     # -> writes dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)
     B, NH, Tq, hs = q.shape
-    Tk4 = mask.shape[1]
+    Tk4 = (Tk + 3) // 4 * 4
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        kp = k4[b, h]  # (Tk4, hs)
-        vp = v4[b, h]  # (Tk4, hs)
-        dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dk[b, h]
-        dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dv[b, h]
+        k0 = b * ks[0] + h * ks[1]
+        v0 = b * vs[0] + h * vs[1]
+        kt = ks[2]
+        vt = vs[2]
+        # this thread's dk[b, h], dv[b, h]; rows Tk..Tk4-1 take the p = 0 keys of the last
+        # group of four and are dropped
+        dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs)
+        dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs)
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then p
         dp = np.empty(_BLOCK, np.float32)  # (K,) dout_i . v_j, then ds * scale
         qi = np.empty(hs, np.float32)  # (hs,)
@@ -179,23 +190,34 @@ def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
                 nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)
                 for jj in range(0, nb, 4):
                     j = j0 + jj
-                    s0, s1, s2, s3 = _dot4(qs, kp, j)
+                    j1 = min(j + 1, last)
+                    j2 = min(j + 2, last)
+                    j3 = min(j + 3, last)
+                    s0, s1, s2, s3 = _dot4(
+                        qs, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
+                    )
                     s[jj] = s0
                     s[jj + 1] = s1
                     s[jj + 2] = s2
                     s[jj + 3] = s3
-                    d0, d1, d2, d3 = _dot4(doi, vp, j)
+                    d0, d1, d2, d3 = _dot4(
+                        doi, vr, v0 + j * vt, v0 + j1 * vt, v0 + j2 * vt, v0 + j3 * vt
+                    )
                     dp[jj] = d0
                     dp[jj + 1] = d1
                     dp[jj + 2] = d2
                     dp[jj + 3] = d3
                 for jj in range(nb):
                     j = j0 + jj
-                    p = exp32(s[jj] - L) if (mask[b, j] and j <= last) else _ZERO
+                    p = exp32(s[jj] - L) if (j <= last and mask[b, min(j, last)]) else _ZERO
                     s[jj] = p
                     dp[jj] = p * (dp[jj] - D) * scale
                 for jj in range(0, nb, 4):
                     j = j0 + jj
+                    r0 = k0 + j * kt
+                    r1 = k0 + min(j + 1, last) * kt  # g = 0 past last: any row in range does
+                    r2 = k0 + min(j + 2, last) * kt
+                    r3 = k0 + min(j + 3, last) * kt
                     p0 = s[jj]
                     p1 = s[jj + 1]
                     p2 = s[jj + 2]
@@ -205,12 +227,7 @@ def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
                     g2 = dp[jj + 2]
                     g3 = dp[jj + 3]
                     for c in range(hs):
-                        dqi[c] += (
-                            g0 * kp[j, c]
-                            + g1 * kp[j + 1, c]
-                            + g2 * kp[j + 2, c]
-                            + g3 * kp[j + 3, c]
-                        )
+                        dqi[c] += g0 * kr[r0, c] + g1 * kr[r1, c] + g2 * kr[r2, c] + g3 * kr[r3, c]
                     for c in range(hs):
                         dvp[j, c] += p0 * doi[c]
                         dvp[j + 1, c] += p1 * doi[c]
@@ -227,8 +244,28 @@ def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
         dv[b, h] = dvp[:Tk]
 
 
+def _rows(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """k or v (B, NH, Tk, hs) as rows (N, hs), C-contiguous, and row steps (rB, rH, rT) with
+    a[b, h, t] == rows[b * rB + h * rH + t * rT]; see the module docstring for when this is a
+    view and why it is safe."""
+    B, NH, Tk, hs = a.shape
+    row = hs * a.itemsize  # bytes per row
+    steps = [0 if n == 1 else st for n, st in zip(a.shape[:3], a.strides[:3], strict=True)]
+    if (
+        a.flags.writeable
+        and (hs == 1 or a.strides[3] == a.itemsize)
+        and all(st >= 0 and st % row == 0 for st in steps)
+    ):
+        rB, rH, rT = (st // row for st in steps)
+        n = (B - 1) * rB + (NH - 1) * rH + (Tk - 1) * rT + 1  # rows from a's first to its last
+        rows = as_strided(a, shape=(n, hs), strides=(row, a.itemsize))  # (N, hs) a view
+        return rows, (rB, rH, rT)
+    rows = np.array(a, order="C").reshape(B * NH * Tk, hs)  # (B*NH*Tk, hs) a copy
+    return rows, (NH * Tk, Tk, 1)
+
+
 def _check(q, k, v, key_mask):
-    """Validate; q contiguous; k, v copied into zero-padded (B, NH, Tk4, hs); mask (B, Tk4)."""
+    """Validate; q contiguous; k, v as rows (see `_rows`); mask (B, Tk) bool."""
     q = check_f32("attention", "q", q)
     for name, a in (("k", k), ("v", v)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32:
@@ -244,39 +281,40 @@ def _check(q, k, v, key_mask):
         raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
     if Tk < Tq:
         raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
-    Tk4 = (Tk + 3) // 4 * 4
-    k4 = np.empty((B, NH, Tk4, hs), np.float32)  # (B, NH, Tk4, hs)
-    v4 = np.empty((B, NH, Tk4, hs), np.float32)  # (B, NH, Tk4, hs)
-    for a, a4 in ((k, k4), (v, v4)):
-        a4[:, :, :Tk] = a  # one copy, whatever a's strides (a view of the KV cache or of qkv)
-        a4[:, :, Tk:] = 0.0
-    mask = np.zeros((B, Tk4), dtype=bool)  # (B, Tk4)
     if key_mask is None:
-        mask[:, :Tk] = True
+        mask = np.ones((B, Tk), dtype=bool)  # (B, Tk)
     else:
-        key_mask = np.asarray(key_mask)
-        if key_mask.dtype != np.bool_ or key_mask.shape != (B, Tk):
+        mask = np.asarray(key_mask)
+        if mask.dtype != np.bool_ or mask.shape != (B, Tk):
             raise ValueError(
                 f"attention: key_mask must be bool of shape ({B}, {Tk}), "
-                f"got {key_mask.dtype} {key_mask.shape}"
+                f"got {mask.dtype} {mask.shape}"
             )
-        mask[:, :Tk] = key_mask
-    return q, k4, v4, Tk, mask
+        mask = np.ascontiguousarray(mask)  # (B, Tk)
+        if not mask.flags.writeable:
+            mask = mask.copy()  # one compiled signature (Numba types read-only arrays apart)
+    return q, Tk, mask
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
-    """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
-    q, k4, v4, Tk, mask = _check(q, k, v, key_mask)
+    """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs).
+
+    k and v are read in place when their strides are whole rows of hs floats (the KV cache's
+    prefix views, the model's slices of qkv), copied once otherwise.
+    """
+    q, Tk, mask = _check(q, k, v, key_mask)
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
-    if q.size:
-        _attention_forward_kernel(q, k4, v4, Tk, mask, out, lse)
-    return out, (q, k4, v4, Tk, mask, out, lse)
+    if not q.size:
+        return out, (q, None, None, None, None, Tk, mask, out, lse)
+    (kr, ks), (vr, vs) = _rows(k), _rows(v)
+    _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
+    return out, (q, kr, ks, vr, vs, Tk, mask, out, lse)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    q, k4, v4, Tk, mask, out, lse = cache
+    q, kr, ks, vr, vs, Tk, mask, out, lse = cache
     dout = check_f32("attention_backward", "dout", dout)
     if dout.shape != q.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
@@ -285,7 +323,7 @@ def attention_backward(dout: np.ndarray, cache):
     dk = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
     dv = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
     if q.size:
-        _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv)
+        _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, dk, dv)
     return dq, dk, dv
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the Numba kernels: threading layer, fastmath flags, a vectorisable exp.
+"""Shared pieces of the Numba kernels: threading layer, fastmath flags, a vectorisable exp,
+a prefetch hint.
 
 Threading layer: on a 2-core machine shared with other processes, numba's OpenMP layer (GNU
 libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial
@@ -20,6 +21,11 @@ float32's half ulp 6e-8), and 2^n built from its IEEE-754 bits through a bitcast
 Inputs are clamped to [-87, 88] so that 2^n stays a normal float (n in [-126, 127]); exp32
 never returns 0 or inf: callers that need an exact 0 (masked keys) select it themselves.
 NaN stays NaN, so a diverged model shows NaN as it does with the reference.
+
+prefetch: LLVM's `llvm.prefetch` (x86 PREFETCHT0), a hint to start loading a cache line that
+will be read soon. A kernel whose loop mixes loads with long dependency chains (attention's
+decode step: dot products, softmax, weighted sums) does not keep enough loads in flight to
+stream from DRAM on its own; the hint does (see fast/numba_attention.py for the figures).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -63,6 +70,30 @@ def _int32_bits_as_float32(typingctx, i):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Hint a load of the cache line holding element i of C-contiguous `a` (flat index).
+
+    Only a hint: it changes no value and never faults, but callers keep i in range anyway.
+    """
+    if not (isinstance(a, types.Array) and a.layout == "C" and isinstance(i, types.Integer)):
+        return None  # a typing error: the flat index means nothing for a strided array
+    sig = types.void(a, i)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read (0), keep in all cache levels (locality 3), data cache (1)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
 
     return sig, codegen
 

@@ -11,11 +11,22 @@ from fast import NUMPY_BACKENDS, get_backend
 from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
 from ref.config import GPT2Config
-from ref.model import KVCache, forward
+from ref.model import KVCache, check_ids, forward
 from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
 from ref.sampling import SamplingParams
 from weights import loader
-from weights.tokenizer import check_ids, decode_bytes, encode
+from weights.tokenizer import decode_bytes, encode
+
+
+def token_ids(ids, n_vocab: int) -> list[int]:
+    """Token ids given directly: integers in [0, n_vocab), or a ValueError naming the bad one
+    (numpy would truncate 1.5 to 1 and read wte[-1] for -1 without a word)."""
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"token id {i!r} is not an integer")
+    out = [int(i) for i in ids]
+    check_ids(np.array(out, dtype=np.int64), n_vocab)
+    return out
 
 
 class Model:
@@ -131,7 +142,7 @@ def generate_batch(
     )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    ids = [encode(p) if isinstance(p, str) else check_ids(p) for p in prompts]
+    ids = [encode(p) if isinstance(p, str) else token_ids(p, model.cfg.n_vocab) for p in prompts]
     stats: dict = {}
     common = dict(
         params=params,
@@ -216,5 +227,5 @@ def evaluate(
 ) -> ref_evaluate.EvalResult:
     """Mean cross-entropy (nats/token) and perplexity of `text`; `progress(done, total)` is
     called after each window (see `ref.evaluate` for the windows and `stride`)."""
-    ids = encode(text) if isinstance(text, str) else check_ids(text)
+    ids = encode(text) if isinstance(text, str) else token_ids(text, model.cfg.n_vocab)
     return ref_evaluate.evaluate(model, ids, stride=stride, progress=progress)

@@ -6,13 +6,18 @@ Kernels (one file each, forward and backward side by side):
     fast/numba_attention.py    causal attention with KV cache and padding mask, online softmax
     fast/numba_crossentropy.py softmax cross-entropy, probabilities made once
     fast/numba_common.py       threading layer, fastmath flags, exp32
-`linear` and `embedding` reuse the reference: a matmul is BLAS's job (numpy already calls it),
-and the embedding is a gather.
+`linear` is the reference's matmul, made one 2-D BLAS call: numpy multiplies a (B, T, Cin) stack
+by a (Cin, Cout) matrix slice by slice, and in a decode step (T = 1) that reads the weight B
+times; (B*T, Cin) @ (Cin, Cout) reads it once (B = 16: 1.8 against 3.3 ms for one block's four
+matrices, measured on the project's 2-core machine). Its backward and `embedding` (a gather)
+are the reference's.
 
 Compilation: every kernel is `cache=True`, so the machine code is written next to the source
 (`fast/__pycache__`) on first use and loaded from there afterwards; inputs are normalised to
 C-contiguous float32 so each kernel has one signature. Importing this module compiles nothing.
 """
+
+import numpy as np
 
 from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
 from fast.numba_attention import attention_backward, attention_forward
@@ -24,7 +29,6 @@ from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     embedding_backward,
     embedding_forward,
     linear_backward,
-    linear_forward,
 )
 
 __all__ = [
@@ -44,6 +48,13 @@ __all__ = [
     "linear_backward",
     "linear_forward",
 ]
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
+    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout); the reference's cache (x, w)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin), N = B * T: a view when x is contiguous
+    out = (x2 @ w + b).reshape(*x.shape[:-1], w.shape[1])  # (..., Cout)
+    return out, (x, w)
 
 
 def _with_serial(variants: dict) -> dict:

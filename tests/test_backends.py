@@ -15,6 +15,7 @@ written as a multiple of eps times the reduction length or of the output's scale
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -259,6 +260,60 @@ def test_attention_decode_step_against_a_cache_view(impl):
     key_mask = np.ones((2, 29), bool)
     key_mask[1, :5] = False
     check_attention(impl, q, k, v, key_mask, f32(rng.standard_normal(q.shape)))
+
+
+@pytest.mark.parametrize("impl", variants("attention"))
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_attention_on_a_strided_cache_view_with_padding(impl, Tq):
+    """The KV cache as the model passes it: prefix views of a (B, NH, capacity, hs) buffer,
+    capacity > Tk, Tk not a multiple of 4, left padding that differs per row, a hidden key
+    inside a row; a decode step (Tq = 1) and a short continuation (Tq = 3)."""
+    rng = np.random.default_rng(7)
+    B, NH, capacity, hs, Tk = 3, 4, 64, 64, 41
+    cache = f32(rng.standard_normal((2, B, NH, capacity, hs)))  # (k/v, B, NH, capacity, hs)
+    k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]  # (B, NH, Tk, hs) strided views
+    q = f32(rng.standard_normal((B, NH, Tq, hs)))
+    key_mask = np.arange(Tk)[None, :] >= np.array([[0], [5], [Tk - 2]])  # (B, Tk)
+    key_mask[0, 17] = False
+    check_attention(impl, q, k, v, key_mask, f32(rng.standard_normal(q.shape)))
+
+
+@pytest.mark.parametrize("impl", variants("attention"))
+def test_attention_layouts_that_need_a_copy(impl):
+    """k, v that cannot be read as rows of hs floats (reversed keys, hs not contiguous,
+    read-only) give the reference's result too."""
+    rng = np.random.default_rng(8)
+    q = f32(rng.standard_normal((2, 3, 2, 16)))
+    kt = f32(rng.standard_normal((2, 3, 16, 23)))  # (B, NH, hs, Tk)
+    v = f32(rng.standard_normal((2, 3, 23, 16)))[:, :, ::-1]  # (B, NH, Tk, hs) reversed keys
+    ro = v.copy()
+    ro.flags.writeable = False
+    for k, vv in ((kt.swapaxes(2, 3), v), (ro, ro)):
+        check_attention(impl, q, k, vv, None, f32(rng.standard_normal(q.shape)))
+
+
+@pytest.mark.parametrize("impl", [p for p in variants("attention") if "numba" in p.id])
+def test_numba_decode_step_reads_the_cache_in_place(impl):
+    """No copy of k, v: the numpy allocations of a decode step (q, mask, out) stay far below
+    the size of k (2 MB here; a copy of k and v would be 4 MB)."""
+    fwd = impl[0]
+    rng = np.random.default_rng(9)
+    B, NH, capacity, hs, Tk = 2, 4, 1024, 64, 1001
+    cache = f32(rng.standard_normal((2, B, NH, capacity, hs)))
+    k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]  # (B, NH, Tk, hs) views
+    q = f32(rng.standard_normal((B, NH, 1, hs)))
+    key_mask = np.ones((B, Tk), bool)
+    key_mask[1, :7] = False
+    fwd(q, k, v, key_mask)  # compiles, or loads the compiled kernel
+    tracemalloc.start()
+    try:
+        out, _ = fwd(q, k, v, key_mask)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < k.nbytes / 20, f"peak {peak} B of numpy allocations, k is {k.nbytes} B"
+    want, _ = ref.attention_forward(q, k, v, key_mask)
+    close(out, want, atol=4 * (hs + Tk) * EPS32 * float(np.abs(v).max()), rtol=1e-5, what="out")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""Causal attention in tiles: BLAS for the products, Numba for the softmax (FlashAttention-2).
+
+Shape legend: B = batch, NH = heads, Tq = queries, Tk = keys (Tk >= Tq, the cache included),
+hs = head size, bq = queries per tile (<= _BQ), bk = keys per tile (<= _BK).
+
+The semantics are `ref.ops.attention_forward`'s: query i sits at absolute position
+off + i with off = Tk - Tq and sees keys j <= off + i whose key_mask[b, j] is True; a query
+that sees no key outputs 0 (and gets no gradient). NaN in the inputs gives NaN out.
+
+Where the time goes: the two products q k^T and p v are 4 Tq Tk hs flops per head against
+~Tq Tk exponentials, so at hs = 64 the products must run at BLAS speed for attention to keep
+up with the model's matmuls. Numba's own `np.dot` needs SciPy's BLAS, which the project does
+not depend on, so the products here are numpy `matmul` on tiles of all B * NH heads at once
+(numpy's OpenBLAS, one gemm per head per tile, (bq, hs) x (hs, bk)), and the elementwise work
+between them is a `parallel=True` Numba kernel over the heads. The Python loop runs over tile
+pairs only: (Tq / _BQ) (Tk / _BK) / 2 of them, 36 at T = 1024, so its overhead is tens of
+microseconds against milliseconds of arithmetic. Both kinds of call run one after the other,
+so Numba's threads and OpenBLAS's never compete for the cores.
+
+Forward, per query tile Q (rows q0 .. q0 + bq - 1, pre-scaled by scale = 1 / sqrt(hs)) and key
+tile K, V (keys k0 .. k0 + bk - 1), with the online softmax (Milakov and Gimelshein 2018):
+    s = Q K^T                               (B, NH, bq, bk), BLAS
+    s_ij = -inf where j > off + i or key_mask[b, j] is False
+    m_new = max(m, max_j s_ij);  p_ij = exp(s_ij - m_new);  alpha = exp(m - m_new)
+    l = alpha l + sum_j p_ij;   acc = alpha acc + p V   (p V by BLAS)
+and at the end out = acc / l, lse = m + log(l) (-inf for a row that saw no key).
+Key tiles start past the diagonal of the query tile's last row are never visited, so about
+half of the (Tq, Tk) products are skipped; the largest temporary is one (B, NH, bq, bk) tile,
+never the (Tq, Tk) score matrix.
+
+Backward (the reference's formulas, recomputing att from lse instead of storing it), per tile
+pair, with D_i = sum_j att_ij datt_ij = dout_i . out_i computed once:
+    p = exp(Q K^T - lse)  (0 where hidden);   dv[K] += p^T dout[Q]
+    dp = dout[Q] V^T;   ds = p * (dp - D)
+    dq[Q] += ds K scale;   dk[K] += ds^T Q scale   (Q already holds q * scale)
+All accumulation happens in numpy calls made in a fixed order from one Python thread (the
+Numba kernels only write their own tile), so no two threads add into the same gradient, and
+results are bit-identical from run to run.
+
+Cache: q * scale, k, v (read in place: numpy's gemm takes any row stride, e.g. the model's
+slices of qkv), the mask, out and lse (B, NH, Tq): O(T) per row beyond the inputs.
+
+Variants: "numba_flash". Limits: float32. Meant for prompts and training (Tq in the hundreds):
+for a decode step (Tq = 1) each tile is a matrix-vector product and the per-tile overhead
+dominates; `fast.numba_attention` handles that case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from fast.numba_common import FASTMATH, check_f32, exp32
+
+_BQ = 128  # queries per tile
+_BK = 128  # keys per tile: a (B*NH, 128, 128) score tile is 786 KB at B*NH = 12
+_NEG_INF = np.float32(-np.inf)
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _forward_tile(s, mask, q0, k0, off, m, l, acc, bad):
+    # s (B, NH, bq, bk) scores of query rows q0.. against keys k0.., overwritten by p;
+    # mask (B, Tk); updates m, l (B, NH, Tq), acc (B, NH, Tq, hs), bad (B, NH, Tq) NaN seen
+    B, NH, bq, bk = s.shape
+    hs = acc.shape[3]
+    for bh in prange(B * NH):
+        b = bh // NH
+        h = bh - b * NH
+        for r in range(bq):
+            i = q0 + r
+            lim = min(bk, off + i + 1 - k0)  # keys k0 .. k0 + lim - 1 are causally visible
+            mx = _NEG_INF
+            nan = False
+            for c in range(bk):
+                x = s[b, h, r, c]
+                if c < lim and mask[b, k0 + c]:
+                    nan |= x != x
+                    mx = max(mx, x)
+                else:
+                    s[b, h, r, c] = _NEG_INF
+            if nan:
+                bad[b, h, i] = True
+            m_old = m[b, h, i]
+            m_new = max(m_old, mx)
+            if m_new == _NEG_INF:
+                s[b, h, r, :] = 0.0  # nothing visible yet: p = 0, l and acc stay 0
+                continue
+            alpha = exp32(m_old - m_new) if m_old > _NEG_INF else _ZERO  # l, acc were 0
+            total = _ZERO
+            for c in range(bk):
+                x = s[b, h, r, c]
+                p = exp32(x - m_new) if x > _NEG_INF else _ZERO
+                s[b, h, r, c] = p
+                total += p
+            m[b, h, i] = m_new
+            l[b, h, i] = l[b, h, i] * alpha + total
+            if alpha != _ONE:
+                for c in range(hs):
+                    acc[b, h, i, c] *= alpha
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _forward_finish(acc, m, l, bad, out, lse):
+    # acc (B, NH, Tq, hs), m, l, bad (B, NH, Tq) -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+    B, NH, Tq, hs = acc.shape
+    for bh in prange(B * NH):
+        b = bh // NH
+        h = bh - b * NH
+        for i in range(Tq):
+            if bad[b, h, i]:
+                out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
+                lse[b, h, i] = np.nan
+            elif l[b, h, i] == _ZERO:
+                out[b, h, i, :] = 0.0  # no visible key (a padding query)
+                lse[b, h, i] = _NEG_INF
+            else:
+                inv_l = _ONE / l[b, h, i]
+                for c in range(hs):
+                    out[b, h, i, c] = acc[b, h, i, c] * inv_l
+                lse[b, h, i] = m[b, h, i] + np.log(l[b, h, i])
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _probs_tile(s, mask, q0, k0, off, lse):
+    # s (B, NH, bq, bk) scores q*scale . k, overwritten by p = exp(s - lse), 0 where hidden
+    B, NH, bq, bk = s.shape
+    for bh in prange(B * NH):
+        b = bh // NH
+        h = bh - b * NH
+        for r in range(bq):
+            i = q0 + r
+            lim = min(bk, off + i + 1 - k0)
+            li = lse[b, h, i]
+            if not li > _NEG_INF:
+                s[b, h, r, :] = 0.0 if li == _NEG_INF else np.nan  # saw no key / NaN row
+                continue
+            for c in range(bk):
+                visible = c < lim and mask[b, k0 + c]
+                s[b, h, r, c] = exp32(s[b, h, r, c] - li) if visible else _ZERO
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _ds_tile(dp, p, q0, D):
+    # dp (B, NH, bq, bk) = dout V^T, overwritten by ds = p * (dp - D); D (B, NH, Tq)
+    B, NH, bq, bk = dp.shape
+    for bh in prange(B * NH):
+        b = bh // NH
+        h = bh - b * NH
+        for r in range(bq):
+            d = D[b, h, q0 + r]
+            for c in range(bk):
+                dp[b, h, r, c] = p[b, h, r, c] * (dp[b, h, r, c] - d)
+
+
+def _tile(buf: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """A C-contiguous (B, NH, bq, bk) view at the start of the flat scratch `buf`, so that every
+    tile, the ragged last ones included, is one compiled layout and no allocation."""
+    return buf[: math.prod(shape)].reshape(shape)
+
+
+def _check(q, k, v, key_mask):
+    """Validate; k, v float32 with unit inner stride (else copied); mask (B, Tk) bool."""
+    q = check_f32("attention", "q", q)
+    arrays = []
+    for name, a in (("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            check_f32("attention", name, a)  # raises, naming the tensor
+        if a.ndim == 4 and a.shape[3] > 1 and a.strides[3] != a.itemsize:
+            a = np.ascontiguousarray(a)  # gemm needs unit stride along hs
+        arrays.append(a)
+    k, v = arrays
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"attention: q must be (B, NH, Tq, hs) and k, v (B, NH, Tk, hs); "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if k.shape[:2] != (B, NH) or k.shape[3] != hs:
+        raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
+    if Tk < Tq:
+        raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
+    if key_mask is None:
+        mask = np.ones((B, Tk), dtype=bool)  # (B, Tk)
+    else:
+        mask = np.asarray(key_mask)
+        if mask.dtype != np.bool_ or mask.shape != (B, Tk):
+            raise ValueError(
+                f"attention: key_mask must be bool of shape ({B}, {Tk}), "
+                f"got {mask.dtype} {mask.shape}"
+            )
+        mask = np.array(mask, order="C")  # (B, Tk) writeable: one compiled signature
+    return q, k, v, mask
+
+
+def _tiles(Tq: int, Tk: int):
+    """(q0, q1, k0, k1) of every tile pair with a causally visible key, row-major."""
+    off = Tk - Tq
+    for q0 in range(0, Tq, _BQ):
+        q1 = min(q0 + _BQ, Tq)
+        for k0 in range(0, off + q1, _BK):  # the last key row q1 - 1 sees is off + q1 - 1
+            yield q0, q1, k0, min(k0 + _BK, off + q1)
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
+    """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
+    q, k, v, mask = _check(q, k, v, key_mask)
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    off = Tk - Tq
+    qs = q * np.float32(1.0 / math.sqrt(hs))  # (B, NH, Tq, hs) q * scale
+    m = np.full((B, NH, Tq), _NEG_INF, np.float32)  # (B, NH, Tq) running max
+    l = np.zeros((B, NH, Tq), np.float32)  # (B, NH, Tq) running sum of exp(s - m)
+    bad = np.zeros((B, NH, Tq), np.bool_)  # (B, NH, Tq) a NaN score was seen
+    acc = np.zeros((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs) running sum of p v
+    out = np.empty((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs)
+    lse = np.empty((B, NH, Tq), np.float32)  # (B, NH, Tq)
+    if q.size:
+        kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk) a view: gemm reads k transposed
+        sbuf = np.empty(B * NH * min(_BQ, Tq) * min(_BK, Tk), np.float32)  # scores, then p
+        pvbuf = np.empty(B * NH * min(_BQ, Tq) * hs, np.float32)  # p v of one tile
+        for q0, q1, k0, k1 in _tiles(Tq, Tk):
+            s = _tile(sbuf, (B, NH, q1 - q0, k1 - k0))  # (B, NH, bq, bk)
+            np.matmul(qs[:, :, q0:q1], kt[:, :, :, k0:k1], out=s)
+            _forward_tile(s, mask, q0, k0, off, m, l, acc, bad)
+            pv = _tile(pvbuf, (B, NH, q1 - q0, hs))  # (B, NH, bq, hs)
+            np.matmul(s, v[:, :, k0:k1], out=pv)
+            acc[:, :, q0:q1] += pv
+        _forward_finish(acc, m, l, bad, out, lse)
+    return out, (qs, k, v, mask, out, lse)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
+    qs, k, v, mask, out, lse = cache
+    dout = check_f32("attention_backward", "dout", dout)
+    if dout.shape != qs.shape:
+        raise ValueError(f"attention_backward: dout {dout.shape} must match q {qs.shape}")
+    B, NH, Tq, hs = qs.shape
+    Tk = k.shape[2]
+    off = Tk - Tq
+    dq = np.zeros((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs)
+    dk = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
+    dv = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
+    if not qs.size:
+        return dq, dk, dv
+    D = np.einsum("bhtc,bhtc->bht", dout, out)  # (B, NH, Tq) rowsum(dout * out)
+    kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk)
+    vt = v.swapaxes(-1, -2)  # (B, NH, hs, Tk)
+    n = B * NH * min(_BQ, Tq) * min(_BK, Tk)
+    pbuf = np.empty(n, np.float32)  # p of one tile
+    dsbuf = np.empty(n, np.float32)  # dp, then ds, of one tile
+    gbuf = np.empty(B * NH * max(min(_BQ, Tq), min(_BK, Tk)) * hs, np.float32)  # a product
+    for q0, q1, k0, k1 in _tiles(Tq, Tk):
+        bq, bk = q1 - q0, k1 - k0
+        Q = qs[:, :, q0:q1]  # (B, NH, bq, hs) q * scale
+        dO = dout[:, :, q0:q1]  # (B, NH, bq, hs)
+        p = _tile(pbuf, (B, NH, bq, bk))  # (B, NH, bq, bk)
+        np.matmul(Q, kt[:, :, :, k0:k1], out=p)
+        _probs_tile(p, mask, q0, k0, off, lse)
+        g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
+        np.matmul(p.swapaxes(-1, -2), dO, out=g)
+        dv[:, :, k0:k1] += g
+        ds = _tile(dsbuf, (B, NH, bq, bk))  # (B, NH, bq, bk)
+        np.matmul(dO, vt[:, :, :, k0:k1], out=ds)
+        _ds_tile(ds, p, q0, D)
+        g = _tile(gbuf, (B, NH, bq, hs))  # (B, NH, bq, hs)
+        np.matmul(ds, k[:, :, k0:k1], out=g)
+        dq[:, :, q0:q1] += g
+        g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
+        np.matmul(ds.swapaxes(-1, -2), Q, out=g)
+        dk[:, :, k0:k1] += g  # ds^T (q * scale): the scale is already in Q
+    dq *= np.float32(1.0 / math.sqrt(hs))
+    return dq, dk, dv
+
+
+VARIANTS = {"attention": {"numba_flash": (attention_forward, attention_backward)}}

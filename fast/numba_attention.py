@@ -111,9 +111,10 @@ def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
                     j1 = min(j + 1, last)
                     j2 = min(j + 2, last)
                     j3 = min(j + 3, last)
-                    for t in range(4):  # the keys _AHEAD on, the values of this block
-                        _prefetch_row(kr, k0 + min(j + _AHEAD + t, last) * kt)
-                        _prefetch_row(vr, v0 + min(j + t, last) * vt)
+                    if Tq == 1:  # the keys _AHEAD on, the values of this block
+                        for t in range(4):
+                            _prefetch_row(kr, k0 + min(j + _AHEAD + t, last) * kt)
+                            _prefetch_row(vr, v0 + min(j + t, last) * vt)
                     s0, s1, s2, s3 = _dot4(
                         qi, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
                     )
@@ -163,23 +164,19 @@ def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, dk, dv):
-    # dout, q, out (B, NH, Tq, hs), kr, ks, vr, vs, mask as the forward's, lse (B, NH, Tq)
+def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
+    # dout, q, out (B, NH, Tq, hs), k4, v4 (B, NH, Tk4, hs), mask (B, Tk4), lse (B, NH, Tq)
     # -> writes dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)
     B, NH, Tq, hs = q.shape
-    Tk4 = (Tk + 3) // 4 * 4
+    Tk4 = mask.shape[1]
     scale = _ONE / np.sqrt(np.float32(hs))
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
-        k0 = b * ks[0] + h * ks[1]
-        v0 = b * vs[0] + h * vs[1]
-        kt = ks[2]
-        vt = vs[2]
-        # this thread's dk[b, h], dv[b, h]; rows Tk..Tk4-1 take the p = 0 keys of the last
-        # group of four and are dropped
-        dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs)
-        dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs)
+        kp = k4[b, h]  # (Tk4, hs)
+        vp = v4[b, h]  # (Tk4, hs)
+        dkp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dk[b, h]
+        dvp = np.zeros((Tk4, hs), np.float32)  # (Tk4, hs) this thread's dv[b, h]
         s = np.empty(_BLOCK, np.float32)  # (K,) scores, then p
         dp = np.empty(_BLOCK, np.float32)  # (K,) dout_i . v_j, then ds * scale
         qi = np.empty(hs, np.float32)  # (hs,)
@@ -203,34 +200,23 @@ def _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, 
                 nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)
                 for jj in range(0, nb, 4):
                     j = j0 + jj
-                    j1 = min(j + 1, last)
-                    j2 = min(j + 2, last)
-                    j3 = min(j + 3, last)
-                    s0, s1, s2, s3 = _dot4(
-                        qs, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
-                    )
+                    s0, s1, s2, s3 = _dot4(qs, kp, j, j + 1, j + 2, j + 3)
                     s[jj] = s0
                     s[jj + 1] = s1
                     s[jj + 2] = s2
                     s[jj + 3] = s3
-                    d0, d1, d2, d3 = _dot4(
-                        doi, vr, v0 + j * vt, v0 + j1 * vt, v0 + j2 * vt, v0 + j3 * vt
-                    )
+                    d0, d1, d2, d3 = _dot4(doi, vp, j, j + 1, j + 2, j + 3)
                     dp[jj] = d0
                     dp[jj + 1] = d1
                     dp[jj + 2] = d2
                     dp[jj + 3] = d3
                 for jj in range(nb):
                     j = j0 + jj
-                    p = exp32(s[jj] - L) if (j <= last and mask[b, min(j, last)]) else _ZERO
+                    p = exp32(s[jj] - L) if (mask[b, j] and j <= last) else _ZERO
                     s[jj] = p
                     dp[jj] = p * (dp[jj] - D) * scale
                 for jj in range(0, nb, 4):
                     j = j0 + jj
-                    r0 = k0 + j * kt
-                    r1 = k0 + min(j + 1, last) * kt  # g = 0 past last: any row in range does
-                    r2 = k0 + min(j + 2, last) * kt
-                    r3 = k0 + min(j + 3, last) * kt
                     p0 = s[jj]
                     p1 = s[jj + 1]
                     p2 = s[jj + 2]
@@ -240,7 +226,12 @@ def _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, 
                     g2 = dp[jj + 2]
                     g3 = dp[jj + 3]
                     for c in range(hs):
-                        dqi[c] += g0 * kr[r0, c] + g1 * kr[r1, c] + g2 * kr[r2, c] + g3 * kr[r3, c]
+                        dqi[c] += (
+                            g0 * kp[j, c]
+                            + g1 * kp[j + 1, c]
+                            + g2 * kp[j + 2, c]
+                            + g3 * kp[j + 3, c]
+                        )
                     for c in range(hs):
                         dvp[j, c] += p0 * doi[c]
                         dvp[j + 1, c] += p1 * doi[c]
@@ -268,6 +259,7 @@ def _rows(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         a.flags.writeable
         and (hs == 1 or a.strides[3] == a.itemsize)
         and all(st >= 0 and st % row == 0 for st in steps)
+        and steps[2] in (0, row)
     ):
         rB, rH, rT = (st // row for st in steps)
         n = (B - 1) * rB + (NH - 1) * rH + (Tk - 1) * rT + 1  # rows from a's first to its last
@@ -309,34 +301,46 @@ def _check(q, k, v, key_mask):
     return q, Tk, mask
 
 
+def _padded(a: np.ndarray, Tk4: int) -> np.ndarray:
+    """a (B, NH, Tk, ...) -> (B, NH, Tk4, ...), a copy with zeros past Tk."""
+    a4 = np.zeros((*a.shape[:2], Tk4, *a.shape[3:]), a.dtype)  # (B, NH, Tk4, ...)
+    a4[:, :, : a.shape[2]] = a
+    return a4
+
+
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
     """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs).
 
-    k and v are read in place when their strides are whole rows of hs floats (the KV cache's
-    prefix views, the model's slices of qkv), copied once otherwise.
+    k and v are read in place when the keys of a head are adjacent rows of hs floats (the KV
+    cache's prefix views, contiguous arrays), copied once otherwise (the model's slices of qkv).
     """
     q, Tk, mask = _check(q, k, v, key_mask)
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
-    if not q.size:
-        return out, (q, None, None, None, None, Tk, mask, out, lse)
-    (kr, ks), (vr, vs) = _rows(k), _rows(v)
-    _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
-    return out, (q, kr, ks, vr, vs, Tk, mask, out, lse)
+    if q.size:
+        (kr, ks), (vr, vs) = _rows(k), _rows(v)
+        _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
+    return out, (q, k, v, mask, out, lse)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    q, kr, ks, vr, vs, Tk, mask, out, lse = cache
+    q, k, v, mask, out, lse = cache
     dout = check_f32("attention_backward", "dout", dout)
     if dout.shape != q.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
     B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
     dq = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     dk = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
     dv = np.zeros((B, NH, Tk, hs), np.float32)  # (B, NH, Tk, hs)
     if q.size:
-        _attention_backward_kernel(dout, q, kr, ks, vr, vs, Tk, mask, out, lse, dq, dk, dv)
+        # keys four at a time without a ragged tail: zero-padded copies, O(Tk hs) per head
+        # against the O(Tq Tk hs) of the kernel
+        Tk4 = (Tk + 3) // 4 * 4
+        k4, v4 = _padded(k, Tk4), _padded(v, Tk4)  # (B, NH, Tk4, hs)
+        mask4 = _padded(mask[:, None], Tk4)[:, 0]  # (B, Tk4), False past Tk
+        _attention_backward_kernel(dout, q, k4, v4, Tk, mask4, out, lse, dq, dk, dv)
     return dq, dk, dv
 
 

@@ -63,9 +63,9 @@ _ONE = np.float32(1.0)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _forward_tile(s, mask, q0, k0, off, m, l, acc, bad):
+def _forward_tile(s, bias, q0, k0, off, m, l, acc):
     # s (B, NH, bq, bk) scores of query rows q0.. against keys k0.., overwritten by p;
-    # mask (B, Tk); updates m, l (B, NH, Tq), acc (B, NH, Tq, hs), bad (B, NH, Tq) NaN seen
+    # bias (B, Tk) 0 or -inf (padding); updates m, l (B, NH, Tq), acc (B, NH, Tq, hs)
     B, NH, bq, bk = s.shape
     hs = acc.shape[3]
     for bh in prange(B * NH):
@@ -73,30 +73,28 @@ def _forward_tile(s, mask, q0, k0, off, m, l, acc, bad):
         h = bh - b * NH
         for r in range(bq):
             i = q0 + r
-            lim = min(bk, off + i + 1 - k0)  # keys k0 .. k0 + lim - 1 are causally visible
+            lim = max(0, min(bk, off + i + 1 - k0))  # keys k0 .. k0 + lim - 1 are causal
             mx = _NEG_INF
-            nan = False
-            for c in range(bk):
-                x = s[b, h, r, c]
-                if c < lim and mask[b, k0 + c]:
-                    nan |= x != x
-                    mx = max(mx, x)
-                else:
-                    s[b, h, r, c] = _NEG_INF
-            if nan:
-                bad[b, h, i] = True
+            seen = False  # a visible key (max() alone would skip a NaN score)
+            for c in range(lim):
+                x = s[b, h, r, c] + bias[b, k0 + c]  # -inf for padding
+                s[b, h, r, c] = x
+                mx = max(mx, x)
+                seen |= x != _NEG_INF
             m_old = m[b, h, i]
             m_new = max(m_old, mx)
-            if m_new == _NEG_INF:
+            if not seen and m_old == _NEG_INF:
                 s[b, h, r, :] = 0.0  # nothing visible yet: p = 0, l and acc stay 0
                 continue
-            alpha = exp32(m_old - m_new) if m_old > _NEG_INF else _ZERO  # l, acc were 0
+            # a NaN score makes p NaN, so l, out and lse turn NaN, as the reference's do
+            alpha = exp32(m_old - m_new) if m_old != _NEG_INF else _ZERO  # l, acc were 0
             total = _ZERO
-            for c in range(bk):
+            for c in range(lim):
                 x = s[b, h, r, c]
-                p = exp32(x - m_new) if x > _NEG_INF else _ZERO
+                p = _ZERO if x == _NEG_INF else exp32(x - m_new)  # exp32 never gives 0
                 s[b, h, r, c] = p
                 total += p
+            s[b, h, r, lim:] = 0.0  # past the diagonal
             m[b, h, i] = m_new
             l[b, h, i] = l[b, h, i] * alpha + total
             if alpha != _ONE:
@@ -105,17 +103,14 @@ def _forward_tile(s, mask, q0, k0, off, m, l, acc, bad):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _forward_finish(acc, m, l, bad, out, lse):
-    # acc (B, NH, Tq, hs), m, l, bad (B, NH, Tq) -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+def _forward_finish(acc, m, l, out, lse):
+    # acc (B, NH, Tq, hs), m, l (B, NH, Tq) -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
     B, NH, Tq, hs = acc.shape
     for bh in prange(B * NH):
         b = bh // NH
         h = bh - b * NH
         for i in range(Tq):
-            if bad[b, h, i]:
-                out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
-                lse[b, h, i] = np.nan
-            elif l[b, h, i] == _ZERO:
+            if l[b, h, i] == _ZERO:
                 out[b, h, i, :] = 0.0  # no visible key (a padding query)
                 lse[b, h, i] = _NEG_INF
             else:
@@ -126,7 +121,7 @@ def _forward_finish(acc, m, l, bad, out, lse):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _probs_tile(s, mask, q0, k0, off, lse):
+def _probs_tile(s, bias, q0, k0, off, lse):
     # s (B, NH, bq, bk) scores q*scale . k, overwritten by p = exp(s - lse), 0 where hidden
     B, NH, bq, bk = s.shape
     for bh in prange(B * NH):
@@ -134,14 +129,15 @@ def _probs_tile(s, mask, q0, k0, off, lse):
         h = bh - b * NH
         for r in range(bq):
             i = q0 + r
-            lim = min(bk, off + i + 1 - k0)
+            lim = max(0, min(bk, off + i + 1 - k0))
             li = lse[b, h, i]
-            if not li > _NEG_INF:
-                s[b, h, r, :] = 0.0 if li == _NEG_INF else np.nan  # saw no key / NaN row
+            if li == _NEG_INF:
+                s[b, h, r, :] = 0.0  # the query saw no key: no gradient
                 continue
-            for c in range(bk):
-                visible = c < lim and mask[b, k0 + c]
-                s[b, h, r, c] = exp32(s[b, h, r, c] - li) if visible else _ZERO
+            for c in range(lim):
+                x = s[b, h, r, c] + bias[b, k0 + c]  # -inf for padding
+                s[b, h, r, c] = _ZERO if x == _NEG_INF else exp32(x - li)
+            s[b, h, r, lim:] = 0.0  # past the diagonal
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -210,13 +206,13 @@ def _tiles(Tq: int, Tk: int):
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
     """q (B, NH, Tq, hs), k, v (B, NH, Tk, hs), key_mask (B, Tk) bool or None -> (B, NH, Tq, hs)."""
     q, k, v, mask = _check(q, k, v, key_mask)
+    bias = np.where(mask, np.float32(0.0), _NEG_INF)  # (B, Tk) added to the scores
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
     off = Tk - Tq
     qs = q * np.float32(1.0 / math.sqrt(hs))  # (B, NH, Tq, hs) q * scale
     m = np.full((B, NH, Tq), _NEG_INF, np.float32)  # (B, NH, Tq) running max
     l = np.zeros((B, NH, Tq), np.float32)  # (B, NH, Tq) running sum of exp(s - m)
-    bad = np.zeros((B, NH, Tq), np.bool_)  # (B, NH, Tq) a NaN score was seen
     acc = np.zeros((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs) running sum of p v
     out = np.empty((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs)
     lse = np.empty((B, NH, Tq), np.float32)  # (B, NH, Tq)
@@ -227,17 +223,17 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
         for q0, q1, k0, k1 in _tiles(Tq, Tk):
             s = _tile(sbuf, (B, NH, q1 - q0, k1 - k0))  # (B, NH, bq, bk)
             np.matmul(qs[:, :, q0:q1], kt[:, :, :, k0:k1], out=s)
-            _forward_tile(s, mask, q0, k0, off, m, l, acc, bad)
+            _forward_tile(s, bias, q0, k0, off, m, l, acc)
             pv = _tile(pvbuf, (B, NH, q1 - q0, hs))  # (B, NH, bq, hs)
             np.matmul(s, v[:, :, k0:k1], out=pv)
             acc[:, :, q0:q1] += pv
-        _forward_finish(acc, m, l, bad, out, lse)
-    return out, (qs, k, v, mask, out, lse)
+        _forward_finish(acc, m, l, out, lse)
+    return out, (qs, k, v, bias, out, lse)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    qs, k, v, mask, out, lse = cache
+    qs, k, v, bias, out, lse = cache
     dout = check_f32("attention_backward", "dout", dout)
     if dout.shape != qs.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {qs.shape}")
@@ -262,7 +258,7 @@ def attention_backward(dout: np.ndarray, cache):
         dO = dout[:, :, q0:q1]  # (B, NH, bq, hs)
         p = _tile(pbuf, (B, NH, bq, bk))  # (B, NH, bq, bk)
         np.matmul(Q, kt[:, :, :, k0:k1], out=p)
-        _probs_tile(p, mask, q0, k0, off, lse)
+        _probs_tile(p, bias, q0, k0, off, lse)
         g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
         np.matmul(p.swapaxes(-1, -2), dO, out=g)
         dv[:, :, k0:k1] += g

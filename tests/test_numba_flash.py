@@ -1,0 +1,163 @@
+"""fast.numba_flash (tiled causal attention) against the numpy reference, ref.ops.
+
+The reference runs in float64 on the same float32 inputs, so every difference is the kernel's
+own float32 round-off. Shapes are chosen to cross the tile edges (_BQ = _BK = 128): primes,
+T = 1, Tq < Tk with the diagonal offset landing inside a tile, hs = 1 and 64, B * NH > 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ref import ops
+
+flash = pytest.importorskip("fast.numba_flash")
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _tolerance(Tk: int, hs: int) -> float:
+    """Bound on |kernel - reference| relative to the largest reference entry (at least 1).
+
+    Every output is a float32 sum of at most hs (scores, dp) then Tk (p v, p^T dout, ds k,
+    ds^T q) rounded terms, and the standard bound on a float32 sum of n terms is n * eps times
+    the sum of their magnitudes; exp32 adds ~2 ulp to each probability. With inputs of size
+    ~1 the sums of magnitudes stay within a small factor of the largest entry, so
+    4 * (hs + Tk) * eps covers both sums with room: measured errors are ~10 eps at Tk = 300,
+    hs = 64, well inside the bound (4.2e-4 there).
+    """
+    return 4.0 * (hs + Tk) * EPS32
+
+
+def _inputs(rng: np.random.Generator, B: int, NH: int, Tq: int, Tk: int, hs: int):
+    q = rng.standard_normal((B, NH, Tq, hs)).astype(np.float32)  # (B, NH, Tq, hs)
+    k = rng.standard_normal((B, NH, Tk, hs)).astype(np.float32)  # (B, NH, Tk, hs)
+    v = rng.standard_normal((B, NH, Tk, hs)).astype(np.float32)  # (B, NH, Tk, hs)
+    dout = rng.standard_normal((B, NH, Tq, hs)).astype(np.float32)  # (B, NH, Tq, hs)
+    return q, k, v, dout
+
+
+def _reference(q, k, v, dout, key_mask):
+    """ref.ops in float64 on the float32 inputs: out, dq, dk, dv."""
+    f64 = [a.astype(np.float64) for a in (q, k, v, dout)]
+    out, cache = ops.attention_forward(*f64[:3], key_mask)
+    return (out, *ops.attention_backward(f64[3], cache))
+
+
+def _assert_close(got, want, Tk: int, hs: int, names=("out", "dq", "dk", "dv")) -> None:
+    tol = _tolerance(Tk, hs)
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == np.float32 and g.shape == w.shape, name
+        scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+        err = float(np.abs(g - w).max(initial=0.0)) / scale
+        assert err <= tol, f"{name}: max error {err:.3g} x {scale:.3g} > tolerance {tol:.3g}"
+
+
+def _run(q, k, v, dout, key_mask):
+    out, cache = flash.attention_forward(q, k, v, key_mask)
+    return (out, *flash.attention_backward(dout, cache))
+
+
+@given(
+    B=st.integers(1, 2),
+    NH=st.integers(1, 3),
+    Tq=st.sampled_from([1, 2, 7, 31, 127, 128, 131]),
+    extra=st.sampled_from([0, 1, 5, 64, 127, 130]),
+    hs=st.sampled_from([1, 3, 64]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(B, NH, Tq, extra, hs, padded, seed):
+    rng = np.random.default_rng(seed)
+    Tk = Tq + extra
+    q, k, v, dout = _inputs(rng, B, NH, Tq, Tk, hs)
+    key_mask = None
+    if padded:
+        key_mask = rng.random((B, Tk)) < 0.7  # (B, Tk) about 30% padding
+        key_mask[0, : Tk - Tq + 1] = False  # query 0 of batch 0 sees no key at all
+    got = _run(q, k, v, dout, key_mask)
+    _assert_close(got, _reference(q, k, v, dout, key_mask), Tk, hs)
+    if padded:
+        assert not got[0][0, :, 0].any() and not got[1][0, :, 0].any()  # out = 0, dq = 0
+
+
+def test_gpt2_sized_prompt_with_cache_offset():
+    """A 124M-shaped head set past one tile both ways, diagonal offset inside a tile."""
+    rng = np.random.default_rng(1)
+    B, NH, Tq, Tk, hs = 1, 12, 300, 333, 64
+    q, k, v, dout = _inputs(rng, B, NH, Tq, Tk, hs)
+    _assert_close(_run(q, k, v, dout, None), _reference(q, k, v, dout, None), Tk, hs)
+
+
+def test_strided_views_as_the_model_passes_them():
+    """k and v sliced out of one (B, T, 3, NH, hs) array (row stride 3C), q read-only."""
+    rng = np.random.default_rng(2)
+    B, NH, T, hs = 2, 3, 150, 8
+    qkv = rng.standard_normal((B, T, 3, NH, hs)).astype(np.float32)  # (B, T, 3, NH, hs)
+    q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # (B, NH, T, hs) views
+    q.flags.writeable = False
+    dout = rng.standard_normal((B, NH, T, hs)).astype(np.float32)  # (B, NH, T, hs)
+    contiguous = [np.ascontiguousarray(a) for a in (q, k, v)]
+    got = _run(q, k, v, dout, None)
+    _assert_close(got, _reference(*contiguous, dout, None), T, hs)
+    for g, w in zip(got, _run(*contiguous, dout, None), strict=True):
+        assert np.array_equal(g, w)  # the same products in the same order
+
+
+def test_deterministic():
+    """Bit-identical twice: no thread adds into shared memory, tile order is fixed."""
+    rng = np.random.default_rng(3)
+    B, NH, Tq, Tk, hs = 2, 5, 200, 261, 64
+    q, k, v, dout = _inputs(rng, B, NH, Tq, Tk, hs)
+    key_mask = rng.random((B, Tk)) < 0.9  # (B, Tk)
+    first = _run(q, k, v, dout, key_mask)
+    second = _run(q, k, v, dout, key_mask)
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_nan_propagates_like_the_reference():
+    rng = np.random.default_rng(4)
+    q, k, v, dout = _inputs(rng, 1, 2, 5, 9, 4)
+    q[0, 1, 2, 0] = np.nan  # one query row of head 1
+    out, _ = flash.attention_forward(q, k, v)
+    want, _ = ops.attention_forward(q, k, v)
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q, k, v: (q.astype(np.float64), k, v, None), "q as a float32"),
+        (lambda q, k, v: (q, k.astype(np.float16), v, None), "k as a float32"),
+        (lambda q, k, v: (q, k, v[:, :, :-1], None), "k, v"),
+        (lambda q, k, v: (q[:, :, :, :2], k, v, None), "does not match"),
+        (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2], None), "must be >= Tq"),
+        (lambda q, k, v: (q, k, v, np.ones((1, 4), bool)), "key_mask"),
+        (lambda q, k, v: (q, k, v, np.ones((1, 6), np.int8)), "key_mask"),
+    ],
+)
+def test_bad_input_is_named(change, message):
+    rng = np.random.default_rng(5)
+    q, k, v, _ = _inputs(rng, 1, 2, 4, 6, 3)
+    with pytest.raises((TypeError, ValueError), match=message):
+        flash.attention_forward(*change(q, k, v))
+
+
+def test_backward_checks_dout():
+    rng = np.random.default_rng(6)
+    q, k, v, dout = _inputs(rng, 1, 2, 4, 6, 3)
+    _, cache = flash.attention_forward(q, k, v)
+    with pytest.raises(ValueError, match="dout"):
+        flash.attention_backward(dout[:, :, :2], cache)
+    with pytest.raises(TypeError, match="dout"):
+        flash.attention_backward(dout.astype(np.float64), cache)
+
+
+def test_registry_entry():
+    assert flash.VARIANTS == {
+        "attention": {"numba_flash": (flash.attention_forward, flash.attention_backward)}
+    }

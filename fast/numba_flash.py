@@ -74,32 +74,31 @@ def _forward_tile(s, bias, q0, k0, off, m, l, acc):
         for r in range(bq):
             i = q0 + r
             lim = max(0, min(bk, off + i + 1 - k0))  # keys k0 .. k0 + lim - 1 are causal
+            row = s[b, h, r]  # (bk,)
+            brow = bias[b, k0 : k0 + lim]  # (lim,) -inf for padding
             mx = _NEG_INF
-            seen = False  # a visible key (max() alone would skip a NaN score)
             for c in range(lim):
-                x = s[b, h, r, c] + bias[b, k0 + c]  # -inf for padding
-                s[b, h, r, c] = x
-                mx = max(mx, x)
-                seen |= x != _NEG_INF
+                mx = max(mx, row[c] + brow[c])
             m_old = m[b, h, i]
             m_new = max(m_old, mx)
-            if not seen and m_old == _NEG_INF:
-                s[b, h, r, :] = 0.0  # nothing visible yet: p = 0, l and acc stay 0
+            if m_new == _NEG_INF and not np.isnan(row[:lim]).any():
+                row[:] = 0.0  # nothing visible yet: p = 0, l and acc stay 0
                 continue
-            # a NaN score makes p NaN, so l, out and lse turn NaN, as the reference's do
+            # a NaN score makes its p NaN, so l, out and lse turn NaN, as the reference's do
             alpha = exp32(m_old - m_new) if m_old != _NEG_INF else _ZERO  # l, acc were 0
             total = _ZERO
             for c in range(lim):
-                x = s[b, h, r, c]
+                x = row[c] + brow[c]
                 p = _ZERO if x == _NEG_INF else exp32(x - m_new)  # exp32 never gives 0
-                s[b, h, r, c] = p
+                row[c] = p
                 total += p
-            s[b, h, r, lim:] = 0.0  # past the diagonal
+            row[lim:] = 0.0  # past the diagonal
             m[b, h, i] = m_new
             l[b, h, i] = l[b, h, i] * alpha + total
             if alpha != _ONE:
+                a = acc[b, h, i]  # (hs,)
                 for c in range(hs):
-                    acc[b, h, i, c] *= alpha
+                    a[c] *= alpha
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -134,10 +133,12 @@ def _probs_tile(s, bias, q0, k0, off, lse):
             if li == _NEG_INF:
                 s[b, h, r, :] = 0.0  # the query saw no key: no gradient
                 continue
+            row = s[b, h, r]  # (bk,)
+            brow = bias[b, k0 : k0 + lim]  # (lim,) -inf for padding
             for c in range(lim):
-                x = s[b, h, r, c] + bias[b, k0 + c]  # -inf for padding
-                s[b, h, r, c] = _ZERO if x == _NEG_INF else exp32(x - li)
-            s[b, h, r, lim:] = 0.0  # past the diagonal
+                x = row[c] + brow[c]
+                row[c] = _ZERO if x == _NEG_INF else exp32(x - li)
+            row[lim:] = 0.0  # past the diagonal
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -6,14 +6,35 @@ hs = head size, K = keys per block (_BLOCK), Tk4 = Tk rounded up to a multiple o
 The semantics are `ref.ops.attention_forward`'s: query i sits at absolute position Tk - Tq + i
 and sees keys j <= Tk - Tq + i whose key_mask[b, j] is True; a query that sees no key outputs 0.
 
-Layout: the launcher copies k and v once into (B, NH, Tk4, hs) buffers padded with zero rows
-(whatever their strides: the model passes views of its KV cache or of qkv), so that keys can
-always be taken four at a time: `_dot4` computes four dot products in one pass over hs (LLVM
-vectorises it over hs with four accumulators), and the value updates add four keys per pass.
-Padded keys and keys past the causal limit get score -inf, so they never count. Four at a time
-was 2.5-3x faster than one score per key against a transposed k (measured on the project's
-2-core machine, T = 1024, NH = 12, hs = 64). One thread owns a whole (b, h) (prange over
-B * NH), so no two threads write the same output or gradient.
+Layout: the forward reads k and v as rows of hs floats, `kr` (N, hs) C-contiguous, with
+key j of head (b, h) at row b * rB + h * rH + j * rT (`_rows`). When the keys of a head are
+adjacent rows (rT = 1) and every stride is a whole number of rows, as in the KV cache's
+prefix views `cache.k[layer][:, :, :P+T]` of a C-contiguous (B, NH, capacity, hs) buffer and
+in contiguous arrays, `kr` is a view (`as_strided`) spanning a's first to its last element:
+a numpy array's elements lie in one buffer, so every row of that span is memory that buffer
+owns, and the kernel reads only the rows of a. Otherwise (the model's slices of qkv, rows 3C
+apart; reversed, transposed or read-only arrays) k and v are copied once into compact rows,
+O(Tk hs) per head against the O(Tq Tk hs) of a prompt. In a decode step (Tq = 1) a copy
+would move more bytes than the attention reads (at B = 16, Tk = 256 it made numba's decode
+slower than the reference's), hence the views.
+
+Keys are taken four at a time: `_dot4` computes four dot products in one pass over hs (LLVM
+vectorises it over hs), and the value updates add four keys per pass. The last group of a
+query's keys may pass its causal limit `last`: its rows are clamped to `last`, and those
+keys, like masked ones, get score -inf, so they never count. Four at a time was 2.5-3x
+faster than one score per key against a transposed k (measured on the project's 2-core
+machine, T = 1024, NH = 12, hs = 64). One thread owns a whole (b, h) (prange over B * NH),
+so no two threads write the same output or gradient.
+
+Decode step (Tq = 1): the kernel streams each head's keys and values once, but its loop of
+dot products, softmax and weighted sums keeps too few loads in flight to stream from DRAM,
+so it prefetches (numba_common.prefetch) the key rows _AHEAD keys on and the block's value
+rows while scoring. Per layer (NH = 12, hs = 64, KV cache of capacity 1024), best of 20 calls
+on the loaded 2-core machine (`python /tmp/P/attn_decode.py`, see the project's notes):
+    B = 16, Tk = 256:  per-call copy 5.5 ms, in place 2.6 ms, with prefetch 0.83 ms (ref 1.0)
+    B = 16, Tk = 1024: 17.1, 10.7, 3.4 ms (ref 3.8)
+    B = 1,  Tk = 256:  0.79, 0.16, 0.10 ms (ref 0.05: the data fit in the caches, where
+    BLAS's matrix-vector products beat the four-at-a-time dot products)
 
 Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
 softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum
@@ -27,15 +48,14 @@ Backward (the reference's formulas, recomputing att from lse instead of storing 
     dv_j += p_ij dout_i;   dp_ij = dout_i . v_j
     ds_ij = p_ij (dp_ij - D_i),  D_i = sum_j p_ij dp_ij = dout_i . out_i
     dq_i += ds_ij k_j scale;   dk_j += ds_ij q_i scale
-The cache keeps q, the padded k and v, the mask, out and lse (B, NH, Tq): O(T) per row, not
-(Tq, Tk).
+The cache keeps q, k and v (as given: views, no copy), the mask, out and lse (B, NH, Tq):
+O(T) per row, not (Tq, Tk). The backward copies k and v into zero-padded (B, NH, Tk4, hs)
+buffers, so that its groups of four need no clamping; the copy is O(Tk hs) per head against
+its O(Tq Tk hs) work.
 A row with lse = -inf saw no key and gets no gradient. dk_j, dv_j of one (b, h) are summed in
 a thread-private buffer in a fixed order, so gradients are bit-identical from run to run.
 
-Variants: "numba". Limits: float32. Cost of the copy: O(Tk hs) per head, small next to the
-O(Tq Tk hs) of the prompt or of training; in the decode step (Tq = 1) it is most of the work,
-and the reference's BLAS matrix-vector products are faster there (0.13 against 0.3 ms at
-Tk = 1000, NH = 12, hs = 64), a small part of a decode step either way.
+Variants: "numba". Limits: float32.
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ from fast.numba_common import FASTMATH, check_f32, exp32
 
 _BQ = 128  # queries per tile
 _BK = 128  # keys per tile: a (B*NH, 128, 128) score tile is 786 KB at B*NH = 12
+_BWD_BQ = 512  # backward: queries per tile
+_BWD_BK = 128  # backward: keys per tile
 _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -195,13 +197,21 @@ def _check(q, k, v, key_mask):
     return q, k, v, mask
 
 
-def _tiles(Tq: int, Tk: int):
-    """(q0, q1, k0, k1) of every tile pair with a causally visible key, row-major."""
+def _tiles(Tq: int, Tk: int, bq: int, bk: int):
+    """(q0, q1, k0, k1) of every tile pair with a causally visible key, query tiles outer."""
     off = Tk - Tq
-    for q0 in range(0, Tq, _BQ):
-        q1 = min(q0 + _BQ, Tq)
-        for k0 in range(0, off + q1, _BK):  # the last key row q1 - 1 sees is off + q1 - 1
-            yield q0, q1, k0, min(k0 + _BK, off + q1)
+    for q0 in range(0, Tq, bq):
+        q1 = min(q0 + bq, Tq)
+        for k0 in range(0, off + q1, bk):  # the last key row q1 - 1 sees is off + q1 - 1
+            yield q0, q1, k0, min(k0 + bk, off + q1)
+
+
+def _tiles_by_key(Tq: int, Tk: int, bq: int, bk: int):
+    """(q0, q1, k0, k1) of every tile pair with a causally visible key, key tiles outer."""
+    off = Tk - Tq
+    for k0 in range(0, Tk, bk):
+        for q0 in range(max(0, k0 - off), Tq, bq):  # query i sees key k0 once off + i >= k0
+            yield q0, min(q0 + bq, Tq), k0, min(k0 + bk, Tk)
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
@@ -221,7 +231,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
         kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk) a view: gemm reads k transposed
         sbuf = np.empty(B * NH * min(_BQ, Tq) * min(_BK, Tk), np.float32)  # scores, then p
         pvbuf = np.empty(B * NH * min(_BQ, Tq) * hs, np.float32)  # p v of one tile
-        for q0, q1, k0, k1 in _tiles(Tq, Tk):
+        for q0, q1, k0, k1 in _tiles(Tq, Tk, _BQ, _BK):
             s = _tile(sbuf, (B, NH, q1 - q0, k1 - k0))  # (B, NH, bq, bk)
             np.matmul(qs[:, :, q0:q1], kt[:, :, :, k0:k1], out=s)
             _forward_tile(s, bias, q0, k0, off, m, l, acc)
@@ -249,29 +259,32 @@ def attention_backward(dout: np.ndarray, cache):
     D = np.einsum("bhtc,bhtc->bht", dout, out)  # (B, NH, Tq) rowsum(dout * out)
     kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk)
     vt = v.swapaxes(-1, -2)  # (B, NH, hs, Tk)
-    n = B * NH * min(_BQ, Tq) * min(_BK, Tk)
-    pbuf = np.empty(n, np.float32)  # p of one tile
-    dsbuf = np.empty(n, np.float32)  # dp, then ds, of one tile
-    gbuf = np.empty(B * NH * max(min(_BQ, Tq), min(_BK, Tk)) * hs, np.float32)  # a product
-    for q0, q1, k0, k1 in _tiles(Tq, Tk):
+    bq_max, bk_max = min(_BWD_BQ, Tq), min(_BWD_BK, Tk)
+    pbuf = np.empty(B * NH * bq_max * bk_max, np.float32)  # p of one tile
+    dsbuf = np.empty(B * NH * bq_max * bk_max, np.float32)  # dp, then ds, of one tile
+    gbuf = np.empty(B * NH * max(bq_max, bk_max) * hs, np.float32)  # a product
+    for q0, q1, k0, k1 in _tiles_by_key(Tq, Tk, _BWD_BQ, _BWD_BK):
         bq, bk = q1 - q0, k1 - k0
         Q = qs[:, :, q0:q1]  # (B, NH, bq, hs) q * scale
         dO = dout[:, :, q0:q1]  # (B, NH, bq, hs)
         p = _tile(pbuf, (B, NH, bq, bk))  # (B, NH, bq, bk)
         np.matmul(Q, kt[:, :, :, k0:k1], out=p)
         _probs_tile(p, bias, q0, k0, off, lse)
-        g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
-        np.matmul(p.swapaxes(-1, -2), dO, out=g)
-        dv[:, :, k0:k1] += g
         ds = _tile(dsbuf, (B, NH, bq, bk))  # (B, NH, bq, bk)
         np.matmul(dO, vt[:, :, :, k0:k1], out=ds)
         _ds_tile(ds, p, q0, D)
         g = _tile(gbuf, (B, NH, bq, hs))  # (B, NH, bq, hs)
         np.matmul(ds, k[:, :, k0:k1], out=g)
         dq[:, :, q0:q1] += g
-        g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
-        np.matmul(ds.swapaxes(-1, -2), Q, out=g)
-        dk[:, :, k0:k1] += g  # ds^T (q * scale): the scale is already in Q
+        if q0 == max(0, k0 - off):  # the first query tile of this key tile: write
+            np.matmul(p.swapaxes(-1, -2), dO, out=dv[:, :, k0:k1])
+            np.matmul(ds.swapaxes(-1, -2), Q, out=dk[:, :, k0:k1])
+        else:
+            g = _tile(gbuf, (B, NH, bk, hs))  # (B, NH, bk, hs)
+            np.matmul(p.swapaxes(-1, -2), dO, out=g)
+            dv[:, :, k0:k1] += g
+            np.matmul(ds.swapaxes(-1, -2), Q, out=g)
+            dk[:, :, k0:k1] += g  # ds^T (q * scale): the scale is already in Q
     dq *= np.float32(1.0 / math.sqrt(hs))
     return dq, dk, dv
 

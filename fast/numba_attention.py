@@ -24,7 +24,8 @@ query's keys may pass its causal limit `last`: its rows are clamped to `last`, a
 keys, like masked ones, get score -inf, so they never count. Four at a time was 2.5-3x
 faster than one score per key against a transposed k (measured on the project's 2-core
 machine, T = 1024, NH = 12, hs = 64). One thread owns a whole (b, h) (prange over B * NH),
-so no two threads write the same output or gradient.
+so no two threads write the same output or gradient. Calls with little work (a decode step
+of one sequence) run the same code on the calling thread instead (`_SERIAL_BELOW`).
 
 Decode step (Tq = 1): the kernel streams each head's keys and values once, but its loop of
 dot products, softmax and weighted sums keeps too few loads in flight to stream from DRAM,
@@ -69,6 +70,10 @@ from fast.numba_common import FASTMATH, check_f32, exp32, prefetch
 
 _BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 did as well)
+# below this much work (B * NH * Tq * Tk * hs multiply-adds, twice) the forward runs on the
+# calling thread: a parallel launch costs 30-50 us (more when the other core is busy), and a
+# decode step of one sequence (NH = 12, hs = 64, Tk <= 1024: 0.8M) takes 60-170 us serially
+_SERIAL_BELOW = 2**20
 _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -99,88 +104,101 @@ def _prefetch_row(a, r):
         prefetch(a, r * hs + min(c, hs - 1))
 
 
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh):
+    # the queries of one head, bh = b * NH + h: writes out[b, h], lse[b, h]
+    NH, Tq, hs = q.shape[1:]
+    scale = _ONE / np.sqrt(np.float32(hs))
+    b = bh // NH
+    h = bh - b * NH
+    k0 = b * ks[0] + h * ks[1]  # row of key 0 of (b, h) in kr
+    v0 = b * vs[0] + h * vs[1]  # row of value 0 of (b, h) in vr
+    kt = ks[2]
+    vt = vs[2]
+    s = np.empty(_BLOCK, np.float32)  # (K,) scores, then probabilities, of one block
+    acc = np.empty(hs, np.float32)  # (hs,)
+    qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
+    for i in range(Tq):
+        last = Tk - Tq + i  # the last key query i may see
+        for c in range(hs):
+            qi[c] = q[b, h, i, c] * scale
+        m = _NEG_INF
+        l = _ZERO
+        acc[:] = 0.0
+        has_nan = False  # max() and the > tests skip NaN scores: flag them instead
+        for j0 in range(0, last + 1, _BLOCK):
+            nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)  # keys in block, 4 | nb
+            bm = _NEG_INF
+            for jj in range(0, nb, 4):
+                j = j0 + jj  # <= last; j + 1, j + 2, j + 3 may pass it in the last group
+                j1 = min(j + 1, last)
+                j2 = min(j + 2, last)
+                j3 = min(j + 3, last)
+                if Tq == 1:  # the keys _AHEAD on, the values of this block
+                    for t in range(4):
+                        _prefetch_row(kr, k0 + min(j + _AHEAD + t, last) * kt)
+                        _prefetch_row(vr, v0 + min(j + t, last) * vt)
+                s0, s1, s2, s3 = _dot4(
+                    qi, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
+                )
+                s[jj] = s0 if mask[b, j] else _NEG_INF
+                s[jj + 1] = s1 if (j + 1 <= last and mask[b, j1]) else _NEG_INF
+                s[jj + 2] = s2 if (j + 2 <= last and mask[b, j2]) else _NEG_INF
+                s[jj + 3] = s3 if (j + 3 <= last and mask[b, j3]) else _NEG_INF
+            for jj in range(nb):
+                bm = max(bm, s[jj])
+                has_nan |= s[jj] != s[jj]
+            if bm == _NEG_INF:
+                continue  # every key of this block is hidden
+            m_new = max(m, bm)
+            if m_new > m:
+                corr = exp32(m - m_new) if m > _NEG_INF else _ZERO  # l, acc were 0
+                l *= corr
+                for c in range(hs):
+                    acc[c] *= corr
+            for jj in range(nb):
+                p = exp32(s[jj] - m_new) if s[jj] > _NEG_INF else _ZERO
+                s[jj] = p
+                l += p
+            for jj in range(0, nb, 4):
+                j = j0 + jj
+                r0 = v0 + j * vt
+                r1 = v0 + min(j + 1, last) * vt  # p = 0 past last: any row in range does
+                r2 = v0 + min(j + 2, last) * vt
+                r3 = v0 + min(j + 3, last) * vt
+                p0 = s[jj]
+                p1 = s[jj + 1]
+                p2 = s[jj + 2]
+                p3 = s[jj + 3]
+                for c in range(hs):
+                    acc[c] += p0 * vr[r0, c] + p1 * vr[r1, c] + p2 * vr[r2, c] + p3 * vr[r3, c]
+            m = m_new
+        if has_nan:
+            out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
+            lse[b, h, i] = np.nan
+        elif l == _ZERO:
+            out[b, h, i, :] = 0.0  # no visible key (a padding query)
+            lse[b, h, i] = _NEG_INF
+        else:
+            inv_l = _ONE / l
+            for c in range(hs):
+                out[b, h, i, c] = acc[c] * inv_l
+            lse[b, h, i] = m + np.log(l)
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
     # q (B, NH, Tq, hs); kr, vr (N, hs) rows, key j of (b, h) at row b*ks[0] + h*ks[1] + j*ks[2]
     # (v likewise with vs); mask (B, Tk) bool -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
-    B, NH, Tq, hs = q.shape
-    scale = _ONE / np.sqrt(np.float32(hs))
-    for bh in prange(B * NH):
-        b = bh // NH
-        h = bh - b * NH
-        k0 = b * ks[0] + h * ks[1]  # row of key 0 of (b, h) in kr
-        v0 = b * vs[0] + h * vs[1]  # row of value 0 of (b, h) in vr
-        kt = ks[2]
-        vt = vs[2]
-        s = np.empty(_BLOCK, np.float32)  # (K,) scores, then probabilities, of one block
-        acc = np.empty(hs, np.float32)  # (hs,)
-        qi = np.empty(hs, np.float32)  # (hs,) q_i * scale
-        for i in range(Tq):
-            last = Tk - Tq + i  # the last key query i may see
-            for c in range(hs):
-                qi[c] = q[b, h, i, c] * scale
-            m = _NEG_INF
-            l = _ZERO
-            acc[:] = 0.0
-            has_nan = False  # max() and the > tests skip NaN scores: flag them instead
-            for j0 in range(0, last + 1, _BLOCK):
-                nb = min(_BLOCK, (last + 1 - j0 + 3) // 4 * 4)  # keys in block, 4 | nb
-                bm = _NEG_INF
-                for jj in range(0, nb, 4):
-                    j = j0 + jj  # <= last; j + 1, j + 2, j + 3 may pass it in the last group
-                    j1 = min(j + 1, last)
-                    j2 = min(j + 2, last)
-                    j3 = min(j + 3, last)
-                    if Tq == 1:  # the keys _AHEAD on, the values of this block
-                        for t in range(4):
-                            _prefetch_row(kr, k0 + min(j + _AHEAD + t, last) * kt)
-                            _prefetch_row(vr, v0 + min(j + t, last) * vt)
-                    s0, s1, s2, s3 = _dot4(
-                        qi, kr, k0 + j * kt, k0 + j1 * kt, k0 + j2 * kt, k0 + j3 * kt
-                    )
-                    s[jj] = s0 if mask[b, j] else _NEG_INF
-                    s[jj + 1] = s1 if (j + 1 <= last and mask[b, j1]) else _NEG_INF
-                    s[jj + 2] = s2 if (j + 2 <= last and mask[b, j2]) else _NEG_INF
-                    s[jj + 3] = s3 if (j + 3 <= last and mask[b, j3]) else _NEG_INF
-                for jj in range(nb):
-                    bm = max(bm, s[jj])
-                    has_nan |= s[jj] != s[jj]
-                if bm == _NEG_INF:
-                    continue  # every key of this block is hidden
-                m_new = max(m, bm)
-                if m_new > m:
-                    corr = exp32(m - m_new) if m > _NEG_INF else _ZERO  # l, acc were 0
-                    l *= corr
-                    for c in range(hs):
-                        acc[c] *= corr
-                for jj in range(nb):
-                    p = exp32(s[jj] - m_new) if s[jj] > _NEG_INF else _ZERO
-                    s[jj] = p
-                    l += p
-                for jj in range(0, nb, 4):
-                    j = j0 + jj
-                    r0 = v0 + j * vt
-                    r1 = v0 + min(j + 1, last) * vt  # p = 0 past last: any row in range does
-                    r2 = v0 + min(j + 2, last) * vt
-                    r3 = v0 + min(j + 3, last) * vt
-                    p0 = s[jj]
-                    p1 = s[jj + 1]
-                    p2 = s[jj + 2]
-                    p3 = s[jj + 3]
-                    for c in range(hs):
-                        acc[c] += p0 * vr[r0, c] + p1 * vr[r1, c] + p2 * vr[r2, c] + p3 * vr[r3, c]
-                m = m_new
-            if has_nan:
-                out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
-                lse[b, h, i] = np.nan
-            elif l == _ZERO:
-                out[b, h, i, :] = 0.0  # no visible key (a padding query)
-                lse[b, h, i] = _NEG_INF
-            else:
-                inv_l = _ONE / l
-                for c in range(hs):
-                    out[b, h, i, c] = acc[c] * inv_l
-                lse[b, h, i] = m + np.log(l)
+    for bh in prange(q.shape[0] * q.shape[1]):
+        _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh)
+
+
+@numba.njit(fastmath=FASTMATH, cache=True)
+def _attention_forward_serial_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
+    # the same on the calling thread, for calls too small to pay a parallel launch
+    for bh in range(q.shape[0] * q.shape[1]):
+        _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -339,7 +357,9 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
     if q.size:
         (kr, ks), (vr, vs) = _rows(k), _rows(v)
-        _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
+        small = q.size * Tk < _SERIAL_BELOW
+        kernel = _attention_forward_serial_kernel if small else _attention_forward_kernel
+        kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
     return out, (q, k, v, mask, out, lse)
 
 

@@ -293,17 +293,18 @@ def test_attention_layouts_that_need_a_copy(impl):
 
 
 @pytest.mark.parametrize("impl", [p for p in variants("attention") if "numba" in p.id])
-def test_numba_decode_step_reads_the_cache_in_place(impl):
+@pytest.mark.parametrize("B", [1, 3])  # the serial kernel (small calls), the parallel one
+def test_numba_decode_step_reads_the_cache_in_place(impl, B):
     """No copy of k, v: the numpy allocations of a decode step (q, mask, out) stay far below
-    the size of k (2 MB here; a copy of k and v would be 4 MB)."""
+    the size of k (2 MB per sequence here; a copy of k and v would be twice that)."""
     fwd = impl[0]
     rng = np.random.default_rng(9)
-    B, NH, capacity, hs, Tk = 2, 4, 1024, 64, 1001
+    NH, capacity, hs, Tk = 8, 1024, 64, 1001
     cache = f32(rng.standard_normal((2, B, NH, capacity, hs)))
     k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]  # (B, NH, Tk, hs) views
     q = f32(rng.standard_normal((B, NH, 1, hs)))
     key_mask = np.ones((B, Tk), bool)
-    key_mask[1, :7] = False
+    key_mask[-1, :7] = False
     fwd(q, k, v, key_mask)  # compiles, or loads the compiled kernel
     tracemalloc.start()
     try:

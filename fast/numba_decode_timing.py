@@ -96,6 +96,7 @@ def _model(batches: list[int], context: int, repeat: int, gbs: float) -> None:
     }
     params = nest(flat, cfg)
     weight_bytes = sum(a.nbytes for a in flat.values()) - flat["wpe"].nbytes  # wpe: one row
+    single = {}  # backend -> tokens/s at B = 1, for the batched speed-up
     for B in batches:
         cache = KVCache(cfg, B, context + 1)
         for kv in (cache.k, cache.v):  # (L, B, NH, capacity, hs)
@@ -116,11 +117,14 @@ def _model(batches: list[int], context: int, repeat: int, gbs: float) -> None:
 
             best, med = _times_ms(step, repeat)
             tps = B * 1e3 / best
+            if B == 1:
+                single[name] = tps
+            gain = f", {tps / single[name]:.1f}x B=1" if name in single and B > 1 else ""
             print(
                 f"decode step 124M B={B:<3} P={context} {name:<6} best {best:7.1f} ms  "
                 f"median {med:7.1f} ms  {tps:7.1f} tokens/s  "
                 f"({step_bytes / 1e6:.0f} MB per step; {tps / ceiling:.2f} of the ceiling "
-                f"{ceiling:.1f} tokens/s)"
+                f"{ceiling:.1f} tokens/s{gain})"
             )
 
 

@@ -56,7 +56,7 @@ from numba import prange
 from fast.numba_common import FASTMATH, check_f32, exp32
 
 _BQ = 128  # queries per tile
-_BK = 128  # keys per tile: a (B*NH, 128, 128) score tile is 786 KB at B*NH = 12
+_BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12
 _BWD_BQ = 512  # backward: queries per tile
 _BWD_BK = 128  # backward: keys per tile
 _NEG_INF = np.float32(-np.inf)

@@ -30,12 +30,14 @@ of one sequence) run the same code on the calling thread instead (`_SERIAL_BELOW
 Decode step (Tq = 1): the kernel streams each head's keys and values once, but its loop of
 dot products, softmax and weighted sums keeps too few loads in flight to stream from DRAM,
 so it prefetches (numba_common.prefetch) the key rows _AHEAD keys on and the block's value
-rows while scoring. Per layer (NH = 12, hs = 64, KV cache of capacity 1024), best of 20 calls
-on the loaded 2-core machine (`python /tmp/P/attn_decode.py`, see the project's notes):
-    B = 16, Tk = 256:  per-call copy 5.5 ms, in place 2.6 ms, with prefetch 0.83 ms (ref 1.0)
-    B = 16, Tk = 1024: 17.1, 10.7, 3.4 ms (ref 3.8)
-    B = 1,  Tk = 256:  0.79, 0.16, 0.10 ms (ref 0.05: the data fit in the caches, where
-    BLAS's matrix-vector products beat the four-at-a-time dot products)
+rows while scoring: 2-2.8x faster once k, v outgrow the caches (B = 16, Tk = 256 and 1024).
+Per layer (NH = 12, hs = 64, a KV cache of capacity 1024), best of 8 calls on the loaded
+2-core machine, `python -m fast.numba_decode_timing`; the per-call copy is commit 72b3374:
+    B = 16, Tk = 256:  per-call copy 7.6 ms, now 0.62 ms (reference 1.2 ms)
+    B = 16, Tk = 1024: 19.4 ms, now 2.0 ms (reference 3.7 ms)
+    B = 1,  Tk = 256:  0.89 ms, now 0.068 ms (reference 0.057 ms)
+    B = 1,  Tk = 1024: 3.6 ms, now 0.21 ms (reference 0.13 ms: the data fit in the caches,
+    where BLAS's matrix-vector products beat the four-at-a-time dot products)
 
 Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
 softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum

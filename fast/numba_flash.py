@@ -1,21 +1,27 @@
 """Causal attention in tiles: BLAS for the products, Numba for the softmax (FlashAttention-2).
 
 Shape legend: B = batch, NH = heads, Tq = queries, Tk = keys (Tk >= Tq, the cache included),
-hs = head size, bq = queries per tile (<= _BQ), bk = keys per tile (<= _BK).
+hs = head size, bq = queries per tile, bk = keys per tile (_BQ, _BK forward; _BWD_BQ, _BWD_BK
+backward; the last tile of a row or column is smaller).
 
 The semantics are `ref.ops.attention_forward`'s: query i sits at absolute position
 off + i with off = Tk - Tq and sees keys j <= off + i whose key_mask[b, j] is True; a query
 that sees no key outputs 0 (and gets no gradient). NaN in the inputs gives NaN out.
 
-Where the time goes: the two products q k^T and p v are 4 Tq Tk hs flops per head against
-~Tq Tk exponentials, so at hs = 64 the products must run at BLAS speed for attention to keep
-up with the model's matmuls. Numba's own `np.dot` needs SciPy's BLAS, which the project does
-not depend on, so the products here are numpy `matmul` on tiles of all B * NH heads at once
-(numpy's OpenBLAS, one gemm per head per tile, (bq, hs) x (hs, bk)), and the elementwise work
-between them is a `parallel=True` Numba kernel over the heads. The Python loop runs over tile
-pairs only: (Tq / _BQ) (Tk / _BK) / 2 of them, 36 at T = 1024, so its overhead is tens of
-microseconds against milliseconds of arithmetic. Both kinds of call run one after the other,
-so Numba's threads and OpenBLAS's never compete for the cores.
+Where the time goes: the products q k^T and p v are 4 Tq Tk hs flops per head against ~Tq Tk
+exponentials, so at hs = 64 the products must run at BLAS speed. Numba's own `np.dot` needs
+SciPy's BLAS, which the project does not depend on, so the products are numpy `matmul` on
+tiles of all B * NH heads at once (numpy's OpenBLAS, one gemm per head per tile, e.g.
+(128, 64) x (64, 256)), and the elementwise work between them is a `parallel=True` Numba kernel
+over the heads. The Python loop runs over tile pairs only (20 in the forward at T = 1024), so
+its overhead is tens of microseconds against milliseconds of arithmetic.
+Threads: OpenBLAS keeps its two threads (numpy's default here). Capping it at one
+(threadpoolctl) made the forward 1.3-1.6x slower (T = 1024, NH = 12, on the project's shared
+2-core machine). Numba's threads and OpenBLAS's take turns rather than nest; OpenBLAS's
+threads spin for a while after each gemm, so the Numba kernels gained little from their
+second thread (8.4 against 7.7 ms of 20 ms), but they lost nothing either.
+k and v views (the model's slices of qkv, row stride 3C) are copied to contiguous arrays
+first: O(Tk hs) per head, and gemm on the strided rows took twice as long.
 
 Forward, per query tile Q (rows q0 .. q0 + bq - 1, pre-scaled by scale = 1 / sqrt(hs)) and key
 tile K, V (keys k0 .. k0 + bk - 1), with the online softmax (Milakov and Gimelshein 2018):
@@ -24,25 +30,27 @@ tile K, V (keys k0 .. k0 + bk - 1), with the online softmax (Milakov and Gimelsh
     m_new = max(m, max_j s_ij);  p_ij = exp(s_ij - m_new);  alpha = exp(m - m_new)
     l = alpha l + sum_j p_ij;   acc = alpha acc + p V   (p V by BLAS)
 and at the end out = acc / l, lse = m + log(l) (-inf for a row that saw no key).
-Key tiles start past the diagonal of the query tile's last row are never visited, so about
-half of the (Tq, Tk) products are skipped; the largest temporary is one (B, NH, bq, bk) tile,
-never the (Tq, Tk) score matrix.
+Key tiles that start past the diagonal of the query tile's last row are never visited, so
+about half of the (Tq, Tk) products are skipped; the largest temporary is one
+(B, NH, bq, bk) tile, never a (Tq, Tk) score matrix. Padding enters as a (B, Tk) bias of 0 or
+-inf added to the scores, which keeps the softmax loops free of branches (vectorised).
 
-Backward (the reference's formulas, recomputing att from lse instead of storing it), per tile
-pair, with D_i = sum_j att_ij datt_ij = dout_i . out_i computed once:
+Backward (the reference's formulas, recomputing att from lse instead of storing it), key tiles
+outer, with D_i = sum_j att_ij datt_ij = dout_i . out_i computed once:
     p = exp(Q K^T - lse)  (0 where hidden);   dv[K] += p^T dout[Q]
     dp = dout[Q] V^T;   ds = p * (dp - D)
     dq[Q] += ds K scale;   dk[K] += ds^T Q scale   (Q already holds q * scale)
-All accumulation happens in numpy calls made in a fixed order from one Python thread (the
-Numba kernels only write their own tile), so no two threads add into the same gradient, and
-results are bit-identical from run to run.
+The first query tile of a key tile writes dk[K], dv[K] straight from gemm; tall query tiles
+(512 rows) keep the number of `+=` small. All accumulation happens in numpy calls made in a
+fixed order from one Python thread (the Numba kernels only write their own tile), so no two
+threads add into the same gradient, and results are bit-identical from run to run.
 
-Cache: q * scale, k, v (read in place: numpy's gemm takes any row stride, e.g. the model's
-slices of qkv), the mask, out and lse (B, NH, Tq): O(T) per row beyond the inputs.
+Cache: q * scale, contiguous k, v, the padding bias (B, Tk), out and lse (B, NH, Tq): O(T) per
+row beyond the inputs.
 
-Variants: "numba_flash". Limits: float32. Meant for prompts and training (Tq in the hundreds):
-for a decode step (Tq = 1) each tile is a matrix-vector product and the per-tile overhead
-dominates; `fast.numba_attention` handles that case.
+Variants: "numba_flash". Limits: float32. Meant for prompts and training: each call costs a
+fixed ~0.2 ms (allocations, a few parallel launches), so for a decode step (Tq = 1) or a tiny
+prompt `fast.numba_attention` is faster (see fast/numba_flash_timing.py).
 """
 
 from __future__ import annotations

@@ -84,6 +84,21 @@ def test_matches_reference(B, NH, Tq, extra, hs, padded, seed):
         assert not got[0][0, :, 0].any() and not got[1][0, :, 0].any()  # out = 0, dq = 0
 
 
+@pytest.mark.parametrize(("bq", "bk"), [(1, 1), (3, 5), (8, 16), (16, 8)])
+@pytest.mark.parametrize(("Tq", "Tk"), [(1, 1), (13, 13), (29, 40), (37, 37)])
+def test_small_tiles(monkeypatch, bq, bk, Tq, Tk):
+    """Tile sizes far below the defaults: many ragged tiles, the diagonal inside a tile, and
+    several query tiles per key tile in the backward (its `+=` branch), at small cost."""
+    for name, size in (("_BQ", bq), ("_BK", bk), ("_BWD_BQ", bq), ("_BWD_BK", bk)):
+        monkeypatch.setattr(flash, name, size)
+    rng = np.random.default_rng(Tq * 1000 + Tk)
+    B, NH, hs = 2, 2, 4
+    q, k, v, dout = _inputs(rng, B, NH, Tq, Tk, hs)
+    key_mask = rng.random((B, Tk)) < 0.8  # (B, Tk)
+    key_mask[1, : Tk - Tq + 1] = False  # query 0 of batch 1 sees no key
+    _assert_close(_run(q, k, v, dout, key_mask), _reference(q, k, v, dout, key_mask), Tk, hs)
+
+
 def test_gpt2_sized_prompt_with_cache_offset():
     """A 124M-shaped head set past one tile both ways, diagonal offset inside a tile."""
     rng = np.random.default_rng(1)

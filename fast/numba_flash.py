@@ -20,8 +20,9 @@ Threads: OpenBLAS keeps its two threads (numpy's default here). Capping it at on
 2-core machine). Numba's threads and OpenBLAS's take turns rather than nest; OpenBLAS's
 threads spin for a while after each gemm, so the Numba kernels gained little from their
 second thread (8.4 against 7.7 ms of 20 ms), but they lost nothing either.
-k and v views (the model's slices of qkv, row stride 3C) are copied to contiguous arrays
-first: O(Tk hs) per head, and gemm on the strided rows took twice as long.
+k and v are read in place when their rows of hs floats have unit stride (the model's slices
+of qkv, row stride 3C): copying them first made the forward slower, not faster (B = 4,
+T = 256: 22-28 against 7-8 ms; T = 1024: the same within noise).
 
 Forward, per query tile Q (rows q0 .. q0 + bq - 1, pre-scaled by scale = 1 / sqrt(hs)) and key
 tile K, V (keys k0 .. k0 + bk - 1), with the online softmax (Milakov and Gimelshein 2018):
@@ -47,8 +48,8 @@ calls made in a fixed order from one Python thread (the Numba kernels only write
 tile), so no two threads add into the same gradient, and results are bit-identical from run
 to run.
 
-Cache: q * scale, contiguous k, v, the padding bias (B, Tk), out and lse (B, NH, Tq): O(T) per
-row beyond the inputs.
+Cache: q * scale, k, v (views when the inputs were), the padding bias (B, Tk), out and lse
+(B, NH, Tq): O(T) per row beyond the inputs.
 
 Variants: "numba_flash". Limits: float32. Meant for prompts and training: each call costs a
 fixed ~0.2 ms (allocations, a few parallel launches), so for a decode step (Tq = 1) or a tiny
@@ -167,15 +168,15 @@ def _tile(buf: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def _check(q, k, v, key_mask):
-    """Validate; q, k, v C-contiguous float32 (views are copied); mask (B, Tk) bool."""
+    """Validate; q C-contiguous; k, v float32 with unit stride along hs (else copied);
+    mask (B, Tk) bool."""
     q = check_f32("attention", "q", q)
     arrays = []
     for name, a in (("k", k), ("v", v)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32:
             check_f32("attention", name, a)  # raises, naming the tensor
-        # one copy of a view (the model's slices of qkv, row stride 3C) is O(Tk hs) and made
-        # the products 2x faster than gemm on the strided rows (T = 1024, 12 heads)
-        a = np.ascontiguousarray(a)
+        if a.ndim == 4 and a.shape[3] > 1 and a.strides[3] != a.itemsize:
+            a = np.ascontiguousarray(a)  # gemm reads rows of hs floats with any row stride
         arrays.append(a)
     k, v = arrays
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:

@@ -75,6 +75,26 @@ _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def _row_max(row, brow, n):
+    # max_c (row[c] + brow[c]) over c < n, in eight independent chains: one chain is bound by
+    # the latency of max (0.51 against 0.27 ns a score on the project's machine)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _NEG_INF
+    n8 = n - n % 8
+    for c in range(0, n8, 8):
+        m0 = max(m0, row[c] + brow[c])
+        m1 = max(m1, row[c + 1] + brow[c + 1])
+        m2 = max(m2, row[c + 2] + brow[c + 2])
+        m3 = max(m3, row[c + 3] + brow[c + 3])
+        m4 = max(m4, row[c + 4] + brow[c + 4])
+        m5 = max(m5, row[c + 5] + brow[c + 5])
+        m6 = max(m6, row[c + 6] + brow[c + 6])
+        m7 = max(m7, row[c + 7] + brow[c + 7])
+    for c in range(n8, n):
+        m0 = max(m0, row[c] + brow[c])
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _forward_tile(s, bias, q0, k0, off, m, l, acc):
     # s (B, NH, bq, bk) scores of query rows q0.. against keys k0.., overwritten by p;
@@ -89,9 +109,7 @@ def _forward_tile(s, bias, q0, k0, off, m, l, acc):
             lim = max(0, min(bk, off + i + 1 - k0))  # keys k0 .. k0 + lim - 1 are causal
             row = s[b, h, r]  # (bk,)
             brow = bias[b, k0 : k0 + lim]  # (lim,) -inf for padding
-            mx = _NEG_INF
-            for c in range(lim):
-                mx = max(mx, row[c] + brow[c])
+            mx = _row_max(row, brow, lim)
             m_old = m[b, h, i]
             m_new = max(m_old, mx)
             if m_new == _NEG_INF and not np.isnan(row[:lim]).any():

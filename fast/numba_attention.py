@@ -31,13 +31,15 @@ Decode step (Tq = 1): the kernel streams each head's keys and values once, but i
 dot products, softmax and weighted sums keeps too few loads in flight to stream from DRAM,
 so it prefetches (numba_common.prefetch) the key rows _AHEAD keys on and the block's value
 rows while scoring: 2-2.8x faster once k, v outgrow the caches (B = 16, Tk = 256 and 1024).
-Per layer (NH = 12, hs = 64, a KV cache of capacity 1024), best of 8 calls on the loaded
-2-core machine, `python -m fast.numba_decode_timing`; the per-call copy is commit 72b3374:
-    B = 16, Tk = 256:  per-call copy 7.6 ms, now 0.62 ms (reference 1.2 ms)
-    B = 16, Tk = 1024: 19.4 ms, now 2.0 ms (reference 3.7 ms)
-    B = 1,  Tk = 256:  0.89 ms, now 0.068 ms (reference 0.057 ms)
-    B = 1,  Tk = 1024: 3.6 ms, now 0.21 ms (reference 0.13 ms: the data fit in the caches,
-    where BLAS's matrix-vector products beat the four-at-a-time dot products)
+Per layer (NH = 12, hs = 64, a KV cache of capacity 1024), best of 8 calls, the range over
+three runs on the project's 2-core machine (one under load), `python -m fast.numba_decode_timing`;
+"before" is the per-call padded copy of commit 72b3374:
+    B = 16, Tk = 256:  before 5.8-7.6 ms, now 0.62-1.5 ms (reference 1.1-1.2 ms)
+    B = 16, Tk = 1024: before 15.6-19.4 ms, now 2.0-3.2 ms (reference 3.7-3.9 ms)
+    B = 1,  Tk = 256:  before 0.86-0.89 ms, now 0.068-0.082 ms (reference 0.053-0.057 ms)
+    B = 1,  Tk = 1024: before 3.1-3.6 ms, now 0.20-0.26 ms (reference 0.13 ms: there k, v
+    stay in the caches from call to call, where BLAS's matrix-vector products beat the
+    four-at-a-time dot products)
 
 Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
 softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum

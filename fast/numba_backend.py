@@ -6,11 +6,11 @@ Kernels (one file each, forward and backward side by side):
     fast/numba_attention.py    causal attention with KV cache and padding mask, online softmax
     fast/numba_crossentropy.py softmax cross-entropy, probabilities made once
     fast/numba_common.py       threading layer, fastmath flags, exp32
-`linear` is the reference's matmul, made one 2-D BLAS call: numpy multiplies a (B, T, Cin) stack
-by a (Cin, Cout) matrix slice by slice, and in a decode step (T = 1) that reads the weight B
-times; (B*T, Cin) @ (Cin, Cout) reads it once (B = 16: 1.8 against 3.3 ms for one block's four
-matrices, measured on the project's 2-core machine). Its backward and `embedding` (a gather)
-are the reference's.
+    fast/numba_flash.py        causal attention on BLAS tiles (prompts, training)
+`attention` dispatches on shape: numba_flash (numpy BLAS on tiles, Numba online softmax) when
+Tq >= 16 and Tk >= 256, numba_attention otherwise (decode steps and short prompts, where
+numba_flash's fixed ~0.2 ms a call dominates; `python -m fast.numba_flash_timing`).
+`linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather).
 
 Compilation: every kernel is `cache=True`, so the machine code is written next to the source
 (`fast/__pycache__`) on first use and loaded from there afterwards; inputs are normalised to
@@ -19,8 +19,7 @@ C-contiguous float32 so each kernel has one signature. Importing this module com
 
 import numpy as np
 
-from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
-from fast.numba_attention import attention_backward, attention_forward
+from fast import numba_attention, numba_crossentropy, numba_flash, numba_gelu, numba_layernorm
 from fast.numba_common import single_threaded
 from fast.numba_crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba_gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
@@ -29,6 +28,7 @@ from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     embedding_backward,
     embedding_forward,
     linear_backward,
+    linear_forward,
 )
 
 __all__ = [
@@ -50,11 +50,23 @@ __all__ = [
 ]
 
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
-    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout); the reference's cache (x, w)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin), N = B * T: a view when x is contiguous
-    out = (x2 @ w + b).reshape(*x.shape[:-1], w.shape[1])  # (..., Cout)
-    return out, (x, w)
+# numba_flash for prompts and training; numba_attention for decode steps and tiny prompts
+_FLASH_MIN_TQ = 16
+_FLASH_MIN_TK = 256
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
+    """numba_flash when Tq >= 16 and Tk >= 256, else numba_attention; the cache says which."""
+    big = np.ndim(q) == 4 and np.ndim(k) == 4
+    big = big and q.shape[2] >= _FLASH_MIN_TQ and k.shape[2] >= _FLASH_MIN_TK
+    impl = numba_flash if big else numba_attention
+    out, cache = impl.attention_forward(q, k, v, key_mask)
+    return out, (impl, cache)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    impl, inner = cache
+    return impl.attention_backward(dout, inner)
 
 
 def _with_serial(variants: dict) -> dict:
@@ -66,9 +78,18 @@ def _with_serial(variants: dict) -> dict:
     return out
 
 
-# {op: {variant: (forward, backward)}}, swept by tests/test_backends.py and bench/
-VARIANTS = {
-    op: _with_serial(variants)
-    for module in (numba_layernorm, numba_gelu, numba_attention, numba_crossentropy)
-    for op, variants in module.VARIANTS.items()
-}
+def _variants(modules: tuple) -> dict:
+    """{op: {variant: (forward, backward)}} of the kernel files, with their serial baselines,
+    plus "numba_auto": the shape dispatch the model uses."""
+    out: dict = {}
+    for module in modules:
+        for op, variants in module.VARIANTS.items():
+            out.setdefault(op, {}).update(_with_serial(variants))
+    out["attention"]["numba_auto"] = (attention_forward, attention_backward)
+    return out
+
+
+# swept by tests/test_backends.py and bench/
+VARIANTS = _variants(
+    (numba_layernorm, numba_gelu, numba_attention, numba_flash, numba_crossentropy)
+)

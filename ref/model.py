@@ -205,4 +205,7 @@ def forward(
     if tape is not None:
         tape["blocks"] = blocks_tape
         tape["x_final"] = x
-    return x @ params["wte"].T  # (B, T, V): the LM head is tied to the token embedding
+    B, T, C = x.shape
+    # the LM head is tied to the token embedding; one 2-D matmul reads wte once for all rows
+    logits = x.reshape(B * T, C) @ params["wte"].T  # (B*T, V)
+    return logits.reshape(B, T, -1)  # (B, T, V)

@@ -80,8 +80,13 @@ def layernorm_backward(dout: np.ndarray, cache):
 
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
-    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout)."""
-    return x @ w + b, (x, w)
+    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
+
+    One 2-D matmul: numpy multiplies a (B, T, Cin) stack by w slice by slice, which in a decode
+    step (T = 1) reads all of w once per sequence; (B*T, Cin) @ w reads it once.
+    """
+    out = x.reshape(-1, x.shape[-1]) @ w + b  # (B*T, Cout)
+    return out.reshape(*x.shape[:-1], w.shape[1]), (x, w)  # (..., Cout)
 
 
 def linear_backward(dout: np.ndarray, cache):

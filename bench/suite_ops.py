@@ -16,10 +16,26 @@ Each record carries the op's compulsory work (bench/workload.py), the achieved G
 FLOP/s, and `fraction_of_limit`: the roofline time (the least the measured limits allow)
 over the measured min time. Baselines, where torch is installed: "torch-native" is
 torch.nn.functional (layer_norm, gelu(approximate="tanh"), scaled_dot_product_attention,
-cross_entropy), forward without autograd, backward through torch.autograd.grad.
+cross_entropy), forward without autograd, backward through torch.autograd.grad. Its
+bias_gelu, F.gelu(x + b) in eager mode, is the unfused torch pair: one kernel for the add,
+one for the GELU.
+
+On a CUDA device the suite also times the shapes issue 6 sets its GPU targets at (gpu_cases;
+CUDA targets only, the CPU cases are the same with or without a GPU): LayerNorm on 8 x 1024
+rows of 768 and on 64 x 1024 rows (far past any L2), GELU on 16 x 1024 rows of 3072, bias +
+GELU on 8 x 1024 rows of 3072, causal attention in bfloat16 at B=8, NH=12, T=1024, hs=64 and
+cross-entropy on 8 x 1024 rows of V = 50,257, the last two also as "forward+backward" (one
+timed call: the forward that keeps what backward needs, then the backward). Their params carry
+"dtype". On the GPU every op is timed with the device's L2 flushed before each call when its
+working set is under 4 x L2 (cache "flushed"), else it is far larger than L2 ("exceeds-llc");
+the forward and forward+backward records carry peak_gpu_bytes (torch.cuda.max_memory_allocated
+over one call, reset before it) and gpu_bytes_before (allocated when the call began).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -73,6 +89,33 @@ def cases(plan: Plan) -> list[tuple[str, dict, tuple[str, ...]]]:
     for N in plan.ce_rows:
         out.append(("crossentropy", {"N": N, "V": V}, both))
     return out
+
+
+# issue 6's GPU shapes
+GPT2_ROWS = 8 * 1024  # a B=8 x T=1024 batch of GPT-2 small
+GPT2_C = 768
+BIG_ROWS = 64 * 1024  # LayerNorm rows far past any L2: 192 MiB read, 192 MiB written
+ATTN_T = 1024
+CE_V = 50257
+
+
+def gpu_cases(plan: Plan) -> list[tuple[str, dict, tuple[str, ...]]]:
+    """(op, shape, passes) of issue 6's GPU targets; toy shapes in the tiny mode (tests)."""
+    if plan.mode == "tiny":
+        size, N, big, C, B, NH, T, hs, V = "tiny", 32, 128, 64, 1, 4, 32, 16, 256
+    else:
+        size, N, big, C, B, NH, T, hs = "124M", GPT2_ROWS, BIG_ROWS, GPT2_C, 8, 12, ATTN_T, 64
+        V = CE_V
+    f32, fb = "float32", ("forward", "forward+backward")
+    attn = {"size": size, "B": B, "NH": NH, "Tq": T, "Tk": T, "hs": hs, "dtype": "bfloat16"}
+    return [
+        ("layernorm", {"size": size, "N": N, "C": C, "dtype": f32}, ("forward", "backward")),
+        ("layernorm", {"size": size, "N": big, "C": C, "dtype": f32}, ("forward",)),
+        ("gelu", {"size": size, "N": big // 4, "H": 4 * C, "dtype": f32}, ("forward",)),
+        ("bias_gelu", {"size": size, "N": N, "H": 4 * C, "dtype": f32}, ("forward",)),
+        ("attention", attn, fb),
+        ("crossentropy", {"N": N, "V": V, "dtype": f32}, fb),
+    ]
 
 
 def make_inputs(op: str, s: dict, rng: np.random.Generator) -> tuple[tuple, object]:
@@ -198,6 +241,11 @@ def _targets(backends: list[Backend], op: str):
         yield label, "torch.nn.functional", device, to, sync, fwd, fwd_graph, bwd
 
 
+def _forward_backward(fwd, bwd, args: tuple, dout):
+    """One training use of an op: forward keeping its cache, then backward."""
+    return bwd(dout, fwd(*args)[1])
+
+
 def _measure_backward(fwd, bwd, args, dout, flush, sync, kw) -> dict:
     """Time bwd(dout, cache) with a fresh forward before every call, untimed: a cache may be
     good for one backward only (an autograd graph), and the flush comes after the forward so
@@ -215,6 +263,44 @@ def _measure_backward(fwd, bwd, args, dout, flush, sync, kw) -> dict:
     return measure(lambda: bwd(dout, state["cache"]), before=before, sync=sync, **kw)
 
 
+def _device_flusher() -> tuple[Callable[[], None], int]:
+    """(flush, L2 bytes) of the GPU: flush rewrites a device buffer of twice the L2 and waits
+    for it, so the next timed call reads its inputs from device memory."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 0) or 64 * 1024**2  # 64 MiB: above any current L2
+    buf = torch.empty(2 * l2 // 4, dtype=torch.float32, device="cuda")  # (2 L2 / 4,)
+
+    def flush() -> None:
+        buf.fill_(1.0)
+        torch.cuda.synchronize()
+
+    return flush, l2
+
+
+def _peak_gpu(call: Callable[[], object]) -> dict:
+    """Device memory of one call: torch's peak of allocated bytes during it (reset first) and
+    what was allocated when it began (its inputs and everything else alive)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated(), "gpu_bytes_before": before}
+
+
+def _cast(a, dtype: str):
+    """A floating torch tensor in `dtype` (the GPU cases' bfloat16); anything else as is."""
+    if dtype == "float32" or not hasattr(a, "is_floating_point") or not a.is_floating_point():
+        return a
+    import torch
+
+    return a.to(getattr(torch, dtype))
+
+
 def run(
     plan: Plan,
     backends: list[Backend],
@@ -227,16 +313,21 @@ def run(
     flusher = CacheFlusher(llc)
     recs: list[dict] = []
     kw = {"budget_s": plan.budget_s, "max_repeats": plan.max_repeats, "warmup": 2}
-    todo = cases(plan)
-    for i, (op, shape, passes) in enumerate(todo):
+    todo = [(*c, False) for c in cases(plan)]
+    gpu_flush, l2 = None, 0
+    if cuda_available():
+        todo += [(*c, True) for c in gpu_cases(plan)]
+        gpu_flush, l2 = _device_flusher()
+    for i, (op, shape, passes, gpu_only) in enumerate(todo):
         log(f"bench: ops {i + 1}/{len(todo)}: {op} {shape}")
         args_np, dout_np = make_inputs(op, shape, rng)
+        dtype = shape.get("dtype", "float32")
         for label, variant, device, to, sync, fwd, fwd_cache, bwd in _targets(backends, op):
-            if not native and label == "torch-native":
+            if (not native and label == "torch-native") or (gpu_only and device != "cuda"):
                 continue
             try:
-                args = tuple(to(a) for a in args_np)
-                dout = to(dout_np)
+                args = tuple(_cast(to(a), dtype) for a in args_np)
+                dout = _cast(to(dout_np), dtype)
             except Exception as e:
                 recs.append(
                     record(
@@ -254,15 +345,24 @@ def run(
                 params = {**shape, "pass": direction, "device": device}
                 work = op_work(op, direction, shape)
                 ws = work["read_bytes"] + work["write_bytes"]
-                cache = cache_policy(ws, llc) if device == "cpu" else "device-not-flushed"
-                before = flusher if cache == "flushed" else None
+                if device == "cpu":
+                    cache = cache_policy(ws, llc)
+                    before = flusher if cache == "flushed" else None
+                elif gpu_flush is not None:
+                    cache = cache_policy(ws, l2)
+                    before = gpu_flush if cache == "flushed" else None
+                else:
+                    cache, before = "device-not-flushed", None
+                if direction == "forward":
+                    call = partial(fwd, *args)
+                else:  # forward+backward: the forward that keeps the cache, then the backward
+                    call = partial(_forward_backward, fwd_cache, bwd, args, dout)
                 try:
-                    if direction == "forward":
-                        t = measure(
-                            lambda fwd=fwd, args=args: fwd(*args), before=before, sync=sync, **kw
-                        )
-                    else:
+                    if direction == "backward":
                         t = _measure_backward(fwd_cache, bwd, args, dout, before, sync, kw)
+                    else:
+                        t = measure(call, before=before, sync=sync, **kw)
+                    mem = _peak_gpu(call) if device == "cuda" and direction != "backward" else {}
                 except Exception as e:
                     recs.append(
                         record(
@@ -276,7 +376,7 @@ def run(
                         )
                     )
                     continue
-                t_roof, bound = roofline(work, device_limits(limits, device))
+                t_roof, bound = roofline(work, device_limits(limits, device, dtype))
                 tm = t["min"]
                 metrics = {
                     **work,
@@ -285,6 +385,7 @@ def run(
                     "roofline_s": t_roof,
                     "bound": bound,
                     "fraction_of_limit": None if t_roof is None else t_roof / tm,
+                    **mem,
                 }
                 recs.append(
                     record(

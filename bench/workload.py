@@ -20,6 +20,7 @@ from ref.config import GPT2Config
 from weights.layout import expected_shapes, nest
 
 F32 = 4  # bytes
+ELT = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of each dtype
 
 
 def random_params(cfg: GPT2Config, rng: np.random.Generator) -> dict:
@@ -50,7 +51,11 @@ def causal_pairs(Tq: int, Tk: int) -> int:
 
 
 def op_work(op: str, direction: str, shape: dict) -> dict:
-    """Work of one call of `op` ("forward" or "backward") at `shape` (the ops suite's params)."""
+    """Work of one call of `op` ("forward", "backward" or "forward+backward", the two in one
+    timed call) at `shape` (the ops suite's params)."""
+    if direction == "forward+backward":
+        f, b = op_work(op, "forward", shape), op_work(op, "backward", shape)
+        return {k: f[k] + b[k] for k in f}
     if op == "layernorm":
         n = shape["N"] * shape["C"]
         # forward reads x and writes out; backward reads dout and x (or xhat), writes dx
@@ -61,9 +66,10 @@ def op_work(op: str, direction: str, shape: dict) -> dict:
         return _work(flops, n * F32 if direction == "forward" else 2 * n * F32, n * F32)
     if op == "attention":
         B, NH, Tq, Tk, hs = shape["B"], shape["NH"], shape["Tq"], shape["Tk"], shape["hs"]
+        elt = ELT[shape.get("dtype", "float32")]  # the GPU cases also time bfloat16
         pairs = B * NH * causal_pairs(Tq, Tk)
-        qo = B * NH * Tq * hs * F32  # bytes of q (or out)
-        kv = B * NH * Tk * hs * F32  # bytes of k (or v)
+        qo = B * NH * Tq * hs * elt  # bytes of q (or out)
+        kv = B * NH * Tk * hs * elt  # bytes of k (or v)
         if direction == "forward":  # s = q k^T and out = att v: 2 FLOPs x hs per pair each
             return _work(4 * pairs * hs, qo + 2 * kv, qo)
         # dv, datt, dq, dk: four matmuls over the pairs; reads q, k, v, out, dout
@@ -92,15 +98,17 @@ def _work(flops: int, read: int, write: int) -> dict:
     return {"flops": int(flops), "read_bytes": int(read), "write_bytes": int(write)}
 
 
-def device_limits(limits: dict, device: str) -> dict:
+def device_limits(limits: dict, device: str, dtype: str = "float32") -> dict:
     """The limits of `device` under the CPU names (copy_GBps, read_GBps, matmul_f32_GFLOPs);
-    empty when they were not measured."""
+    empty when they were not measured. On a GPU the matmul rate is that of `dtype` (bfloat16
+    tensor cores for a bfloat16 op)."""
     if device == "cpu":
         return limits
+    mm = {"float32": "f32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     names = {
         "copy_GBps": "gpu_copy_GBps",
         "read_GBps": "gpu_read_GBps",
-        "matmul_f32_GFLOPs": "gpu_matmul_f32_GFLOPs",
+        "matmul_f32_GFLOPs": f"gpu_matmul_{mm}_GFLOPs",
     }
     if not all(g in limits for g in names.values()):
         return {}

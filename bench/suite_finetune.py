@@ -8,7 +8,8 @@ reports its own tokens/s per step in its "train" events; the first step is the w
 trainer is missing or refuses a mode (LoRA on torch), the record says "not available" and why.
 
 Baseline: "torch-autograd" is bench/torch_gpt2.py's eager model with autograd and
-torch.optim.AdamW (LoRA on the same four projections, the same rank).
+torch.optim.AdamW (LoRA on the same four projections, the same rank). On a CUDA device also
+"hf-transformers": transformers' GPT2LMHeadModel with the same step (full finetuning only).
 """
 
 from __future__ import annotations
@@ -95,6 +96,30 @@ def _autograd_steps(params, cfg, plan: Plan, mode: str, device: str, rng) -> lis
     return out
 
 
+def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
+    """Step times of transformers' GPT2LMHeadModel (random init, no dropout): loss from
+    labels, backward, clip to norm 1, torch.optim.AdamW. Full finetuning only."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_config()))
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, T = plan.ft_batch, plan.ft_T
+    ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
+    out = []
+    for _ in range(1 + plan.ft_steps):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _into(box: dict, fn) -> None:
     box["steps"] = fn()
 
@@ -138,6 +163,10 @@ def run(
                             partial(_autograd_steps, params, cfg, plan, mode, device, rng),
                         )
                     )
+            if "cuda" in devices:  # issue 6 compares the GPU trainers with transformers
+                jobs.append(
+                    ("hf-transformers", "cuda", "all", partial(_hf_steps, cfg, plan, "cuda", rng))
+                )
         for label, device, mode, fn in jobs:
             log(f"bench: finetune {size} {label} ({device}) train={mode}")
             B, T = plan.ft_batch, plan.ft_T

@@ -394,3 +394,242 @@ def test_gpt2_bench_subcommand():
     args = build_parser().parse_args(["bench", "--tiny", "--suite", "ops", "--out", "x"])
     assert args.tiny and args.suite == "ops" and args.out == "x"
     assert args.run.__module__ == "gpt2.cmd_bench"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 6's GPU ratios, from SYNTHETIC records (no GPU here: this proves the report's
+# arithmetic and row names, never GPU speed)
+
+COPY = 2000.0  # the synthetic run's device copy bandwidth, GB/s
+
+
+def _fake_op(op, backend, direction, t, variant="v", **shape):
+    """A SYNTHETIC CUDA ops record: made-up time `t`, the work model's bytes and FLOPs."""
+    work = workload.op_work(op, direction, shape)
+    ws = work["read_bytes"] + work["write_bytes"]
+    metrics = {**work, "GBps": ws / t / 1e9, "GFLOPs": work["flops"] / t / 1e9}
+    metrics.update(roofline_s=None, bound=None, fraction_of_limit=None)
+    return harness.record(
+        "ops",
+        op,
+        backend,
+        variant=variant,
+        params={**shape, "pass": direction, "device": "cuda"},
+        time_s={"min": t, "median": t, "n": 3, "warmup": 2},
+        cache="exceeds-llc",
+        metrics=metrics,
+    )
+
+
+def _fake_model(suite, case, backend, tokens_per_s, **params):
+    """A SYNTHETIC CUDA generate or finetune record with a made-up tokens/s."""
+    return harness.record(
+        suite,
+        case,
+        backend,
+        params={**params, "device": "cuda"},
+        time_s={"min": 1.0, "median": 1.0, "n": 1, "warmup": 1},
+        metrics={"tokens_per_s": tokens_per_s, "GFLOPs": 1.0, "fraction_of_matmul": None},
+    )
+
+
+def _synthetic_cuda_doc() -> dict:
+    """A SYNTHETIC results document shaped like a CUDA run of the full suite: issue 6's shapes
+    (bench.suite_ops.gpu_cases), triton against torch.nn.functional, the generate and finetune
+    backends, with made-up times, tokens/s and peak memory."""
+    from bench.suite_ops import ATTN_T, CE_V, GPT2_C, GPT2_ROWS, gpu_cases
+
+    f32 = {"size": "124M", "dtype": "float32"}
+    ln = {**f32, "N": GPT2_ROWS, "C": GPT2_C}
+    big = {**f32, "N": 64 * 1024, "C": GPT2_C}
+    gelu = {**f32, "N": 16 * 1024, "H": 4 * GPT2_C}
+    bg = {**f32, "N": GPT2_ROWS, "H": 4 * GPT2_C}
+    attn = {"size": "124M", "B": 8, "NH": 12, "Tq": ATTN_T, "Tk": ATTN_T, "hs": 64}
+    attn["dtype"] = "bfloat16"
+    ce = {"N": GPT2_ROWS, "V": CE_V, "dtype": "float32"}
+    # the synthetic shapes are those the suite times on a GPU
+    assert [s for _, s, _ in gpu_cases(make_plan("full", None, None))] == [
+        ln,
+        big,
+        gelu,
+        bg,
+        attn,
+        ce,
+    ]
+    recs = [
+        _fake_op("layernorm", "triton", "forward", 1.0e-3, **big),
+        _fake_op("layernorm", "torch-native", "forward", 1.5e-3, **big),
+        _fake_op("layernorm", "triton", "forward", 4.0e-4, **ln),  # a slower variant
+        _fake_op("layernorm", "triton", "forward", 2.0e-5, **ln),
+        _fake_op("layernorm", "torch-native", "forward", 3.0e-5, **ln),
+        _fake_op("layernorm", "triton", "backward", 5.0e-5, **ln),
+        _fake_op("layernorm", "torch-native", "backward", 4.5e-5, **ln),
+        _fake_op("gelu", "triton", "forward", 2.5e-4, **gelu),
+        _fake_op("gelu", "torch-native", "forward", 3.0e-4, **gelu),
+        _fake_op("bias_gelu", "triton", "forward", 1.0e-4, **bg),
+        _fake_op("bias_gelu", "torch-native", "forward", 1.7e-4, **bg),
+        _fake_op("attention", "triton", "forward", 4.0e-4, "flash64", **attn),
+        _fake_op("attention", "triton", "forward", 3.0e-4, "flash32", **attn),  # the best one
+        _fake_op("attention", "torch-native", "forward", 2.0e-4, **attn),
+        _fake_op("attention", "triton", "forward+backward", 1.2e-3, "flash64", **attn),
+        _fake_op("attention", "torch-native", "forward+backward", 7.0e-4, **attn),
+        _fake_op("crossentropy", "triton", "forward", 1.0e-3, **ce),
+        _fake_op("crossentropy", "torch-native", "forward", 2.2e-3, **ce),
+        _fake_op("crossentropy", "triton", "forward+backward", 2.0e-3, **ce),
+        _fake_op("crossentropy", "torch-native", "forward+backward", 5.0e-3, **ce),
+    ]
+    mem = {"triton": (3_000_000_000, 2_000_000_000), "torch-native": (6_000_000_000, 2_000_000_000)}
+    for r in recs:
+        if r["case"] == "crossentropy" and r["params"]["pass"] == "forward+backward":
+            peak, before = mem[r["backend"]]
+            r["metrics"].update(peak_gpu_bytes=peak, gpu_bytes_before=before)
+    size = {"size": "124M"}
+    for be, tps in (("triton", 300.0), ("torch", 200.0), ("triton-bf16", 500.0)):
+        dt = "bfloat16" if be.endswith("bf16") else "float32"
+        recs.append(_fake_model("generate", "prefill", be, 50 * tps, **size, dtype=dt, B=1, T=1024))
+        recs.append(_fake_model("generate", "decode", be, tps, **size, dtype=dt, B=1, ctx=1024))
+    recs.append(
+        _fake_model(
+            "generate", "prefill", "torch-bf16", 40000.0, **size, dtype="bfloat16", B=1, T=1024
+        )
+    )
+    recs.append(
+        _fake_model(
+            "generate", "decode", "torch-bf16", 400.0, **size, dtype="bfloat16", B=1, ctx=1024
+        )
+    )
+    recs.append(
+        _fake_model(
+            "generate", "decode", "hf-generate", 100.0, **size, dtype="float32", B=1, ctx=1024
+        )
+    )
+    for be, tps in (("triton", 9000.0), ("torch", 6000.0), ("hf-transformers", 4500.0)):
+        recs.append(_fake_model("finetune", "step", be, tps, **size, train="all", B=4, T=256))
+    for r in recs:
+        if r["suite"] == "generate":
+            r["params"]["contexts"] = [1023, 1024]
+    return {
+        "schema": cli.SCHEMA,
+        "command": "SYNTHETIC (tests/test_bench.py)",
+        "mode": "full",
+        "complete": True,
+        "environment": {
+            "time_utc": "-",
+            "cpu_model": "SYNTHETIC",
+            "cpus_usable": 1,
+            "cpu_count": 1,
+            "caches": {},
+            "memory_bytes": 0,
+            "load_average": None,
+            "env": {},
+            "libraries": {},
+            "git_commit": None,
+        },
+        "threads": {},
+        "gpu": {"name": "SYNTHETIC"},
+        "elapsed_s": 0.0,
+        "backends": {},
+        "limits": {
+            "read_GBps": 10.0,
+            "copy_GBps": 10.0,
+            "matmul_f32_GFLOPs": 100.0,
+            "gpu_copy_GBps": COPY,
+            "gpu_read_GBps": 2500.0,
+        },
+        "results": recs,
+    }
+
+
+def test_issue6_gpu_ratios_from_synthetic_records():
+    """Every issue-6 GPU target has its Key-ratios row, with the value recomputed here from the
+    SYNTHETIC records fed in. This checks the report's selection and arithmetic, not GPU
+    speed: the times, tokens/s and memory are made up (no GPU on the machine that runs it)."""
+    doc = _synthetic_cuda_doc()
+    ratios = report.compute_ratios(doc)
+    got = {r["name"]: r for r in ratios}
+
+    def t(op, be, direction, **m):
+        return min(r["time_s"]["min"] for r in _rec(doc, "ops", op, be, **{"pass": direction, **m}))
+
+    ws_big = 2 * 64 * 1024 * 768 * 4  # layernorm forward reads x and writes out, float32
+    ws_gelu = 2 * 16 * 1024 * 3072 * 4
+    attn = {"dtype": "bfloat16", "Tq": 1024}
+    want = {
+        "GPU layernorm forward: triton GB/s / device copy GB/s": ws_big / 1.0e-3 / 1e9 / COPY,
+        "GPU layernorm forward: torch-native GB/s / device copy GB/s": ws_big / 1.5e-3 / 1e9 / COPY,
+        "GPU layernorm forward 8x1024 rows of 768: triton / torch layer_norm": 3.0e-5 / 2.0e-5,
+        "GPU layernorm backward 8x1024 rows of 768: triton / torch layer_norm": 4.5e-5 / 5.0e-5,
+        "GPU gelu forward: triton GB/s / device copy GB/s": ws_gelu / 2.5e-4 / 1e9 / COPY,
+        "GPU bias_gelu forward: triton / unfused torch pair": 1.7e-4 / 1.0e-4,
+        "GPU attention forward bf16 T=1024: triton / torch SDPA": 2.0e-4 / 3.0e-4,
+        "GPU attention forward+backward bf16 T=1024: triton / torch SDPA": 7.0e-4 / 1.2e-3,
+        "GPU crossentropy forward V=50257: triton / torch cross_entropy": 2.2e-3 / 1.0e-3,
+        "GPU crossentropy forward+backward V=50257: triton / torch cross_entropy": 5.0 / 2.0,
+        "GPU crossentropy: torch peak memory / triton peak memory": 4e9 / 1e9,
+        "GPU prefill T=1024 (124M, float32): triton / torch tokens/s": 300.0 / 200.0,
+        "GPU prefill T=1024 (124M, bfloat16): triton-bf16 / torch-bf16 tokens/s": 25000 / 40000,
+        "GPU decode B=1 ctx=1024 (124M, float32): triton / torch tokens/s": 300.0 / 200.0,
+        "GPU decode B=1 ctx=1024 (124M, bfloat16): triton-bf16 / torch-bf16 tokens/s": 1.25,
+        "GPU decode B=1 ctx=1024 (124M): triton (float32) / hf-generate (float32) tokens/s": 3.0,
+        "GPU decode B=1 ctx=1024 (124M): triton-bf16 (bfloat16) / hf-generate (float32) "
+        "tokens/s": 5.0,
+        "GPU finetune all B=4 T=256 (124M): triton / torch tokens/s": 1.5,
+        "GPU finetune all B=4 T=256 (124M): triton / hf-transformers tokens/s": 2.0,
+    }
+    # the same figures from the records by the test's own selection (best variant, same shape)
+    assert want["GPU attention forward bf16 T=1024: triton / torch SDPA"] == pytest.approx(
+        t("attention", "torch-native", "forward", **attn)
+        / t("attention", "triton", "forward", **attn)
+    )
+    assert want["GPU layernorm forward 8x1024 rows of 768: triton / torch layer_norm"] == (
+        pytest.approx(
+            t("layernorm", "torch-native", "forward", N=8192)
+            / t("layernorm", "triton", "forward", N=8192)
+        )
+    )
+    # relative tolerance 1e-12: each value is one or two divisions of float64 numbers
+    for name, value in want.items():
+        assert name in got, name
+        assert got[name]["value"] == pytest.approx(value, rel=1e-12), name
+        assert got[name]["key"], name
+    # rows on ops say how each record's cache was treated (all exceed L2 in this fake run)
+    ops_rows = [n for n in want if n.startswith("GPU ") and " / " in n and "tokens/s" not in n]
+    for name in ops_rows:
+        if "peak memory" not in name:
+            assert "cache: " in got[name]["note"] and "exceeds-llc" in got[name]["note"], name
+    md = report.markdown({**doc, "ratios": ratios})
+    key_section = md.split("## Key ratios")[1].split("## All ratios")[0]
+    for name in want:
+        assert f"| {name} |" in key_section, name
+    assert "GPU op rows: timed with the device's L2 flushed" in key_section
+
+
+def test_cpu_only_run_has_no_gpu_rows(tiny_run):
+    """A CPU-only document (the --tiny run of this machine, or with its GPU records removed)
+    gives none of the GPU rows, and its report renders."""
+    _, doc = tiny_run
+    cpu = {**doc, "results": [r for r in doc["results"] if r["params"].get("device") != "cuda"]}
+    ratios = report.compute_ratios(cpu)
+    assert ratios and not [r["name"] for r in ratios if r["name"].startswith("GPU ")]
+    md = report.markdown({**cpu, "ratios": ratios})
+    assert "GPU op rows" not in md and "| GPU " not in md
+
+
+def test_gpu_cases_and_forward_backward_work():
+    """The GPU shapes are issue 6's; a forward+backward call does the work of both passes."""
+    from bench.suite_ops import gpu_cases
+
+    ops = {op: (s, p) for op, s, p in gpu_cases(make_plan("quick", None, None))}
+    s, passes = ops["attention"]
+    assert (s["Tq"], s["hs"], s["dtype"]) == (1024, 64, "bfloat16")
+    assert passes == ("forward", "forward+backward")
+    assert ops["crossentropy"][0]["V"] == 50257
+    for op, s, _ in gpu_cases(make_plan("tiny", None, None)):
+        f, b = workload.op_work(op, "forward", s), workload.op_work(op, "backward", s)
+        fb = workload.op_work(op, "forward+backward", s)
+        assert fb == {k: f[k] + b[k] for k in f}
+    # bfloat16 attention moves half the bytes of float32 at the same FLOPs
+    s = ops["attention"][0]
+    w16 = workload.op_work("attention", "forward", s)
+    w32 = workload.op_work("attention", "forward", {**s, "dtype": "float32"})
+    assert (2 * w16["read_bytes"], w16["flops"]) == (w32["read_bytes"], w32["flops"])

@@ -44,21 +44,27 @@ A record:
     case          limits: read, copy, matmul, gpu_*; ops: the op name; generate: prefill,
                   decode; finetune: step
     backend       a fast.BACKENDS name, or a baseline: torch-native, ref-nocache,
-                  torch-eager, hf-generate, torch-autograd (numpy for the limits)
+                  torch-eager, hf-generate, torch-autograd, hf-transformers (finetune,
+                  CUDA) (numpy for the limits)
     variant       the VARIANTS name (ops), else ""
     params        what was measured: ops {size, the shape (N, C, H, V, n_ctx | B, NH, Tq,
-                  Tk, hs), pass, device}; prefill {size, device, dtype, B, T}; decode
+                  Tk, hs), pass, device}; pass is "forward", "backward" or
+                  "forward+backward" (one timed call); the GPU-only cases
+                  (bench.suite_ops.gpu_cases) add dtype ("float32" | "bfloat16");
+                  prefill {size, device, dtype, B, T}; decode
                   {size, device, dtype, B, ctx, contexts [lo, hi]: keys attended by the
                   timed steps}; finetune {size, device, train, B, T, lora_rank}
     status        "ok" | "error" | "unavailable"; reason: one line when not ok
     time_s        {min, median, n (timed repeats), warmup (untimed calls)} in seconds, or null
-    cache         ops: "flushed" (working set < 4 x LLC: the cache is rewritten before each
-                  call) | "exceeds-llc" | "device-not-flushed"
+    cache         ops: "flushed" (working set < 4 x LLC, on a GPU 4 x its L2: the cache is
+                  rewritten before each call) | "exceeds-llc" | "device-not-flushed" (a GPU
+                  run without a flusher)
     metrics       ops {flops, read_bytes, write_bytes, GBps, GFLOPs, roofline_s, bound,
                   fraction_of_limit}; prefill {tokens_per_s, flops, GFLOPs,
                   fraction_of_matmul, peak_rss_bytes, rss_before_bytes}; decode
                   {tokens_per_s, bytes_per_step, ceiling_tokens_per_s, fraction_of_ceiling,
                   peak_rss_bytes, rss_before_bytes}; finetune {tokens_per_s, flops, GFLOPs,
-                  peak_rss_bytes, rss_before_bytes}; on a GPU also peak_gpu_bytes
+                  peak_rss_bytes, rss_before_bytes}; on a GPU also peak_gpu_bytes (ops:
+                  forward and forward+backward records, with gpu_bytes_before)
 Rates use the min time (the best the machine did); the median shows the noise.
 """

@@ -158,6 +158,27 @@ def test_gelu_matches_reference(impl, shape, seed):
     )
 
 
+# 3,072 and 147,456 elements: below and above the 2**17 where the numba forwards go parallel
+SERIAL_AND_PARALLEL_ROWS = [1, 48]
+
+
+@pytest.mark.parametrize("impl", variants("gelu"))
+@pytest.mark.parametrize("rows", SERIAL_AND_PARALLEL_ROWS)
+def test_gelu_serial_and_parallel_paths(impl, rows):
+    """A decode step's small input runs a serial kernel, a prompt's the parallel one."""
+    x = gelu_inputs(np.random.default_rng(rows), (rows, 3072))
+    close(impl[0](x)[0], ref.gelu_forward(x)[0], GELU_ATOL, GELU_RTOL, f"gelu rows={rows}")
+
+
+@pytest.mark.parametrize("impl", variants("bias_gelu"))
+@pytest.mark.parametrize("rows", SERIAL_AND_PARALLEL_ROWS)
+def test_bias_gelu_serial_and_parallel_paths(impl, rows):
+    rng = np.random.default_rng(rows)
+    x, b = gelu_inputs(rng, (rows, 3072)), f32(0.1 * rng.standard_normal(3072))
+    want = ref.bias_gelu_forward(x, b)[0]
+    close(impl[0](x, b)[0], want, GELU_ATOL, GELU_RTOL, f"bias_gelu rows={rows}")
+
+
 @pytest.mark.parametrize("impl", variants("bias_gelu"))
 @given(
     lead=st.sampled_from([(1,), (5,), (2, 3)]),

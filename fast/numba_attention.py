@@ -70,7 +70,7 @@ import numpy as np
 from numba import prange
 from numpy.lib.stride_tricks import as_strided
 
-from fast.numba_common import FASTMATH, check_f32, exp32, prefetch
+from fast.numba_common import FASTMATH, check_attention, check_f32, exp32, prefetch
 
 _BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 did as well)
@@ -312,35 +312,9 @@ def _rows(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
 
 
 def _check(q, k, v, key_mask):
-    """Validate; q contiguous; k, v as rows (see `_rows`); mask (B, Tk) bool."""
-    q = check_f32("attention", "q", q)
-    for name, a in (("k", k), ("v", v)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
-            check_f32("attention", name, a)  # raises, naming the tensor
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"attention: q must be (B, NH, Tq, hs) and k, v (B, NH, Tk, hs); "
-            f"got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    B, NH, Tq, hs = q.shape
-    Tk = k.shape[2]
-    if k.shape[:2] != (B, NH) or k.shape[3] != hs:
-        raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
-    if Tk < Tq:
-        raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
-    if key_mask is None:
-        mask = np.ones((B, Tk), dtype=bool)  # (B, Tk)
-    else:
-        mask = np.asarray(key_mask)
-        if mask.dtype != np.bool_ or mask.shape != (B, Tk):
-            raise ValueError(
-                f"attention: key_mask must be bool of shape ({B}, {Tk}), "
-                f"got {mask.dtype} {mask.shape}"
-            )
-        mask = np.ascontiguousarray(mask)  # (B, Tk)
-        if not mask.flags.writeable:
-            mask = mask.copy()  # one compiled signature (Numba types read-only arrays apart)
-    return q, Tk, mask
+    """Validate; q contiguous; mask (B, Tk) bool (k, v are read as rows, see `_rows`)."""
+    q, mask = check_attention(q, k, v, key_mask)
+    return q, k.shape[2], mask
 
 
 def _padded(a: np.ndarray, Tk4: int) -> np.ndarray:

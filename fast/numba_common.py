@@ -160,3 +160,32 @@ def single_threaded(fn):
             numba.set_num_threads(previous)
 
     return run
+
+
+def check_attention(q, k, v, key_mask) -> tuple[np.ndarray, np.ndarray]:
+    """The attention kernels' shared checks: float32 q (B, NH, Tq, hs), k and v (B, NH, Tk, hs)
+    with Tk >= Tq, key_mask (B, Tk) bool or None. Returns q as check_f32 makes it and the mask as
+    a writeable C-contiguous (B, Tk) bool array (all True for None): one compiled signature."""
+    q = check_f32("attention", "q", q)
+    for name, a in (("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            check_f32("attention", name, a)  # raises, naming the tensor
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"attention: q must be (B, NH, Tq, hs) and k, v (B, NH, Tk, hs); "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if k.shape[:2] != (B, NH) or k.shape[3] != hs:
+        raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
+    if Tk < Tq:
+        raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
+    if key_mask is None:
+        return q, np.ones((B, Tk), dtype=bool)  # (B, Tk)
+    mask = np.asarray(key_mask)
+    if mask.dtype != np.bool_ or mask.shape != (B, Tk):
+        raise ValueError(
+            f"attention: key_mask must be bool of shape ({B}, {Tk}), got {mask.dtype} {mask.shape}"
+        )
+    return q, np.array(mask, order="C")  # (B, Tk), a writeable copy

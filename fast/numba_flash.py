@@ -64,7 +64,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba_common import FASTMATH, check_f32, exp32
+from fast.numba_common import FASTMATH, check_attention, check_f32, exp32
 
 _BQ = 128  # queries per tile
 _BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12
@@ -188,37 +188,17 @@ def _tile(buf: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
 def _check(q, k, v, key_mask):
     """Validate; q C-contiguous; k, v float32 with unit stride along hs (else copied);
     mask (B, Tk) bool."""
-    q = check_f32("attention", "q", q)
-    arrays = []
-    for name, a in (("k", k), ("v", v)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
-            check_f32("attention", name, a)  # raises, naming the tensor
-        if a.ndim == 4 and a.shape[3] > 1 and a.strides[3] != a.itemsize:
-            a = np.ascontiguousarray(a)  # gemm reads rows of hs floats with any row stride
-        arrays.append(a)
-    k, v = arrays
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"attention: q must be (B, NH, Tq, hs) and k, v (B, NH, Tk, hs); "
-            f"got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    B, NH, Tq, hs = q.shape
-    Tk = k.shape[2]
-    if k.shape[:2] != (B, NH) or k.shape[3] != hs:
-        raise ValueError(f"attention: k {k.shape} does not match q {q.shape}")
-    if Tk < Tq:
-        raise ValueError(f"attention: Tk={Tk} must be >= Tq={Tq}")
-    if key_mask is None:
-        mask = np.ones((B, Tk), dtype=bool)  # (B, Tk)
-    else:
-        mask = np.asarray(key_mask)
-        if mask.dtype != np.bool_ or mask.shape != (B, Tk):
-            raise ValueError(
-                f"attention: key_mask must be bool of shape ({B}, {Tk}), "
-                f"got {mask.dtype} {mask.shape}"
-            )
-        mask = np.array(mask, order="C")  # (B, Tk) writeable: one compiled signature
+    q, mask = check_attention(q, k, v, key_mask)
+    if hs_strided(k):
+        k = np.ascontiguousarray(k)  # gemm reads rows of hs floats with any row stride
+    if hs_strided(v):
+        v = np.ascontiguousarray(v)
     return q, k, v, mask
+
+
+def hs_strided(a: np.ndarray) -> bool:
+    """True when the hs axis of a (B, NH, T, hs) array is not contiguous."""
+    return a.shape[3] > 1 and a.strides[3] != a.itemsize
 
 
 def _tiles(Tq: int, Tk: int, bq: int, bk: int):

@@ -34,7 +34,7 @@ from fast.torch_model import default_device, gpt2_loss, to_torch
 from ref.config import GPT2Config
 from ref.data import IGNORE, Split, batch_indices, eval_batches, make_batch
 from ref.optim import decay_mask, lr_at
-from ref.train import TrainConfig, TrainState, param_names
+from ref.train import TrainConfig, TrainState, is_due, param_names, train_event
 from weights.layout import flatten, nest
 
 
@@ -200,6 +200,7 @@ def train(
         _import_state(module, opt, state)
         start = state.step
     emit = (on_event or (lambda e: None)) if rank == 0 else (lambda e: None)
+    has_val = val_split is not None and len(val_split) > 0
     losses: list[float] = []
     for step in range(start, tcfg.steps):
         t0 = time.perf_counter()
@@ -240,34 +241,14 @@ def train(
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in module.flat]))
         opt.step()
         losses.append(loss)
-        dt = time.perf_counter() - t0
-        emit(
-            {
-                "event": "train",
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": norm,
-                "tokens": tokens,
-                "tokens_per_s": tokens / max(dt, 1e-9),
-            }
-        )
-        final = step + 1 == tcfg.steps
-        if (
-            val_split is not None
-            and len(val_split)
-            and (final or (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0))
-        ):
+        emit(train_event(step + 1, loss, lr, norm, tokens, time.perf_counter() - t0))
+        if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
             vl, ppl = validate(module, val_split, tcfg, rank, world, device)
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
-        if (
-            save is not None
-            and rank == 0
-            and (final or (tcfg.save_every and (step + 1) % tcfg.save_every == 0))
-        ):
+        if save is not None and rank == 0 and is_due(step + 1, tcfg.save_every, tcfg.steps):
             st = export_state(module, opt, step + 1)
             save(_numpy_params(module, params), st)
-    if rank == 0 and val_split is not None and len(val_split) and tcfg.n_samples > 0:
+    if rank == 0 and has_val and tcfg.n_samples > 0:
         for prompt, response in samples(module, val_split, tcfg, device):
             emit({"event": "sample", "prompt": prompt, "response": response})
     return _numpy_params(module, params), export_state(module, opt, tcfg.steps), losses

@@ -206,6 +206,25 @@ def micro_step(
     return loss, grads, ids.size
 
 
+def is_due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (validation, a save) runs after optimizer step `step`
+    (1-based): every `every` steps and after the last (every = 0: after the last only)."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def train_event(step: int, loss: float, lr: float, norm: float, tokens: int, seconds: float):
+    """The log record of one optimizer step (the trainers' shared `--json` format)."""
+    return {
+        "event": "train",
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }
+
+
 def train(
     params: dict,
     cfg: GPT2Config,
@@ -231,6 +250,7 @@ def train(
     decay = decay_mask(list(state.trainable), tcfg.decay)
     dropout = tcfg.train == "lora" and has_dropout(params)
     emit = on_event or (lambda e: None)
+    has_val = val_split is not None and len(val_split) > 0
     losses: list[float] = []
     for step in range(state.step, tcfg.steps):
         t0 = time.perf_counter()
@@ -253,29 +273,13 @@ def train(
         state = TrainState(step + 1, trainable, opt)
         params = with_flat(params, trainable)
         losses.append(loss)
-        dt = time.perf_counter() - t0
-        emit(
-            {
-                "event": "train",
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": norm,
-                "tokens": tokens,
-                "tokens_per_s": tokens / max(dt, 1e-9),
-            }
-        )
-        last = step + 1 == tcfg.steps
-        if (
-            val_split is not None
-            and len(val_split)
-            and (last or (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0))
-        ):
+        emit(train_event(step + 1, loss, lr, norm, tokens, time.perf_counter() - t0))
+        if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
             vl, ppl = validate(params, val_split, cfg, tcfg, ops)
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
-        if save is not None and (last or (tcfg.save_every and (step + 1) % tcfg.save_every == 0)):
+        if save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps):
             save(params, state)
-    if val_split is not None and len(val_split) and tcfg.n_samples > 0:
+    if has_val and tcfg.n_samples > 0:
         for prompt, response in samples(params, val_split, cfg, tcfg, ops):
             emit({"event": "sample", "prompt": prompt, "response": response})
     return params, state, losses

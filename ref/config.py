@@ -143,16 +143,20 @@ def config_from_dict(d: object, path: str = "<config>") -> GPT2Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def load_config(path: str) -> GPT2Config:
-    """Read `hparams.json` or `config.json`."""
+def read_json(path: str, error: type[Exception], what: str = "file") -> object:
+    """The JSON value in `path`, or `error` with a message naming the file and the problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise error(f"{path}: {what} not found") from None
     except OSError as e:  # a directory, no permission, an I/O error
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
     # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(d, os.fspath(path))
+        raise error(f"{path}: not valid UTF-8 JSON ({e})") from None
+
+
+def load_config(path: str) -> GPT2Config:
+    """Read `hparams.json` or `config.json`."""
+    return config_from_dict(read_json(path, ConfigError, "config file"), os.fspath(path))

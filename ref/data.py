@@ -20,13 +20,13 @@ resumed at step s sees the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ref.config import read_json
 from ref.prompts import alpaca_prompt
 
 EOT = 50256  # <|endoftext|>
@@ -92,16 +92,7 @@ def text_splits(ids: list[int] | np.ndarray, T: int, val_fraction: float) -> tup
 
 def read_instructions(path: str) -> list[dict]:
     """Load and check a JSON list of {instruction, input, output} records."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:  # a directory, no permission, an I/O error
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    data = read_json(path, DataError)
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of records")
     for i, r in enumerate(data):

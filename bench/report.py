@@ -598,7 +598,9 @@ def markdown(doc: dict) -> str:
     gpu_ops = [r for r in doc["ratios"] if r.get("key") and "cache:" in (r.get("note") or "")]
     if gpu_ops:
         lines += [
-            "GPU op rows: timed with the device's L2 flushed before every call where the "
+            "GPU op rows: GPU time between CUDA events around each call (as "
+            "triton.testing.do_bench measures), with the device's L2 flushed before every "
+            "call where the "
             'working set is under 4 x L2 ("flushed"), else on tensors larger than 4 x L2 '
             '("exceeds-llc"); issue 6\'s targets are LayerNorm forward >= 0.8 of copy '
             "bandwidth and >= 1.2x torch (backward >= 1.0x), GELU >= 0.85 of copy bandwidth, "

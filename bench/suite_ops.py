@@ -26,7 +26,8 @@ rows of 768 and on 64 x 1024 rows (far past any L2), GELU on 16 x 1024 rows of 3
 GELU on 8 x 1024 rows of 3072, causal attention in bfloat16 at B=8, NH=12, T=1024, hs=64 and
 cross-entropy on 8 x 1024 rows of V = 50,257, the last two also as "forward+backward" (one
 timed call: the forward that keeps what backward needs, then the backward). Their params carry
-"dtype". On the GPU every op is timed with the device's L2 flushed before each call when its
+"dtype". On the GPU every op is timed by CUDA events around each call (GPU time, as
+triton.testing.do_bench takes it), with the device's L2 flushed before each call when its
 working set is under 4 x L2 (cache "flushed"), else it is far larger than L2 ("exceeds-llc");
 the forward and forward+backward records carry peak_gpu_bytes (torch.cuda.max_memory_allocated
 over one call, reset before it) and gpu_bytes_before (allocated when the call began).
@@ -264,17 +265,16 @@ def _measure_backward(fwd, bwd, args, dout, flush, sync, kw) -> dict:
 
 
 def _device_flusher() -> tuple[Callable[[], None], int]:
-    """(flush, L2 bytes) of the GPU: flush rewrites a device buffer of twice the L2 and waits
-    for it, so the next timed call reads its inputs from device memory."""
+    """(flush, L2 bytes) of the GPU: flush queues a rewrite of a device buffer of twice the L2,
+    so the next timed call reads its inputs from device memory."""
     import torch
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 64 * 1024**2  # 64 MiB: above any current L2
     buf = torch.empty(2 * l2 // 4, dtype=torch.float32, device="cuda")  # (2 L2 / 4,)
 
-    def flush() -> None:
+    def flush() -> None:  # queued, not waited for: the timed call's events follow it
         buf.fill_(1.0)
-        torch.cuda.synchronize()
 
     return flush, l2
 
@@ -358,10 +358,11 @@ def run(
                 else:  # forward+backward: the forward that keeps the cache, then the backward
                     call = partial(_forward_backward, fwd_cache, bwd, args, dout)
                 try:
+                    ev = {"events": device == "cuda"}  # GPU time, as do_bench measures it
                     if direction == "backward":
-                        t = _measure_backward(fwd_cache, bwd, args, dout, before, sync, kw)
+                        t = _measure_backward(fwd_cache, bwd, args, dout, before, sync, kw | ev)
                     else:
-                        t = measure(call, before=before, sync=sync, **kw)
+                        t = measure(call, before=before, sync=sync, **kw, **ev)
                     mem = _peak_gpu(call) if device == "cuda" and direction != "backward" else {}
                 except Exception as e:
                     recs.append(

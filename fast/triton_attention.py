@@ -20,7 +20,12 @@ Limits (checked on the host): 1 <= hs <= 256, B * NH <= 65535 (a grid axis), any
 float32, float16, bfloat16 (accumulation is float32; float32 matmuls use IEEE precision, not
 TF32, so float32 results match the reference), any strides (the model passes views of its qkv
 buffer and KV cache).
-Variants: block sizes (BM, BN) = (64, 64) "flash64" and (32, 32) "flash32".
+Blocks and launch options: FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG below, per input width, tuned
+on an H100; the forward takes BM = 16 for a decode step (Tq <= 16). Variants: "flash" (those
+defaults), "flash64" and "flash32" (both passes at (BM, BN) = (64, 64), (32, 32)).
+Forward details: scores are kept in log2 units (scale * log2 e) for exp2; the key blocks
+visible to every query of a block are walked first without causal or bounds masks, then the
+blocks on the diagonal with them (FlashAttention-2's split of the causal loop).
 """
 
 from __future__ import annotations
@@ -31,10 +36,58 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float
+from fast.triton_common import check_device, check_float, is_interpreted
 
 MAX_HEAD_SIZE = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
+
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_keys(
+    acc, l_i, m_i, q,
+    k_base, v_base, mask_base, skt, skd, svt, svd, smt,
+    offs_m, offs_d, shift, Tk, hs, lo, hi, qk_scale,
+    HAS_MASK: tl.constexpr,
+    EDGE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+):  # fmt: skip
+    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
+    EDGE: blocks that may hold keys in some query's future or past Tk (the causal diagonal,
+    the end); the blocks before it are visible to every query and skip that masking."""
+    for start_n in range(lo, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        k_ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_n[:, None] * svt + offs_d[None, :] * svd
+        if EDGE:
+            kv_ok = (offs_n < Tk)[:, None] & (offs_d < hs)[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)  # (BN, BD)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)  # (BN, BD)
+        elif EVEN_D:  # no mask at all: the loads can be full-width
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_d < hs)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_d < hs)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
+        if EDGE:
+            visible = (offs_n[None, :] <= shift + offs_m[:, None]) & (offs_n < Tk)[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_MASK:
+            km = tl.load(mask_base + offs_n * smt, mask=offs_n < Tk, other=0)
+            s = tl.where((km != 0)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BM,)
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.exp2(s - m_new[:, None])  # (BM, BN), 0 where hidden
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -51,7 +104,7 @@ def _attn_fwd_kernel(
     sob, soh, sot, sod,
     smb, smt,
     NH, Tq, Tk, hs,
-    scale,
+    qk_scale,  # log2(e) / sqrt(hs): scores in log2 units, for exp2
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
@@ -72,36 +125,26 @@ def _attn_fwd_kernel(
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives p = 0
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    hi = tl.minimum(Tk, shift + (pid_m + 1) * BM)  # keys past hi are in every query's future
-    for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        col_ok = offs_n < Tk
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-            mask=kv_ok,
-            other=0.0,
-        )  # (BN, BD)
-        v = tl.load(
-            v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-            mask=kv_ok,
-            other=0.0,
-        )  # (BN, BD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN) float32
-        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
-            visible = visible & (km != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BM,)
-        alpha = tl.exp(m_i - m_new)  # rescales what was summed under the old max
-        p = tl.exp(s - m_new[:, None])  # (BM, BN), 0 where hidden
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    mask_base = mask_ptr + b * smb
+    # keys < full_end are visible to every query of the block (all sit at >= shift + pid_m BM);
+    # keys past hi are in every query's future
+    full_end = ((shift + pid_m * BM + 1) // BN) * BN
+    hi = tl.minimum(Tk, shift + (pid_m + 1) * BM)
+    acc, l_i, m_i = _attn_fwd_keys(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, skt, skd, svt, svd, smt,
+        offs_m, offs_d, shift, Tk, hs, 0, full_end, qk_scale,
+        HAS_MASK, False, BD == hs, PRECISION, BN,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_keys(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, skt, skd, svt, svd, smt,
+        offs_m, offs_d, shift, Tk, hs, full_end, hi, qk_scale,
+        HAS_MASK, True, BD == hs, PRECISION, BN,
+    )  # fmt: skip
     seen = l_i > 0.0  # False for a query with no visible key
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (BM, BD), 0 for such a query
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), 0.0)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, 0.0)
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
@@ -172,9 +215,9 @@ def _attn_bwd_dkdv_kernel(
         )  # (BM, BD)
         lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
         delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
         visible = (offs_n[None, :] <= shift + offs_m[:, None]) & key_ok[None, :] & row_ok[:, None]
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # (BM, BN) = att
+        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # att
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BN, BD)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN)
@@ -243,12 +286,12 @@ def _attn_bwd_dq_kernel(
             mask=kv_ok,
             other=0.0,
         )  # (BN, BD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
         visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
         if HAS_MASK:
             km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
             visible = visible & (km != 0)[None, :]
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # (BM, BN)
+        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (BM, BN)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # (BM, BD)
@@ -301,6 +344,16 @@ def _shared_bytes(bm: int, bn: int, bd: int, elem: int) -> int:
     return (28 if elem == 4 else 9) * max(bm, bn) * bd
 
 
+# (BM, BN, num_warps, num_stages) per kernel and input width (4: float32, 2: float16/bfloat16),
+# from sweeping them on an H100 at GPT-2's shapes (bench/gpu_tune.py; notes in bench/README.md).
+# A decode step (Tq <= 16) takes BM = 16, the smallest block tl.dot accepts.
+# dk, dv walk query blocks of BM for each key block of BN (large BN, small BM pays); dq the
+# other way round.
+FWD_CONFIG = {4: (64, 32, 4, 2), 2: (128, 64, 4, 3)}
+DKDV_CONFIG = {4: (32, 64, 4, 2), 2: (32, 128, 4, 3)}
+DQ_CONFIG = {4: (64, 32, 4, 2), 2: (128, 32, 4, 3)}
+
+
 def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
     """(BM, BN, BD, dot precision): the requested blocks, halved until they fit the GPU."""
     BD = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot needs every side >= 16
@@ -315,13 +368,23 @@ def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
     return bm, bn, BD, precision
 
 
-def attention_forward(q, k, v, key_mask=None, *, block_m: int = 64, block_n: int = 64):
+def _launch_opts(config: tuple[int, int, int, int], interpreted: bool) -> dict:
+    """num_warps / num_stages for a compiled launch (the interpreter takes neither)."""
+    return {} if interpreted else {"num_warps": config[2], "num_stages": config[3]}
+
+
+def attention_forward(
+    q, k, v, key_mask=None, *, block_m: int | None = None, block_n: int | None = None
+):
     """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
-    -> out (B, NH, Tq, hs); cache = (q, k, v, mask8, out, lse, blocks)."""
+    -> out (B, NH, Tq, hs); cache = (q, k, v, mask8, out, lse, blocks).
+    block_m, block_n: the forward's blocks (default FWD_CONFIG for q's dtype)."""
     _check(q, k, v, key_mask)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
-    BM, BN, BD, precision = _blocks(q, block_m, block_n)
+    config = FWD_CONFIG[min(q.element_size(), 4)]
+    bm = block_m or (16 if Tq <= 16 else config[0])
+    BM, BN, BD, precision = _blocks(q, bm, block_n or config[1])
     out = torch.empty(B, NH, Tq, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tq, hs)
     lse = torch.empty(B, NH, Tq, dtype=torch.float32, device=q.device)  # (B, NH, Tq)
     mask8 = None if key_mask is None else key_mask.to(torch.int8)  # (B, Tk)
@@ -332,15 +395,17 @@ def attention_forward(q, k, v, key_mask=None, *, block_m: int = 64, block_n: int
         _attn_fwd_kernel[grid](
             q, k, v, mask_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
-            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs),
+            NH, Tq, Tk, hs, LOG2E / math.sqrt(hs),
             HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
+            **_launch_opts(config, is_interpreted(_attn_fwd_kernel)),
         )  # fmt: skip
-    return out, (q, k, v, mask8, out, lse, (BM, BN))
+    asked = (BM, BN) if block_m or block_n else None  # backward takes the same, if asked
+    return out, (q, k, v, mask8, out, lse, asked)
 
 
 def attention_backward(dout, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
-    q, k, v, mask8, out, lse, (BM, BN) = cache
+    q, k, v, mask8, out, lse, blocks = cache
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
     if tuple(dout.shape) != (B, NH, Tq, hs):
@@ -348,7 +413,7 @@ def attention_backward(dout, cache):
             f"attention_backward: dout has shape {tuple(dout.shape)}, expected {(B, NH, Tq, hs)}"
         )
     check_device(_attn_bwd_dq_kernel, "attention_backward", dout=dout, q=q)
-    _, _, BD, precision = _blocks(q, BM, BN)
+    width = min(q.element_size(), 4)
     do = dout.to(q.dtype).contiguous()  # (B, NH, Tq, hs)
     delta = (do.float() * out.float()).sum(dim=-1).contiguous()  # (B, NH, Tq) = rowsum(p * dp)
     dq = torch.empty(B, NH, Tq, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tq, hs)
@@ -356,17 +421,19 @@ def attention_backward(dout, cache):
     dv = torch.empty(B, NH, Tk, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tk, hs)
     mask_arg = lse if mask8 is None else mask8
     smb, smt = (0, 0) if mask8 is None else mask8.stride()
-    common = dict(HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD)
-    if B * NH:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * NH)](
-            q, k, v, mask_arg, do, lse, delta, dk, dv,
+    interpreted = is_interpreted(_attn_bwd_dq_kernel)
+    for kernel, config in ((_attn_bwd_dkdv_kernel, DKDV_CONFIG), (_attn_bwd_dq_kernel, DQ_CONFIG)):
+        if not B * NH:
+            break
+        BM, BN, BD, precision = _blocks(q, *(blocks or config[width][:2]))
+        dkdv = kernel is _attn_bwd_dkdv_kernel
+        grid = (triton.cdiv(Tk, BN) if dkdv else triton.cdiv(Tq, BM), B * NH)
+        kernel[grid](
+            q, k, v, mask_arg, do, lse, delta, *((dk, dv) if dkdv else (dq,)),
             *q.stride(), *k.stride(), *v.stride(), smb, smt,
-            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs), **common,
-        )  # fmt: skip
-        _attn_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * NH)](
-            q, k, v, mask_arg, do, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), smb, smt,
-            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs), **common,
+            NH, Tq, Tk, hs, 1.0 / math.sqrt(hs),
+            HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
+            **_launch_opts(config[width], interpreted),
         )  # fmt: skip
     return dq, dk, dv
 
@@ -375,7 +442,7 @@ class AttentionFunction(torch.autograd.Function):
     """Causal flash attention, differentiable in q, k and v (not in the key mask)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, block_m, block_n):
+    def forward(ctx, q, k, v, key_mask, block_m=None, block_n=None):
         out, cache = attention_forward(q, k, v, key_mask, block_m=block_m, block_n=block_n)
         q_, k_, v_, mask8, out_, lse, blocks = cache
         ctx.save_for_backward(q_, k_, v_, out_, lse)
@@ -389,6 +456,6 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, key_mask=None, *, block_m: int = 64, block_n: int = 64):
+def attention(q, k, v, key_mask=None, *, block_m: int | None = None, block_n: int | None = None):
     """Differentiable causal attention: q (B, NH, Tq, hs), k, v (B, NH, Tk, hs) -> like q."""
     return AttentionFunction.apply(q, k, v, key_mask, block_m, block_n)

@@ -84,7 +84,11 @@ VARIANTS = {
     "gelu": {"triton": (gelu_forward, gelu_backward)},
     "bias_gelu": {"triton": (bias_gelu_forward, bias_gelu_backward)},
     "attention": {
-        "flash64": (attention_forward, attention_backward),
+        "flash": (attention_forward, attention_backward),
+        "flash64": (
+            functools.partial(attention_forward, block_m=64, block_n=64),
+            attention_backward,
+        ),
         "flash32": (
             functools.partial(attention_forward, block_m=32, block_n=32),
             attention_backward,

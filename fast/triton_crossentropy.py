@@ -11,8 +11,9 @@ never stored by the forward. Variants:
   "online": the forward saves lse (N,) only; the backward re-reads the logits once and writes
       dlogits = exp(logits - lse) - onehot: the probabilities exist once, as the gradient.
   "fused": the forward writes the gradient (for dloss = 1) in a second pass over the row while
-      the row is hot, as Liger-Kernel does; the backward only scales it by dloss. Costs an
-      (N, V) buffer held from forward to backward, saves re-reading the logits.
+      the row is hot in L2, as Liger-Kernel does; the backward hands it over as it is when
+      dloss is 1 (one scalar read back; loss.backward() gives 1) and scales a copy otherwise.
+      Costs an (N, V) buffer held from forward to backward, saves re-reading the logits.
 The loss is float32; logits may be float32, float16 or bfloat16 (math in float32); dlogits
 take the logits' dtype. Targets out of [0, V) that are not ignore_index are an error.
 """
@@ -149,6 +150,8 @@ def crossentropy_backward(dloss, cache) -> torch.Tensor:
     logits, targets, lse, count, grad, ignore_index = cache
     dloss = torch.as_tensor(dloss, dtype=torch.float32, device=logits.device)
     if grad is not None:  # "fused": the forward wrote the gradient for dloss = 1
+        if dloss.numel() == 1 and float(dloss) == 1.0:  # loss.backward(): nothing to scale
+            return grad
         return (grad.float() * dloss).to(logits.dtype)
     N, V = logits.shape
     dlogits = torch.empty_like(logits)  # (N, V)

@@ -9,9 +9,11 @@ with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2) (1 - tanh^2 u = 4 s (1 - s)). Tri
 portable tanh; sigmoid is exact in float32 for large |u| where 2 sigmoid(2u) - 1 would not be.
 
 Variants: "gelu" (elementwise, 1D blocks) and "bias_gelu" (out = gelu(x + b) for x (N, H) and
-b (H,), one pass; backward returns dxb and db = sum over rows of dxb, reduced on the host from
-the float32 dxb). The forward saves x (or x + b) only, backward recomputes s: one read of x
-instead of saving a second activation. Math is float32 for float16 and bfloat16 inputs.
+b (H,), one pass over (ROWS, BLOCK_H) tiles that load the bias slice once; backward returns dxb
+and db = sum over rows of dxb, from float32 partial sums per row group written by the kernel
+and added on the host, as LayerNorm's dg, db). The forward saves x (or x + b) only, backward
+recomputes s: one read of x instead of saving a second activation. Math is float32 for
+float16 and bfloat16 inputs.
 """
 
 from __future__ import annotations
@@ -40,20 +42,13 @@ def _gelu_terms(x):
 @triton.jit
 def _gelu_fwd_kernel(
     x_ptr,  # (n,) input, contiguous
-    b_ptr,  # (H,) bias added before the GELU (read only when HAS_BIAS)
-    out_ptr,  # (n,) gelu(x [+ b]), x's dtype
-    xb_ptr,  # (n,) x + b saved for backward (written only when HAS_BIAS)
+    out_ptr,  # (n,) gelu(x), x's dtype
     n,
-    H,
-    HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x += tl.load(b_ptr + offs % H, mask=inside, other=0.0).to(tl.float32)
-        tl.store(xb_ptr + offs, x.to(xb_ptr.dtype.element_ty), mask=inside)
     s, _ = _gelu_terms(x)
     tl.store(out_ptr + offs, (x * s).to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -61,7 +56,7 @@ def _gelu_fwd_kernel(
 @triton.jit
 def _gelu_bwd_kernel(
     dout_ptr,  # (n,) upstream gradient
-    x_ptr,  # (n,) the GELU's input (x, or x + b for bias_gelu)
+    x_ptr,  # (n,) the GELU's input
     dx_ptr,  # (n,) gradient of the GELU's input
     n,
     BLOCK: tl.constexpr,
@@ -75,22 +70,92 @@ def _gelu_bwd_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    x_ptr,  # (N, H) input, contiguous
+    b_ptr,  # (H,) bias
+    out_ptr,  # (N, H) gelu(x + b), x's dtype
+    xb_ptr,  # (N, H) x + b, saved for backward
+    N,
+    H,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # a (ROWS, BLOCK_H) tile: the bias slice is loaded once, no per-element modulo
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    col_ok = cols < H
+    ok = (rows < N)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * H + cols[None, :]
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) + b[None, :]
+    tl.store(xb_ptr + offs, x.to(xb_ptr.dtype.element_ty), mask=ok)
+    s, _ = _gelu_terms(x)
+    tl.store(out_ptr + offs, (x * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    dout_ptr,  # (N, H) upstream gradient, contiguous
+    xb_ptr,  # (N, H) x + b from forward
+    dx_ptr,  # (N, H) gradient of x (= of x + b)
+    db_part_ptr,  # (n_groups, H) float32 partial sums of dx over each group's rows
+    N,
+    H,
+    ROWS_PER_GROUP,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    group = tl.program_id(1).to(tl.int64)
+    col_ok = cols < H
+    row_end = tl.minimum((group + 1) * ROWS_PER_GROUP, N)
+    db = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for start in range(group * ROWS_PER_GROUP, row_end, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        ok = (rows < row_end)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * H + cols[None, :]
+        x = tl.load(xb_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        s, du_dx = _gelu_terms(x)
+        dx = dout * (s + 2.0 * x * s * (1.0 - s) * du_dx)  # 0 where masked (dout = 0)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(dx, axis=0)
+    tl.store(db_part_ptr + group * H + cols, db, mask=col_ok)
+
+
+BIAS_BLOCK_H = 512  # columns per bias + GELU program
+BIAS_ROWS = 4  # rows per tile: 2,048 elements per forward program
+BIAS_GROUPS = 128  # row groups of the backward (partial sums of db, summed on the host)
+NUM_WARPS = 4  # every GELU kernel (bench/gpu_tune.py sweeps these constants on a GPU)
+
+
+def _bias_shape(op: str, x: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    if b.dim() != 1 or x.dim() < 1 or x.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"{op}: b has shape {tuple(b.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)"
+        )
+    H = b.shape[0]
+    return x.numel() // H if H else 0, H
+
+
 def _launch_fwd(op: str, x: torch.Tensor, b: torch.Tensor | None):
     check_float(op, x=x, b=b)
     check_device(_gelu_fwd_kernel, op, x=x, b=b)
     xf = x.contiguous()
-    n = xf.numel()
-    H = 1 if b is None else b.numel()
-    if b is not None and (b.dim() != 1 or x.dim() < 1 or x.shape[-1] != H):
-        raise ValueError(
-            f"{op}: b has shape {tuple(b.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)"
-        )
     out = torch.empty_like(xf)
-    xb = torch.empty_like(xf) if b is not None else xf
-    if n:
-        _gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xf, xf if b is None else b.contiguous(), out, xb, n, H,
-            HAS_BIAS=b is not None, BLOCK=BLOCK,
+    if b is None:
+        n = xf.numel()
+        if n:
+            _gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](xf, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return out, xf
+    N, H = _bias_shape(op, x, b)
+    xb = torch.empty_like(xf)
+    if N and H:
+        grid = (triton.cdiv(H, BIAS_BLOCK_H), triton.cdiv(N, BIAS_ROWS))
+        _bias_gelu_fwd_kernel[grid](
+            xf, b.contiguous(), out, xb, N, H, ROWS=BIAS_ROWS, BLOCK_H=BIAS_BLOCK_H,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return out, xb
 
@@ -103,7 +168,9 @@ def _launch_bwd(op: str, dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dx = torch.empty_like(x)
     n = x.numel()
     if n:
-        _gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](doutf, x, dx, n, BLOCK=BLOCK)
+        _gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            doutf, x, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
     return dx
 
 
@@ -125,11 +192,25 @@ def bias_gelu_forward(x: torch.Tensor, b: torch.Tensor):
 
 
 def bias_gelu_backward(dout: torch.Tensor, cache):
-    """-> dx (..., H) (= d(x + b)), db (H,) = sum over rows of dx."""
+    """-> dx (..., H) (= d(x + b)), db (H,) = sum over rows of dx (float32 partial sums per
+    row group in the kernel, then over the groups here: no second pass over dx)."""
     (xb,) = cache
-    dxb = _launch_bwd("bias_gelu_backward", dout, xb)  # (..., H)
-    db = dxb.reshape(-1, dxb.shape[-1]).sum(dim=0, dtype=torch.float32).to(dxb.dtype)  # (H,)
-    return dxb, db
+    op = "bias_gelu_backward"
+    if dout.shape != xb.shape:
+        raise ValueError(f"{op}: dout has shape {tuple(dout.shape)}, expected {tuple(xb.shape)}")
+    check_device(_bias_gelu_bwd_kernel, op, dout=dout, x=xb)
+    H = xb.shape[-1]
+    N = xb.numel() // H if H else 0
+    dxb = torch.empty_like(xb)  # (..., H)
+    groups = max(1, min(BIAS_GROUPS, triton.cdiv(N, BIAS_ROWS)))
+    per_group = triton.cdiv(N, groups) if N else 1
+    db_part = torch.zeros(groups, H, dtype=torch.float32, device=xb.device)  # (groups, H)
+    if N and H:
+        _bias_gelu_bwd_kernel[(triton.cdiv(H, BIAS_BLOCK_H), groups)](
+            dout.contiguous(), xb, dxb, db_part, N, H, per_group,
+            ROWS=BIAS_ROWS, BLOCK_H=BIAS_BLOCK_H, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return dxb, db_part.sum(dim=0).to(xb.dtype)
 
 
 class GeluFunction(torch.autograd.Function):

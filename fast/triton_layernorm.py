@@ -8,8 +8,10 @@ Shape legend: N = rows (B * T), C = channels. Formulas and symbol names are thos
     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     dg = sum over rows of dout * xhat,  db = sum over rows of dout
 
-Forward: one program per row, the whole row in one block (C <= 65536). The row statistics
-mean and rstd (N,) float32 are saved for backward, as in Triton's tutorial 05.
+Forward: each program normalises ROWS whole rows held in one (ROWS, C) block (C <= 65536;
+ROWS > 1 for short rows, so each program moves a few thousand elements). The row statistics
+mean and rstd (N,) float32 are saved for backward, as in Triton's tutorial 05. Means are sums
+times 1/C (one rounding: the GPU's fast division is not correctly rounded).
 Backward: each program takes a contiguous group of rows, writes dx for them and one row of
 partial dg and db to an (n_groups, C) float32 buffer; the host sums the partials. No atomics,
 so the result is the same on every run.
@@ -33,24 +35,29 @@ def _layernorm_fwd_kernel(
     out_ptr,  # (N, C) output, x's dtype
     mean_ptr,  # (N,) float32, saved for backward
     rstd_ptr,  # (N,) float32, saved for backward
+    N,
     C,
+    inv_C,  # 1 / C: a product rounds once, where the GPU's fast division may not
     eps,
+    ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
-    xc = tl.where(inside, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / C
+    ok = (rows < N)[:, None] & inside[None, :]  # (ROWS, BLOCK_C)
+    offs = rows[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # (ROWS, BLOCK_C)
+    mean = tl.sum(x, axis=1) * inv_C  # (ROWS,)
+    xc = tl.where(inside[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) * inv_C
     rstd = 1.0 / tl.sqrt(var + eps)
     g = tl.load(g_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    out = xc * rstd * g + b
-    tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    out = xc * rstd[:, None] * g[None, :] + b[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=rows < N)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
 
 @triton.jit
@@ -65,6 +72,7 @@ def _layernorm_bwd_kernel(
     db_part_ptr,  # (n_groups, C) float32 partial sums of dout
     N,
     C,
+    inv_C,
     ROWS_PER_GROUP,
     BLOCK_C: tl.constexpr,
 ):
@@ -84,8 +92,8 @@ def _layernorm_bwd_kernel(
         xhat = tl.where(inside, (x - mean) * rstd, 0.0)
         dxhat = dout * g
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        c1 = tl.sum(dxhat * xhat, axis=0) / C
-        c2 = tl.sum(dxhat, axis=0) / C
+        c1 = tl.sum(dxhat * xhat, axis=0) * inv_C
+        c2 = tl.sum(dxhat, axis=0) * inv_C
         dx = rstd * (dxhat - c2 - xhat * c1)
         tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         dg += dout * xhat
@@ -98,6 +106,19 @@ def _warps(block_c: int) -> int:
     """One warp per 256 columns, 1 to 8 (Triton's tutorial 05): a row's values stay in
     registers without spilling, and short rows do not idle most of the threads."""
     return min(max(block_c // 256, 1), 8)
+
+
+def _fwd_rows(block_c: int, n_rows: int) -> int:
+    """Rows per forward program: short rows are batched so that each program moves at least
+    ~4K elements (more bytes in flight per launch); one row when there are few."""
+    rows = max(1, min(FWD_ELEMENTS // block_c, 16))
+    while rows > 1 and n_rows < 512 * rows:  # >= 512 programs: a few per multiprocessor
+        rows //= 2
+    return rows
+
+
+FWD_ELEMENTS = 4096  # elements per forward program (bench/gpu_tune.py sweeps it on a GPU)
+FWD_WARPS: int | None = None  # None: one warp per 256 elements of the program's block
 
 
 def _check(op: str, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None) -> int:
@@ -122,9 +143,10 @@ def layernorm_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: fl
     mean = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     if N:
-        _layernorm_fwd_kernel[(N,)](
-            x2d, g.contiguous(), b.contiguous(), out, mean, rstd, C, eps, BLOCK_C=BLOCK_C,
-            num_warps=_warps(BLOCK_C),
+        rows = _fwd_rows(BLOCK_C, N)
+        _layernorm_fwd_kernel[(triton.cdiv(N, rows),)](
+            x2d, g.contiguous(), b.contiguous(), out, mean, rstd, N, C, 1.0 / C, eps,
+            ROWS=rows, BLOCK_C=BLOCK_C, num_warps=FWD_WARPS or min(_warps(BLOCK_C * rows), 16),
         )  # fmt: skip
     return out.reshape(x.shape), (x2d, g, mean, rstd)
 
@@ -150,7 +172,7 @@ def layernorm_backward(dout: torch.Tensor, cache):
     if N:
         _layernorm_bwd_kernel[(n_groups,)](
             dout2d, x2d, g.contiguous(), mean, rstd, dx, dg_part, db_part,
-            N, C, rows_per_group, BLOCK_C=BLOCK_C, num_warps=_warps(BLOCK_C),
+            N, C, 1.0 / C, rows_per_group, BLOCK_C=BLOCK_C, num_warps=_warps(BLOCK_C),
         )  # fmt: skip
     dg = dg_part.sum(dim=0).to(g.dtype)  # (C,)
     db = db_part.sum(dim=0).to(g.dtype)  # (C,)

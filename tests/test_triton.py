@@ -113,6 +113,20 @@ def test_layernorm_backward_partials_over_many_rows():
         close(a, w, atol=1e-4)
 
 
+@pytest.mark.parametrize("N, C", [(3001, 64), (2050, 7)])
+def test_layernorm_forward_several_rows_per_program(N, C):
+    """Enough short rows that each forward program takes several (ROWS > 1), N not a
+    multiple of ROWS: the last program's extra rows must be masked off."""
+    assert tln._fwd_rows(triton.next_power_of_2(C), N) > 1
+    rng = np.random.default_rng(N)
+    x, g, b = randn(rng, N, C, scale=2.0), randn(rng, C) + 1.0, randn(rng, C)
+    want, cache = ops.layernorm_forward(x, g, b)
+    out, (_, _, mean, rstd) = tln.layernorm_forward(T(x), T(g), T(b))
+    close(out, want)
+    close(mean, x.mean(axis=1))
+    close(rstd, cache[1].reshape(-1), rtol=1e-4)  # rstd ~ 1/2: rounding of 1/sqrt
+
+
 # ---------------------------------------------------------------------------------------------
 # GELU and bias + GELU
 
@@ -164,6 +178,22 @@ def test_bias_gelu_matches_reference(rows, H, seed):
 
 
 @EXP_OVERFLOW_OK
+def test_bias_gelu_tiles_and_row_groups():
+    """Wider than one column block (BIAS_BLOCK_H), more rows than row groups, groups whose row
+    count is not a multiple of the tile's rows: every tile edge is masked."""
+    rows, H = 701, tg.BIAS_BLOCK_H * 2 + 7
+    rng = np.random.default_rng(5)
+    x, b, dout = randn(rng, rows, H, scale=3.0), randn(rng, H), randn(rng, rows, H)
+    want, cache = ops.bias_gelu_forward(x, b)
+    dx, db = ops.bias_gelu_backward(dout, cache)
+    out, tcache = tg.bias_gelu_forward(T(x), T(b))
+    close_gelu(out, want, x + b)
+    gdx, gdb = tg.bias_gelu_backward(T(dout), tcache)
+    close_gelu(gdx, dx, x + b, dout)
+    # db sums 701 rows of terms of order 1: 701 * 2^-24 * a few ~ 1e-4
+    close(gdb, db, atol=2e-4, rtol=1e-5)
+
+
 def test_gelu_extremes_stay_finite():
     x = np.array([-1e4, -30.0, -5.0, 0.0, 5.0, 30.0, 1e4], np.float32)
     out, cache = tg.gelu_forward(T(x))
@@ -216,6 +246,25 @@ def test_attention_matches_reference(B, NH, Tq, extra, hs, masked, blocks, seed)
     rng = np.random.default_rng(seed)
     q, k, v, key_mask = attention_case(rng, B, NH, Tq, Tq + extra, hs, masked)
     check_attention(q, k, v, key_mask, block_m=blocks[0], block_n=blocks[1])
+
+
+# float32: scores over 64 terms, sums over <= 200 keys of order-1 values: 2e-5 as above
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-5), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("Tq, Tk", [(70, 200), (1, 133), (200, 200)])
+def test_attention_default_blocks(dtype, atol, Tq, Tk):
+    """The tuned default blocks (FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG, BM = 16 for a decode step):
+    key blocks visible to whole query blocks (the unmasked loop), then the diagonal."""
+    rng = np.random.default_rng(Tq)
+    q, k, v, key_mask = attention_case(rng, 1, 2, Tq, Tk, 64, Tq == 70)
+    want, cache = ops.attention_forward(q, k, v, key_mask)
+    dout = randn(rng, *want.shape)
+    grads = ops.attention_backward(dout, cache)
+    km = None if key_mask is None else T(key_mask)
+    out, tcache = ta.attention_forward(*[T(a).to(dtype) for a in (q, k, v)], km)
+    assert tcache[-1] is None  # default blocks: backward takes DKDV_CONFIG, DQ_CONFIG
+    close(out, want, atol=atol, rtol=atol)
+    for a, w in zip(ta.attention_backward(T(dout).to(dtype), tcache), grads, strict=True):
+        close(a, w, atol=4 * atol, rtol=4 * atol)
 
 
 def test_attention_query_with_no_visible_key_is_zero():
@@ -283,21 +332,22 @@ def test_attention_half_precision(dtype, atol):
     V=st.sampled_from([1, 2, 13, 4097, 50257]),
     n_ignored=st.integers(0, 6),
     fused=st.booleans(),
+    dloss=st.sampled_from([0.7, 1.0]),  # 1.0: the fused variant hands its buffer over as is
     seed=st.integers(0, 2**16),
 )
-def test_crossentropy_matches_reference(rows, V, n_ignored, fused, seed):
+def test_crossentropy_matches_reference(rows, V, n_ignored, fused, dloss, seed):
     rng = np.random.default_rng(seed)
     logits = randn(rng, rows, V, scale=4.0)
     targets = rng.integers(0, V, rows)
     targets[: min(n_ignored, rows)] = -100  # sometimes every row is ignored
     loss, cache = ops.crossentropy_forward(logits, targets, -100)
-    want = ops.crossentropy_backward(np.float32(0.7), cache)
+    want = ops.crossentropy_backward(np.float32(dloss), cache)
     fwd = tc.crossentropy_forward_fused if fused else tc.crossentropy_forward
     tloss, tcache = fwd(T(logits), T(targets), -100)
     # logsumexp over V terms: float32 sums of up to 50,257 positive terms, relative 1e-5
     np.testing.assert_allclose(float(tloss), float(loss), rtol=1e-5, atol=1e-5)
-    # probabilities <= 1 scaled by 0.7 / count: absolute 1e-6
-    close(tc.crossentropy_backward(torch.tensor(0.7), tcache), want, atol=1e-6)
+    # probabilities <= 1 scaled by dloss / count: absolute 1e-6
+    close(tc.crossentropy_backward(torch.tensor(dloss), tcache), want, atol=1e-6)
 
 
 def test_crossentropy_errors_name_the_problem():

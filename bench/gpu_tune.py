@@ -164,8 +164,11 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
     cases = []
     for fused, bv, w in itertools.product([False, True], [2048, 4096, 8192], [4, 8, 16]):
 
-        def apply(c=(bv, w)):
-            tc.BLOCK_V, tc.NUM_WARPS = c
+        def apply(c=(bv, w), fused=fused):
+            if fused:
+                tc.FUSED_CONFIG = c
+            else:
+                tc.ONLINE_CONFIG = c
 
         fwd = tc.crossentropy_forward_fused if fused else tc.crossentropy_forward
         run = lambda fwd=fwd: tc.crossentropy_backward(one, fwd(logits, targets)[1])  # noqa: E731

@@ -24,7 +24,7 @@ FP32_POINTERS = {
     "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dg_part_ptr", "db_part_ptr",
     "losses_ptr", "inv_count_ptr", "coef_ptr",
 }  # fmt: skip
-FLOAT_SCALARS = {"eps", "scale"}
+FLOAT_SCALARS = {"eps", "scale", "inv_C", "qk_scale"}
 
 
 @dataclass
@@ -58,8 +58,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
-    """(kernel, dtype, constexprs, num_warps) as the launchers use them, at GPT-2's sizes
-    (head sizes 64 and 128). quick: one configuration per kernel."""
+    """(kernel, dtype, constexprs, num_warps, num_stages) as the launchers use them, at GPT-2's
+    sizes (head sizes 64 and 128). quick: one configuration per kernel."""
     from fast import triton_attention as ta
     from fast import triton_crossentropy as tc
     from fast import triton_gelu as tg
@@ -68,29 +68,37 @@ def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
     both = (True,) if quick else (False, True)
     for dt in dtypes:
         for block_c in (1024,) if quick else (1024, 2048):  # C = 768 (124M), 1600 (1558M)
-            warps = tln._warps(block_c)
-            yield tln._layernorm_fwd_kernel, dt, {"BLOCK_C": block_c}, warps
-            yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}, warps
-        for has_bias in both:
-            yield tg._gelu_fwd_kernel, dt, {"HAS_BIAS": has_bias, "BLOCK": tg.BLOCK}, 4
-        yield tg._gelu_bwd_kernel, dt, {"BLOCK": tg.BLOCK}, 4
+            rows = tln._fwd_rows(block_c, 1 << 20)
+            warps = tln.FWD_WARPS or min(tln._warps(block_c * rows), 16)
+            yield tln._layernorm_fwd_kernel, dt, {"ROWS": rows, "BLOCK_C": block_c}, warps, 3
+            bwd_warps = tln._warps(block_c)
+            yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}, bwd_warps, 3
+        tile = {"ROWS": tg.BIAS_ROWS, "BLOCK_H": tg.BIAS_BLOCK_H}
+        yield tg._gelu_fwd_kernel, dt, {"BLOCK": tg.BLOCK}, tg.NUM_WARPS, 3
+        yield tg._gelu_bwd_kernel, dt, {"BLOCK": tg.BLOCK}, tg.NUM_WARPS, 3
+        yield tg._bias_gelu_fwd_kernel, dt, tile, tg.NUM_WARPS, 3
+        yield tg._bias_gelu_bwd_kernel, dt, tile, tg.NUM_WARPS, 3
         precision = "ieee" if dt == "fp32" else "tf32"
-        elem = 4 if dt == "fp32" else 2
-        configs = [
-            (bd, bm, bm)
-            for bd in (64, 128)
-            for bm in (64, 32)
-            if ta._shared_bytes(bm, bm, bd, elem) <= SHARED_LIMIT[arch]
-        ]  # the launcher halves blocks that would not fit this GPU
-        for bd, bm, bn in configs[:1] if quick else configs:
-            for mask in both:
-                cfg = {"HAS_MASK": mask, "PRECISION": precision, "BM": bm, "BN": bn, "BD": bd}
-                yield ta._attn_fwd_kernel, dt, cfg, 4
-                yield ta._attn_bwd_dkdv_kernel, dt, cfg, 4
-                yield ta._attn_bwd_dq_kernel, dt, cfg, 4
-        for fused in both:
-            yield tc._ce_fwd_kernel, dt, {"COMPUTE_GRAD": fused, "BV": tc.BLOCK_V}, tc.NUM_WARPS
-        yield tc._ce_bwd_kernel, dt, {"BV": tc.BLOCK_V}, tc.NUM_WARPS
+        width = 4 if dt == "fp32" else 2
+        launches = [
+            (ta._attn_fwd_kernel, ta.FWD_CONFIG),
+            (ta._attn_fwd_kernel, ta.DECODE_CONFIG),
+            (ta._attn_bwd_dkdv_kernel, ta.DKDV_CONFIG),
+            (ta._attn_bwd_dq_kernel, ta.DQ_CONFIG),
+        ]
+        for bd in (64,) if quick else (64, 128):
+            for fn, table in launches:
+                bm, bn, warps, stages = table[width]
+                while ta._shared_bytes(bm, bn, bd, width) > SHARED_LIMIT[arch] and max(bm, bn) > 16:
+                    bm, bn = max(bm // 2, 16), max(bn // 2, 16)  # as the launcher does
+                for mask in both:
+                    cfg = {"HAS_MASK": mask, "PRECISION": precision, "BM": bm, "BN": bn, "BD": bd}
+                    yield fn, dt, cfg, warps, stages
+        for fused, (bv, warps) in ((False, tc.ONLINE_CONFIG), (True, tc.FUSED_CONFIG)):
+            if fused in both:
+                yield tc._ce_fwd_kernel, dt, {"COMPUTE_GRAD": fused, "BV": bv}, warps, 3
+        bv, warps = tc.ONLINE_CONFIG
+        yield tc._ce_bwd_kernel, dt, {"BV": bv}, warps, 3
 
 
 def compile_all(
@@ -109,13 +117,14 @@ def compile_all(
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for fn, dt, constexprs, warps in cases(list(dtypes), arch, quick):
+    for fn, dt, constexprs, warps, stages in cases(list(dtypes), arch, quick):
         if only and fn.__name__ not in only:
             continue
         src = ASTSource(fn, signature(fn, dt, constexprs), constexprs=constexprs)
         name = fn.__name__
         try:
-            k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 3})
+            opts = {"num_warps": warps, "num_stages": stages}
+            k = triton.compile(src, target=target, options=opts)
             results.append(Result(name, dt, constexprs, int(k.metadata.shared)))
         except Exception as e:  # report every failing case, not only the first
             results.append(Result(name, dt, constexprs, -1, f"{type(e).__name__}: {e}"))

@@ -601,7 +601,8 @@ def test_issue6_gpu_ratios_from_synthetic_records():
     key_section = md.split("## Key ratios")[1].split("## All ratios")[0]
     for name in want:
         assert f"| {name} |" in key_section, name
-    assert "GPU op rows: timed with the device's L2 flushed" in key_section
+    assert "GPU op rows: GPU time between CUDA events" in key_section
+    assert "L2 flushed before every call" in key_section
 
 
 def test_cpu_only_run_has_no_gpu_rows(tiny_run):

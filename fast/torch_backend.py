@@ -193,7 +193,24 @@ def bias_gelu(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q, k, v, key_mask=None) -> torch.Tensor:
-    """Causal attention; torch's fused kernel where no query can be left without a key."""
+    """Causal attention; torch's fused kernel where no query can be left without a key.
+
+    On CUDA, SDPA may not pick cuDNN's kernel: cuDNN builds an execution plan for every new
+    shape (about a millisecond, seen on an H100 with torch 2.11: bfloat16 decoding ran 10x
+    slower than float32), and a decode loop, whose key count grows by one each step, would
+    pay it on every token. The switch is flipped around the call only (two C calls; the
+    `sdpa_kernel` context manager costs ~10 us of Python per call)."""
+    if not q.is_cuda:
+        return _attention(q, k, v, key_mask)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return _attention(q, k, v, key_mask)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def _attention(q, k, v, key_mask) -> torch.Tensor:
     Tq, Tk = q.shape[-2], k.shape[-2]
     if key_mask is None and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -224,8 +224,12 @@ def _attention(q, k, v, key_mask) -> torch.Tensor:
     return out * seen
 
 
-def crossentropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-    """Mean over targets that are not ignore_index (0 when there are none, like the reference)."""
+def crossentropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace: bool = False
+):
+    """Mean over targets that are not ignore_index (0 when there are none, like the reference).
+    inplace: accepted for the model's sake (the triton backend may then overwrite the logits);
+    torch's kernel never does."""
     valid = targets != ignore_index
     count = valid.sum().clamp(min=1).to(torch.float32)
     losses = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")

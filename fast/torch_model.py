@@ -161,7 +161,8 @@ def gpt2_loss(
     """Mean cross-entropy over the targets (B, T) that are not ignore_index; () float32."""
     logits = gpt2_forward(params, ids, cfg, ops)  # (B, T, V)
     V = logits.shape[-1]
-    return ops.crossentropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
+    # the logits are a temporary here: the loss may write its gradient over them
+    return ops.crossentropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index, inplace=True)
 
 
 class TorchModel:

@@ -97,5 +97,9 @@ VARIANTS = {
     "crossentropy": {
         "online": (crossentropy_forward, crossentropy_backward),
         "fused": (crossentropy_forward_fused, crossentropy_backward),
+        "inplace": (
+            functools.partial(crossentropy_forward_fused, inplace=True),
+            crossentropy_backward,
+        ),
     },
 }

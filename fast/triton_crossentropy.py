@@ -14,6 +14,8 @@ never stored by the forward. Variants:
       the row is hot in L2, as Liger-Kernel does; the backward hands it over as it is when
       dloss is 1 (one scalar read back; loss.backward() gives 1) and scales a copy otherwise.
       Costs an (N, V) buffer held from forward to backward, saves re-reading the logits.
+  "inplace": "fused" with the gradient written over the logits (Liger-Kernel's trick): no
+      (N, V) allocation at all; the model's loss uses it, its logits being a temporary.
 The loss is float32; logits may be float32, float16 or bfloat16 (math in float32); dlogits
 take the logits' dtype. Targets out of [0, V) that are not ignore_index are an error.
 """
@@ -116,15 +118,17 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> No
         raise ValueError(f"{op}: target {first} is outside the vocabulary [0, {V})")
 
 
-def _forward(logits, targets, ignore_index: int, fused: bool):
+def _forward(logits, targets, ignore_index: int, fused: bool, inplace: bool = False):
     _check(logits, targets, ignore_index)
     N, V = logits.shape
+    if inplace and not logits.is_contiguous():
+        raise ValueError("crossentropy_forward_fused: inplace needs contiguous logits")
     logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()
     count = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)  # () on device
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
-    grad = torch.empty_like(logits) if fused else lse  # (N, V) when fused
+    grad = (logits if inplace else torch.empty_like(logits)) if fused else lse  # (N, V)
     inv_count = (1.0 / count).reshape(1)  # (1,)
     block_v, warps = FUSED_CONFIG if fused else ONLINE_CONFIG
     if N:
@@ -144,10 +148,12 @@ def crossentropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def crossentropy_forward_fused(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace: bool = False
 ):
-    """As `crossentropy_forward`, also writing the gradient in the same pass ("fused")."""
-    return _forward(logits, targets, ignore_index, fused=True)
+    """As `crossentropy_forward`, also writing the gradient in the same pass ("fused").
+    inplace: the gradient overwrites the logits (each block is read before it is written), so
+    the op allocates no (N, V) buffer at all; the caller's logits are gone afterwards."""
+    return _forward(logits, targets, ignore_index, fused=True, inplace=inplace)
 
 
 def crossentropy_backward(dloss, cache) -> torch.Tensor:
@@ -174,8 +180,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Mean softmax cross-entropy, differentiable in the logits."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, fused):
-        loss, cache = _forward(logits, targets, ignore_index, fused)
+    def forward(ctx, logits, targets, ignore_index, fused, inplace):
+        loss, cache = _forward(logits, targets, ignore_index, fused, inplace and fused)
         ctx.cache = cache
         return loss
 
@@ -183,15 +189,22 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss):
         dlogits = crossentropy_backward(dloss, ctx.cache)
         ctx.cache = None
-        return dlogits, None, None, None
+        return dlogits, None, None, None, None
 
 
 def crossentropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, fused: bool = True
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    fused: bool = True,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Differentiable mean cross-entropy: logits (N, V), targets (N,) -> () float32.
     fused (default): the gradient is written during the forward (the faster variant when a
-    backward follows; without one, as in evaluation, the online variant runs instead)."""
+    backward follows; without one, as in evaluation, the online variant runs instead).
+    inplace: that gradient overwrites the logits, as Liger-Kernel does: for a loss whose
+    logits are a temporary (gpt2_loss), no (N, V) buffer beyond the logits themselves. Safe
+    under autograd when no other node saved the logits (a matmul does not save its output)."""
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return crossentropy_forward(logits, targets, ignore_index)[0]
-    return CrossEntropyFunction.apply(logits, targets, ignore_index, fused)
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, fused, inplace)

@@ -250,6 +250,42 @@ def _gpu_op_targets(results: list[dict], limits: dict) -> list[dict]:
         )
         if direction == "forward+backward":
             out += _memory_ratios(ce)
+            out += _ce_variants(ce)
+    return out
+
+
+def _ce_variants(recs: list[dict]) -> list[dict]:
+    """Speed and peak memory of every cross-entropy variant against torch's, one row each:
+    the fastest variant need not be the leanest, and the issue's two bars hold for one."""
+    from bench.suite_ops import CE_V
+
+    native = _best([r for r in recs if r["backend"] == NATIVE])
+    if native is None:
+        return []
+    out = []
+    for r in sorted(recs, key=lambda r: (r["backend"], r["variant"] or "")):
+        if r["backend"] == NATIVE:
+            continue
+        label = f"{r['backend']} {r['variant']}"
+        out.append(
+            _ratio(
+                f"GPU crossentropy forward+backward V={CE_V} ({label}): speedup over torch",
+                native["time_s"]["min"] / r["time_s"]["min"],
+                r,
+                native,
+            )
+        )
+        mine, theirs = _extra_gpu_bytes(r), _extra_gpu_bytes(native)
+        if mine and theirs is not None:
+            out.append(
+                _ratio(
+                    f"GPU crossentropy ({label}): torch peak memory / its peak memory",
+                    theirs / mine,
+                    r,
+                    native,
+                    f"bytes allocated above the inputs: torch {theirs}, {label} {mine}",
+                )
+            )
     return out
 
 
@@ -875,3 +911,31 @@ def plots(doc: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m bench.report RESULTS_JSON [OUT_DIR]: the ratios, report.md and plots again,
+    from a run's results.json (e.g. one copied back from a GPU machine)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    ap.add_argument("results", help="a results.json written by python -m bench")
+    ap.add_argument("out", nargs="?", help="where report.md and the plots go (default: beside)")
+    args = ap.parse_args(argv)
+    with open(args.results) as f:
+        doc = json.load(f)
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out, exist_ok=True)
+    doc["ratios"] = compute_ratios(doc)
+    doc["plots"] = [os.path.basename(p) for p in plots(doc, out)]
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(doc))
+    print(f"wrote {out}/report.md, results.json, {', '.join(doc['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,6 +35,16 @@ def tiny_run(tmp_path_factory):
     return out, doc
 
 
+def test_report_renders_again_from_results_json(tiny_run, tmp_path):
+    """python -m bench.report: the same report.md from a copied results.json."""
+    out, doc = tiny_run
+    assert report.main([str(out / "results.json"), str(tmp_path)]) == 0
+    again = (tmp_path / "report.md").read_text(encoding="utf-8")
+    first = (out / "report.md").read_text(encoding="utf-8")
+    assert again == first
+    assert (tmp_path / "decode.png").stat().st_size > 0
+
+
 def test_outputs_written(tiny_run):
     out, doc = tiny_run
     for name in ("results.json", "report.md", "decode.png", "ops_fraction.png"):
@@ -476,12 +486,17 @@ def _synthetic_cuda_doc() -> dict:
         _fake_op("crossentropy", "triton", "forward", 1.0e-3, **ce),
         _fake_op("crossentropy", "torch-native", "forward", 2.2e-3, **ce),
         _fake_op("crossentropy", "triton", "forward+backward", 2.0e-3, **ce),
+        _fake_op("crossentropy", "triton", "forward+backward", 2.4e-3, "inplace", **ce),
         _fake_op("crossentropy", "torch-native", "forward+backward", 5.0e-3, **ce),
     ]
-    mem = {"triton": (3_000_000_000, 2_000_000_000), "torch-native": (6_000_000_000, 2_000_000_000)}
+    mem = {
+        ("triton", "v"): (3_000_000_000, 2_000_000_000),
+        ("triton", "inplace"): (2_000_100_000, 2_000_000_000),
+        ("torch-native", "v"): (6_000_000_000, 2_000_000_000),
+    }
     for r in recs:
         if r["case"] == "crossentropy" and r["params"]["pass"] == "forward+backward":
-            peak, before = mem[r["backend"]]
+            peak, before = mem[r["backend"], r["variant"]]
             r["metrics"].update(peak_gpu_bytes=peak, gpu_bytes_before=before)
     size = {"size": "124M"}
     for be, tps in (("triton", 300.0), ("torch", 200.0), ("triton-bf16", 500.0)):
@@ -565,7 +580,12 @@ def test_issue6_gpu_ratios_from_synthetic_records():
         "GPU attention forward+backward bf16 T=1024: triton / torch SDPA": 7.0e-4 / 1.2e-3,
         "GPU crossentropy forward V=50257: triton / torch cross_entropy": 2.2e-3 / 1.0e-3,
         "GPU crossentropy forward+backward V=50257: triton / torch cross_entropy": 5.0 / 2.0,
-        "GPU crossentropy: torch peak memory / triton peak memory": 4e9 / 1e9,
+        "GPU crossentropy: torch peak memory / triton peak memory": 4e9 / 1e9,  # the fastest
+        # every variant, fastest or not
+        "GPU crossentropy forward+backward V=50257 (triton v): speedup over torch": 5.0 / 2.0,
+        "GPU crossentropy (triton v): torch peak memory / its peak memory": 4e9 / 1e9,
+        "GPU crossentropy forward+backward V=50257 (triton inplace): speedup over torch": 5 / 2.4,
+        "GPU crossentropy (triton inplace): torch peak memory / its peak memory": 4e9 / 1e5,
         "GPU prefill T=1024 (124M, float32): triton / torch tokens/s": 300.0 / 200.0,
         "GPU prefill T=1024 (124M, bfloat16): triton-bf16 / torch-bf16 tokens/s": 25000 / 40000,
         "GPU decode B=1 ctx=1024 (124M, float32): triton / torch tokens/s": 300.0 / 200.0,

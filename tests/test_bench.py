@@ -654,3 +654,24 @@ def test_gpu_cases_and_forward_backward_work():
     w16 = workload.op_work("attention", "forward", s)
     w32 = workload.op_work("attention", "forward", {**s, "dtype": "float32"})
     assert (2 * w16["read_bytes"], w16["flops"]) == (w32["read_bytes"], w32["flops"])
+
+
+def test_gpu_check_script_parses_and_names_real_paths():
+    """bench/gpu_check.sh runs only on a CUDA machine; here: it parses, and the fixture model,
+    data file and modules it calls exist (a rename would otherwise surface on the GPU only)."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script, encoding="utf-8").read()
+    paths = re.findall(r"=((?:tests|weights)/[\w/.-]+)", text)
+    mods = re.findall(r"-m ((?:bench|gpt2)[\w.]*)", text)
+    assert len(paths) == 2 and "gpt2" in mods and "bench" in mods  # the model, the data
+    for path in paths:
+        assert os.path.exists(os.path.join(root, path)), path
+    for mod in mods:
+        assert os.path.exists(os.path.join(root, *mod.split("."))) or os.path.exists(
+            os.path.join(root, *mod.split(".")) + ".py"
+        ), mod

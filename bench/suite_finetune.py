@@ -5,7 +5,7 @@ A step is what the project's trainers do per optimizer step: forward, cross-entr
 clip to global norm 1, AdamW. The numpy backends run `ref.train.train` (with `ops=` the
 backend), the torch backends `fast.torch_train.train`; each is asked for 1 + ft_steps steps and
 reports its own tokens/s per step in its "train" events; the first step is the warm-up. Where a
-trainer is missing or refuses a mode (LoRA on torch), the record says "not available" and why.
+trainer is missing or refuses a mode, the record says "not available" and why.
 
 Baseline: "torch-autograd" is bench/torch_gpt2.py's eager model with autograd and
 torch.optim.AdamW (LoRA on the same four projections, the same rank). On a CUDA device also

@@ -26,11 +26,14 @@ from ref.model import ContextLengthError, check_ids
 
 
 def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
-    """The nested numpy params as tensors on `device` (same structure and keys)."""
+    """The nested numpy params as tensors on `device` (same structure and keys; Python numbers,
+    such as a LoRA adapter's scale and dropout, stay numbers)."""
     if isinstance(params, dict):
         return {k: to_torch(v, device, dtype) for k, v in params.items()}
     if isinstance(params, list):
         return [to_torch(v, device, dtype) for v in params]
+    if isinstance(params, (int, float)):
+        return params
     return torch.tensor(np.asarray(params), dtype=dtype, device=device)
 
 
@@ -75,11 +78,24 @@ def positions(mask: torch.Tensor, n_before: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
+def linear(x: torch.Tensor, p: dict, bias: bool = True) -> torch.Tensor:
+    """x @ w (+ b), plus scale * (drop(x) @ A) @ B where `p` carries a LoRA adapter
+    (ref/lora.py); dropout only while gradients are recorded (training)."""
+    y = x @ p["w"]
+    lora = p.get("lora")
+    if lora is not None:
+        xd = x
+        if lora["dropout"] > 0 and torch.is_grad_enabled():
+            xd = torch.nn.functional.dropout(x, lora["dropout"])
+        y = y + lora["scale"] * ((xd @ lora["a"]) @ lora["b"])  # (..., r) then (..., Cout)
+    return y + p["b"] if bias else y
+
+
 def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask):
     """Causal self-attention over the new tokens and the cached ones; x (B, T, C)."""
     B, T, C = x.shape
     hs = C // n_head
-    qkv = x @ c_attn["w"] + c_attn["b"]  # (B, T, 3C)
+    qkv = linear(x, c_attn)  # (B, T, 3C)
     qkv = qkv.view(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs), views of qkv
     if kv is not None:
@@ -89,13 +105,13 @@ def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask):
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
     y = ops.attention(q, k, v, key_mask)  # (B, NH, T, hs)
     y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-    return y @ c_proj["w"] + c_proj["b"]  # (B, T, C)
+    return linear(y, c_proj)  # (B, T, C)
 
 
 def mlp_block(x, c_fc, c_proj, *, ops):
     """x (B, T, C) -> (B, T, C); the c_fc bias is fused into the GELU."""
-    h = ops.bias_gelu(x @ c_fc["w"], c_fc["b"])  # (B, T, 4C)
-    return h @ c_proj["w"] + c_proj["b"]  # (B, T, C)
+    h = ops.bias_gelu(linear(x, c_fc, bias=False), c_fc["b"])  # (B, T, 4C)
+    return linear(h, c_proj)  # (B, T, C)
 
 
 def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask):

@@ -8,6 +8,8 @@ The same run as the numpy trainer (`ref/train.py`): the same batches (`ref.data`
 batches averaged), clipping by global norm, AdamW with decoupled decay on the tensors
 `ref.optim.decay_mask` picks, and `ref.optim.lr_at`'s warmup + cosine schedule. Only the
 arithmetic moves to torch: autograd through the backend's ops instead of `ref/backward.py`.
+Full finetuning or LoRA (train="lora": the adapters `ref.lora.add_lora` put on the params are
+the only Parameters; the model adds scale * (drop(x) @ A) @ B to each adapted projection).
 
 Data parallelism (torch.distributed, DDP): with WORLD_SIZE > 1 (torchrun sets it, with RANK,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), every rank builds the whole micro-batch (cheap, and the
@@ -33,9 +35,17 @@ from fast import get_backend
 from fast.torch_model import default_device, gpt2_loss, to_torch
 from ref.config import GPT2Config
 from ref.data import IGNORE, Split, batch_indices, eval_batches, make_batch
+from ref.lora import has_dropout
 from ref.optim import decay_mask, lr_at
-from ref.train import TrainConfig, TrainState, is_due, param_names, train_event
-from weights.layout import flatten, nest
+from ref.train import (
+    TrainConfig,
+    TrainState,
+    get_flat,
+    is_due,
+    param_names,
+    train_event,
+    with_flat,
+)
 
 
 class GPT2Module(torch.nn.Module):
@@ -45,10 +55,11 @@ class GPT2Module(torch.nn.Module):
     def __init__(self, cfg: GPT2Config, params: dict, names: list[str], ops, device):
         super().__init__()
         self.cfg, self.ops, self.names = cfg, ops, names
-        flat = to_torch(flatten(params), device)  # {canonical name: tensor}
+        tree = to_torch(params, device)  # nested tensors, LoRA adapters included
+        flat = get_flat(tree, names)  # {canonical name: tensor} of the trainable ones
         self.flat = torch.nn.ParameterList([torch.nn.Parameter(flat[n]) for n in names])
-        flat.update(zip(names, self.flat, strict=True))
-        self.params = nest(flat, cfg)  # nested, leaves are the Parameters above
+        # nested, the trainable leaves replaced by the Parameters above; the rest stay frozen
+        self.params = with_flat(tree, dict(zip(names, self.flat, strict=True)))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
         """scale * (mean loss of this rank's rows); ids, targets (b, T)."""
@@ -160,11 +171,6 @@ def train(
 
     Every rank returns the same params and losses; events and saves happen on rank 0 only.
     """
-    if tcfg.train != "all":
-        raise ValueError(
-            f"--backend {backend} finetunes all weights; LoRA (--train lora) runs on the "
-            "numpy backends (ref, numba)"
-        )
     if tcfg.grad_accum < 1 or tcfg.batch_size < 1 or tcfg.steps < 0:
         raise ValueError("steps >= 0, batch size >= 1 and grad_accum >= 1 are required")
     rank, world = distributed()
@@ -173,7 +179,10 @@ def train(
     ops = get_backend(backend)
     if backend == "triton":
         ops.check_device(device)
-    names = param_names(params, "all")
+    names = param_names(params, tcfg.train)
+    if not names:
+        raise ValueError("LoRA training needs adapters: none of the params carries one")
+    dropout = tcfg.train == "lora" and has_dropout(params)
     module = GPT2Module(cfg, params, names, ops, device)
     model = module
     if world > 1:
@@ -213,6 +222,8 @@ def train(
             k = step * tcfg.grad_accum + micro
             idx = batch_indices(len(train_split), tcfg.batch_size, k, tcfg.seed)
             ids, tgt = make_batch(train_split, idx, tcfg.mask_prompt)  # (B, T) each
+            if dropout:  # the adapters' dropout masks follow (seed, micro-step): resumable
+                torch.manual_seed(tcfg.seed * 1_000_003 + k)
             count = max(int((tgt != IGNORE).sum()), 1)
             rows = _rows(len(ids), rank, world)
             local_count = int((tgt[rows] != IGNORE).sum())
@@ -292,11 +303,9 @@ def samples(module: GPT2Module, split: Split, tcfg: TrainConfig, device):
 
 
 def _numpy_params(module: GPT2Module, like: dict) -> dict:
-    flat = dict(flatten(like))
-    flat.update(
-        {n: p.detach().cpu().numpy().copy() for n, p in zip(module.names, module.flat, strict=True)}
-    )
-    return nest(flat, module.cfg)
+    """`like` (numpy, adapters included) with the trained tensors' current values."""
+    trained = zip(module.names, module.flat, strict=True)
+    return with_flat(like, {n: p.detach().cpu().numpy().copy() for n, p in trained})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +328,6 @@ def finetune(args) -> int:
     from weights.tokenizer import decode
 
     s = {k: getattr(args, k, v) for k, v in cf.DEFAULTS.items()}
-    if s["lora_rank"] > 0:  # before loading anything
-        raise ValueError(
-            f"--backend {args.backend} finetunes all weights; --lora-rank runs on the numpy "
-            "backends (--backend ref or numba)"
-        )
     resume = getattr(args, "resume", None)
     saved = checkpoint.read_state(resume) if resume else None
     rank, world = distributed()
@@ -362,13 +366,10 @@ def finetune(args) -> int:
         else:
             print(f"--- {e['prompt']!r}\n{e['response']}", flush=True)
 
-    def save(p: dict, st: TrainState) -> None:
-        info = cf.checkpoint_state(s, st.step, steps, len(train_split), last.get("loss"))
-        info.update(backend=args.backend, world_size=world)
-        checkpoint.save(out_dir, cfg, p, info, {"m": st.opt["m"], "v": st.opt["v"]})
-        if as_json:
-            print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)
-
+    save = cf.saver(
+        s, cfg, steps, len(train_split), out_dir, last, as_json,
+        backend=args.backend, world_size=world,
+    )  # fmt: skip
     try:
         train(
             params, cfg, train_split, val_split, tcfg, backend=args.backend, state=state,

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 
 from gpt2.cli import UsageError, add_model_args
 from weights.tokenizer import DATA_DIR
@@ -409,11 +410,48 @@ def checkpoint_state(s: dict, step: int, steps: int, n_train: int, last_loss: fl
     }
 
 
+def saver(
+    s: dict, cfg, steps: int, n_train: int, out_dir: str, last: dict, as_json: bool, **info
+) -> Callable:
+    """The trainers' `save(params, state)`: the merged model (HF layout), the optimizer state
+    and data position, and for LoRA the adapters alone too; `info` joins trainer_state.json.
+    `last` holds the latest train event (its loss is recorded)."""
+    from ref.lora import adapter_tensors, lora_targets, merge_lora
+    from weights import checkpoint
+
+    lora = s["lora_rank"] > 0
+
+    def save(p: dict, st) -> None:
+        train_state = checkpoint_state(s, st.step, steps, n_train, last.get("loss"))
+        train_state.update(info)
+        adapters = adapter_tensors(p) if lora else None
+        adapter_cfg = None
+        if lora:
+            adapter_cfg = {
+                "rank": s["lora_rank"],
+                "targets": lora_targets(p),
+                "alpha": lora_alpha(s),
+                "dropout": s["lora_dropout"],
+                "base_model": s["model"],
+            }
+        checkpoint.save(
+            out_dir,
+            cfg,
+            merge_lora(p) if lora else p,
+            train_state,
+            {"m": st.opt["m"], "v": st.opt["v"]},
+            adapters,
+            adapter_cfg,
+        )
+        if as_json:
+            print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)
+
+    return save
+
+
 def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
     from gpt2.progress import Progress
-    from ref.lora import adapter_tensors, lora_targets, merge_lora
     from ref.train import train
-    from weights import checkpoint
     from weights.tokenizer import decode
 
     cfg, params, tstate = build(s, state, args.resume, args.cache_dir)
@@ -424,7 +462,6 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
             f"--resume {args.resume}: the run is already at step {tstate.step} of "
             f"{steps}; pass a larger --steps to continue"
         )
-    lora = s["lora_rank"] > 0
     tcfg = train_config(s, steps)
     bar = Progress(steps, desc="finetune", unit=" step", enabled=False if args.json else None)
     bar.set(tstate.step if tstate else 0)
@@ -449,30 +486,7 @@ def _finetune(s: dict, state: dict | None, out_dir: str, args, ops) -> int:
         elif e["event"] == "sample":
             print(f"--- {decode(e['prompt'])!r}\n{decode(e['response'])}", flush=True)
 
-    def save(p: dict, st) -> None:
-        train_state = checkpoint_state(s, st.step, steps, len(train_split), last.get("loss"))
-        adapters = adapter_tensors(p) if lora else None
-        adapter_cfg = None
-        if lora:
-            adapter_cfg = {
-                "rank": s["lora_rank"],
-                "targets": lora_targets(p),
-                "alpha": lora_alpha(s),
-                "dropout": s["lora_dropout"],
-                "base_model": s["model"],
-            }
-        checkpoint.save(
-            out_dir,
-            cfg,
-            merge_lora(p) if lora else p,
-            train_state,
-            {"m": st.opt["m"], "v": st.opt["v"]},
-            adapters,
-            adapter_cfg,
-        )
-        if args.json:
-            print(json.dumps({"event": "checkpoint", "step": st.step, "dir": out_dir}), flush=True)
-
+    save = saver(s, cfg, steps, len(train_split), out_dir, last, args.json)
     try:
         train(
             params,

@@ -102,9 +102,11 @@ def _cli_losses(capsys, argv: list[str]) -> list[float]:
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="tests/fixtures/hf-tiny is missing")
-def test_cli_finetune_torch_equals_ref_and_resumes_across_backends(tmp_path, capsys):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2", "--lora-targets", "c_attn,c_fc"]])
+def test_cli_finetune_torch_equals_ref_and_resumes_across_backends(tmp_path, capsys, lora):
     """`gpt2 finetune --backend torch` logs the numpy trainer's losses; a checkpoint saved by
-    `--backend ref` resumes under `--backend torch` onto the uninterrupted run's losses."""
+    `--backend ref` resumes under `--backend torch` onto the uninterrupted run's losses. With
+    LoRA too: the torch run saves its adapters beside the merged model, and resumes them."""
     pytest.importorskip("torch")
     data = tmp_path / "d.json"
     records = [{"instruction": f"Say {w}", "input": "", "output": f"{w}, {w}."} for w in
@@ -112,7 +114,7 @@ def test_cli_finetune_torch_equals_ref_and_resumes_across_backends(tmp_path, cap
     data.write_text(json.dumps(records), encoding="utf-8")
     base = ["finetune", "--model", FIXTURE, "--data", str(data), "--batch-size", "2"]
     # a constant rate (--min-lr-ratio 1): a 2-step run is then the 3-step run cut short
-    base += ["--lr", "1e-3", "--min-lr-ratio", "1", "--samples", "0", "--json"]
+    base += ["--lr", "1e-3", "--min-lr-ratio", "1", "--samples", "0", "--json", *lora]
     ref = _cli_losses(capsys, [*base, "--out", str(tmp_path / "r"), "--steps", "3"])
     tor = _cli_losses(
         capsys, [*base, "--out", str(tmp_path / "t"), "--steps", "3", "--backend", "torch"]
@@ -131,6 +133,7 @@ def test_cli_finetune_torch_equals_ref_and_resumes_across_backends(tmp_path, cap
 
     _, params = loader.load(str(tmp_path / "t"))  # the torch run's checkpoint loads
     assert params["wte"].shape == (50257, 24)
+    assert (tmp_path / "t" / "adapter_model.safetensors").exists() == bool(lora)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ MAX_HEAD_SIZE = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
 
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
-LN2 = 0.6931471805599453
+# exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction. The kernels write log2(e)
+# = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals (a jit function reads no
+# plain Python globals).
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -144,6 +146,7 @@ def _attn_fwd_kernel(
     )  # fmt: skip
     seen = l_i > 0.0  # False for a query with no visible key
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (BM, BD), 0 for such a query
+    # lse in natural-log units, as the reference keeps it: (m + log2 l) * ln 2
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, 0.0)
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -3,13 +3,14 @@
     python -m bench.gpu_tune [--only attention_fwd_bf16,layernorm,...] [--workers 8]
 
 Each family sets one group of a kernel file's config constants (FWD_CONFIG, FWD_ELEMENTS,
-BIAS_ROWS, BLOCK_V, ...) to each candidate in turn, checks the result against the torch op
+BIAS_ROWS, FUSED_CONFIG, ...) to each candidate in turn, checks the result against the torch op
 it replaces (relative L2 error), and times it with triton.testing.do_bench (median of CUDA-
 event timings, the L2 cleared before every call) beside that torch op. It prints, per family,
 the candidates fastest first; the winners are then written by hand into the constants, where
 a comment names this script. `--workers N` first compiles every candidate in N processes
 (Triton's on-disk cache then serves the timing process): compiling, not timing, is most of a
-sweep's time.
+sweep's time. The in-place cross-entropy variant is not swept (it overwrites its input, so
+every timed call would need a fresh copy); it launches with FUSED_CONFIG.
 """
 
 from __future__ import annotations

@@ -54,16 +54,26 @@ class Model:
         )
 
 
-def load(model: str = "124M", backend: str = "ref", cache_dir: str | None = None):
+def load(
+    model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
+):
     """Load `model` (a size name, a model directory or a .safetensors file) on `backend`:
-    a `Model` on the numpy backends, a `fast.torch_model.TorchModel` on torch and triton."""
+    a `Model` on the numpy backends, a `fast.torch_model.TorchModel` on torch and triton,
+    whose weights and KV cache take `dtype` ("float32", "bfloat16" or "float16"; the logits
+    it returns are float32 whatever the dtype)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype != "float32" and backend in NUMPY_BACKENDS:
+        raise ValueError(f"dtype {dtype} needs backend torch or triton ({backend} is float32)")
     get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir)
     if backend in NUMPY_BACKENDS:
         return Model(cfg, params, backend)
+    import torch
+
     from fast.torch_model import TorchModel
 
-    return TorchModel(cfg, params, backend)
+    return TorchModel(cfg, params, backend, dtype=getattr(torch, dtype))
 
 
 @dataclass

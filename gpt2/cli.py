@@ -44,6 +44,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype for the commands that run a model without training it (generate, eval)."""
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights, activations and KV cache on --backend torch|triton (default float32; "
+        "the numpy backends compute in float32 only)",
+    )
+
+
+def check_dtype(args: argparse.Namespace) -> None:
+    """A 16-bit --dtype needs a torch backend; raise UsageError naming the flag otherwise."""
+    if args.dtype != "float32" and args.backend not in ("torch", "triton"):
+        raise UsageError(
+            f"--dtype {args.dtype} needs --backend torch or triton (--backend {args.backend} "
+            "computes in float32)"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt2.cli import UsageError, add_model_args
+from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="cross-entropy and perplexity of a text file")
     p.add_argument("file", help="a UTF-8 text file")
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument(
         "--stride",
         type=int,
@@ -42,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stride is not None and args.stride < 1:
         raise UsageError(f"--stride must be >= 1, got {args.stride}")
+    check_dtype(args)
     text = read_text(args.file)
     ids = gpt2.encode(text)
     if len(ids) < 2:
         raise UsageError(f"{args.file}: needs at least 2 tokens, has {len(ids)}")
-    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
     if args.stride is not None and args.stride > model.cfg.n_ctx:
         raise UsageError(f"--stride must be in [1, {model.cfg.n_ctx}], got {args.stride}")
     bar = Progress(len(ids) - 1, desc="eval", unit=" tok")

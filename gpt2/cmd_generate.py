@@ -21,7 +21,7 @@ import json
 import math
 import sys
 
-from gpt2.cli import UsageError, add_model_args
+from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
 
 N_VOCAB = 50257  # GPT-2's tokenizer; a model's own n_vocab is checked once it is loaded
 
@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--instruction", default=None, help="answer this instruction (Alpaca format)")
     p.add_argument("--input", default=None, help="the input of --instruction (optional)")
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (40)")
     g = p.add_argument_group("sampling (applied in this order; see ref/sampling.py)")
     g.add_argument(
@@ -147,6 +148,7 @@ def validate(args: argparse.Namespace):
     from ref.generate import check_generate_args
     from ref.sampling import SamplingError, SamplingParams
 
+    check_dtype(args)
     sources = [args.prompt is not None, args.prompt_file is not None, args.instruction is not None]
     if sum(sources) > 1:
         raise UsageError("give one of PROMPT, --prompt-file or --instruction")
@@ -258,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.reconfigure(errors="replace")
     params = validate(args)
     prompts = read_prompts(args)
-    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
     try:
         check_params(params, model.cfg.n_vocab)
     except SamplingError as e:

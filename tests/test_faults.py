@@ -528,6 +528,10 @@ CASES = [
     ("generate", ["--input", "x"], "--input"),
     ("generate", ["--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file"),
     ("generate", ["--backend", "cuda"], "--backend"),
+    ("eval", ["--dtype", "fp8"], "--dtype"),
+    ("eval", ["--dtype", "float16"], "--dtype"),  # the base line's backend is numpy
+    ("generate", ["--dtype", "fp8"], "--dtype"),
+    ("generate", ["--dtype", "bfloat16"], "--dtype"),
     ("eval", ["--stride", "0"], "--stride"),
     ("eval", ["--stride", "-3"], "--stride"),
     ("eval", ["--stride", "1.5"], "--stride"),

@@ -450,3 +450,27 @@ def test_gpu_triton_model_equals_torch_model():
     np.testing.assert_allclose(lb, la, rtol=1e-5)
     for name, want in sa.trainable.items():
         np.testing.assert_allclose(sb.trainable[name], want, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="tests/fixtures/hf-tiny is missing")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cli_half_precision_generate_and_eval(dtype, tmp_path, capsys):
+    """`--dtype` puts the weights and KV cache in 16 bits: generation runs, and the loss
+    differs from float32's (the dtype took effect) by under 1e-3 relative: the fixture's
+    logits are small (weights of std 0.02), so rounding to 8 (bfloat16) or 11 (float16)
+    significant bits moves a loss near 11.3 by ~1e-3 absolute at most (5e-4 seen)."""
+    from gpt2.cli import main
+
+    base = ["--model", FIXTURE, "--backend", "torch"]
+    argv = ["generate", "The cat", *base, "--dtype", dtype, "--max-new-tokens", "4", "--json"]
+    assert main(argv) == 0
+    (c,) = json.loads(capsys.readouterr().out)["completions"]
+    assert len(c["token_ids"]) == 4
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat on the mat. " * 20, encoding="utf-8")
+    losses = {}
+    for dt in ("float32", dtype):
+        assert main(["eval", str(text), *base, "--dtype", dt, "--json"]) == 0
+        losses[dt] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses[dtype] != losses["float32"]
+    assert losses[dtype] == pytest.approx(losses["float32"], rel=1e-3)

@@ -124,7 +124,8 @@ def generate_batch(
     """Continue each prompt (text, or token ids); one list of completions per prompt.
 
     Sampling (temperature > 0) returns num_return_sequences samples per prompt; beam search
-    (num_beams > 1) the num_return_sequences best beams, best first, with their `score`.
+    (num_beams > 1) the num_return_sequences best beams, best first, with their `score`;
+    both together are beam sampling (`ref.generate.beam_search`).
     See `ref.sampling` for the order the sampling options apply in, and `ref.generate` for
     beam search and stop strings. The same seed and arguments give the same text.
     `on_token(row, id)` / `on_text(row, text)` stream (sampling and greedy only); row r
@@ -170,6 +171,7 @@ def generate_batch(
             num_beams=num_beams,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            rng=np.random.default_rng(seed),
             **common,
         )
     else:

@@ -88,7 +88,12 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     b = p.add_argument_group("beam search")
-    b.add_argument("--num-beams", type=int, default=1, help="beams (default 1: no beam search)")
+    b.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beams (default 1: no beam search); with --temperature > 0, beam sampling",
+    )
     b.add_argument(
         "--length-penalty",
         type=float,

@@ -41,6 +41,7 @@ from ref.sampling import (
     is_int,
     log_softmax,
     penalize,
+    warp,
 )
 
 EOT = 50256  # <|endoftext|>
@@ -91,11 +92,11 @@ def check_generate_args(
                 "num_return_sequences",
                 f"must be <= the number of beams ({num_beams}), got {num_return_sequences}",
             )
-        if not params.greedy or params.top_k or params.top_p < 1 or params.min_p > 0:
+        if params.greedy and (params.top_k or params.top_p < 1 or params.min_p > 0):
             raise SamplingError(
                 "num_beams",
-                "> 1 is deterministic beam search: temperature, top_k, top_p and "
-                "min_p do not apply (leave them at 0, 0, 1, 0)",
+                "> 1 with temperature 0 is deterministic beam search: top_k, top_p and min_p "
+                "apply only to beam sampling (temperature > 0)",
             )
     elif params.greedy and num_return_sequences > 1:
         raise SamplingError(
@@ -330,6 +331,16 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, key, axis=-1)
 
 
+def draw_without_replacement(
+    scores: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """n distinct indices per row, drawn one after another with probabilities softmax(scores)
+    renormalised over what is left (the Gumbel-top-k trick: the n largest of scores + Gumbel
+    noise, in draw order). scores (b, m) -> (b, n); -inf entries come last, in index order."""
+    noisy = scores + rng.gumbel(size=scores.shape)  # -inf stays -inf
+    return _top(noisy, n)
+
+
 def beam_search(
     model,
     prompts: list[list[int]],
@@ -340,6 +351,7 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     params: SamplingParams | None = None,
+    rng: np.random.Generator | None = None,
     eos_id: int | None = EOT,
     stop: Sequence[str] = (),
     decode_bytes: Callable[[list[int]], bytes] | None = None,
@@ -363,6 +375,15 @@ def beam_search(
     or after max_new_tokens. Returns num_return_sequences completions per prompt (prompt
     major), best score first. length_penalty > 0 favours longer sequences (log-probs are
     negative, and dividing by a larger n raises them).
+
+    Beam sampling (params.temperature > 0, transformers' do_sample=True with num_beams > 1):
+    each beam's log-probs also go through temperature, top-k, top-p and min-p (steps 5-8)
+    before they are added to its score, and the 2K continuations are drawn without
+    replacement with probabilities softmax(score + log-prob) over all K x V of them, in draw
+    order, instead of taken best first (`rng`; the same seed gives the same beams). Scores are
+    those processed log-probs. Where the filters leave fewer than 2K continuations, the draw
+    is topped up with ones of probability 0 (score -inf, or about NEG from the initial
+    copies of a prompt), which are returned only if nothing better finished.
     """
     params = _params(params, sampling)
     check_generate_args(
@@ -377,6 +398,9 @@ def beam_search(
     if stop and decode_bytes is None:
         raise ValueError("stop strings need decode_bytes")
     K = num_beams
+    sampled = not params.greedy
+    if sampled and rng is None:
+        rng = np.random.default_rng()
     t0 = time.perf_counter()
     prompts, cache, logits = _prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
     P = len(prompts)
@@ -408,8 +432,13 @@ def beam_search(
             counts = np.zeros((b * K, V), np.int32)  # (bK, V)
             np.add.at(counts, (np.repeat(np.arange(b * K), t), gen.reshape(-1)), 1)
         logp = penalize(logp_model, params, seqs, counts)  # (bK, V)
+        if sampled:
+            logp = warp(logp, params)  # temperature, top-k, top-p, min-p
         total = (logp.reshape(b, K, V) + score[:, :, None]).reshape(b, K * V)  # (b, KV)
-        cand = _top(total, 2 * K)  # (b, 2K) best continuations, best first
+        if sampled:
+            cand = draw_without_replacement(total, 2 * K, rng)  # (b, 2K), in draw order
+        else:
+            cand = _top(total, 2 * K)  # (b, 2K) best continuations, best first
         cand_score = np.take_along_axis(total, cand, axis=-1)  # (b, 2K)
         src, tok = cand // V, cand % V  # (b, 2K) beam each extends, and its new token
         ar = np.arange(b)[:, None]  # (b, 1)

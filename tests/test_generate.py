@@ -156,6 +156,69 @@ def test_beam_scores_are_recomputed_log_probs(prompt, K, lp, early, eos):
         assert c.finish_reason in ("eos", "length")
 
 
+# ---------------------------------------------------------------------------------------------
+# beam sampling (temperature > 0 with num_beams > 1)
+
+
+def test_draws_without_replacement_follow_the_probabilities():
+    """Gumbel-top-k: the first draw has probability p_i, the second p_j / (1 - p_i) given the
+    first; entries of probability 0 come last. 40,000 seeded rows, chi-square at the 0.001
+    level (critical values for df 3 and 11: 16.27 and 31.26)."""
+    p = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    rows = 40_000
+    with np.errstate(divide="ignore"):
+        scores = np.tile(np.log(p), (rows, 1))  # (rows, 5), -inf for the last
+    d = G.draw_without_replacement(scores, 5, np.random.default_rng(7))  # (rows, 5)
+    assert (d[:, 4] == 4).all()  # probability 0: never drawn before the others
+    assert all(sorted(r) == list(range(5)) for r in d[:100])  # distinct
+    first = np.bincount(d[:, 0], minlength=5)[:4]
+    stat = (((first - rows * p[:4]) ** 2) / (rows * p[:4])).sum()
+    assert stat < 16.27, stat
+    pairs = np.zeros((4, 4))
+    np.add.at(pairs, (d[:, 0], d[:, 1]), 1)
+    want = np.array(
+        [[0 if i == j else p[i] * p[j] / (1 - p[i]) for j in range(4)] for i in range(4)]
+    )
+    off = ~np.eye(4, dtype=bool)
+    stat = (((pairs[off] - rows * want[off]) ** 2) / (rows * want[off])).sum()
+    assert stat < 31.26, stat
+
+
+@given(prompts_st, st.integers(2, 4), st.sampled_from([None, EOS]))
+def test_beam_sampling_at_low_temperature_is_beam_search(prompt, K, eos):
+    """At temperature 1e-3 the log-probs are scaled by 1000, so the Gumbel noise (order 1)
+    cannot reorder continuations whose log-probs differ by more than ~1e-2: the draws come
+    best first, and beam sampling returns beam search's beams, with its scores x 1000."""
+    model = tiny_model()
+    kw = dict(num_beams=K, num_return_sequences=K, eos_id=eos)
+    want = G.beam_search(model, [prompt], 8, **kw)
+    got = G.beam_search(model, [prompt], 8, temperature=1e-3, rng=np.random.default_rng(0), **kw)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for g, w in zip(got, want, strict=True):
+        # log-probs / 1e-3 summed: float64 sums of float32-derived terms, relative 1e-6
+        assert g.score * 1e-3 == pytest.approx(w.score, rel=1e-6)
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-6)  # the model's, unscaled
+
+
+def test_beam_sampling_is_seeded_and_random():
+    model = tiny_model()
+
+    def run(seed):
+        out = api.generate_batch(
+            model, [[1, 2]], max_new_tokens=6, num_beams=3, num_return_sequences=3,
+            temperature=1.5, top_k=20, seed=seed, eos_id=None,
+        )  # fmt: skip
+        return [r.token_ids for r in out[0]]
+
+    assert run(1) == run(1)
+    assert len({str(run(s)) for s in range(6)}) > 1  # six seeds do not all agree
+    ((r,),) = api.generate_batch(
+        model, [[1, 2]], max_new_tokens=6, num_beams=2, temperature=1.0, top_k=1, seed=0
+    )
+    # top_k = 1 leaves one continuation of probability > 0 per beam, under the 2K drawn
+    assert len(r.token_ids) == 6 and np.isfinite(r.score)
+
+
 def test_batches_give_what_each_prompt_gives_alone():
     model = tiny_model()
     prompts = [[1, 2, 3, 4, 5], [9], [40, 41, 42]]
@@ -381,7 +444,7 @@ def test_samples_per_prompt_share_one_prefill():
         (dict(max_new_tokens=True), "max_new_tokens"),  # a bool is not a count
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
-        (dict(num_beams=2, temperature=0.5), "num_beams"),
+        (dict(num_beams=2, top_k=5), "num_beams"),  # top-k needs temperature > 0
         (dict(num_return_sequences=2), "num_return_sequences"),
         (dict(stop=[""]), "stop"),
         (dict(length_penalty=float("nan"), num_beams=2), "length_penalty"),

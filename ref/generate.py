@@ -331,9 +331,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, key, axis=-1)
 
 
-def draw_without_replacement(
-    scores: np.ndarray, n: int, rng: np.random.Generator
-) -> np.ndarray:
+def draw_without_replacement(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct indices per row, drawn one after another with probabilities softmax(scores)
     renormalised over what is left (the Gumbel-top-k trick: the n largest of scores + Gumbel
     noise, in draw order). scores (b, m) -> (b, n); -inf entries come last, in index order."""

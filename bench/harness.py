@@ -371,6 +371,11 @@ def record(
     }
 
 
+def error_record(suite: str, case: str, backend: str, e: BaseException, **fields) -> dict:
+    """The record of a measurement that raised: status "error", the exception as reason."""
+    return record(suite, case, backend, status="error", reason=error_text(e), **fields)
+
+
 def silent(msg: str) -> None:
     """The default progress log of the suites: nothing."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.harness import error_text, llc_bytes, measure, record
+from bench.harness import error_record, llc_bytes, measure, record
 from bench.plan import Plan
 
 
@@ -157,7 +157,7 @@ def run(plan: Plan, rng: np.random.Generator, gpu: bool) -> tuple[list[dict], di
         try:
             g_recs, g_limits = _gpu(plan)
         except Exception as e:  # a broken driver must not lose the CPU numbers
-            g_recs = [record("limits", "gpu", "torch", status="error", reason=error_text(e))]
+            g_recs = [error_record("limits", "gpu", "torch", e)]
             g_limits = {}
         recs += g_recs
         limits.update(g_limits)

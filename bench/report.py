@@ -12,6 +12,7 @@ import re
 
 from bench.plan import TINY
 from bench.workload import decode_ceiling
+from fast import OPS
 from ref.config import SIZES
 
 
@@ -63,15 +64,7 @@ def _ops_ratios(results: list[dict], limits: dict) -> list[dict]:
     # headline shapes: the first width of the run, the most rows; attention at T = 1024
     # (NH=12, hs=64 at 124M) or the largest T of the run
     first_size = ops[0]["params"].get("size")
-    for op in (
-        "embedding",
-        "layernorm",
-        "linear",
-        "gelu",
-        "bias_gelu",
-        "attention",
-        "crossentropy",
-    ):
+    for op in OPS:
         recs = [r for r in ops if r["case"] == op and r["params"]["device"] == "cpu"]
         if op != "crossentropy":
             recs = [r for r in recs if r["params"].get("size") == first_size]

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from bench.backends import Backend, cuda_available
-from bench.harness import error_text, measure, peak_rss, record, silent
+from bench.harness import error_record, measure, peak_rss, record, silent
 from bench.plan import Plan
 from bench.workload import (
     decode_ceiling,
@@ -240,16 +240,7 @@ def run(
             log(f"bench: generate {size} {label} ({device})")
             base = {"size": size, "device": device}
             if isinstance(runner, Exception):
-                recs.append(
-                    record(
-                        "generate",
-                        "decode",
-                        label,
-                        params=base,
-                        status="error",
-                        reason=error_text(runner),
-                    )
-                )
+                recs.append(error_record("generate", "decode", label, runner, params=base))
                 continue
             read = limits.get("gpu_read_GBps" if device == "cuda" else "read_GBps")
             base["dtype"] = runner.get("dtype", "float32")
@@ -285,16 +276,7 @@ def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[di
             )
             t["warmup"] = 1
         except Exception as e:
-            out.append(
-                record(
-                    "generate",
-                    "prefill",
-                    label,
-                    params=params,
-                    status="error",
-                    reason=error_text(e),
-                )
-            )
+            out.append(error_record("generate", "prefill", label, e, params=params))
             continue
         flops = forward_flops(cfg, 1, T, head_rows=1)
         gflops = flops / t["min"] / 1e9
@@ -370,9 +352,7 @@ def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
         )
         times = box["times"]
     except Exception as e:
-        return record(
-            "generate", "decode", label, params=params, status="error", reason=error_text(e)
-        )
+        return error_record("generate", "decode", label, e, params=params)
     t = _step_stats(times)
     tps = B / t["min"]
     elt = 2 if runner.get("dtype") == "bfloat16" else 4

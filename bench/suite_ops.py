@@ -44,7 +44,7 @@ from bench.backends import Backend, cuda_available
 from bench.harness import (
     CacheFlusher,
     cache_policy,
-    error_text,
+    error_record,
     llc_bytes,
     measure,
     record,
@@ -329,17 +329,8 @@ def run(
                 args = tuple(_cast(to(a), dtype) for a in args_np)
                 dout = _cast(to(dout_np), dtype)
             except Exception as e:
-                recs.append(
-                    record(
-                        "ops",
-                        op,
-                        label,
-                        variant=variant,
-                        status="error",
-                        params={**shape, "pass": "forward", "device": device},
-                        reason=error_text(e),
-                    )
-                )
+                params = {**shape, "pass": "forward", "device": device}
+                recs.append(error_record("ops", op, label, e, variant=variant, params=params))
                 continue
             for direction in passes:
                 params = {**shape, "pass": direction, "device": device}
@@ -365,17 +356,7 @@ def run(
                         t = measure(call, before=before, sync=sync, **kw, **ev)
                     mem = _peak_gpu(call) if device == "cuda" and direction != "backward" else {}
                 except Exception as e:
-                    recs.append(
-                        record(
-                            "ops",
-                            op,
-                            label,
-                            variant=variant,
-                            params=params,
-                            status="error",
-                            reason=error_text(e),
-                        )
-                    )
+                    recs.append(error_record("ops", op, label, e, variant=variant, params=params))
                     continue
                 t_roof, bound = roofline(work, device_limits(limits, device, dtype))
                 tm = t["min"]

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float, is_interpreted
+from fast.triton_common import check_device, check_float
 
 MAX_HEAD_SIZE = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
@@ -46,6 +46,13 @@ MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * 
 # = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals (a jit function reads no
 # plain Python globals).
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, s_row, s_col, row_ok, hs):
+    """The (R, BD) tile ptr[rows * s_row + cols * s_col], zero outside row_ok and past hs."""
+    ok = row_ok[:, None] & (cols < hs)[None, :]
+    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -122,8 +129,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BD)
     row_ok = offs_m < Tq
     d_ok = offs_d < hs
-    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_d, sqt, sqd, row_ok, hs)  # (BM, BD)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives p = 0
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -151,6 +157,16 @@ def _attn_fwd_kernel(
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _att_and_ds(q, k, v, do, lse, delta, visible, qk_scale, PRECISION: tl.constexpr):
+    """Backward's recomputation for a (BM, BN) block: p = att = exp(s - lse) where visible
+    (scores in log2 units, lse in natural ones), dp = dout v^T, ds = p * (dp - delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
+    p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (BM, BN)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -184,18 +200,8 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     col_ok = offs_n < Tk
-    d_ok = offs_d < hs
-    kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-        mask=kv_ok,
-        other=0.0,
-    )  # (BN, BD)
-    v = tl.load(
-        v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-        mask=kv_ok,
-        other=0.0,
-    )  # (BN, BD)
+    k = _load_tile(k_ptr + b * skb + h * skh, offs_n, offs_d, skt, skd, col_ok, hs)  # (BN, BD)
+    v = _load_tile(v_ptr + b * svb + h * svh, offs_n, offs_d, svt, svd, col_ok, hs)  # (BN, BD)
     key_ok = col_ok
     if HAS_MASK:
         km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
@@ -207,26 +213,19 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(lo, Tq, BM):
         offs_m = start_m + tl.arange(0, BM)
         row_ok = offs_m < Tq
-        qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(
-            q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-            mask=qd_ok,
-            other=0.0,
-        )  # (BM, BD)
-        do = tl.load(
-            do_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :], mask=qd_ok, other=0.0
-        )  # (BM, BD)
+        q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_d, sqt, sqd, row_ok, hs)
+        do = _load_tile(do_ptr + bh * Tq * hs, offs_m, offs_d, hs, 1, row_ok, hs)  # (BM, BD)
         lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
         delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
         visible = (offs_n[None, :] <= shift + offs_m[:, None]) & key_ok[None, :] & row_ok[:, None]
-        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # att
+        p, ds = _att_and_ds(
+            q, k, v, do, lse, delta, visible, scale * 1.4426950408889634, PRECISION
+        )  # (BM, BN) each
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BN, BD)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
-        ds = p * (dp - delta[:, None])  # (BM, BN)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # (BN, BD)
     dk = dk * scale
     out_ptrs = bh * Tk * hs + offs_n[:, None] * hs + offs_d[None, :]
+    kv_ok = col_ok[:, None] & (offs_d < hs)[None, :]
     tl.store(dk_ptr + out_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(dv_ptr + out_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
@@ -261,16 +260,8 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     row_ok = offs_m < Tq
-    d_ok = offs_d < hs
-    qd_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-        mask=qd_ok,
-        other=0.0,
-    )  # (BM, BD)
-    do = tl.load(
-        do_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :], mask=qd_ok, other=0.0
-    )  # (BM, BD)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_d, sqt, sqd, row_ok, hs)  # (BM, BD)
+    do = _load_tile(do_ptr + bh * Tq * hs, offs_m, offs_d, hs, 1, row_ok, hs)  # (BM, BD)
     lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
     delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -278,31 +269,21 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         col_ok = offs_n < Tk
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-            mask=kv_ok,
-            other=0.0,
-        )  # (BN, BD)
-        v = tl.load(
-            v_ptr + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-            mask=kv_ok,
-            other=0.0,
-        )  # (BN, BD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        k = _load_tile(k_ptr + b * skb + h * skh, offs_n, offs_d, skt, skd, col_ok, hs)
+        v = _load_tile(v_ptr + b * svb + h * svh, offs_n, offs_d, svt, svd, col_ok, hs)
         visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
         if HAS_MASK:
             km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
             visible = visible & (km != 0)[None, :]
-        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)  # (BM, BN)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
-        ds = p * (dp - delta[:, None])  # (BM, BN)
+        _, ds = _att_and_ds(
+            q, k, v, do, lse, delta, visible, scale * 1.4426950408889634, PRECISION
+        )  # (BM, BN)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # (BM, BD)
     dq = dq * scale
     tl.store(
         dq_ptr + bh * Tq * hs + offs_m[:, None] * hs + offs_d[None, :],
         dq.to(dq_ptr.dtype.element_ty),
-        mask=qd_ok,
+        mask=row_ok[:, None] & (offs_d < hs)[None, :],
     )
 
 
@@ -374,11 +355,6 @@ def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
     return bm, bn, BD, precision
 
 
-def _launch_opts(config: tuple[int, int, int, int], interpreted: bool) -> dict:
-    """num_warps / num_stages for a compiled launch (the interpreter takes neither)."""
-    return {} if interpreted else {"num_warps": config[2], "num_stages": config[3]}
-
-
 def attention_forward(
     q, k, v, key_mask=None, *, block_m: int | None = None, block_n: int | None = None
 ):
@@ -402,7 +378,7 @@ def attention_forward(
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
             NH, Tq, Tk, hs, LOG2E / math.sqrt(hs),
             HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
-            **_launch_opts(config, is_interpreted(_attn_fwd_kernel)),
+            num_warps=config[2], num_stages=config[3],
         )  # fmt: skip
     asked = (BM, BN) if block_m or block_n else None  # backward takes the same, if asked
     return out, (q, k, v, mask8, out, lse, asked)
@@ -426,7 +402,6 @@ def attention_backward(dout, cache):
     dv = torch.empty(B, NH, Tk, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tk, hs)
     mask_arg = lse if mask8 is None else mask8
     smb, smt = (0, 0) if mask8 is None else mask8.stride()
-    interpreted = is_interpreted(_attn_bwd_dq_kernel)
     for kernel, config in ((_attn_bwd_dkdv_kernel, DKDV_CONFIG), (_attn_bwd_dq_kernel, DQ_CONFIG)):
         if not B * NH:
             break
@@ -438,7 +413,7 @@ def attention_backward(dout, cache):
             *q.stride(), *k.stride(), *v.stride(), smb, smt,
             NH, Tq, Tk, hs, 1.0 / math.sqrt(hs),
             HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
-            **_launch_opts(config[width], interpreted),
+            num_warps=config[width][2], num_stages=config[width][3],
         )  # fmt: skip
     return dq, dk, dv
 

@@ -71,22 +71,12 @@ def _fsync_dir(directory: str) -> None:
 
 def write_json(path: str, obj) -> None:
     """Atomic JSON write: temporary file, fsync, rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # a full disk, a read-only directory
-            raise WeightsError(
-                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
-            ) from None
-        raise
+
+    def write(f) -> None:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+    st.atomic_write(path, write)
 
 
 def hf_tensors(params: dict) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
+from typing import IO
 
 import numpy as np
 
@@ -125,6 +127,28 @@ def read(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False) -> None:
+    """Write `path` whole or not at all: `write(f)` fills `path.tmp-<pid>`, which is fsynced and
+    renamed over `path`. On any failure the temporary file is removed, and an OSError (a full
+    disk, a file-size limit, a read-only directory) becomes a WeightsError naming `path`; any
+    earlier file there is left as it was."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WeightsError(
+                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
+            ) from e
+        raise
+
+
 def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
     """Write tensors atomically: to `path.tmp-<pid>`, fsync, then rename over `path`.
 
@@ -156,21 +180,11 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
         arrays.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for a in arrays:
-                f.write(memoryview(a.reshape(-1)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # a full disk, a file-size limit, a read-only directory
-            raise WeightsError(
-                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
-            ) from e
-        raise
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(memoryview(a.reshape(-1)).cast("B"))
+
+    atomic_write(path, write, binary=True)

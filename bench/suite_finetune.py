@@ -3,7 +3,7 @@ finetuning against LoRA. Random weights and random tokens at the real shapes.
 
 A step is what the project's trainers do per optimizer step: forward, cross-entropy, backward,
 clip to global norm 1, AdamW. The numpy backends run `ref.train.train` (with `ops=` the
-backend), the torch backends `fast.torch_train.train`; each is asked for 1 + ft_steps steps and
+backend), the torch backends `fast.torch.train.train`; each is asked for 1 + ft_steps steps and
 reports its own tokens/s per step in its "train" events; the first step is the warm-up. Where a
 trainer is missing or refuses a mode, the record says "not available" and why.
 
@@ -68,7 +68,7 @@ def _trainer_steps(be: Backend, params, cfg, plan: Plan, mode: str, rng) -> list
 
         train(params, cfg, split, None, tcfg, ops=be.module, on_event=on_event)
     else:
-        from fast.torch_train import train
+        from fast.torch.train import train
 
         train(params, cfg, split, None, tcfg, backend=be.name, device=be.device, on_event=on_event)
     if not step_s:

@@ -11,7 +11,7 @@ prefill  -- one forward over T tokens of a batch of 1, no KV cache, only the las
 decode   -- single-token steps from a KV cache. A point `ctx` fills the cache to ctx - k - 1
             tokens, then takes k + 1 steps and drops the first (warm-up): the k timed steps
             attend to ctx - k + 1 ... ctx keys (the record says so). Caches with `length`,
-            `mask` and `n_real` (ref.model.KVCache, fast.torch_model.TorchKVCache) are filled by
+            `mask` and `n_real` (ref.model.KVCache, fast.torch.model.TorchKVCache) are filled by
             setting those (the keys are zeros: speed does not depend on them); others by a real
             prefill. The ceiling is batch x streaming-read bandwidth / (bytes of weights + keys
             and values read per step).
@@ -178,7 +178,7 @@ def _runners(cfg, params, backends: list[Backend], baselines: bool):
             if be.kind == "numpy":
                 yield be.name, "cpu", model_runner(Model(cfg, params, be.name))
                 continue
-            from fast.torch_model import TorchModel
+            from fast.torch.model import TorchModel
 
             yield be.name, be.device, model_runner(TorchModel(cfg, params, be.name, be.device))
             if be.device == "cuda":  # the GPU issue's half-precision weights and cache

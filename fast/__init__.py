@@ -19,12 +19,12 @@ from types import ModuleType
 
 BACKENDS = {
     "ref": "fast.ref_backend",  # the numpy reference itself
-    "numba": "fast.numba_backend",  # Numba CPU kernels (numpy arrays)
-    "torch": "fast.torch_backend",  # plain torch ops (torch tensors, CPU or GPU)
-    "triton": "fast.triton_backend",  # Triton GPU kernels (torch tensors)
+    "numba": "fast.numba.backend",  # Numba CPU kernels (numpy arrays)
+    "torch": "fast.torch.backend",  # plain torch ops (torch tensors, CPU or GPU)
+    "triton": "fast.triton.backend",  # Triton GPU kernels (torch tensors)
 }
 NUMPY_BACKENDS = ("ref", "numba")  # run the numpy model of ref/model.py
-TORCH_BACKENDS = ("torch", "triton")  # run the torch model of fast/torch_model.py
+TORCH_BACKENDS = ("torch", "triton")  # run the torch model of fast/torch/model.py
 
 OPS = (
     "embedding",

@@ -58,7 +58,7 @@ def load(
     model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
 ):
     """Load `model` (a size name, a model directory or a .safetensors file) on `backend`:
-    a `Model` on the numpy backends, a `fast.torch_model.TorchModel` on torch and triton,
+    a `Model` on the numpy backends, a `fast.torch.model.TorchModel` on torch and triton,
     whose weights and KV cache take `dtype` ("float32", "bfloat16" or "float16"; the logits
     it returns are float32 whatever the dtype)."""
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -71,7 +71,7 @@ def load(
         return Model(cfg, params, backend)
     import torch
 
-    from fast.torch_model import TorchModel
+    from fast.torch.model import TorchModel
 
     return TorchModel(cfg, params, backend, dtype=getattr(torch, dtype))
 

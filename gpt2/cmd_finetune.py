@@ -350,13 +350,13 @@ def run(args: argparse.Namespace) -> int:
     backend = args.backend or "ref"
     if backend not in NUMPY_BACKENDS:
         try:
-            from fast import torch_train
+            from fast.torch import train as torch_train
         except ModuleNotFoundError as e:
-            if e.name != "fast.torch_train":
+            if e.name != "fast.torch.train":
                 raise
             raise UsageError(
                 f"--backend {backend}: finetuning with torch/triton is not available "
-                "(fast/torch_train.py is missing); use --backend ref or numba"
+                "(fast/torch/train.py is missing); use --backend ref or numba"
             ) from None
         for k, v in s.items():
             setattr(args, k, v)

@@ -447,7 +447,7 @@ def test_nan_reaches_the_same_outputs_as_in_the_reference():
 
 
 def test_numba_refuses_bad_input_by_name():
-    nb = pytest.importorskip("fast.numba_backend")
+    nb = pytest.importorskip("fast.numba.backend")
     x64 = np.zeros((2, 8))
     with pytest.raises(TypeError, match="layernorm.*x.*float32.*float64"):
         nb.layernorm_forward(x64, np.ones(8, np.float32), np.zeros(8, np.float32))

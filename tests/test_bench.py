@@ -657,7 +657,7 @@ def test_gpu_cases_and_forward_backward_work():
 
 
 def test_gpu_check_script_parses_and_names_real_paths():
-    """bench/gpu_check.sh runs only on a CUDA machine; here: it parses, and the fixture model,
+    """bench/tools/gpu_check.sh runs only on a CUDA machine; here: it parses, and the fixture model,
     data file and modules it calls exist (a rename would otherwise surface on the GPU only)."""
     import re
     import subprocess

@@ -420,9 +420,9 @@ def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):
         "2",
     ]
     seen = []
-    fake = types.ModuleType("fast.torch_train")
+    fake = types.ModuleType("fast.torch.train")
     fake.finetune = lambda args: seen.append(args) or 0
-    monkeypatch.setitem(sys.modules, "fast.torch_train", fake)
+    monkeypatch.setitem(sys.modules, "fast.torch.train", fake)
     import fast
 
     monkeypatch.setattr(fast, "torch_train", fake, raising=False)

@@ -1,4 +1,4 @@
-"""Data-parallel finetuning (fast/torch_train.py) on CPU: 2 processes, gloo, loopback.
+"""Data-parallel finetuning (fast/torch/train.py) on CPU: 2 processes, gloo, loopback.
 
 torchrun (`python -m torch.distributed.run --standalone`) starts this file as a script in two
 processes; each trains the same small model on its half of every micro-batch and saves its
@@ -58,7 +58,7 @@ def worker(out_dir: str) -> None:
     """One rank of the torchrun job: train and save losses and weights."""
     import torch.distributed as dist
 
-    from fast.torch_train import distributed, train
+    from fast.torch.train import distributed, train
 
     rank, world = distributed()
     assert world == 2, f"expected 2 processes, got {world}"
@@ -70,7 +70,7 @@ def worker(out_dir: str) -> None:
 
 def test_two_processes_equal_one(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from fast.torch_train import train
+    from fast.torch.train import train
 
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -1,4 +1,4 @@
-"""fast.numba_flash (tiled causal attention) against the numpy reference, ref.ops.
+"""fast.numba.flash (tiled causal attention) against the numpy reference, ref.ops.
 
 The reference runs in float64 on the same float32 inputs, so every difference is the kernel's
 own float32 round-off. Shapes are chosen to cross the tile edges (_BQ = _BK = 128): primes,
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ref import ops
 
-flash = pytest.importorskip("fast.numba_flash")
+flash = pytest.importorskip("fast.numba.flash")
 
 EPS32 = float(np.finfo(np.float32).eps)
 

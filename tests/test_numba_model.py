@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tiny_model import TINY, tiny_params
 
-nb = pytest.importorskip("fast.numba_backend", reason="numba is not installed")
+nb = pytest.importorskip("fast.numba.backend", reason="numba is not installed")
 
 from gpt2 import cli  # noqa: E402
 from gpt2.api import Model  # noqa: E402
@@ -103,11 +103,11 @@ def test_logits_match_reference_any_padding_and_cache(B, T, P, data, seed):
 
 
 def test_exp32_is_within_one_ulp():
-    """exp32 (fast/numba_common.py) against float64 exp over its whole unclamped range;
+    """exp32 (fast/numba/common.py) against float64 exp over its whole unclamped range;
     measured 0.66 ulp at most (a relative error of 7.9e-8)."""
     import numba
 
-    from fast.numba_common import FASTMATH, exp32
+    from fast.numba.common import FASTMATH, exp32
 
     @numba.njit(fastmath=FASTMATH)
     def exp_all(x, out):
@@ -218,7 +218,10 @@ def test_each_kernel_compiles_one_signature():
     session, it also checks that none of them made a second one."""
     import numba
 
-    from fast import numba_attention, numba_crossentropy, numba_gelu, numba_layernorm
+    from fast.numba import attention as numba_attention
+    from fast.numba import crossentropy as numba_crossentropy
+    from fast.numba import gelu as numba_gelu
+    from fast.numba import layernorm as numba_layernorm
 
     cfg, params = loader.load(HF_TINY) if os.path.isdir(HF_TINY) else (ODD, tiny_params(ODD))
     ids = np.arange(12).reshape(2, 6) % cfg.n_vocab

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():  # before triton is imported (by fast.triton_backend)
+if not torch.cuda.is_available():  # before triton is imported (by fast.triton.backend)
     os.environ["TRITON_INTERPRET"] = "1"
 
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fast import torch_backend as pb  # noqa: E402
-from fast.torch_model import TorchModel, gpt2_forward, to_torch  # noqa: E402
+from fast.torch import backend as pb  # noqa: E402
+from fast.torch.model import TorchModel, gpt2_forward, to_torch  # noqa: E402
 from ref import ops  # noqa: E402
 from ref.config import GPT2Config  # noqa: E402
 from ref.data import Split, text_splits  # noqa: E402
@@ -273,7 +273,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
         pytest.skip("a GPU is present: the triton backend runs")
     code = (
         "from ref.config import GPT2Config\n"
-        "from fast.torch_model import TorchModel\n"
+        "from fast.torch.model import TorchModel\n"
         "cfg = GPT2Config(n_vocab=8, n_ctx=4, n_embd=4, n_head=1, n_layer=1)\n"
         "TorchModel(cfg, {}, 'triton')\n"
     )
@@ -288,7 +288,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# finetuning: fast/torch_train.py against ref/train.py
+# finetuning: fast/torch/train.py against ref/train.py
 
 
 def instruction_split(rng, n: int, V: int, T: int) -> Split:
@@ -311,7 +311,7 @@ def compare_trainers(cfg, params, split, tcfg, backend):
     eps = 1e-4 the derivative is <= lr / eps = 10 and gradients agree to ~1e-7 (see
     test_gradients_match_reference_backward), so 5 steps differ by well under 1e-6.
     """
-    from fast.torch_train import train as torch_train
+    from fast.torch.train import train as torch_train
     from ref.train import train as ref_train
 
     assert tcfg.eps >= 1e-4
@@ -353,7 +353,7 @@ def test_finetune_matches_ref():
 def test_finetune_default_eps_losses_match_ref():
     """With AdamW's default eps = 1e-8 the losses still agree (the round-off-driven moves
     above touch few weights, by <= lr each)."""
-    from fast.torch_train import train as torch_train
+    from fast.torch.train import train as torch_train
     from ref.train import TrainConfig
     from ref.train import train as ref_train
 
@@ -395,7 +395,7 @@ def test_lora_finetune_matches_ref(backend):
 def test_lora_dropout_trains_and_is_repeatable():
     """Dropout on the adapters' input: the losses differ from dropout 0 and repeat exactly for
     the same seed (the masks follow (seed, micro-step), so a resumed run draws the same)."""
-    from fast.torch_train import train as torch_train
+    from fast.torch.train import train as torch_train
     from ref.lora import add_lora
     from ref.train import TrainConfig
 
@@ -414,7 +414,7 @@ def test_lora_dropout_trains_and_is_repeatable():
 
 
 def test_lora_needs_adapters():
-    from fast.torch_train import train as torch_train
+    from fast.torch.train import train as torch_train
     from ref.train import TrainConfig
 
     split, _ = text_splits(np.arange(40) % 96, 8, 0.0)
@@ -443,7 +443,7 @@ def test_gpu_triton_model_equals_torch_model():
 
     split, _ = text_splits(rng.integers(0, cfg.n_vocab, 2000), 128, 0.0)
     tcfg = TrainConfig(steps=2, batch_size=4, lr=1e-4, eps=1e-4, n_samples=0)
-    from fast.torch_train import train as torch_train
+    from fast.torch.train import train as torch_train
 
     _, sa, la = torch_train(params, cfg, split, None, tcfg, backend="torch")
     _, sb, lb = torch_train(params, cfg, split, None, tcfg, backend="triton")

@@ -1,4 +1,4 @@
-"""The Triton kernels (fast/triton_*.py) against the numpy reference (ref/ops.py).
+"""The Triton kernels (fast/triton/*.py) against the numpy reference (ref/ops.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors. `@triton.jit` picks
 the interpreter when a kernel is *defined*, so TRITON_INTERPRET=1 is set here before any
@@ -37,12 +37,12 @@ triton = pytest.importorskip("triton")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fast import triton_attention as ta  # noqa: E402
-from fast import triton_backend as tb  # noqa: E402
-from fast import triton_crossentropy as tc  # noqa: E402
-from fast import triton_gelu as tg  # noqa: E402
-from fast import triton_layernorm as tln  # noqa: E402
-from fast.triton_common import TritonDeviceError, check_device, is_interpreted  # noqa: E402
+from fast.triton import attention as ta  # noqa: E402
+from fast.triton import backend as tb  # noqa: E402
+from fast.triton import crossentropy as tc  # noqa: E402
+from fast.triton import gelu as tg  # noqa: E402
+from fast.triton import layernorm as tln  # noqa: E402
+from fast.triton.common import TritonDeviceError, check_device, is_interpreted  # noqa: E402
 from ref import ops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,7 +421,7 @@ def test_every_variant_matches_reference(op, variant):
 
 def test_autograd_functions_match_torch():
     """A torch graph through the autograd Functions gives torch's own gradients."""
-    from fast import torch_backend as pb
+    from fast.torch import backend as pb
 
     rng = np.random.default_rng(11)
     x = T(randn(rng, 2, 5, 24))  # (B, T, C)
@@ -473,7 +473,7 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 # ---------------------------------------------------------------------------------------------
 # compiled for a GPU, without one: what the interpreter cannot check (types, dot operands,
-# shared memory). The full sweep is `python -m fast.triton_aot` (every kernel, dtype, block).
+# shared memory). The full sweep is `python -m bench.tools.triton_aot` (every kernel, dtype, block).
 
 
 @pytest.mark.slow
@@ -482,7 +482,7 @@ def test_attention_kernels_compile_for_sm90_in_bfloat16():
     compiles its forward and dq kernels to a cubin for sm_90 in a process without the
     interpreter (about 15 s on 2 cores; Triton's cache makes reruns faster)."""
     code = (
-        "from fast.triton_aot import SHARED_LIMIT, compile_all\n"
+        "from bench.tools.triton_aot import SHARED_LIMIT, compile_all\n"
         "rs = compile_all(90, ('bf16',), quick=True,"
         " only=('_attn_fwd_kernel', '_attn_bwd_dq_kernel'))\n"
         "assert len(rs) == 3, rs\n"  # forward at prefill and decode blocks, dq

@@ -32,7 +32,8 @@ dot products, softmax and weighted sums keeps too few loads in flight to stream 
 so it prefetches (numba_common.prefetch) the key rows _AHEAD keys on and the block's value
 rows while scoring: 2-2.8x faster once k, v outgrow the caches (B = 16, Tk = 256 and 1024).
 Per layer (NH = 12, hs = 64, a KV cache of capacity 1024), best of 8 calls, the range over
-three runs on the project's 2-core machine (one under load), `python -m fast.numba_decode_timing`;
+three runs on the project's 2-core machine (one under load),
+`python -m bench.tools.numba_decode_timing`;
 "before" is the per-call padded copy of commit 72b3374:
     B = 16, Tk = 256:  before 5.8-7.6 ms, now 0.62-1.5 ms (reference 1.1-1.2 ms)
     B = 16, Tk = 1024: before 15.6-19.4 ms, now 2.0-3.2 ms (reference 3.7-3.9 ms)
@@ -70,7 +71,7 @@ import numpy as np
 from numba import prange
 from numpy.lib.stride_tricks import as_strided
 
-from fast.numba_common import FASTMATH, check_attention, check_f32, exp32, prefetch
+from fast.numba.common import FASTMATH, check_attention, check_f32, exp32, prefetch
 
 _BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 did as well)

@@ -1,6 +1,6 @@
 """Sweep the Triton kernels' block sizes and launch options on a CUDA GPU at GPT-2's shapes.
 
-    python -m bench.gpu_tune [--only attention_fwd_bf16,layernorm,...] [--workers 8]
+    python -m bench.tools.gpu_tune [--only attention_fwd_bf16,layernorm,...] [--workers 8]
 
 Each family sets one group of a kernel file's config constants (FWD_CONFIG, FWD_ELEMENTS,
 BIAS_ROWS, FUSED_CONFIG, ...) to each candidate in turn, checks the result against the torch op
@@ -27,10 +27,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fast import triton_attention as ta
-from fast import triton_crossentropy as tc
-from fast import triton_gelu as tg
-from fast import triton_layernorm as tln
+from fast.triton import attention as ta
+from fast.triton import crossentropy as tc
+from fast.triton import gelu as tg
+from fast.triton import layernorm as tln
 
 Case = tuple[str, Callable[[], None], Callable[[], object]]  # name, apply config, run
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers > 1:
         t0 = time.time()
-        cmd = [sys.executable, "-m", "bench.gpu_tune", "--only", ",".join(names)]
+        cmd = [sys.executable, "-m", "bench.tools.gpu_tune", "--only", ",".join(names)]
         procs = [
             subprocess.Popen([*cmd, "--shard", f"{i}/{args.workers}"], env=os.environ)
             for i in range(args.workers)

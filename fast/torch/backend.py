@@ -8,7 +8,7 @@ Two faces, one maths (that of `ref/ops.py`, whose docstrings hold the derivation
     returning fresh gradients, on torch tensors, written out by hand like the reference so a
     test can hold each backward to the numpy one;
   * differentiable functions `layernorm, gelu, bias_gelu, attention, crossentropy` that the
-    torch model (`fast/torch_model.py`) calls and autograd differentiates; here they are
+    torch model (`fast/torch/model.py`) calls and autograd differentiates; here they are
     torch's own kernels (F.layer_norm, F.gelu, scaled_dot_product_attention, F.cross_entropy).
 `VARIANTS` = {op: {variant: (forward, backward)}}: "torch" is the hand-written pair, "autograd"
 wraps the differentiable function (forward records a graph, backward asks autograd).

@@ -4,7 +4,7 @@ Shape legend: N = rows (leading axes flattened), D = features (4C in the MLP), n
 P = partial sums.
 
 Same formula as `ref.ops.gelu_forward`, u = sqrt(2/pi) (x + 0.044715 x^3), written through exp
-because `np.tanh` in a Numba loop is a scalar call and exp32 (fast/numba_common.py) vectorises:
+because `np.tanh` in a Numba loop is a scalar call and exp32 (fast/numba/common.py) vectorises:
     tanh(u) = 1 - 2 / (exp(2u) + 1)   so   gelu(x) = 0.5 x (1 + tanh u) = x / (1 + exp(-2u))
 and the derivative of the reference,
     gelu'(x) = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),
@@ -13,7 +13,7 @@ th = -1 or 1 exactly far out on either side, as np.tanh gives.
 
 bias_gelu: gelu(x + b) without materialising x + b in the forward; the cache keeps x and b, the
 backward recomputes x + b, and db = sum_rows(dxb) goes through per-thread partial sums
-(see fast/numba_layernorm.py) so no two threads add into one array.
+(see fast/numba/layernorm.py) so no two threads add into one array.
 
 Variants: "numba" (parallel, exp32). Limits: float32 only; inputs are made C-contiguous.
 """
@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba_common import FASTMATH, check_f32, exp32, n_partials
+from fast.numba.common import FASTMATH, check_f32, exp32, n_partials
 
 _S = np.float32(math.sqrt(2.0 / math.pi))  # GELU_SCALE of ref/ops.py
 _A = np.float32(0.044715)

@@ -1,6 +1,7 @@
 """Quick timings of the decode step on the Numba backend against the reference (seconds).
 
-    python -m fast.numba_decode_timing [--repeat 10] [--batch 1 16] [--context 256] [--no-model]
+    python -m bench.tools.numba_decode_timing [--repeat 10] [--batch 1 16] [--context 256] \
+        [--no-model]
 
 Prints, best and median of `repeat` timed calls after a warm-up call:
   * the streaming-read bandwidth (a parallel sum over 512 MB), the yardstick of a decode step;
@@ -33,7 +34,7 @@ def _times_ms(fn, repeat: int) -> tuple[float, float]:
 
 
 def _attention(batches: list[int], repeat: int) -> None:
-    from fast import numba_backend
+    from fast.numba import backend as numba_backend
     from ref import ops as ref_ops
 
     rng = np.random.default_rng(0)
@@ -58,7 +59,7 @@ def _attention(batches: list[int], repeat: int) -> None:
 def _stream_gbs(repeat: int) -> float:
     import numba
 
-    from fast.numba_common import FASTMATH, n_partials
+    from fast.numba.common import FASTMATH, n_partials
 
     @numba.njit(parallel=True, fastmath=FASTMATH)
     def read_all(a, partials):
@@ -129,7 +130,9 @@ def _model(batches: list[int], context: int, repeat: int, gbs: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fast.numba_decode_timing", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tools.numba_decode_timing", description=__doc__
+    )
     p.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (10)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (1 16)")
     p.add_argument("--context", type=int, default=256, help="cached tokens in the model (256)")

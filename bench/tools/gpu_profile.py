@@ -1,6 +1,6 @@
 """Where GPT-2 spends a prefill and a decode step on each torch backend, on a CUDA GPU.
 
-    python -m bench.gpu_profile [--size 124M] [--ctx 1024]
+    python -m bench.tools.gpu_profile [--size 124M] [--ctx 1024]
 
 For --backend torch and triton, float32 and bfloat16: the time of a 1,024-token prefill and
 of one decode step after --ctx cached tokens (CUDA-synchronised wall clock, median of 5), then
@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import random_params
-from fast.torch_model import TorchModel
+from fast.torch.model import TorchModel
 from ref.config import SIZES, canonical_size
 
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of fast/triton_*.py for a CUDA target, without a GPU.
+"""Compile every Triton kernel of fast/triton/*.py for a CUDA target, without a GPU.
 
 Triton's interpreter (how the tests run the kernels here) executes the kernels' Python with
 numpy: it checks the arithmetic but not what only the compiler sees (types of loop-carried
@@ -6,7 +6,7 @@ values, dot shapes and dtypes, shared memory). This compiles each kernel ahead o
 the configurations the launchers use, for each dtype, down to a cubin (ptxas ships with
 triton), and reports the shared memory each needs against the target's limit:
 
-    python -m fast.triton_aot [--arch 90] [--dtypes fp32,fp16,bf16] [--quick]
+    python -m bench.tools.triton_aot [--arch 90] [--dtypes fp32,fp16,bf16] [--quick]
 
 Run it with TRITON_INTERPRET unset (the interpreter replaces the kernels it would compile).
 """
@@ -60,10 +60,10 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
     """(kernel, dtype, constexprs, num_warps, num_stages) as the launchers use them, at GPT-2's
     sizes (head sizes 64 and 128). quick: one configuration per kernel."""
-    from fast import triton_attention as ta
-    from fast import triton_crossentropy as tc
-    from fast import triton_gelu as tg
-    from fast import triton_layernorm as tln
+    from fast.triton import attention as ta
+    from fast.triton import crossentropy as tc
+    from fast.triton import gelu as tg
+    from fast.triton import layernorm as tln
 
     both = (True,) if quick else (False, True)
     for dt in dtypes:
@@ -132,7 +132,7 @@ def compile_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fast.triton_aot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.tools.triton_aot", description=__doc__)
     p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
     p.add_argument("--quick", action="store_true", help="one configuration per kernel")

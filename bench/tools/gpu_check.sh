@@ -14,8 +14,8 @@
 # Each step has its own time limit (seconds: $TEST_S, $BENCH_S) and a failing step does not
 # stop the next one; the exit status is the number of failed steps.
 #
-#   bash bench/gpu_check.sh                    # all of it
-#   STEPS=bench BENCH_ARGS="--quick" bash bench/gpu_check.sh
+#   bash bench/tools/gpu_check.sh                    # all of it
+#   STEPS=bench BENCH_ARGS="--quick" bash bench/tools/gpu_check.sh
 
 set -u
 OUT=${OUT:-gpu-results}

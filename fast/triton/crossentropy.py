@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float
+from fast.triton.common import check_device, check_float
 
-# (BV, num_warps) per variant, from sweeping both with bench/gpu_tune.py on an H100
+# (BV, num_warps) per variant, from sweeping both with bench/tools/gpu_tune.py on an H100
 # (2026-11-22), forward + backward on 8 x 1024 rows of 50,257 float32: fused 1.94 ms (2.5x
 # F.cross_entropy), online 2.35 ms (2.1x).
 ONLINE_CONFIG = (8192, 4)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float, row_block
+from fast.triton.common import check_device, check_float, row_block
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _fwd_rows(block_c: int, n_rows: int) -> int:
 
 
 # elements per forward program and its warps (None: one per 256 elements), from sweeping both
-# with bench/gpu_tune.py on an H100 (2026-11-22): 8 x 1024 rows of 768 in 22 us, 1.45x
+# with bench/tools/gpu_tune.py on an H100 (2026-11-22): 8 x 1024 rows of 768 in 22 us, 1.45x
 # F.layer_norm; the neighbours of this choice were within 5%.
 FWD_ELEMENTS = 4096
 FWD_WARPS: int | None = 4

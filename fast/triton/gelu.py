@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float
+from fast.triton.common import check_device, check_float
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 BLOCK = 1024
@@ -125,7 +125,7 @@ def _bias_gelu_bwd_kernel(
     tl.store(db_part_ptr + group * H + cols, db, mask=col_ok)
 
 
-# Tiles and warps from sweeping them with bench/gpu_tune.py on an H100 (2026-11-22); GELU on
+# Tiles and warps from sweeping them with bench/tools/gpu_tune.py on an H100 (2026-11-22); GELU on
 # 16 x 1024 x 3072 float32 ran at torch's speed (both at the copy bandwidth) for every choice.
 BIAS_BLOCK_H = 512  # columns per bias + GELU program
 BIAS_ROWS = 4  # rows per tile: 2,048 elements per forward program

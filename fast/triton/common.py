@@ -40,7 +40,7 @@ def check_device(kernel, op: str, **tensors: torch.Tensor | None) -> None:
     if device.type == "cpu" and not is_interpreted(kernel):
         raise TritonDeviceError(
             f"{op}: the Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
-            "importing fast.triton_backend (the interpreter is slow: for tests only)"
+            "importing fast.triton.backend (the interpreter is slow: for tests only)"
         )
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.triton_common import check_device, check_float
+from fast.triton.common import check_device, check_float
 
 MAX_HEAD_SIZE = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
@@ -323,13 +323,14 @@ def _check(q, k, v, key_mask) -> None:
 
 
 def _shared_bytes(bm: int, bn: int, bd: int, elem: int) -> int:
-    """Shared memory the kernels need, from compiling them for sm_90 (fast/triton_aot.py):
+    """Shared memory the kernels need, from compiling them for sm_90 (bench/tools/triton_aot.py):
     the largest, dq's, is 28 B (float32, IEEE dots) or 9 B (16-bit) per max(BM, BN) x BD."""
     return (28 if elem == 4 else 9) * max(bm, bn) * bd
 
 
 # (BM, BN, num_warps, num_stages) per kernel and input width (4: float32, 2: float16/bfloat16),
-# from sweeping them on an H100 at GPT-2's shapes (bench/gpu_tune.py; notes in bench/README.md).
+# from sweeping them on an H100 at GPT-2's shapes (bench/tools/gpu_tune.py; notes in
+# bench/README.md).
 # A decode step (Tq <= 16) takes DECODE_CONFIG: BM = 16, the smallest block tl.dot accepts.
 # dk, dv walk query blocks of BM for each key block of BN (large BN, small BM pays); dq the
 # other way round.

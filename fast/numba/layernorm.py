@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba_common import FASTMATH, check_f32, n_partials
+from fast.numba.common import FASTMATH, check_f32, n_partials
 
 # Below this many elements (N * C) the forward runs on the calling thread: a parallel launch
 # costs ~100 us here, while a serial row of 768 takes ~0.5 us; a decode step calls LayerNorm

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba_common import FASTMATH, check_f32, exp32
+from fast.numba.common import FASTMATH, check_f32, exp32
 
 _ZERO = np.float32(0.0)
 

@@ -53,7 +53,7 @@ Cache: q * scale, k, v (views when the inputs were), the padding bias (B, Tk), o
 
 Variants: "numba_flash". Limits: float32. Meant for prompts and training: each call costs a
 fixed ~0.2 ms (allocations, a few parallel launches), so for a decode step (Tq = 1) or a tiny
-prompt `fast.numba_attention` is faster (see fast/numba_flash_timing.py).
+prompt `fast.numba.attention` is faster (see bench/tools/numba_flash_timing.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba_common import FASTMATH, check_attention, check_f32, exp32
+from fast.numba.common import FASTMATH, check_attention, check_f32, exp32
 
 _BQ = 128  # queries per tile
 _BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12

@@ -3,9 +3,9 @@ TRITON_INTERPRET=1 for tests).
 
 Same contract as `ref/ops.py` (`<op>_forward -> (out, cache)`, `<op>_backward(dout, cache)`),
 plus the differentiable functions `layernorm, gelu, bias_gelu, attention, crossentropy`
-(each a `torch.autograd.Function` over the kernels) that `fast/torch_model.py` trains through.
-Kernels, one file per op: fast/triton_layernorm.py, triton_gelu.py, triton_attention.py,
-triton_crossentropy.py (each file's docstring gives its maths, variants and limits).
+(each a `torch.autograd.Function` over the kernels) that `fast/torch/model.py` trains through.
+Kernels, one file per op: fast/triton/layernorm.py, gelu.py, attention.py,
+crossentropy.py (each file's docstring gives its maths, variants and limits).
 Embedding and linear are torch ops here (an index and a cuBLAS matmul, which a hand-written
 Triton matmul would not beat), so every op of the contract is present under one name.
 
@@ -19,16 +19,16 @@ import functools
 
 import torch
 
-from fast import torch_backend
-from fast.triton_attention import attention, attention_backward, attention_forward
-from fast.triton_common import TritonDeviceError, is_interpreted
-from fast.triton_crossentropy import (
+from fast.torch import backend as torch_backend
+from fast.triton.attention import attention, attention_backward, attention_forward
+from fast.triton.common import TritonDeviceError, is_interpreted
+from fast.triton.crossentropy import (
     crossentropy,
     crossentropy_backward,
     crossentropy_forward,
     crossentropy_forward_fused,
 )
-from fast.triton_gelu import (
+from fast.triton.gelu import (
     bias_gelu,
     bias_gelu_backward,
     bias_gelu_forward,
@@ -36,7 +36,7 @@ from fast.triton_gelu import (
     gelu_backward,
     gelu_forward,
 )
-from fast.triton_layernorm import layernorm, layernorm_backward, layernorm_forward
+from fast.triton.layernorm import layernorm, layernorm_backward, layernorm_forward
 
 embedding_forward = torch_backend.embedding_forward
 embedding_backward = torch_backend.embedding_backward
@@ -70,7 +70,7 @@ __all__ = [
 
 def check_device(device: torch.device) -> None:
     """Raise a clear error unless the kernels can run on `device`."""
-    from fast.triton_layernorm import _layernorm_fwd_kernel
+    from fast.triton.layernorm import _layernorm_fwd_kernel
 
     if torch.device(device).type == "cpu" and not is_interpreted(_layernorm_fwd_kernel):
         raise TritonDeviceError(

@@ -4,7 +4,7 @@ a prefetch hint.
 Threading layer: on a 2-core machine shared with other processes, numba's OpenMP layer (GNU
 libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial
 (LayerNorm forward on (4096, 768): 16-20 ms with omp, 1.0 ms with workqueue, 1.1 ms on one
-thread, measured under load with `NUMBA_THREADING_LAYER=omp python -m fast.numba_timing`
+thread, measured under load with `NUMBA_THREADING_LAYER=omp python -m bench.tools.numba_timing`
 against the default); the "workqueue" layer does not spin. It is pinned here unless the user
 chose one through NUMBA_THREADING_LAYER. The layer is read when the first parallel kernel
 runs, so setting the config at import (before any kernel has run) is enough.
@@ -25,7 +25,7 @@ NaN stays NaN, so a diverged model shows NaN as it does with the reference.
 prefetch: LLVM's `llvm.prefetch` (x86 PREFETCHT0), a hint to start loading a cache line that
 will be read soon. A kernel whose loop mixes loads with long dependency chains (attention's
 decode step: dot products, softmax, weighted sums) does not keep enough loads in flight to
-stream from DRAM on its own; the hint does (see fast/numba_attention.py for the figures).
+stream from DRAM on its own; the hint does (see fast/numba/attention.py for the figures).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """GPT-2 in torch, taking its ops from a backend: "torch" (torch's own kernels, CPU or GPU) or
-"triton" (our kernels, `fast/triton_*.py`). The same forward as `ref/model.py`, on tensors.
+"triton" (our kernels, `fast/triton/*.py`). The same forward as `ref/model.py`, on tensors.
 
 Shape legend: B = batch, T = new tokens this call, P = tokens already in the cache,
 C = n_embd, NH = n_head, hs = C // NH, V = n_vocab, L = n_layer.
@@ -8,7 +8,7 @@ Params are the nested dict of `ref/model.py` with torch tensors for leaves (`to_
 it from the numpy one, which every loader returns). The backend gives the differentiable
 `layernorm`, `bias_gelu`, `attention` and `crossentropy`; the embedding and the linear layers
 are torch ops in both backends (a gather and a cuBLAS matmul). Autograd differentiates
-through either backend, so `gpt2_loss(...).backward()` trains the model (fast/torch_train.py).
+through either backend, so `gpt2_loss(...).backward()` trains the model (fast/torch/train.py).
 
 `TorchModel` is the model interface of `ref.generate` (cfg, new_cache, forward -> numpy
 float32 logits), so `gpt2 generate/eval --backend torch|triton` run on it. Device: CUDA when

@@ -1,15 +1,15 @@
 """The Numba CPU backend: numpy arrays in and out, kernels compiled on first use.
 
 Kernels (one file each, forward and backward side by side):
-    fast/numba_layernorm.py    LayerNorm: one pass for the statistics, one for the output
-    fast/numba_gelu.py         GELU (tanh form through a vectorisable exp) and bias + GELU
-    fast/numba_attention.py    causal attention with KV cache and padding mask, online softmax
-    fast/numba_crossentropy.py softmax cross-entropy, probabilities made once
-    fast/numba_common.py       threading layer, fastmath flags, exp32
-    fast/numba_flash.py        causal attention on BLAS tiles (prompts, training)
+    fast/numba/layernorm.py    LayerNorm: one pass for the statistics, one for the output
+    fast/numba/gelu.py         GELU (tanh form through a vectorisable exp) and bias + GELU
+    fast/numba/attention.py    causal attention with KV cache and padding mask, online softmax
+    fast/numba/crossentropy.py softmax cross-entropy, probabilities made once
+    fast/numba/common.py       threading layer, fastmath flags, exp32
+    fast/numba/flash.py        causal attention on BLAS tiles (prompts, training)
 `attention` dispatches on shape: numba_flash (numpy BLAS on tiles, Numba online softmax) when
 Tq >= 16 and Tk >= 256, numba_attention otherwise (decode steps and short prompts, where
-numba_flash's fixed ~0.2 ms a call dominates; `python -m fast.numba_flash_timing`).
+numba_flash's fixed ~0.2 ms a call dominates; `python -m bench.tools.numba_flash_timing`).
 `linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather).
 
 Compilation: every kernel is `cache=True`, so the machine code is written next to the source
@@ -19,11 +19,15 @@ C-contiguous float32 so each kernel has one signature. Importing this module com
 
 import numpy as np
 
-from fast import numba_attention, numba_crossentropy, numba_flash, numba_gelu, numba_layernorm
-from fast.numba_common import single_threaded
-from fast.numba_crossentropy import crossentropy_backward, crossentropy_forward
-from fast.numba_gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
-from fast.numba_layernorm import layernorm_backward, layernorm_forward
+from fast.numba import attention as numba_attention
+from fast.numba import crossentropy as numba_crossentropy
+from fast.numba import flash as numba_flash
+from fast.numba import gelu as numba_gelu
+from fast.numba import layernorm as numba_layernorm
+from fast.numba.common import single_threaded
+from fast.numba.crossentropy import crossentropy_backward, crossentropy_forward
+from fast.numba.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
+from fast.numba.layernorm import layernorm_backward, layernorm_forward
 from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     embedding_backward,
     embedding_forward,

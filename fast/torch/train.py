@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fast import get_backend
-from fast.torch_model import default_device, gpt2_loss, to_torch
+from fast.torch.model import default_device, gpt2_loss, to_torch
 from ref.config import GPT2Config
 from ref.data import IGNORE, Split, batch_indices, eval_batches, make_batch
 from ref.lora import has_dropout
@@ -270,7 +270,7 @@ def samples(module: GPT2Module, split: Split, tcfg: TrainConfig, device):
     `ref.train.samples` gives them, from the model being trained."""
     from types import SimpleNamespace
 
-    from fast.torch_model import TorchKVCache, gpt2_forward
+    from fast.torch.model import TorchKVCache, gpt2_forward
     from ref.data import EOT
     from ref.generate import generate
     from ref.train import sample_prompts

@@ -1,6 +1,6 @@
-"""Timings of the tiled attention (fast.numba_flash) against the reference and fast.numba_attention.
+"""Timings of the tiled attention (fast.numba.flash) against the reference and fast.numba.attention.
 
-    python -m fast.numba_flash_timing [--rounds 7] [--blas-threads N] [--tiles 128x128 ...]
+    python -m bench.tools.numba_flash_timing [--rounds 7] [--blas-threads N] [--tiles 128x128 ...]
 
 Forward and backward, milliseconds, the best of `rounds`, at GPT-2 124M's head shape
 (NH = 12, hs = 64) for a 1,024-token prompt (B = 1) and a training batch (B = 4, T = 256),
@@ -51,10 +51,13 @@ def _time_shape(variants: dict, shape: tuple, rounds: int, rng: np.random.Genera
 def main(argv: list[str] | None = None) -> None:
     from threadpoolctl import threadpool_limits
 
-    from fast import numba_attention, numba_flash
+    from fast.numba import attention as numba_attention
+    from fast.numba import flash as numba_flash
     from ref import ops
 
-    p = argparse.ArgumentParser(prog="python -m fast.numba_flash_timing", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tools.numba_flash_timing", description=__doc__
+    )
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per shape (7)")
     p.add_argument("--blas-threads", type=int, default=None, help="cap on OpenBLAS threads")
     p.add_argument("--tiles", nargs="*", default=[], help="extra numba_flash tile sizes, QxK")

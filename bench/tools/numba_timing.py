@@ -1,6 +1,6 @@
 """Quick sanity timings of the Numba kernels against the numpy reference (a few seconds).
 
-    python -m fast.numba_timing [--repeat 5] [--variants numba numba_1thread] [--model]
+    python -m bench.tools.numba_timing [--repeat 5] [--variants numba numba_1thread] [--model]
 
 Not the benchmark (bench/ sweeps every backend and variant with the machine's limits); this
 prints one line per op and variant: best-of-`repeat` milliseconds, forward and backward, with
@@ -92,9 +92,10 @@ def _decode_step(params, ids, cfg, cache, ops) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fast import numba_backend, ref_backend
+    from fast import ref_backend
+    from fast.numba import backend as numba_backend
 
-    p = argparse.ArgumentParser(prog="python -m fast.numba_timing", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.tools.numba_timing", description=__doc__)
     p.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (5)")
     p.add_argument(
         "--variants", nargs="+", default=list(next(iter(numba_backend.VARIANTS.values())))

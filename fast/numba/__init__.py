@@ -1,0 +1,1 @@
+"""Numba CPU kernels: one file per op, the backend contract in `backend.py`."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels: one file per op, the backend contract in `backend.py`."""

@@ -1,4 +1,6 @@
-"""The small Python API: load a model, tokenize, forward, generate, instruct, evaluate."""
+"""The small Python API, a front door over the layers below: load a model (`ref.model.Model`
+on the numpy backends, `fast.torch.model.TorchModel` on the torch ones), tokenize, generate,
+instruct, evaluate."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fast import NUMPY_BACKENDS, get_backend
+from ref import beam as ref_beam
 from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
-from ref.config import GPT2Config
-from ref.model import KVCache, check_ids, forward
+from ref.model import Model, check_ids
 from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
 from ref.sampling import SamplingParams
 from weights import loader
@@ -29,31 +31,6 @@ def token_ids(ids, n_vocab: int) -> list[int]:
     return out
 
 
-class Model:
-    """A GPT-2 on a numpy backend ("ref" or "numba"): config, params and the ops to run."""
-
-    def __init__(self, cfg: GPT2Config, params: dict, backend: str = "ref"):
-        self.cfg = cfg
-        self.params = params
-        self.backend = backend
-        self.ops = get_backend(backend)
-
-    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, capacity)
-
-    def forward(
-        self,
-        ids: np.ndarray,
-        cache: KVCache | None = None,
-        mask: np.ndarray | None = None,
-        last_only: bool = False,
-    ) -> np.ndarray:
-        """ids (B, T) int -> logits (B, T, V) float32 (B, 1, V with last_only)."""
-        return forward(
-            self.params, ids, self.cfg, cache=cache, mask=mask, last_only=last_only, ops=self.ops
-        )
-
-
 def load(
     model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
 ):
@@ -65,10 +42,10 @@ def load(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if dtype != "float32" and backend in NUMPY_BACKENDS:
         raise ValueError(f"dtype {dtype} needs backend torch or triton ({backend} is float32)")
-    get_backend(backend)  # fail on a missing library before reading gigabytes
+    ops = get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir)
     if backend in NUMPY_BACKENDS:
-        return Model(cfg, params, backend)
+        return Model(cfg, params, ops)
     import torch
 
     from fast.torch.model import TorchModel
@@ -125,7 +102,7 @@ def generate_batch(
 
     Sampling (temperature > 0) returns num_return_sequences samples per prompt; beam search
     (num_beams > 1) the num_return_sequences best beams, best first, with their `score`;
-    both together are beam sampling (`ref.generate.beam_search`).
+    both together are beam sampling (`ref.beam.beam_search`).
     See `ref.sampling` for the order the sampling options apply in, and `ref.generate` for
     beam search and stop strings. The same seed and arguments give the same text.
     `on_token(row, id)` / `on_text(row, text)` stream (sampling and greedy only); row r
@@ -142,15 +119,6 @@ def generate_batch(
         no_repeat_ngram_size=no_repeat_ngram_size,
         logit_bias=dict(logit_bias or {}),
     )
-    ref_generate.check_generate_args(
-        max_new_tokens,
-        params,
-        num_beams,
-        num_return_sequences,
-        length_penalty,
-        early_stopping,
-        stop,
-    )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     ids = [encode(p) if isinstance(p, str) else token_ids(p, model.cfg.n_vocab) for p in prompts]
@@ -163,8 +131,8 @@ def generate_batch(
         num_return_sequences=num_return_sequences,
         stats=stats,
     )
-    if num_beams > 1:
-        outs = ref_generate.beam_search(
+    if num_beams != 1:  # beam_search checks num_beams (0 and non-integers included)
+        outs = ref_beam.beam_search(
             model,
             ids,
             max_new_tokens,

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from fast import BACKENDS, TORCH_BACKENDS
+
 COMMANDS = {
     "download": "gpt2.cmd_download",
     "generate": "gpt2.cmd_generate",
@@ -39,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="ref",
-        choices=["ref", "numba", "torch", "triton"],
+        choices=list(BACKENDS),
         help="which implementation of the ops to run (default ref, the numpy spec)",
     )
 
@@ -60,7 +62,7 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def check_dtype(args: argparse.Namespace) -> None:
     """A 16-bit --dtype needs a torch backend; raise UsageError naming the flag otherwise."""
-    if args.dtype != "float32" and args.backend not in ("torch", "triton"):
+    if args.dtype != "float32" and args.backend not in TORCH_BACKENDS:
         raise UsageError(
             f"--dtype {args.dtype} needs --backend torch or triton (--backend {args.backend} "
             "computes in float32)"

@@ -1,17 +1,17 @@
 """The decoding loops: prefill the prompts, then one token per step from the KV cache.
 
-Shape legend: P = prompts, R = rows decoded together (P * samples, or P * beams),
-b = rows (or, in beam search, prompts) still running, T = padded prompt length,
-K = num_beams, t = tokens generated so far, V = vocabulary.
+Shape legend: P = prompts, R = rows decoded together (P * samples), b = rows still running,
+T = padded prompt length, t = tokens generated so far, V = vocabulary.
 
 A `model` is anything with `cfg`, `new_cache(batch, capacity)` (a cache with
 `select(rows)`) and `forward(ids, cache=..., mask=..., last_only=...) -> logits (B, T, V)`
-as numpy float32; the numpy reference (`gpt2.api.Model`) and the torch backends provide it.
+as numpy float32: `ref.model.Model` on the numpy backends, `fast.torch.model.TorchModel` on
+the torch ones.
 
-`generate` samples (or decodes greedily) with the pipeline of `ref.sampling`; `beam_search`
-keeps the K best partial sequences. Both take several prompts at once, left-padded into one
-batch; a row that ends (<|endoftext|>, a stop string, max_new_tokens) is dropped from the
-batch with `cache.select`, so it stops costing compute.
+`generate` samples (or decodes greedily) with the pipeline of `ref.sampling`; beam search
+(`ref/beam.py`) shares its prefill, checks and stop strings. Several prompts run at once,
+left-padded into one batch; a row that ends (<|endoftext|>, a stop string, max_new_tokens) is
+dropped from the batch with `cache.select`, so it stops costing compute.
 
 Text: given `decode_bytes` (token ids -> bytes), each row's bytes are decoded incrementally
 (an unfinished UTF-8 character waits for its next byte). Stop strings are matched on that
@@ -40,12 +40,9 @@ from ref.sampling import (
     choose,
     is_int,
     log_softmax,
-    penalize,
-    warp,
 )
 
 EOT = 50256  # <|endoftext|>
-NEG = -1.0e9  # score of an impossible beam (as transformers uses, so ties break alike)
 
 
 @dataclass
@@ -117,13 +114,13 @@ def check_generate_args(
             raise SamplingError("stop", f"stop strings must be non-empty strings, got {s!r}")
 
 
-def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+def sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     if params is not None and sampling:
         raise TypeError("pass either params= or sampling keywords, not both")
     return params if params is not None else SamplingParams(**sampling)
 
 
-def _prefill(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams):
+def prefill(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams):
     """Check the prompts against the model, left-pad them into one batch and run it.
 
     Returns (prompts, with an empty one replaced by [<|endoftext|>] as GPT-2 was trained;
@@ -233,14 +230,14 @@ def generate(
     `on_text(row, text)` (needs decode_bytes) for each piece of final text. `stats`, if given,
     receives prefill_s, decode_s and decode_tokens (token positions run in decode steps).
     """
-    params = _params(params, sampling)
+    params = sampling_params(params, sampling)
     check_generate_args(max_new_tokens, params, 1, num_return_sequences, stop=stop)
     if (stop or on_text is not None) and decode_bytes is None:
         raise ValueError("stop strings and on_text need decode_bytes")
     rng = np.random.default_rng() if rng is None else rng
     n = num_return_sequences
     t0 = time.perf_counter()
-    prompts, cache, logits = _prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
+    prompts, cache, logits = prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
     P = len(prompts)
     if n > 1:  # the samples of a prompt share its prefill
         rows = np.repeat(np.arange(P), n)  # (R,)
@@ -310,205 +307,13 @@ def generate(
         step = nxt[:, None].astype(np.int64)  # (b, 1)
         logits = model.forward(step, cache=cache, last_only=True)[:, -1]  # (b, V)
         decode_tokens += len(step)
-    _record(stats, t0, t_first, decode_tokens)
+    record_stats(stats, t0, t_first, decode_tokens)
     return out
 
 
-def _record(stats: dict | None, t0: float, t_first: float | None, decode_tokens: int) -> None:
+def record_stats(stats: dict | None, t0: float, t_first: float | None, decode_tokens: int) -> None:
     if stats is None:
         return
     t_end = time.perf_counter()
     t_first = t_end if t_first is None else t_first
     stats.update(prefill_s=t_first - t0, decode_s=t_end - t_first, decode_tokens=decode_tokens)
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of each row, best first; ties go to the lower index."""
-    k = min(k, scores.shape[-1])
-    part = np.argpartition(-scores, k - 1, axis=-1)[:, :k]  # (b, k), unordered
-    # sort the k by (score desc, index asc), so equal scores come out in a fixed order
-    key = np.lexsort((part, -np.take_along_axis(scores, part, axis=-1)), axis=-1)
-    return np.take_along_axis(part, key, axis=-1)
-
-
-def draw_without_replacement(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n distinct indices per row, drawn one after another with probabilities softmax(scores)
-    renormalised over what is left (the Gumbel-top-k trick: the n largest of scores + Gumbel
-    noise, in draw order). scores (b, m) -> (b, n); -inf entries come last, in index order."""
-    noisy = scores + rng.gumbel(size=scores.shape)  # -inf stays -inf
-    return _top(noisy, n)
-
-
-def beam_search(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    *,
-    num_beams: int = 4,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    num_return_sequences: int = 1,
-    params: SamplingParams | None = None,
-    rng: np.random.Generator | None = None,
-    eos_id: int | None = EOT,
-    stop: Sequence[str] = (),
-    decode_bytes: Callable[[list[int]], bytes] | None = None,
-    stats: dict | None = None,
-    **sampling,
-) -> list[Completion]:
-    """Beam search with K = num_beams beams per prompt, as transformers (>= 4.50) does it.
-
-    Each step, every beam's log-probs (after the penalties of `params`, steps 1-4 of
-    `ref.sampling`) are added to its score; the 2K best continuations over all beams are
-    kept. Of those, the ones among the best K that end (<|endoftext|>, a stop string, or
-    the max_new_tokens-th token) become finished hypotheses with
-        score = sum of the token log-probs / n ** length_penalty,
-    n = tokens generated, the final <|endoftext|> included; the K best unfinished ones go on.
-    A prompt is done when
-        early_stopping=True:   K hypotheses are finished;
-        early_stopping=False:  K are finished and the best running beam, scored at its
-                               current length, cannot beat the worst of them;
-        early_stopping="never": as False, but scored at max_new_tokens when
-                               length_penalty > 0 (the best it could reach);
-    or after max_new_tokens. Returns num_return_sequences completions per prompt (prompt
-    major), best score first. length_penalty > 0 favours longer sequences (log-probs are
-    negative, and dividing by a larger n raises them).
-
-    Beam sampling (params.temperature > 0, transformers' do_sample=True with num_beams > 1):
-    each beam's log-probs also go through temperature, top-k, top-p and min-p (steps 5-8)
-    before they are added to its score, and the 2K continuations are drawn without
-    replacement with probabilities softmax(score + log-prob) over all K x V of them, in draw
-    order, instead of taken best first (`rng`; the same seed gives the same beams). Scores are
-    those processed log-probs. Where the filters leave fewer than 2K continuations, the draw
-    is topped up with ones of probability 0 (score -inf, or about NEG from the initial
-    copies of a prompt), which are returned only if nothing better finished.
-    """
-    params = _params(params, sampling)
-    check_generate_args(
-        max_new_tokens,
-        params,
-        num_beams,
-        num_return_sequences,
-        length_penalty,
-        early_stopping,
-        stop,
-    )
-    if stop and decode_bytes is None:
-        raise ValueError("stop strings need decode_bytes")
-    K = num_beams
-    sampled = not params.greedy
-    if sampled and rng is None:
-        rng = np.random.default_rng()
-    t0 = time.perf_counter()
-    prompts, cache, logits = _prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
-    P = len(prompts)
-    rows = np.repeat(np.arange(P), K)  # (P*K,): every beam starts as a copy of its prompt
-    cache.select(rows)
-    logits = logits[rows]  # (P*K, V)
-    V = logits.shape[-1]
-    live = list(range(P))  # prompts still searching, in cache order
-    gen = np.zeros((P, K, 0), np.int64)  # (b, K, t) generated tokens of each running beam
-    gen_lp = np.zeros((P, K, 0), np.float64)  # (b, K, t) their model log-probs
-    score = np.full((P, K), NEG)  # (b, K) summed log-probs; only beam 0 is real at first
-    score[:, 0] = 0.0
-    finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(P)]
-    improvable = [True] * P  # the early-stopping heuristic has not ruled out improvement
-    t_first = None
-    decode_tokens = 0
-
-    def text_of(tokens: list[int]) -> str:
-        return decode_bytes(tokens).decode("utf-8", errors="replace")
-
-    for t in range(max_new_tokens):
-        b = len(live)
-        logp_model = log_softmax(logits)  # (bK, V)
-        seqs = []  # prompt + generated per beam, for the penalties that look at history
-        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
-            seqs = [prompts[live[i // K]] + gen[i // K, i % K].tolist() for i in range(b * K)]
-        counts = None
-        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-            counts = np.zeros((b * K, V), np.int32)  # (bK, V)
-            np.add.at(counts, (np.repeat(np.arange(b * K), t), gen.reshape(-1)), 1)
-        logp = penalize(logp_model, params, seqs, counts)  # (bK, V)
-        if sampled:
-            logp = warp(logp, params)  # temperature, top-k, top-p, min-p
-        total = (logp.reshape(b, K, V) + score[:, :, None]).reshape(b, K * V)  # (b, KV)
-        if sampled:
-            cand = draw_without_replacement(total, 2 * K, rng)  # (b, 2K), in draw order
-        else:
-            cand = _top(total, 2 * K)  # (b, 2K) best continuations, best first
-        cand_score = np.take_along_axis(total, cand, axis=-1)  # (b, 2K)
-        src, tok = cand // V, cand % V  # (b, 2K) beam each extends, and its new token
-        ar = np.arange(b)[:, None]  # (b, 1)
-        cand_gen = np.concatenate([gen[ar, src], tok[:, :, None]], axis=-1)  # (b, 2K, t+1)
-        tok_lp = logp_model.reshape(b, K, V)[ar, src, tok]  # (b, 2K)
-        cand_lp = np.concatenate([gen_lp[ar, src], tok_lp[:, :, None]], axis=-1)
-        hits = np.full(tok.shape, t + 1 == max_new_tokens)  # (b, 2K) candidate ends here
-        if eos_id is not None:
-            hits |= tok == eos_id
-        if stop:
-            for i in range(b):
-                for r in range(2 * K):
-                    text = text_of(cand_gen[i, r].tolist())
-                    hits[i, r] |= any(s in text for s in stop)
-        if t_first is None:
-            t_first = time.perf_counter()
-
-        # the K best unfinished continuations go on (finished ones pushed to the bottom)
-        run_score = cand_score + NEG * hits  # (b, 2K)
-        nxt = _top(run_score, K)  # (b, K)
-        score = np.take_along_axis(run_score, nxt, axis=-1)  # (b, K)
-        gen = cand_gen[ar, nxt]  # (b, K, t+1)
-        gen_lp = cand_lp[ar, nxt]  # (b, K, t+1)
-        beam_src = np.take_along_axis(src, nxt, axis=-1)  # (b, K)
-
-        keep = []
-        for i, p in enumerate(live):
-            full = len(finished[p]) == K
-            if improvable[p] and not (full and early_stopping is True):
-                for r in range(K):  # only the best K candidates may finish
-                    if hits[i, r]:
-                        s = float(cand_score[i, r]) / (t + 1) ** length_penalty
-                        finished[p].append((s, cand_gen[i, r].tolist(), cand_lp[i, r].tolist()))
-                finished[p].sort(key=lambda h: -h[0])  # stable: earlier ones win ties
-                del finished[p][K:]
-            if improvable[p] and len(finished[p]) == K:
-                n = max_new_tokens if early_stopping == "never" and length_penalty > 0 else t + 1
-                best_running = float(score[i, 0]) / n**length_penalty
-                improvable[p] = best_running > finished[p][-1][0]
-            done = (
-                not improvable[p]
-                or (early_stopping is True and len(finished[p]) == K)
-                or bool(hits[i].all())
-            )
-            if not done:
-                keep.append(i)
-        if not keep:
-            break
-        sel = (np.array(keep)[:, None] * K + beam_src[keep]).reshape(-1)  # (b'K,) cache rows
-        cache.select(sel)
-        live = [live[i] for i in keep]
-        gen, gen_lp, score = gen[keep], gen_lp[keep], score[keep]
-        step = gen[:, :, -1].reshape(-1, 1)  # (b'K, 1)
-        logits = model.forward(step, cache=cache, last_only=True)[:, -1]  # (b'K, V)
-        decode_tokens += len(step)
-    _record(stats, t0, t_first, decode_tokens)
-
-    out = []
-    for p in range(P):
-        for s, tokens, lps in finished[p][:num_return_sequences]:
-            reason = "length"
-            if eos_id is not None and tokens and tokens[-1] == eos_id:
-                tokens, lps, reason = tokens[:-1], lps[:-1], "eos"
-            c = Completion(tokens, reason, lps, score=s)
-            if decode_bytes is not None:
-                rt = RowText(decode_bytes, stop)
-                for tk in tokens:
-                    rt.push(tk)
-                if rt.flush():
-                    c.finish_reason = "stop"
-                    k = rt.n_tokens()
-                    c.token_ids, c.logprobs = tokens[:k], lps[:k]
-                c.text = rt.final_text()
-            out.append(c)
-    return out

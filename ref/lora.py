@@ -10,7 +10,9 @@ update into the weight: w' = w + scale * A @ B.
 
 In the nested params an adapter sits beside the weight it adapts:
     blocks[i]["attn"]["c_attn"] = {"w": ..., "b": ..., "lora": {"a", "b", "scale", "dropout"}}
-`ref.model._linear` applies it; `ref.backward` returns gradients for "a" and "b" only.
+`lora_linear_forward` / `lora_linear_backward` are the model's linear layer with or without an
+adapter (ref/model.py calls them for every projection); with train="lora" the backward returns
+gradients for the adapter ("lora_a", "lora_b") only and skips the frozen weight's.
 
 Targets are named as in the model's tape: c_attn, c_proj (the attention's output projection),
 c_fc, mlp_c_proj. "attn_c_proj" is accepted for c_proj.
@@ -84,6 +86,50 @@ def lora_backward(ddelta: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray, np
     if keep is not None:
         dx = dx * keep
     return dx, da, db
+
+
+def lora_linear_forward(
+    x: np.ndarray, p: dict, ops, rng: np.random.Generator | None = None, bias: bool = True
+) -> tuple[np.ndarray, tuple]:
+    """out = x @ w (+ b) (+ scale * (drop(x) @ A) @ B where `p` carries an adapter).
+
+    x (..., Cin), p {"w": (Cin, Cout), "b": (Cout,), "lora"?} -> out (..., Cout). `ops` gives
+    linear_forward (the backend's); bias=False leaves b to the caller (the MLP fuses it into
+    its GELU). `rng` drives the adapter's dropout while training.
+    """
+    out, linear_cache = ops.linear_forward(x, p["w"], p["b"] if bias else None)  # (..., Cout)
+    lora_cache = None
+    if "lora" in p:
+        delta, lora_cache = lora_forward(x, p["lora"], rng)  # (..., Cout)
+        out = out + delta
+    return out, (linear_cache, lora_cache)
+
+
+def lora_linear_backward(
+    dout: np.ndarray, cache, p: dict, ops, train: str = "all"
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of `lora_linear_forward`: (dx (..., Cin), the gradients of `p` by leaf name).
+
+    train="all": {"w", "b"} (b only if the forward added it); the adapter, if any, passes its
+    input gradient on but is frozen. train="lora": {"lora_a", "lora_b"} of the adapter; the
+    frozen weight needs only dx = dout w^T, not its own dw and db.
+    """
+    linear_cache, lora_cache = cache
+    grads: dict[str, np.ndarray] = {}
+    if train == "all":
+        dx, dw, db = ops.linear_backward(dout, linear_cache)
+        grads["w"] = dw  # (Cin, Cout)
+        if db is not None:
+            grads["b"] = db  # (Cout,)
+    else:
+        dx = dout @ p["w"].T  # (..., Cin)
+    if lora_cache is not None:
+        ldx, da, db_ = lora_backward(dout, lora_cache)
+        dx = dx + ldx
+        if train == "lora":
+            grads["lora_a"] = da  # (Cin, r)
+            grads["lora_b"] = db_  # (r, Cout)
+    return dx, grads
 
 
 def copy_params(tree):

@@ -76,25 +76,29 @@ def layernorm_backward(dout: np.ndarray, cache):
 
 
 # ---------------------------------------------------------------------------------------------
-# linear (OpenAI's "conv1d" with a (C_in, C_out) weight): out = x @ w + b
+# linear (OpenAI's "conv1d" with a (C_in, C_out) weight): out = x @ w + b, the bias optional
+# (the MLP's first projection leaves its bias to the fused bias + GELU op)
 
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
-    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
+    """x (..., Cin), w (Cin, Cout), b (Cout,) or None -> (..., Cout).
 
     One 2-D matmul: numpy multiplies a (B, T, Cin) stack by w slice by slice, which in a decode
     step (T = 1) reads all of w once per sequence; (B*T, Cin) @ w reads it once.
     """
-    out = x.reshape(-1, x.shape[-1]) @ w + b  # (B*T, Cout)
-    return out.reshape(*x.shape[:-1], w.shape[1]), (x, w)  # (..., Cout)
+    out = x.reshape(-1, x.shape[-1]) @ w  # (B*T, Cout)
+    if b is not None:
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)  # (..., Cout)
 
 
 def linear_backward(dout: np.ndarray, cache):
-    """dx = dout w^T;  dw = x^T dout and db = sum of dout, both over every row (B * T)."""
-    x, w = cache
+    """dx = dout w^T;  dw = x^T dout and db = sum of dout, both over every row (B * T);
+    db is None when the forward had no bias."""
+    x, w, has_bias = cache
     dx = dout @ w.T  # (..., Cin)
     dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])  # (Cin, Cout)
-    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (Cout,)
+    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0) if has_bias else None  # (Cout,)
     return dx, dw, db
 
 

@@ -19,17 +19,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from functools import partial
 
 import numpy as np
 
 from ref import ops as ref_ops
-from ref.backward import loss_and_grads, loss_only
 from ref.config import GPT2Config
 from ref.data import EOT, Split, batch_indices, eval_batches, make_batch
 from ref.generate import generate
 from ref.lora import copy_params, has_dropout
-from ref.model import KVCache, forward
+from ref.model import Model, loss_and_grads, loss_only
 from ref.optim import AdamWConfig, adamw_init, adamw_step, clip_by_global_norm, decay_mask, lr_at
 
 
@@ -121,28 +120,31 @@ def with_flat(params: dict, flat: dict[str, np.ndarray]) -> dict:
 
 
 def validate(
-    params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops
+    batch_loss: Callable[[np.ndarray, np.ndarray], tuple[float, int]],
+    split: Split,
+    tcfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    all_sum: Callable[[list[float]], list[float]] | None = None,
 ) -> tuple[float, float]:
-    """(mean loss over every counted validation target, perplexity)."""
+    """(mean loss over every counted validation target, perplexity), for either trainer.
+
+    batch_loss(ids, targets) -> (mean loss of the batch, targets counted). With `world`
+    processes, rank r takes batches r, r + world, ...; `all_sum` adds their partial sums.
+    """
     total, count = 0.0, 0
-    for idx in eval_batches(split, tcfg.batch_size, tcfg.eval_batches):
+    for j, idx in enumerate(eval_batches(split, tcfg.batch_size, tcfg.eval_batches)):
+        if j % world != rank:
+            continue
         ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
-        loss, n = loss_only(params, ids, tgt, cfg, ops=ops)
+        loss, n = batch_loss(ids, tgt)
         total += loss * n
         count += n
+    if all_sum is not None:
+        total, count = all_sum([total, float(count)])
     loss = total / max(count, 1)
     return loss, math.exp(min(loss, 700.0))
-
-
-def numpy_model(params: dict, cfg: GPT2Config, ops=ref_ops) -> SimpleNamespace:
-    """The model interface of `ref.generate` over nested params (adapters applied unmerged)."""
-    return SimpleNamespace(
-        cfg=cfg,
-        new_cache=lambda batch, capacity=None: KVCache(cfg, batch, capacity),
-        forward=lambda ids, cache=None, mask=None, last_only=False: forward(
-            params, ids, cfg, cache=cache, mask=mask, last_only=last_only, ops=ops
-        ),
-    )
 
 
 def sample_prompts(split: Split, n: int) -> list[list[int]]:
@@ -153,15 +155,14 @@ def sample_prompts(split: Split, n: int) -> list[list[int]]:
     return [list(map(int, w[:16])) for w in split.windows[:n]]
 
 
-def samples(
-    params: dict, split: Split, cfg: GPT2Config, tcfg: TrainConfig, ops=ref_ops
-) -> list[tuple[list[int], list[int]]]:
-    """[(prompt ids, response ids)], greedy, stopping at <|endoftext|>."""
-    room = cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
+def samples(model, split: Split, tcfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
+    """[(prompt ids, response ids)]: greedy responses of `model` (the model interface of
+    ref.generate, over the params being trained) to the first validation prompts, stopping
+    at <|endoftext|>."""
+    room = model.cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
     prompts = [p[-room:] for p in sample_prompts(split, tcfg.n_samples) if p and room > 0]
     if not prompts:
         return []
-    model = numpy_model(params, cfg, ops)
     outs = generate(model, prompts, tcfg.sample_tokens, temperature=0.0, eos_id=EOT)
     return [(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
 
@@ -275,11 +276,11 @@ def train(
         losses.append(loss)
         emit(train_event(step + 1, loss, lr, norm, tokens, time.perf_counter() - t0))
         if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
-            vl, ppl = validate(params, val_split, cfg, tcfg, ops)
+            vl, ppl = validate(partial(loss_only, params, cfg=cfg, ops=ops), val_split, tcfg)
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
         if save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps):
             save(params, state)
     if has_val and tcfg.n_samples > 0:
-        for prompt, response in samples(params, val_split, cfg, tcfg, ops):
+        for prompt, response in samples(Model(cfg, params, ops), val_split, tcfg):
             emit({"event": "sample", "prompt": prompt, "response": response})
     return params, state, losses

@@ -404,7 +404,10 @@ def test_data_and_out_errors(files, capsys, tmp_path):
 
 
 def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):
-    import types
+    """`--backend torch` runs the torch trainer with the run's TrainConfig, through the same
+    gpt2/finetune.py run (and printer) as the numpy backends."""
+    pytest.importorskip("torch")
+    from fast.torch import train as torch_train
 
     argv = [
         "finetune",
@@ -420,15 +423,14 @@ def test_torch_backends_go_to_torch_train(files, capsys, tmp_path, monkeypatch):
         "2",
     ]
     seen = []
-    fake = types.ModuleType("fast.torch.train")
-    fake.finetune = lambda args: seen.append(args) or 0
-    monkeypatch.setitem(sys.modules, "fast.torch.train", fake)
-    import fast
-
-    monkeypatch.setattr(fast, "torch_train", fake, raising=False)
+    monkeypatch.setattr(
+        torch_train, "train", lambda *a, **kw: seen.append((a, kw)) or (None, None, [])
+    )
     assert main(argv) == 0
-    assert seen[0].steps == 2 and seen[0].lr == 1e-4 and seen[0].backend == "torch"
-    assert seen[0].train == "all" and seen[0].data == str(files / "data.txt")
+    (args, kw) = seen[0]
+    tcfg = args[4]
+    assert tcfg.steps == 2 and tcfg.lr == 1e-4 and tcfg.train == "all"
+    assert kw["backend"] == "torch" and kw["state"] is None
 
 
 def test_lora_run_resumes_through_the_cli(files, capsys, tmp_path):

@@ -21,6 +21,7 @@ import gpt2
 from gpt2 import api
 from gpt2.cli import main
 from ref import generate as G
+from ref.beam import beam_search, draw_without_replacement
 from ref.config import GPT2Config
 from ref.prompts import alpaca_prompt
 from ref.sampling import SamplingError, log_softmax
@@ -101,7 +102,7 @@ def test_neutral_filters_give_the_same_samples(prompt, seed):
 @given(prompts_st)
 def test_one_beam_is_greedy(prompt):
     model = tiny_model()
-    beam = G.beam_search(model, [prompt], 10, num_beams=1, eos_id=None)[0]
+    beam = beam_search(model, [prompt], 10, num_beams=1, eos_id=None)[0]
     assert beam.token_ids == greedy_reference(model, prompt, 10, None)
 
 
@@ -134,7 +135,7 @@ def test_logprobs_are_the_models():
 )
 def test_beam_scores_are_recomputed_log_probs(prompt, K, lp, early, eos):
     model = tiny_model()
-    outs = G.beam_search(
+    outs = beam_search(
         model,
         [prompt],
         10,
@@ -168,7 +169,7 @@ def test_draws_without_replacement_follow_the_probabilities():
     rows = 40_000
     with np.errstate(divide="ignore"):
         scores = np.tile(np.log(p), (rows, 1))  # (rows, 5), -inf for the last
-    d = G.draw_without_replacement(scores, 5, np.random.default_rng(7))  # (rows, 5)
+    d = draw_without_replacement(scores, 5, np.random.default_rng(7))  # (rows, 5)
     assert (d[:, 4] == 4).all()  # probability 0: never drawn before the others
     assert all(sorted(r) == list(range(5)) for r in d[:100])  # distinct
     first = np.bincount(d[:, 0], minlength=5)[:4]
@@ -191,8 +192,8 @@ def test_beam_sampling_at_low_temperature_is_beam_search(prompt, K, eos):
     best first, and beam sampling returns beam search's beams, with its scores x 1000."""
     model = tiny_model()
     kw = dict(num_beams=K, num_return_sequences=K, eos_id=eos)
-    want = G.beam_search(model, [prompt], 8, **kw)
-    got = G.beam_search(model, [prompt], 8, temperature=1e-3, rng=np.random.default_rng(0), **kw)
+    want = beam_search(model, [prompt], 8, **kw)
+    got = beam_search(model, [prompt], 8, temperature=1e-3, rng=np.random.default_rng(0), **kw)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     for g, w in zip(got, want, strict=True):
         # log-probs / 1e-3 summed: float64 sums of float32-derived terms, relative 1e-6
@@ -226,8 +227,8 @@ def test_batches_give_what_each_prompt_gives_alone():
     alone = [G.generate(model, [p], 10, eos_id=EOS)[0] for p in prompts]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     kw = dict(num_beams=3, num_return_sequences=2, eos_id=EOS)
-    batch = G.beam_search(model, prompts, 8, **kw)
-    alone = [c for p in prompts for c in G.beam_search(model, [p], 8, **kw)]
+    batch = beam_search(model, prompts, 8, **kw)
+    alone = [c for p in prompts for c in beam_search(model, [p], 8, **kw)]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     # cached float32 logits differ by ~1e-6 between batch shapes; scores agree to 1e-5
     np.testing.assert_allclose([c.score for c in batch], [c.score for c in alone], atol=1e-5)
@@ -280,7 +281,7 @@ def test_beam_search_matches_transformers(kw):
             return_dict_in_generate=True,
             **kw,
         )
-    ours = G.beam_search(
+    ours = beam_search(
         tiny_model(), [prompt], 12, num_beams=4, num_return_sequences=3, eos_id=EOS, **kw
     )
     for row, c in zip(o.sequences.tolist(), ours, strict=True):
@@ -387,7 +388,7 @@ def test_stream_holds_back_a_possible_stop_start():
 
 def test_beam_search_stop_strings():
     model = ScriptModel([encode(" one two. three") + [G.EOT]])
-    outs = G.beam_search(
+    outs = beam_search(
         model,
         [[1]],
         10,

@@ -26,14 +26,13 @@ from tiny_model import TINY, tiny_params
 
 nb = pytest.importorskip("fast.numba.backend", reason="numba is not installed")
 
+from fast import get_backend  # noqa: E402
 from gpt2 import cli  # noqa: E402
-from gpt2.api import Model  # noqa: E402
 from ref import generate as ref_generate  # noqa: E402
 from ref import ops as ref_ops  # noqa: E402
-from ref.backward import loss_and_grads  # noqa: E402
 from ref.config import GPT2Config  # noqa: E402
 from ref.data import Split  # noqa: E402
-from ref.model import KVCache, forward  # noqa: E402
+from ref.model import KVCache, Model, forward, loss_and_grads  # noqa: E402
 from ref.train import TrainConfig, train  # noqa: E402
 from weights import loader  # noqa: E402
 
@@ -135,8 +134,8 @@ def test_greedy_tokens_identical():
     cfg = ODD
     params = tiny_params(cfg, seed=3)
     prompt = [5, 17, 99, 3, 150]
-    want = greedy(Model(cfg, params, "ref"), prompt, 20)
-    assert greedy(Model(cfg, params, "numba"), prompt, 20) == want
+    want = greedy(Model(cfg, params, get_backend("ref")), prompt, 20)
+    assert greedy(Model(cfg, params, get_backend("numba")), prompt, 20) == want
 
 
 @pytest.mark.skipif(not os.path.isdir(HF_TINY), reason="fixture tests/fixtures/hf-tiny absent")
@@ -147,8 +146,8 @@ def test_hf_tiny_fixture_logits_and_greedy_tokens():
         forward(params, ids, cfg, ops=nb), forward(params, ids, cfg), LOGITS_RTOL, "hf-tiny"
     )
     prompt = ids[0].tolist()
-    want = greedy(Model(cfg, params, "ref"), prompt, 16)
-    assert greedy(Model(cfg, params, "numba"), prompt, 16) == want
+    want = greedy(Model(cfg, params, get_backend("ref")), prompt, 16)
+    assert greedy(Model(cfg, params, get_backend("numba")), prompt, 16) == want
 
 
 def batch(cfg: GPT2Config, B: int, T: int, seed: int):

@@ -218,8 +218,8 @@ def test_cache_select_and_context_limit():
 
 
 def test_gradients_match_reference_backward():
-    """Autograd through the torch GPT-2 gives ref/backward.py's gradients."""
-    from ref.backward import loss_and_grads
+    """Autograd through the torch GPT-2 gives ref/model.py's gradients (model_backward)."""
+    from ref.model import loss_and_grads
 
     params = tiny_params(seed=3)
     rng = np.random.default_rng(3)

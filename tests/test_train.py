@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tiny_model import TINY, tiny_params, torch_loss
 
-from ref.backward import loss_and_grads, loss_only
 from ref.config import GPT2Config
 from ref.data import (
     EOT,
@@ -33,7 +32,7 @@ from ref.lora import (
     parse_targets,
     set_adapter_tensors,
 )
-from ref.model import forward
+from ref.model import forward, loss_and_grads, loss_only
 from ref.optim import (
     AdamWConfig,
     adamw_init,

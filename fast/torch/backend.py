@@ -74,16 +74,17 @@ def layernorm_backward(dout: torch.Tensor, cache):
 # linear: out = x @ w + b, w (Cin, Cout) as in OpenAI's checkpoint
 
 
-def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
-    """x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout)."""
-    return x @ w + b, (x, w)
+def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+    """x (..., Cin), w (Cin, Cout), b (Cout,) or None -> (..., Cout)."""
+    out = x @ w if b is None else x @ w + b
+    return out, (x, w, b is not None)
 
 
 def linear_backward(dout: torch.Tensor, cache):
-    x, w = cache
+    x, w, has_bias = cache
     dx = dout @ w.T  # (..., Cin)
     dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])  # (Cin, Cout)
-    db = dout.reshape(-1, dout.shape[-1]).sum(dim=0)  # (Cout,)
+    db = dout.reshape(-1, dout.shape[-1]).sum(dim=0) if has_bias else None  # (Cout,)
     return dx, dw, db
 
 

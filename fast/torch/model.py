@@ -9,10 +9,12 @@ it from the numpy one, which every loader returns). The backend gives the differ
 `layernorm`, `bias_gelu`, `attention` and `crossentropy`; the embedding and the linear layers
 are torch ops in both backends (a gather and a cuBLAS matmul). Autograd differentiates
 through either backend, so `gpt2_loss(...).backward()` trains the model (fast/torch/train.py).
+The cache's bookkeeping, the tokens' positions and the padding masks are the reference's
+(`ref.model.KVCache`, `plan_step`): small host arrays, copied to the device per call.
 
-`TorchModel` is the model interface of `ref.generate` (cfg, new_cache, forward -> numpy
-float32 logits), so `gpt2 generate/eval --backend torch|triton` run on it. Device: CUDA when
-available, else CPU; the triton backend on CPU only under TRITON_INTERPRET=1 (tests).
+`TorchModel` is the model interface of `ref.model.Model` (cfg, new_cache, forward -> numpy
+float32 logits), so generation, evaluation and the trainers' samples run on it. Device: CUDA
+when available, else CPU; the triton backend on CPU only under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fast import get_backend
+from fast import TORCH_BACKENDS, get_backend
 from ref.config import GPT2Config
-from ref.model import ContextLengthError, check_ids
+from ref.model import KVCache, check_ids, commit_step, plan_step
 
 
 def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
@@ -34,6 +36,8 @@ def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
         return [to_torch(v, device, dtype) for v in params]
     if isinstance(params, (int, float)):
         return params
+    if isinstance(params, torch.Tensor):  # shares storage where device and dtype match
+        return params.detach().to(device, dtype)
     return torch.tensor(np.asarray(params), dtype=dtype, device=device)
 
 
@@ -41,61 +45,42 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TorchKVCache:
-    """Keys and values of every layer for the tokens seen so far, as tensors.
-
-    k, v: (L, B, NH, capacity, hs); mask: (B, capacity) bool, False on padding;
-    n_real: (B,) int64 real tokens per row; length: slots filled (P, the same for every row).
-    """
+class TorchKVCache(KVCache):
+    """`ref.model.KVCache` with k and v (L, B, NH, capacity, hs) as tensors on `device`."""
 
     def __init__(self, cfg: GPT2Config, batch: int, capacity: int | None, device, dtype):
-        capacity = cfg.n_ctx if capacity is None else capacity
-        if not 1 <= capacity <= cfg.n_ctx:
-            raise ContextLengthError(f"KV cache capacity {capacity} must be in [1, {cfg.n_ctx}]")
-        shape = (cfg.n_layer, batch, cfg.n_head, capacity, cfg.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.n_real = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.length = 0
+        self.device, self.dtype = torch.device(device), dtype
+        super().__init__(cfg, batch, capacity)
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
+    def _zeros(self, shape: tuple) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def select(self, rows) -> None:
-        """Keep (and reorder, or repeat) the rows `rows`: beam search and finished rows."""
-        idx = torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=self.k.device)
-        self.k = self.k[:, idx].contiguous()
-        self.v = self.v[:, idx].contiguous()
-        self.mask = self.mask[idx].contiguous()
-        self.n_real = self.n_real[idx].contiguous()
+    def _take(self, kv: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=kv.device)
+        return kv[:, idx].contiguous()  # (L, len(rows), NH, capacity, hs)
 
 
-def positions(mask: torch.Tensor, n_before: torch.Tensor) -> torch.Tensor:
-    """Position of each new token: real tokens before it in its row (padding gets 0)."""
-    pos = n_before[:, None] + torch.cumsum(mask.to(torch.int64), dim=1) - 1  # (B, T)
-    return pos.clamp(min=0)
-
-
-def linear(x: torch.Tensor, p: dict, bias: bool = True) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, p: dict, bias: bool = True, gen: torch.Generator | None = None
+) -> torch.Tensor:
     """x @ w (+ b), plus scale * (drop(x) @ A) @ B where `p` carries a LoRA adapter
-    (ref/lora.py); dropout only while gradients are recorded (training)."""
+    (ref/lora.py); dropout (inverted) only when a generator `gen` is given (training)."""
     y = x @ p["w"]
     lora = p.get("lora")
     if lora is not None:
-        xd = x
-        if lora["dropout"] > 0 and torch.is_grad_enabled():
-            xd = torch.nn.functional.dropout(x, lora["dropout"])
+        xd, rate = x, lora["dropout"]
+        if rate > 0 and gen is not None:
+            keep = torch.rand(x.shape, generator=gen, device=x.device) >= rate  # (..., Cin)
+            xd = x * keep.to(x.dtype) * (1.0 / (1.0 - rate))
         y = y + lora["scale"] * ((xd @ lora["a"]) @ lora["b"])  # (..., r) then (..., Cout)
     return y + p["b"] if bias else y
 
 
-def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask):
+def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, gen=None):
     """Causal self-attention over the new tokens and the cached ones; x (B, T, C)."""
     B, T, C = x.shape
     hs = C // n_head
-    qkv = linear(x, c_attn)  # (B, T, 3C)
+    qkv = linear(x, c_attn, gen=gen)  # (B, T, 3C)
     qkv = qkv.view(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs), views of qkv
     if kv is not None:
@@ -105,21 +90,23 @@ def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask):
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
     y = ops.attention(q, k, v, key_mask)  # (B, NH, T, hs)
     y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-    return linear(y, c_proj)  # (B, T, C)
+    return linear(y, c_proj, gen=gen)  # (B, T, C)
 
 
-def mlp_block(x, c_fc, c_proj, *, ops):
+def mlp_block(x, c_fc, c_proj, *, ops, gen=None):
     """x (B, T, C) -> (B, T, C); the c_fc bias is fused into the GELU."""
-    h = ops.bias_gelu(linear(x, c_fc, bias=False), c_fc["b"])  # (B, T, 4C)
-    return linear(h, c_proj)  # (B, T, C)
+    h = ops.bias_gelu(linear(x, c_fc, bias=False, gen=gen), c_fc["b"])  # (B, T, 4C)
+    return linear(h, c_proj, gen=gen)  # (B, T, C)
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask):
+def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, gen=None):
     """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
     h = ops.layernorm(x, ln_1["g"], ln_1["b"], eps)  # (B, T, C)
-    x = x + attention_block(h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask)
+    x = x + attention_block(
+        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, gen=gen
+    )  # (B, T, C)
     h = ops.layernorm(x, ln_2["g"], ln_2["b"], eps)  # (B, T, C)
-    return x + mlp_block(h, **mlp, ops=ops)  # (B, T, C)
+    return x + mlp_block(h, **mlp, ops=ops, gen=gen)  # (B, T, C)
 
 
 def gpt2_forward(
@@ -129,41 +116,30 @@ def gpt2_forward(
     ops,
     *,
     cache: TorchKVCache | None = None,
-    mask: torch.Tensor | None = None,
+    mask: np.ndarray | None = None,
     last_only: bool = False,
+    gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) for ids (B, T) int64, continuing from `cache` (updated in place).
 
-    mask (B, T) bool: False on left padding. last_only: logits of the last position only.
+    mask (B, T) bool (numpy): False on left padding. last_only: logits of the last position
+    only. gen: drives LoRA dropout while training (None: no dropout).
     """
     B, T = ids.shape
-    if mask is None:
-        mask = torch.ones(B, T, dtype=torch.bool, device=ids.device)
-    P = 0 if cache is None else cache.length
-    n_before = (
-        torch.zeros(B, dtype=torch.int64, device=ids.device) if cache is None else (cache.n_real)
-    )
-    pos = positions(mask, n_before)  # (B, T)
-    limit = cfg.n_ctx if cache is None else cache.capacity
-    if P + T > limit or (T and int(pos.max()) >= cfg.n_ctx):
-        raise ContextLengthError(f"{P + T} tokens exceed the model's context of {limit} positions")
-    if cache is not None:
-        cache.mask[:, P : P + T] = mask
-        cache.n_real = cache.n_real + mask.sum(dim=1)
-        key_mask = cache.mask[:, : P + T]  # (B, P+T)
-    else:
-        key_mask = mask  # (B, T)
-    if bool(key_mask.all()):
-        key_mask = None  # nothing to hide: the attention op takes its causal-only path
+    step = plan_step(cfg, B, T, mask, cache)  # positions and masks, on the host
+    pos = torch.as_tensor(step.pos, device=ids.device)  # (B, T)
+    key_mask = None
+    if step.key_mask is not None:
+        key_mask = torch.as_tensor(step.key_mask, device=ids.device)  # (B, P+T)
 
     x = params["wte"][ids] + params["wpe"][pos]  # (B, T, C)
     for layer, block in enumerate(params["blocks"]):
-        kv = None if cache is None else (cache.k[layer], cache.v[layer], P)
+        kv = None if cache is None else (cache.k[layer], cache.v[layer], step.P)
         x = transformer_block(
-            x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv, key_mask=key_mask
-        )  # (B, T, C)
-    if cache is not None:
-        cache.length = P + T
+            x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv, key_mask=key_mask,
+            gen=gen,
+        )  # fmt: skip
+    commit_step(cache, step)
     if last_only:
         x = x[:, -1:]  # (B, 1, C)
     x = ops.layernorm(x, params["ln_f"]["g"], params["ln_f"]["b"], cfg.eps)  # (B, T, C)
@@ -172,10 +148,10 @@ def gpt2_forward(
 
 def gpt2_loss(
     params: dict, ids: torch.Tensor, targets: torch.Tensor, cfg: GPT2Config, ops,
-    ignore_index: int = -100,
+    ignore_index: int = -100, gen: torch.Generator | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Mean cross-entropy over the targets (B, T) that are not ignore_index; () float32."""
-    logits = gpt2_forward(params, ids, cfg, ops)  # (B, T, V)
+    logits = gpt2_forward(params, ids, cfg, ops, gen=gen)  # (B, T, V)
     V = logits.shape[-1]
     # the logits are a temporary here: the loss may write its gradient over them
     return ops.crossentropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index, inplace=True)
@@ -183,7 +159,8 @@ def gpt2_loss(
 
 class TorchModel:
     """GPT-2 on a torch backend ("torch" or "triton") with the model interface of
-    `ref.generate`: numpy in, numpy float32 logits out."""
+    `ref.model.Model`: numpy in, numpy float32 logits out. `params` are numpy arrays or
+    tensors (a trainer's, whose storage is shared, not copied, where device and dtype match)."""
 
     def __init__(
         self,
@@ -193,8 +170,10 @@ class TorchModel:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"TorchModel: backend must be 'torch' or 'triton', got {backend!r}")
+        if backend not in TORCH_BACKENDS:
+            raise ValueError(
+                f"TorchModel: backend must be one of {TORCH_BACKENDS}, got {backend!r}"
+            )
         self.cfg = cfg
         self.backend = backend
         self.ops = get_backend(backend)
@@ -218,12 +197,9 @@ class TorchModel:
         ids = np.asarray(ids, dtype=np.int64)
         check_ids(ids, self.cfg.n_vocab)  # on CUDA a bad id would be a device-side assert
         ids_t = torch.as_tensor(ids, device=self.device)
-        mask_t = (
-            None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=self.device)
-        )
         with torch.no_grad():
             logits = gpt2_forward(
-                self.params, ids_t, self.cfg, self.ops, cache=cache, mask=mask_t,
+                self.params, ids_t, self.cfg, self.ops, cache=cache, mask=mask,
                 last_only=last_only,
             )  # fmt: skip
         return logits.to("cpu", torch.float32).numpy()

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from fast import get_backend
-from fast.torch.model import default_device, gpt2_loss, to_torch
+from fast.torch.model import TorchModel, default_device, gpt2_loss, to_torch
 from ref.config import GPT2Config
-from ref.data import IGNORE, Split, batch_indices, eval_batches, make_batch
+from ref.data import IGNORE, Split, batch_indices, make_batch
 from ref.lora import has_dropout
 from ref.optim import decay_mask, lr_at
 from ref.train import (
@@ -43,7 +43,9 @@ from ref.train import (
     get_flat,
     is_due,
     param_names,
+    samples,
     train_event,
+    validate,
     with_flat,
 )
 
@@ -61,9 +63,16 @@ class GPT2Module(torch.nn.Module):
         # nested, the trainable leaves replaced by the Parameters above; the rest stay frozen
         self.params = with_flat(tree, dict(zip(names, self.flat, strict=True)))
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-        """scale * (mean loss of this rank's rows); ids, targets (b, T)."""
-        return gpt2_loss(self.params, ids, targets, self.cfg, self.ops, IGNORE) * scale
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        scale: float,
+        gen: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """scale * (mean loss of this rank's rows); ids, targets (b, T); `gen` drives LoRA
+        dropout (None: none)."""
+        return gpt2_loss(self.params, ids, targets, self.cfg, self.ops, IGNORE, gen) * scale
 
 
 def distributed() -> tuple[int, int]:
@@ -74,6 +83,12 @@ def distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (the end of a torchrun job)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device() -> torch.device:
@@ -104,24 +119,16 @@ def _rows(n: int, rank: int, world: int) -> np.ndarray:
     return np.array_split(np.arange(n), world)[rank]
 
 
-def validate(
-    module: GPT2Module, split: Split, tcfg: TrainConfig, rank: int, world: int, device
-) -> tuple[float, float]:
-    """(mean loss over every counted validation target, perplexity); ranks share the batches."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for j, idx in enumerate(eval_batches(split, tcfg.batch_size, tcfg.eval_batches)):
-            if j % world != rank:
-                continue
-            ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
-            n = int((tgt != IGNORE).sum())
-            ids_t = torch.as_tensor(ids, device=device)
-            tgt_t = torch.as_tensor(tgt, device=device)
-            total += float(module(ids_t, tgt_t, 1.0)) * n
-            count += n
-    total, count = _all_sum([total, float(count)], world, device)
-    loss = total / max(count, 1.0)
-    return loss, math.exp(min(loss, 700.0))
+def _batch_loss(module: GPT2Module, device):
+    """`ref.train.validate`'s batch_loss on the torch model: (mean loss, targets counted)."""
+
+    def batch_loss(ids: np.ndarray, tgt: np.ndarray) -> tuple[float, int]:
+        ids_t = torch.as_tensor(ids, device=device)
+        tgt_t = torch.as_tensor(tgt, device=device)
+        with torch.no_grad():
+            return float(module(ids_t, tgt_t, 1.0)), int((tgt != IGNORE).sum())
+
+    return batch_loss
 
 
 def export_state(module: GPT2Module, opt: torch.optim.Optimizer, step: int) -> TrainState:
@@ -222,8 +229,9 @@ def train(
             k = step * tcfg.grad_accum + micro
             idx = batch_indices(len(train_split), tcfg.batch_size, k, tcfg.seed)
             ids, tgt = make_batch(train_split, idx, tcfg.mask_prompt)  # (B, T) each
+            gen = None
             if dropout:  # the adapters' dropout masks follow (seed, micro-step): resumable
-                torch.manual_seed(tcfg.seed * 1_000_003 + k)
+                gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + k)
             count = max(int((tgt != IGNORE).sum()), 1)
             rows = _rows(len(ids), rank, world)
             local_count = int((tgt[rows] != IGNORE).sum())
@@ -235,10 +243,10 @@ def train(
             last = micro == tcfg.grad_accum - 1
             if world > 1 and not last:
                 with model.no_sync():  # all-reduce once, after the last micro-batch
-                    loss = model(ids_t, tgt_t, scale)
+                    loss = model(ids_t, tgt_t, scale, gen)
                     loss.backward()
             else:
-                loss = model(ids_t, tgt_t, scale)
+                loss = model(ids_t, tgt_t, scale, gen)
                 loss.backward()
             loss_sum += float(loss.detach()) / world  # this rank's share of the micro-batch mean
             tokens += ids.size
@@ -254,128 +262,22 @@ def train(
         losses.append(loss)
         emit(train_event(step + 1, loss, lr, norm, tokens, time.perf_counter() - t0))
         if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
-            vl, ppl = validate(module, val_split, tcfg, rank, world, device)
+            vl, ppl = validate(
+                _batch_loss(module, device), val_split, tcfg, rank=rank, world=world,
+                all_sum=lambda v: _all_sum(v, world, device),
+            )  # fmt: skip
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
         if save is not None and rank == 0 and is_due(step + 1, tcfg.save_every, tcfg.steps):
             st = export_state(module, opt, step + 1)
             save(_numpy_params(module, params), st)
     if rank == 0 and has_val and tcfg.n_samples > 0:
-        for prompt, response in samples(module, val_split, tcfg, device):
+        model_i = TorchModel(cfg, module.params, backend, device)
+        for prompt, response in samples(model_i, val_split, tcfg):
             emit({"event": "sample", "prompt": prompt, "response": response})
     return _numpy_params(module, params), export_state(module, opt, tcfg.steps), losses
-
-
-def samples(module: GPT2Module, split: Split, tcfg: TrainConfig, device):
-    """[(prompt ids, response ids)]: greedy responses to the first validation prompts, as
-    `ref.train.samples` gives them, from the model being trained."""
-    from types import SimpleNamespace
-
-    from fast.torch.model import TorchKVCache, gpt2_forward
-    from ref.data import EOT
-    from ref.generate import generate
-    from ref.train import sample_prompts
-
-    cfg = module.cfg
-    room = cfg.n_ctx - tcfg.sample_tokens  # prompt tokens that fit beside the response
-    prompts = [p[-room:] for p in sample_prompts(split, tcfg.n_samples) if p and room > 0]
-    if not prompts:
-        return []
-
-    def forward(ids, cache=None, mask=None, last_only=False):
-        ids_t = torch.as_tensor(np.asarray(ids, np.int64), device=device)
-        mask_t = None if mask is None else torch.as_tensor(np.asarray(mask), device=device)
-        with torch.no_grad():
-            logits = gpt2_forward(
-                module.params, ids_t, cfg, module.ops, cache=cache, mask=mask_t,
-                last_only=last_only,
-            )  # fmt: skip
-        return logits.float().cpu().numpy()
-
-    model = SimpleNamespace(
-        cfg=cfg,
-        new_cache=lambda batch, capacity=None: TorchKVCache(
-            cfg, batch, capacity, device, torch.float32
-        ),
-        forward=forward,
-    )
-    outs = generate(model, prompts, tcfg.sample_tokens, temperature=0.0, eos_id=EOT)
-    return [(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
 
 
 def _numpy_params(module: GPT2Module, like: dict) -> dict:
     """`like` (numpy, adapters included) with the trained tensors' current values."""
     trained = zip(module.names, module.flat, strict=True)
     return with_flat(like, {n: p.detach().cpu().numpy().copy() for n, p in trained})
-
-
-# ---------------------------------------------------------------------------------------------
-# the command line: `gpt2 finetune --backend torch|triton` (and under torchrun)
-
-
-def finetune(args) -> int:
-    """`gpt2 finetune` on a torch backend; gpt2/cmd_finetune.py calls it with the run's
-    settings set on `args` (its DEFAULTS keys, plus out, resume, json, backend, cache_dir).
-
-    The model, data, step count, TrainConfig and checkpoint state are cmd_finetune's own
-    (`build`, `load_data`, `total_steps`, `train_config`, `checkpoint_state`), saved by
-    weights/checkpoint.py, so a run saved by one backend resumes on another. Under torchrun
-    every rank runs this; rank 0 alone prints and saves.
-    """
-    import json
-
-    from gpt2 import cmd_finetune as cf
-    from weights import checkpoint
-    from weights.tokenizer import decode
-
-    s = {k: getattr(args, k, v) for k, v in cf.DEFAULTS.items()}
-    resume = getattr(args, "resume", None)
-    saved = checkpoint.read_state(resume) if resume else None
-    rank, world = distributed()
-    cfg, params, state = cf.build(s, saved, resume, getattr(args, "cache_dir", None))
-    train_split, val_split = cf.load_data(s, cfg.n_ctx)
-    steps = cf.total_steps(s, len(train_split))
-    if state is not None and state.step >= steps:
-        raise ValueError(
-            f"--resume {resume}: the run is already at step {state.step} of {steps}; "
-            "pass a larger --steps to continue"
-        )
-    tcfg = cf.train_config(s, steps)
-    out_dir = resume or args.out
-    as_json = bool(getattr(args, "json", False))
-    last: dict = {}
-
-    def on_event(e: dict) -> None:
-        if e["event"] == "train":
-            last.update(e)
-        if e["event"] == "sample":
-            e = {**e, "prompt": decode(e["prompt"]), "response": decode(e["response"])}
-        if as_json:
-            print(json.dumps(e), flush=True)
-        elif e["event"] == "train":
-            print(
-                f"step {e['step']}/{steps}: loss {e['loss']:.4f} lr {e['lr']:.2e} "
-                f"{e['tokens_per_s']:.0f} tok/s ({world} process{'es' if world > 1 else ''})",
-                flush=True,
-            )
-        elif e["event"] == "val":
-            print(
-                f"step {e['step']}: val loss {e['val_loss']:.4f} "
-                f"perplexity {e['val_perplexity']:.2f}",
-                flush=True,
-            )
-        else:
-            print(f"--- {e['prompt']!r}\n{e['response']}", flush=True)
-
-    save = cf.saver(
-        s, cfg, steps, len(train_split), out_dir, last, as_json,
-        backend=args.backend, world_size=world,
-    )  # fmt: skip
-    try:
-        train(
-            params, cfg, train_split, val_split, tcfg, backend=args.backend, state=state,
-            on_event=on_event, save=save,
-        )  # fmt: skip
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

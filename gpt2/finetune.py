@@ -1,0 +1,421 @@
+"""A finetuning run of `gpt2 finetune`: its settings (flags over defaults, or a checkpoint's
+on --resume), the model and data they name, and one function, `run`, that trains on any
+backend and saves checkpoints.
+
+The numpy trainer (`ref.train.train`, --backend ref|numba) and the torch one
+(`fast.torch.train.train`, --backend torch|triton, data-parallel under torchrun) take the same
+TrainConfig, the same data splits and the same `save(params, state)`, and emit the same
+events; `run` passes every event, and the checkpoint events of its saver, to one `on_event`.
+A checkpoint saved by one backend resumes on another (weights/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+
+from gpt2.cli import UsageError
+from weights.tokenizer import DATA_DIR
+
+# Settings of a run: the flag defaults, and what a checkpoint stores for --resume.
+DEFAULTS = {
+    "model": "124M",
+    "data": None,
+    "steps": None,
+    "epochs": None,
+    "batch_size": 4,
+    "grad_accum": 1,
+    "lr": 1e-4,
+    "warmup": 0,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.0,
+    "decay": "matrices",
+    "grad_clip": 1.0,
+    "lora_rank": 0,
+    "lora_alpha": None,
+    "lora_dropout": 0.0,
+    "lora_targets": "c_attn,c_proj",
+    "eval_every": 0,
+    "eval_batches": None,
+    "save_every": 0,
+    "seed": 0,
+    "context_length": None,
+    "val_fraction": 0.1,
+    "mask_prompt": False,
+    "samples": 3,
+}
+# The example data set shipped with the package: the book's instruction records.
+DEFAULT_DATA = os.path.join(DATA_DIR, "instruction-data.json")
+# The type of each setting, to check those a checkpoint brings back (a hand-edited or corrupt
+# file must give a clear error, not a TypeError deep in training). None is allowed where the
+# default is None.
+_NUM = (int, float)
+TYPES = {
+    **{k: (int,) for k in ("steps", "batch_size", "grad_accum", "warmup", "lora_rank")},
+    **{k: (int,) for k in ("eval_every", "eval_batches", "save_every", "seed", "samples")},
+    **{k: _NUM for k in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip")},
+    **{k: _NUM for k in ("lora_alpha", "lora_dropout", "val_fraction")},
+    **{k: (str,) for k in ("model", "data", "decay", "lora_targets")},
+    "context_length": (int,),
+    "mask_prompt": (bool,),
+}
+# May differ on --resume: they change neither the batches nor the arithmetic of a step.
+RESUME_FREE = {"steps", "epochs", "eval_every", "save_every", "eval_batches", "samples"}
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UsageError(msg)
+
+
+def validate(s: dict) -> None:
+    """Check every setting; messages name the flag. Needs no model."""
+    from ref.lora import parse_targets
+
+    _check(s["data"] is not None, "--data is required (a .txt or .json file)")
+    _check(os.path.isfile(s["data"]), f"--data {s['data']}: file not found")
+    _check(
+        s["data"].endswith((".txt", ".json")),
+        f"--data {s['data']}: expected a .txt (plain text) or .json (instructions) file",
+    )
+    _check(s["steps"] is None or s["epochs"] is None, "give --steps or --epochs, not both")
+    _check(s["steps"] is None or s["steps"] >= 1, f"--steps must be >= 1, got {s['steps']}")
+    _check(
+        s["epochs"] is None or (math.isfinite(s["epochs"]) and s["epochs"] > 0),
+        f"--epochs must be > 0, got {s['epochs']}",
+    )
+    for flag, key, lo in (
+        ("--batch-size", "batch_size", 1),
+        ("--grad-accum", "grad_accum", 1),
+        ("--warmup", "warmup", 0),
+        ("--lora-rank", "lora_rank", 0),
+        ("--eval-every", "eval_every", 0),
+        ("--save-every", "save_every", 0),
+        ("--seed", "seed", 0),
+        ("--samples", "samples", 0),
+    ):
+        _check(s[key] >= lo, f"{flag} must be >= {lo}, got {s[key]}")
+    _check(
+        s["eval_batches"] is None or s["eval_batches"] >= 1,
+        f"--eval-batches must be >= 1, got {s['eval_batches']}",
+    )
+    _check(math.isfinite(s["lr"]) and 0 < s["lr"] < 1, f"--lr must be in (0, 1), got {s['lr']}")
+    _check(
+        0 <= s["min_lr_ratio"] <= 1, f"--min-lr-ratio must be in [0, 1], got {s['min_lr_ratio']}"
+    )
+    _check(
+        math.isfinite(s["weight_decay"]) and s["weight_decay"] >= 0,
+        f"--weight-decay must be >= 0, got {s['weight_decay']}",
+    )
+    _check(
+        math.isfinite(s["grad_clip"]) and s["grad_clip"] >= 0,
+        f"--grad-clip must be >= 0 (0 disables clipping), got {s['grad_clip']}",
+    )
+    _check(
+        s["context_length"] is None or s["context_length"] >= 2,
+        f"--context-length must be >= 2, got {s['context_length']}",
+    )
+    _check(0 <= s["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {s['val_fraction']}")
+    if s["lora_rank"] == 0:
+        for flag, key in (
+            ("--lora-alpha", "lora_alpha"),
+            ("--lora-dropout", "lora_dropout"),
+            ("--lora-targets", "lora_targets"),
+        ):
+            _check(s[key] == DEFAULTS[key], f"{flag} needs --lora-rank >= 1")
+        return
+    _check(
+        s["lora_alpha"] is None or (math.isfinite(s["lora_alpha"]) and s["lora_alpha"] > 0),
+        f"--lora-alpha must be > 0, got {s['lora_alpha']}",
+    )
+    _check(0 <= s["lora_dropout"] < 1, f"--lora-dropout must be in [0, 1), got {s['lora_dropout']}")
+    try:
+        parse_targets(s["lora_targets"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """The run's settings (flags over defaults, or the checkpoint's on --resume) and the
+    checkpoint's state when resuming."""
+    given = _explicit(args)
+    if args.resume is None:
+        _check(args.out is not None, "--out DIR is required (or --resume DIR)")
+        _check(
+            not os.path.exists(args.out) or os.path.isdir(args.out),
+            f"--out {args.out}: exists and is not a directory",
+        )
+        s = {**DEFAULTS, **given}
+        if s["model"] is not None and os.path.exists(s["model"]):
+            _check(
+                os.path.realpath(s["model"]) != os.path.realpath(args.out),
+                f"--out {args.out} is the --model directory; write the finetuned model elsewhere",
+            )
+            s["model"] = os.path.abspath(s["model"])
+        s["data"] = os.path.abspath(s["data"] or DEFAULT_DATA)
+        return s, None
+    from weights import checkpoint
+
+    _check(os.path.isdir(args.resume), f"--resume {args.resume}: no such directory")
+    _check(
+        args.out is None or os.path.realpath(args.out) == os.path.realpath(args.resume),
+        "--out must be left out with --resume (the run continues in the --resume directory)",
+    )
+    state = checkpoint.read_state(args.resume)
+    saved = state.get("settings")
+    _check(isinstance(saved, dict), f"--resume {args.resume}: the checkpoint has no settings")
+    for k, v in saved.items():
+        ok = k in TYPES and (
+            (v is None and DEFAULTS[k] is None)
+            or (isinstance(v, TYPES[k]) and (bool in TYPES[k] or not isinstance(v, bool)))
+        )
+        _check(ok, f"--resume {args.resume}: the checkpoint's setting {k}={v!r} is invalid")
+    s = {**DEFAULTS, **saved}
+    for k, v in given.items():
+        if k in RESUME_FREE:
+            s[k] = v
+            if k == "steps":
+                s["epochs"] = None
+            if k == "epochs":
+                s["steps"] = None
+        elif v != s[k]:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(
+                f"{flag} {v} differs from the resumed run's {s[k]}; a resumed run "
+                "keeps its settings (only --steps/--epochs, --eval-every, "
+                "--save-every, --eval-batches, --samples may change)"
+            )
+    return s, state
+
+
+def load_data(s: dict, n_ctx: int) -> tuple:
+    """(train split, validation split) for the settings' data file."""
+    from ref.data import DataError, instruction_splits, read_instructions, text_splits
+    from weights.tokenizer import encode
+
+    T = s["context_length"] or n_ctx
+    _check(T <= n_ctx, f"--context-length must be in [2, {n_ctx}] for this model, got {T}")
+    try:
+        if s["data"].endswith(".json"):
+            return instruction_splits(read_instructions(s["data"]), encode, T, s["val_fraction"])
+        from gpt2.cmd_eval import read_text
+
+        ids = encode(read_text(s["data"]), allow_eot=True)
+        return text_splits(ids, T, s["val_fraction"])
+    except DataError as e:
+        raise UsageError(f"--data {e}") from None
+
+
+def total_steps(s: dict, n_train: int) -> int:
+    from ref.data import batches_per_epoch
+
+    if s["steps"] is not None:
+        return s["steps"]
+    per_epoch = math.ceil(batches_per_epoch(n_train, s["batch_size"]) / s["grad_accum"])
+    return max(1, math.ceil((s["epochs"] or 1.0) * per_epoch))
+
+
+def lora_alpha(s: dict) -> float:
+    """--lora-alpha, or the rank when it is not given (scale alpha / rank = 1)."""
+    return float(s["lora_rank"]) if s["lora_alpha"] is None else s["lora_alpha"]
+
+
+def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | None) -> tuple:
+    """(cfg, params, TrainState or None): the model to train, from scratch or a checkpoint."""
+    import numpy as np
+
+    from ref.lora import add_lora, parse_targets, set_adapter_tensors
+    from ref.train import TrainState, get_flat, param_names
+    from weights import checkpoint, loader
+
+    lora = s["lora_rank"] > 0
+    source = resume_dir if (state is not None and not lora) else s["model"]
+    cfg, params = loader.load(source, cache_dir=cache_dir)
+    if lora:
+        params = add_lora(
+            params,
+            parse_targets(s["lora_targets"]),
+            s["lora_rank"],
+            lora_alpha(s),
+            s["lora_dropout"],
+            np.random.default_rng([s["seed"], 2]),
+        )
+    if state is None:
+        return cfg, params, None
+    moments, adapters = checkpoint.read_optimizer(resume_dir, state)
+    if lora:
+        try:
+            set_adapter_tensors(params, adapters)
+        except ValueError as e:
+            raise UsageError(f"--resume {resume_dir}: {e}") from None
+    names = param_names(params, "lora" if lora else "all")
+    if set(names) != set(moments["m"]):
+        raise UsageError(f"--resume {resume_dir}: optimizer state does not match the model")
+    trainable = {n: np.array(a, np.float32) for n, a in get_flat(params, names).items()}
+    for n, a in trainable.items():
+        for kind in ("m", "v"):  # a moment of another shape would broadcast without a word
+            if moments[kind][n].shape != a.shape:
+                raise UsageError(
+                    f"--resume {resume_dir}: optimizer state {kind}/{n} has shape "
+                    f"{moments[kind][n].shape}, the model's tensor {a.shape}"
+                )
+    opt = {"step": state["step"], "m": moments["m"], "v": moments["v"]}
+    return cfg, params, TrainState(state["step"], trainable, opt)
+
+
+def train_config(s: dict, steps: int):
+    """The `ref.train.TrainConfig` of the run's settings."""
+    from ref.train import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        batch_size=s["batch_size"],
+        grad_accum=s["grad_accum"],
+        lr=s["lr"],
+        warmup=s["warmup"],
+        min_lr_ratio=s["min_lr_ratio"],
+        weight_decay=s["weight_decay"],
+        decay=s["decay"],
+        grad_clip=s["grad_clip"],
+        eval_every=s["eval_every"],
+        eval_batches=s["eval_batches"],
+        save_every=s["save_every"],
+        seed=s["seed"],
+        mask_prompt=bool(s["mask_prompt"]),
+        train="lora" if s["lora_rank"] > 0 else "all",
+        n_samples=s["samples"],
+    )
+
+
+def checkpoint_state(s: dict, step: int, steps: int, n_train: int, last_loss: float | None) -> dict:
+    """The training state a checkpoint stores: step, settings and where the data stands."""
+    from ref.data import batches_per_epoch
+
+    per_epoch = batches_per_epoch(n_train, s["batch_size"])
+    consumed = step * s["grad_accum"]
+    return {
+        "step": step,
+        "total_steps": steps,
+        "settings": s,
+        "data_position": {
+            "micro_batches": consumed,
+            "epoch": consumed // per_epoch,
+            "batch_in_epoch": consumed % per_epoch,
+        },
+        "last_loss": last_loss,
+    }
+
+
+def saver(
+    s: dict,
+    cfg,
+    steps: int,
+    n_train: int,
+    out_dir: str,
+    last: dict,
+    emit: Callable[[dict], None],
+    **info,
+) -> Callable:
+    """The trainers' `save(params, state)`: the merged model (HF layout), the optimizer state
+    and data position, and for LoRA the adapters alone too; `info` joins trainer_state.json.
+    `last` holds the latest train event (its loss is recorded); each save emits
+    {"event": "checkpoint", step, dir}."""
+    from ref.lora import adapter_tensors, lora_targets, merge_lora
+    from weights import checkpoint
+
+    lora = s["lora_rank"] > 0
+
+    def save(p: dict, st) -> None:
+        train_state = checkpoint_state(s, st.step, steps, n_train, last.get("loss"))
+        train_state.update(info)
+        adapters = adapter_tensors(p) if lora else None
+        adapter_cfg = None
+        if lora:
+            adapter_cfg = {
+                "rank": s["lora_rank"],
+                "targets": lora_targets(p),
+                "alpha": lora_alpha(s),
+                "dropout": s["lora_dropout"],
+                "base_model": s["model"],
+            }
+        checkpoint.save(
+            out_dir,
+            cfg,
+            merge_lora(p) if lora else p,
+            train_state,
+            {"m": st.opt["m"], "v": st.opt["v"]},
+            adapters,
+            adapter_cfg,
+        )
+        emit({"event": "checkpoint", "step": st.step, "dir": out_dir})
+
+    return save
+
+
+def run(
+    s: dict,
+    state: dict | None,
+    *,
+    out_dir: str,
+    resume: str | None,
+    backend: str,
+    cache_dir: str | None,
+    on_event: Callable[[dict], None],
+) -> None:
+    """Train with the run's settings `s` (from `settings`) on `backend`, saving into `out_dir`.
+
+    Events, in order: {"event": "start", step, steps, backend, world_size} (the step it starts
+    from), then the trainer's "train", "val" and "sample" events and a {"event": "checkpoint",
+    step, dir} after each save. Under torchrun only rank 0 emits and saves.
+    """
+    from fast import NUMPY_BACKENDS, get_backend
+
+    rank, world = 0, 1
+    if backend not in NUMPY_BACKENDS:
+        get_backend(backend)  # a clear error where torch or triton is missing
+        from fast.torch import train as torch_train
+
+        rank, world = torch_train.distributed()
+    emit = on_event if rank == 0 else (lambda e: None)
+    cfg, params, tstate = build(s, state, resume, cache_dir)
+    train_split, val_split = load_data(s, cfg.n_ctx)
+    steps = total_steps(s, len(train_split))
+    if tstate is not None and tstate.step >= steps:
+        raise UsageError(
+            f"--resume {resume}: the run is already at step {tstate.step} of "
+            f"{steps}; pass a larger --steps to continue"
+        )
+    tcfg = train_config(s, steps)
+    emit(
+        {"event": "start", "step": tstate.step if tstate else 0, "steps": steps,
+         "backend": backend, "world_size": world}
+    )  # fmt: skip
+    last: dict = {}
+
+    def on_train_event(e: dict) -> None:
+        if e["event"] == "train":
+            last.update(e)
+        emit(e)
+
+    save = saver(
+        s, cfg, steps, len(train_split), out_dir, last, emit, backend=backend, world_size=world
+    )
+    common = dict(state=tstate, on_event=on_train_event, save=save)
+    try:
+        if backend in NUMPY_BACKENDS:
+            from ref.train import train
+
+            train(params, cfg, train_split, val_split, tcfg, ops=get_backend(backend), **common)
+        else:
+            torch_train.train(params, cfg, train_split, val_split, tcfg, backend=backend, **common)
+    except FloatingPointError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if backend not in NUMPY_BACKENDS:
+            torch_train.shutdown()

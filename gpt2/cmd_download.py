@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.progress import download_bar
     from ref.config import SIZES, canonical_size
     from weights import download as dl
 
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
             "(or gpt2, gpt2-medium, gpt2-large, gpt2-xl)"
         )
     present = dl.is_complete(size, args.cache_dir) and not args.force
-    path = dl.download(size, args.cache_dir, source=args.source, force=args.force)
+    path = dl.download(
+        size, args.cache_dir, source=args.source, force=args.force, progress=download_bar()
+    )
     if args.verify:
         dl.verify(size, args.cache_dir)
     manifest = dl.read_manifest(size, args.cache_dir) or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 
 class Progress:
@@ -47,6 +48,14 @@ class Progress:
             self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def download_bar(enabled: bool | None = None) -> Callable[[int, str], Progress] | None:
+    """The downloader's `progress` (weights.download.BarFactory): a byte bar per file on
+    stderr, drawn when stderr is a terminal (None) or always (True); None, no bar, for False."""
+    if enabled is False:
+        return None
+    return lambda total, name: Progress(total, desc=name, unit="B", enabled=enabled)
 
 
 def _fmt(x: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import IO
 
 
 class ConfigError(ValueError):
@@ -147,14 +148,27 @@ def read_json(path: str, error: type[Exception], what: str = "file") -> object:
     """The JSON value in `path`, or `error` with a message naming the file and the problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return parse_json(f, error, f"{path}: not valid UTF-8 JSON")
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except OSError as e:  # a directory, no permission, an I/O error
         raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise error(f"{path}: not valid UTF-8 JSON ({e})") from None
+
+
+def parse_json(src: bytes | str | IO[str], error: type[Exception], problem: str) -> object:
+    """The JSON value in `src` (bytes are UTF-8, a text file is read to its end), or
+    `error(f"{problem} ({why})")`; an OSError reading the file is left to the caller.
+
+    The one place that knows what json can raise: UnicodeDecodeError for bytes that are not
+    UTF-8; ValueError for bad syntax and for integers past Python's digit limit; RecursionError
+    for deep nesting; TypeError when `src` is not text at all (a metadata value, say).
+    """
+    try:
+        if isinstance(src, bytes):
+            src = src.decode("utf-8")
+        return json.load(src) if hasattr(src, "read") else json.loads(src)
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError) as e:
+        raise error(f"{problem} ({e})") from None
 
 
 def load_config(path: str) -> GPT2Config:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -360,10 +361,69 @@ def test_stalled_server_times_out_after_bounded_retries(server, tmp_path):
 
 
 def test_progress_bar_on_stderr(server, tmp_path, capsys):
+    from gpt2.progress import download_bar
+
     server.files["/vocab.bpe"] = content(5, 3000)
-    dl.fetch(server.url + "/vocab.bpe", str(tmp_path / "vocab.bpe"), **{**FAST, "progress": True})
+    bar = download_bar(True)
+    dl.fetch(server.url + "/vocab.bpe", str(tmp_path / "vocab.bpe"), **{**FAST, "progress": bar})
     err = capsys.readouterr().err
     assert "vocab.bpe" in err and "100.0%" in err
+
+
+def test_progress_factory_sees_each_file_and_its_bytes(server, tmp_path):
+    """The downloader draws nothing itself: it calls progress(total, name) per attempt, then
+    set(bytes on disk) as they grow, then close()."""
+    server.files["/vocab.bpe"] = content(5, 3000)
+    calls = []
+
+    class Bar:
+        def set(self, n):
+            calls.append(("set", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    def progress(total, name):
+        calls.append(("bar", total, name))
+        return Bar()
+
+    dl.fetch(
+        server.url + "/vocab.bpe", str(tmp_path / "vocab.bpe"), **{**FAST, "progress": progress}
+    )
+    assert calls[0] == ("bar", 3000, "vocab.bpe") and calls[1] == ("set", 0)
+    assert calls[-2:] == [("set", 3000), ("close",)]
+
+
+def test_loader_passes_progress_to_the_downloader(tmp_path, monkeypatch):
+    from weights import loader
+
+    seen = {}
+
+    def download(size, cache_dir=None, **kw):
+        seen.update(kw, size=size)
+        raise WeightsError("not this time")
+
+    monkeypatch.setattr(dl, "download", download)
+    bar = object()
+    with pytest.raises(WeightsError, match="not this time"):
+        loader.load("gpt2", cache_dir=str(tmp_path), progress=bar)
+    assert seen == {"size": "124M", "progress": bar}
+    with pytest.raises(WeightsError, match="not this time"):
+        loader.load("gpt2", cache_dir=str(tmp_path))  # no bar unless the caller brings one
+    assert seen["progress"] is None
+
+
+def test_cli_download_draws_a_bar_on_a_terminal(server, tmp_path, monkeypatch, capsys):
+    add_openai(server)
+    monkeypatch.setenv("GPT2_DOWNLOAD_URL_OPENAI", server.url + "/models")
+    argv = ["download", "124M", "--cache-dir", str(tmp_path), "--source", "openai"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert all(f"\r{name} [" in err for name in dl.OPENAI_FILES) and "100.0%" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert main([*argv, "--force"]) == 0
+    assert "100.0%" not in capsys.readouterr().err  # piped: no bar
 
 
 def test_404_names_the_url(server, tmp_path):

@@ -673,7 +673,7 @@ class _Quiet(dict):
 def tf_dir(tmp_path_factory):
     """A scratch directory with one data shard per fixture (copied, so a test may rewrite
     it) and the fixtures' index tables decoded into (key, value) pairs."""
-    from weights import tf_checkpoint
+    from weights.tf_table import read_table
 
     missing = [p for p in TF_SOURCES.values() if not os.path.exists(p + ".index")]
     assert not missing, f"TensorFlow fixtures missing: {missing}"
@@ -685,7 +685,7 @@ def tf_dir(tmp_path_factory):
         with open(prefix + ".data-00000-of-00001", "rb") as f:
             shard = f.read()
         _put(os.path.join(d, f"{name}.data-00000-of-00001"), shard)
-        src[name] = (index, shard, tf_checkpoint.read_table(prefix + ".index"))
+        src[name] = (index, shard, read_table(prefix + ".index"))
     return d, src
 
 

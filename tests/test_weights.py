@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from weights import WeightsError, loader
 from weights import safetensors as sft
 from weights import tf_checkpoint as tc
+from weights import tf_table as tt
 from weights.layout import flatten, hf_to_canonical
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -32,7 +33,7 @@ DATA = "model.ckpt.data-00000-of-00001"
 
 # ---------------------------------------------------------------------------------------
 # A writer for test checkpoints (the inverse of the reader, written from the format notes in
-# weights/tf_checkpoint.py)
+# weights/tf_table.py and weights/tf_checkpoint.py)
 # ---------------------------------------------------------------------------------------
 
 
@@ -58,7 +59,7 @@ def entry_proto(dtype, shape, offset, size, crc, shard=0, sliced=False) -> bytes
     dims = b"".join(_field_bytes(2, _field_varint(1, d)) for d in shape)
     msg = _field_varint(1, dtype) + _field_bytes(2, dims)
     msg += (_field_varint(3, shard) if shard else b"") + _field_varint(4, offset)
-    msg += _field_varint(5, size) + _varint(6 << 3 | 5) + struct.pack("<I", tc.mask_crc(crc))
+    msg += _field_varint(5, size) + _varint(6 << 3 | 5) + struct.pack("<I", tt.mask_crc(crc))
     return msg + (_field_bytes(7, b"") if sliced else b"")
 
 
@@ -99,7 +100,7 @@ def write_table(path, entries, per_block=4, compression=0) -> None:
     def put(contents: bytes, kind: int = 0) -> bytes:
         handle = _varint(len(out)) + _varint(len(contents))
         trailer = bytes([kind]) + struct.pack(
-            "<I", tc.mask_crc(tc.crc32c(contents + bytes([kind])))
+            "<I", tt.mask_crc(tt.crc32c(contents + bytes([kind])))
         )
         out.extend(contents + trailer)
         return handle
@@ -113,7 +114,7 @@ def write_table(path, entries, per_block=4, compression=0) -> None:
         index.append((chunk[-1][0], handle))
     meta = put(_block([]))
     idx = put(_block(index, restart_interval=1))
-    footer = (meta + idx).ljust(40, b"\0") + struct.pack("<Q", tc.TABLE_MAGIC)
+    footer = (meta + idx).ljust(40, b"\0") + struct.pack("<Q", tt.TABLE_MAGIC)
     with open(path, "wb") as f:
         f.write(out + footer)
 
@@ -127,7 +128,7 @@ def write_checkpoint(prefix, tensors, dtype_codes=None, **table_kw) -> None:
         raw = a.tobytes()
         code = (dtype_codes or {}).get(name, codes[a.dtype])
         entries.append(
-            (name.encode(), entry_proto(code, a.shape, len(data), len(raw), tc.crc32c(raw)))
+            (name.encode(), entry_proto(code, a.shape, len(data), len(raw), tt.crc32c(raw)))
         )
         data += raw
     write_table(prefix + ".index", entries, **table_kw)
@@ -157,7 +158,7 @@ def copy_hf(tmp_path, edit=None) -> str:
 
 def tf_entries(prefix) -> dict[str, dict]:
     return {
-        k.decode(): tc._parse_entry(v, k.decode()) for k, v in tc.read_table(prefix + ".index") if k
+        k.decode(): tc._parse_entry(v, k.decode()) for k, v in tt.read_table(prefix + ".index") if k
     }
 
 
@@ -168,13 +169,13 @@ def tf_entries(prefix) -> dict[str, dict]:
 
 def test_crc32c_known_vectors():
     # RFC 3720, appendix B.4 (iSCSI CRC-32C examples)
-    assert tc.crc32c(bytes(32)) == 0x8A9136AA
-    assert tc.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert tc.crc32c(bytes(range(32))) == 0x46DD794E
-    assert tc.crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
+    assert tt.crc32c(bytes(32)) == 0x8A9136AA
+    assert tt.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert tt.crc32c(bytes(range(32))) == 0x46DD794E
+    assert tt.crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
     # the "check" value of the CRC catalogue
-    assert tc.crc32c(b"123456789") == 0xE3069283
-    assert tc.crc32c(b"") == 0
+    assert tt.crc32c(b"123456789") == 0xE3069283
+    assert tt.crc32c(b"") == 0
 
 
 @given(
@@ -185,26 +186,26 @@ def test_crc32c_known_vectors():
 def test_crc32c_vectorised_matches_serial_and_continues(n, cut, seed):
     # lengths around _SERIAL_MAX and several lane counts; the serial loop is the reference
     data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-    want = tc._crc_serial(0xFFFFFFFF, data.tobytes()) ^ 0xFFFFFFFF
-    assert tc.crc32c(data) == want
-    assert tc.crc32c(data.tobytes()) == want
+    want = tt._crc_serial(0xFFFFFFFF, data.tobytes()) ^ 0xFFFFFFFF
+    assert tt.crc32c(data) == want
+    assert tt.crc32c(data.tobytes()) == want
     k = int(cut * n)
-    assert tc.crc32c(data[k:], tc.crc32c(data[:k])) == want
+    assert tt.crc32c(data[k:], tt.crc32c(data[:k])) == want
 
 
 @given(st.integers(0, 2**32 - 1))
 def test_crc_mask_round_trips(c):
-    assert tc.unmask_crc(tc.mask_crc(c)) == c
+    assert tt.unmask_crc(tt.mask_crc(c)) == c
 
 
 def test_snappy_copies_and_literals():
     # "abc" as a literal (tag (3-1) << 2), then a 1-byte-offset copy of length 7 from 3 back:
     # tag = 1 | (7 - 4) << 2; the copy overlaps its own output
-    assert tc._snappy_decompress(b"\x0a\x08abc\x0d\x03") == b"abcabcabca"
+    assert tt._snappy_decompress(b"\x0a\x08abc\x0d\x03") == b"abcabcabca"
     # a 2-byte-offset copy (tag 2 | (len-1) << 2) of length 2 from 1 back
-    assert tc._snappy_decompress(b"\x03\x00x\x06\x01\x00") == b"xxx"
-    with pytest.raises(tc._Malformed, match="offset"):
-        tc._snappy_decompress(b"\x05\x0d\x03")
+    assert tt._snappy_decompress(b"\x03\x00x\x06\x01\x00") == b"xxx"
+    with pytest.raises(tt._Malformed, match="offset"):
+        tt._snappy_decompress(b"\x05\x0d\x03")
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,7 +494,7 @@ def test_shape_unknown_rank_flag():
 
 def test_bad_index_structure(tmp_path):
     prefix = str(tmp_path / "model.ckpt")
-    good = (b"model/a", entry_proto(1, (3,), 0, 12, tc.crc32c(bytes(12))))
+    good = (b"model/a", entry_proto(1, (3,), 0, 12, tt.crc32c(bytes(12))))
     with open(prefix + ".data-00000-of-00001", "wb") as f:
         f.write(bytes(12))
     write_table(prefix + ".index", [good])
@@ -517,7 +518,7 @@ def test_bad_index_structure(tmp_path):
     data = np.array([1.5, -2.0, 3.25], ">f4").tobytes()
     with open(prefix + ".data-00000-of-00001", "wb") as f:
         f.write(data)
-    big = (b"model/a", entry_proto(1, (3,), 0, 12, tc.crc32c(data)))
+    big = (b"model/a", entry_proto(1, (3,), 0, 12, tt.crc32c(data)))
     write_table(prefix + ".index", [(b"", header_proto(endianness=1)), big])
     assert tc.read(prefix)["model/a"].tolist() == [1.5, -2.0, 3.25]
 
@@ -541,7 +542,7 @@ def test_any_flipped_index_bit_gives_weights_error_or_same_tensors(tmp_path_fact
     except WeightsError:
         return
     # only the footer's padding is not covered by a checksum
-    assert len(raw) - tc.FOOTER_SIZE <= pos
+    assert len(raw) - tt.FOOTER_SIZE <= pos
     assert got.keys() == tc.read(os.path.join(TF_TINY, "model.ckpt")).keys()
 
 

@@ -7,3 +7,11 @@ class WeightsError(ValueError):
 
     The message always names the file (and the tensor, where there is one).
     """
+
+
+def read_error(path: str, e: OSError) -> WeightsError:
+    """The WeightsError for an OSError met while reading `path`: a missing file, or why it
+    cannot be read (a directory, no permission, an I/O error)."""
+    if isinstance(e, FileNotFoundError):
+        return WeightsError(f"{path}: file not found")
+    return WeightsError(f"{path}: cannot read ({e.strerror or e})")

@@ -35,8 +35,8 @@ import time
 
 import numpy as np
 
-from ref.config import GPT2Config
-from weights import WeightsError
+from ref.config import GPT2Config, parse_json
+from weights import WeightsError, read_error
 from weights import safetensors as st
 from weights.layout import canonical_to_hf, flatten
 
@@ -142,14 +142,10 @@ def read_metadata(path: str) -> dict[str, str]:
             (n,) = struct.unpack("<Q", head)
             if n > st.MAX_HEADER:
                 raise WeightsError(f"{path}: header length {n} is too large")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: file not found") from None
-    except OSError as e:  # a directory, no permission, an I/O error
-        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
-    # ValueError covers JSONDecodeError and integers past Python's digit limit
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
+            raw = f.read(n)
+    except OSError as e:
+        raise read_error(path, e) from None
+    header = parse_json(raw, WeightsError, f"{path}: header is not valid JSON")
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return meta if isinstance(meta, dict) else {}
 
@@ -160,10 +156,7 @@ def read_state(directory: str) -> dict:
     raw = read_metadata(path).get(STATE_KEY)
     if raw is None:
         raise WeightsError(f"{path}: not a gpt2 finetune checkpoint (no training state)")
-    try:
-        state = json.loads(raw)
-    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
-        raise WeightsError(f"{path}: training state is not valid JSON ({e})") from None
+    state = parse_json(raw, WeightsError, f"{path}: training state is not valid JSON")
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise WeightsError(f"{path}: training state lacks a non-negative integer 'step'")

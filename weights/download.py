@@ -42,6 +42,11 @@ again); when all are in, .complete.json (files, sizes, sha256) is written atomic
 `is_complete` requires it plus every listed file with the recorded size. Connection errors,
 timeouts and 5xx/429 answers are retried with exponential backoff, at most `retries` times in a
 row without progress. A lock file keeps two processes from writing the same model at once.
+
+Progress. This layer draws nothing itself: `progress` is a `BarFactory`, called once per file
+with the size the server declares (0 when it declares none) and the file's name; the bar it
+returns is told the bytes on disk as they grow (`set(n)`) and closed when the file ends.
+`gpt2.progress.download_bar()` is the command line's bar on stderr.
 """
 
 from __future__ import annotations
@@ -52,16 +57,16 @@ import contextlib
 import hashlib
 import http.client
 import ipaddress
-import json
 import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from ref.config import SIZES, canonical_size
+from ref.config import SIZES, canonical_size, read_json
 from weights import WeightsError
 from weights.checkpoint import write_json
 
@@ -93,6 +98,19 @@ MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 1000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class Bar(Protocol):
+    """One file's progress: the bytes written so far (a resumed file starts at its offset)."""
+
+    def set(self, n: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# progress(total, name) -> the bar of one file: `total` bytes declared (0 if unknown), `name`
+# the file's base name.
+BarFactory = Callable[[int, str], Bar]
 
 
 class _Transient(Exception):
@@ -183,10 +201,10 @@ def _base_url(source: str, given: str | None) -> str:
 
 
 def _read_json(path: str) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable or not an object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = read_json(path, WeightsError)
+    except WeightsError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -400,7 +418,7 @@ def _hash_prefix(path: str, n: int, hashers: list) -> None:
             left -= len(block)
 
 
-def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> dict:
+def _attempt(url: str, dest: str, source: str, timeout: float, make_bar: BarFactory) -> dict:
     """One GET of `url` into `dest`.part, continuing what is there. Returns the file's record."""
     part = dest + ".part"
     offset = os.path.getsize(part) if os.path.exists(part) else 0
@@ -418,7 +436,7 @@ def _attempt(url: str, dest: str, source: str, timeout: float, bar_factory) -> d
         if offset:
             _hash_prefix(part, offset, [sha, md5])
         got = offset
-        bar = bar_factory(exp["total"] or 0, os.path.basename(dest))
+        bar = make_bar(exp["total"] or 0, os.path.basename(dest))
         bar.set(got)
         try:
             with open(part, "r+b" if offset else "wb") as f:
@@ -474,21 +492,21 @@ def fetch(
     timeout: float = 30.0,
     retries: int = 5,
     backoff: float = 1.0,
-    progress: bool | None = None,
+    progress: BarFactory | None = None,
 ) -> dict:
     """Download `url` to `dest` through `dest`.part, verified; returns {size, sha256, ...}.
 
     `retries` bounds consecutive failed attempts that brought no new bytes; waits grow as
-    backoff * 2**k seconds. `progress`: None draws a bar when stderr is a terminal.
+    backoff * 2**k seconds. `progress` makes each attempt's bar; None (or False) draws none.
     """
     check_url(url)
-    bar_factory = _bar_factory(progress)
+    make_bar = progress or _no_bar
     part = dest + ".part"
     failures, last = 0, "no attempt made"
     for _ in range(MAX_ATTEMPTS):
         before = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            return _attempt(url, dest, source, timeout, bar_factory)
+            return _attempt(url, dest, source, timeout, make_bar)
         except WeightsError as e:
             raise WeightsError(f"{dest}: download from {url} failed: {e}") from None
         except _Restart as e:
@@ -505,24 +523,16 @@ def fetch(
     raise WeightsError(f"{dest}: download from {url} failed after retries: {last}")
 
 
-def _bar_factory(progress: bool | None):
-    if progress is False:
-        return lambda total, desc: _NoBar()
-
-    def make(total: int, desc: str):
-        from gpt2.progress import Progress
-
-        return Progress(total, desc=desc, unit="B", enabled=progress)
-
-    return make
-
-
 class _NoBar:
-    def set(self, n: float, postfix: str | None = None) -> None:
+    def set(self, n: float) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _no_bar(total: int, name: str) -> Bar:
+    return _NoBar()
 
 
 # --- one model -----------------------------------------------------------------------------------
@@ -584,12 +594,13 @@ def download(
     timeout: float = 30.0,
     retries: int = 5,
     backoff: float = 1.0,
-    progress: bool | None = None,
+    progress: BarFactory | None = None,
 ) -> str:
     """Download model `size` (unless already complete) and return its directory.
 
     `source`: "openai", "hf" or "auto" (OpenAI's bucket, then Hugging Face if that fails).
     `force`: fetch again even when the cache holds a complete copy.
+    `progress`: a bar per file (see `fetch`); None draws none.
     """
     size = _size(size)
     if source not in (*SOURCES, "auto"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ref.config import ConfigError, GPT2Config, canonical_size, load_config
 from weights import WeightsError
 from weights import safetensors as st
 from weights.layout import check_and_nest, hf_to_canonical
+
+if TYPE_CHECKING:
+    from weights.download import BarFactory
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -142,8 +146,14 @@ def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict
     return cfg, check_and_nest(flat, cfg, prefix, check_finite)
 
 
-def load(model: str, cache_dir: str | None = None, download: bool = True):
-    """`--model` -> (cfg, params). Size names come from the cache, downloaded on first use."""
+def load(
+    model: str,
+    cache_dir: str | None = None,
+    download: bool = True,
+    progress: BarFactory | None = None,
+):
+    """`--model` -> (cfg, params). Size names come from the cache, downloaded on first use,
+    with a bar per file from `progress` (a weights.download.BarFactory; None draws none)."""
     # A bare size name always means the cache (write ./gpt2 for a directory named gpt2).
     bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
     size = canonical_size(model) if bare else None
@@ -154,7 +164,7 @@ def load(model: str, cache_dir: str | None = None, download: bool = True):
         if not dl.is_complete(size, cache_dir):
             if not download:
                 raise WeightsError(f"{path}: model {size} is not downloaded (gpt2 download {size})")
-            path = dl.download(size, cache_dir)
+            path = dl.download(size, cache_dir, progress=progress)
         model = path
     try:
         fmt = detect_format(model)

@@ -20,7 +20,8 @@ from typing import IO
 
 import numpy as np
 
-from weights import WeightsError
+from ref.config import parse_json
+from weights import WeightsError, read_error
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own cap on the JSON header
 
@@ -52,15 +53,9 @@ def read_header(path: str) -> tuple[dict, int, int]:
                     f"{path}: header length {n} is larger than the file ({size} bytes) allows"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: file not found") from None
-    except OSError as e:  # a directory, no permission, an I/O error
-        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    # ValueError also covers integers past Python's digit limit; RecursionError deep nesting
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise WeightsError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+    except OSError as e:
+        raise read_error(path, e) from None
+    header = parse_json(raw, WeightsError, f"{path}: header is not valid UTF-8 JSON")
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)

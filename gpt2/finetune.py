@@ -273,20 +273,11 @@ def train_config(s: dict, steps: int):
     """The `ref.train.TrainConfig` of the run's settings."""
     from ref.train import TrainConfig
 
+    same = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "decay")
+    same += ("grad_clip", "eval_every", "eval_batches", "save_every", "seed")
     return TrainConfig(
         steps=steps,
-        batch_size=s["batch_size"],
-        grad_accum=s["grad_accum"],
-        lr=s["lr"],
-        warmup=s["warmup"],
-        min_lr_ratio=s["min_lr_ratio"],
-        weight_decay=s["weight_decay"],
-        decay=s["decay"],
-        grad_clip=s["grad_clip"],
-        eval_every=s["eval_every"],
-        eval_batches=s["eval_batches"],
-        save_every=s["save_every"],
-        seed=s["seed"],
+        **{k: s[k] for k in same},
         mask_prompt=bool(s["mask_prompt"]),
         train="lora" if s["lora_rank"] > 0 else "all",
         n_samples=s["samples"],

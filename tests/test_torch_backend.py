@@ -34,7 +34,7 @@ from ref import ops  # noqa: E402
 from ref.config import GPT2Config  # noqa: E402
 from ref.data import Split, text_splits  # noqa: E402
 from ref.generate import generate  # noqa: E402
-from ref.model import ContextLengthError, KVCache, forward  # noqa: E402
+from ref.model import ContextLengthError, Model  # noqa: E402
 from weights.layout import expected_shapes, nest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,24 +153,13 @@ def test_attention_fast_path_has_no_nan_for_padding_queries():
 # the model: logits, KV cache with padding, greedy tokens
 
 
-class RefModel:
-    def __init__(self, cfg, params):
-        self.cfg, self.params = cfg, params
-
-    def new_cache(self, batch, capacity=None):
-        return KVCache(self.cfg, batch, capacity)
-
-    def forward(self, ids, cache=None, mask=None, last_only=False):
-        return forward(self.params, ids, self.cfg, cache=cache, mask=mask, last_only=last_only)
-
-
 BACKENDS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_reference(backend):
     params = tiny_params()
-    ref, model = RefModel(TINY, params), TorchModel(TINY, params, backend)
+    ref, model = Model(TINY, params), TorchModel(TINY, params, backend)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, TINY.n_vocab, (3, 11))
     np.testing.assert_allclose(model.forward(ids), ref.forward(ids), atol=1e-5, rtol=1e-5)
@@ -194,7 +183,7 @@ def test_logits_match_reference(backend):
 def test_greedy_tokens_match_reference(backend):
     params = tiny_params(seed=2)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    want = generate(RefModel(TINY, params), prompts, 6, eos_id=None)
+    want = generate(Model(TINY, params), prompts, 6, eos_id=None)
     got = generate(TorchModel(TINY, params, backend), prompts, 6, eos_id=None)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     for g, w in zip(got, want, strict=True):

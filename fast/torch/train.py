@@ -7,7 +7,8 @@ The same run as the numpy trainer (`ref/train.py`): the same batches (`ref.data`
 (seed, step)), the same loss (each micro-batch's mean over its own counted targets, micro-
 batches averaged), clipping by global norm, AdamW with decoupled decay on the tensors
 `ref.optim.decay_mask` picks, and `ref.optim.lr_at`'s warmup + cosine schedule. Only the
-arithmetic moves to torch: autograd through the backend's ops instead of `ref/backward.py`.
+arithmetic moves to torch: autograd through the backend's ops instead of
+`ref.model.model_backward`.
 Full finetuning or LoRA (train="lora": the adapters `ref.lora.add_lora` put on the params are
 the only Parameters; the model adds scale * (drop(x) @ A) @ B to each adapted projection).
 

@@ -9,8 +9,8 @@ on a GPU also device bandwidth and fp32/bf16/fp16 matmul), `ops` (every op x bac
 x shape, forward and backward), `generate` (prefill and decode tokens/s, peak memory),
 `finetune` (training-step tokens/s and peak memory, full and LoRA). The harness
 (bench/harness.py) does the warm-up, repeats, cache flushing and environment capture;
-bench/workload.py holds the FLOP and byte counts; bench/report.py computes the ratios and
-writes report.md and the plots.
+bench/workload.py holds the FLOP and byte counts; bench/ratios.py computes the ratios from the
+records and bench/report.py writes report.md and the plots.
 
 Outputs in --out: results.json, report.md, decode.png, ops_fraction.png.
 

@@ -49,6 +49,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def torch_devices() -> list[str]:
+    """Where the torch baselines run: the CPU, and the GPU when there is one; none without
+    torch."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return []
+    return ["cpu"] + (["cuda"] if cuda_available() else [])
+
+
 def load_backends(names: list[str]) -> tuple[list[Backend], dict[str, dict]]:
     """The backends of `names` that work here, and {name: {"status", "reason", "device",
     "variants"}} for every one of them."""

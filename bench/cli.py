@@ -1,10 +1,10 @@
 """`python -m bench` and `gpt2 bench`: run the suites, write results.json, report.md and the
-plots into --out."""
+plots into --out. A flag with a bad value raises ValueError naming the flag (gpt2's CLI and
+main() print it as a usage error, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -61,24 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _suites(text: str) -> list[str]:
-    from gpt2.cli import UsageError
-
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in SUITES]
     if bad or not names:
-        raise UsageError(
+        raise ValueError(
             f"--suite: unknown suite(s) {', '.join(bad) or '(none)'}; choose from "
             f"{', '.join(SUITES)}"
         )
     return names
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=None) -> dict:
@@ -87,29 +77,22 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
     from bench import suite_finetune, suite_generate, suite_ops
     from bench.backends import load_backends
     from bench.harness import environment
-    from bench.plan import PlanError, make_plan
-    from gpt2.cli import UsageError
+    from bench.plan import SuiteSetup, make_plan
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     suites = _suites(args.suite)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    try:
-        plan = make_plan(mode, args.sizes, args.model_sizes)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
+    plan = make_plan(mode, args.sizes, args.model_sizes)  # PlanError names the flag
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not names:
-        raise UsageError("--backends: no backend given")
-    try:
-        backends, status = load_backends(names)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise ValueError("--backends: no backend given")
+    backends, status = load_backends(names)  # ValueError on an unknown name
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {args.out}: cannot create the directory ({e})") from None
+        raise ValueError(f"--out {args.out}: cannot create the directory ({e})") from None
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -140,16 +123,14 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
     results += recs
     doc["limits"] = limits
     log("bench: limits " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
+    setup = SuiteSetup(plan, backends, limits, rng, not args.no_baselines, log)
     runners = {"ops": suite_ops.run, "generate": suite_generate.run, "finetune": suite_finetune.run}
     for suite in suites:
         if suite == "limits":
             continue
         t0 = time.perf_counter()
         log(f"bench: {suite} ...")
-        if suite == "ops":
-            recs = suite_ops.run(plan, backends, limits, rng, not args.no_baselines, log)
-        else:
-            recs = runners[suite](plan, backends, limits, rng, not args.no_baselines, log)
+        recs = runners[suite](setup)
         results += recs
         n_bad = sum(r["status"] != "ok" for r in recs)
         log(
@@ -179,12 +160,7 @@ def _write(doc: dict, results: list[dict], out: str, t_start: float, complete: b
     doc["gpu"] = gpu_info()
     doc["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     doc["elapsed_s"] = time.perf_counter() - t_start
-    doc["ratios"] = report.compute_ratios(doc)
-    doc["plots"] = [os.path.basename(p) for p in report.plots(doc, out)] if complete else []
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, default=_json_default)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(report.markdown(doc))
+    report.write(doc, out, with_plots=complete)
 
 
 def print_ratios(doc: dict, out=sys.stdout) -> None:
@@ -199,13 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2.cli import UsageError
-
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         doc = run_bench(args, "python -m bench " + shlex.join(argv))
-    except UsageError as e:
+    except ValueError as e:  # a flag's value, as gpt2's CLI reports it
         print(f"python -m bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -71,12 +71,7 @@ def measure(
         if sync is not None:
             sync()
         times.append(time.perf_counter() - t0)
-    return {
-        "min": min(times),
-        "median": statistics.median(times),
-        "n": len(times),
-        "warmup": warmup,
-    }
+    return time_stats(times, warmup)
 
 
 def _measure_events(fn, warmup, min_repeats, max_repeats, budget_s, before) -> dict:
@@ -99,13 +94,24 @@ def _measure_events(fn, warmup, min_repeats, max_repeats, budget_s, before) -> d
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)  # ms -> s
+    return {**time_stats(times, warmup), "timer": "cuda-events"}
+
+
+def time_stats(times: list[float], warmup: int) -> dict:
+    """A record's time_s: {"min", "median", "n"} of the timed calls, and the untimed ones."""
     return {
         "min": min(times),
         "median": statistics.median(times),
         "n": len(times),
         "warmup": warmup,
-        "timer": "cuda-events",
     }
+
+
+def step_stats(times: list[float]) -> dict:
+    """The time_s of consecutive steps whose first is the warm-up (the time of each step of a
+    trainer, of a decode loop): the first is dropped unless it is the only one."""
+    timed = times[1:] if len(times) > 1 else times
+    return time_stats(timed, len(times) - len(timed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +200,11 @@ def peak_rss(fn: Callable[[], object], gpu: bool = False) -> dict:
     what the call itself allocated (a lower bound: freed memory that malloc reuses is not
     counted twice). None where /proc is not available.
     """
+    return with_peak_memory(fn, gpu)[1]
+
+
+def with_peak_memory(fn: Callable[[], object], gpu: bool = False) -> tuple[object, dict]:
+    """(what `fn()` returned, peak_rss's memory of the call)."""
     if gpu:
         import torch
 
@@ -201,13 +212,13 @@ def peak_rss(fn: Callable[[], object], gpu: bool = False) -> dict:
         torch.cuda.reset_peak_memory_stats()
     ok = reset_peak_rss()
     before = _status_kb("VmRSS")
-    fn()
+    result = fn()
     peak = _status_kb("VmHWM") if ok else None
     out = {"peak_rss_bytes": peak, "rss_before_bytes": before}
     if gpu:
         torch.cuda.synchronize()
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    return out
+    return result, out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,13 +4,23 @@ full  -- the numbers for the README: every op at the widths of --sizes, generati
          finetuning at --model-sizes (124M by default) at real shapes. ~10-15 min on 2 cores.
 quick -- the same code paths on fewer shapes (--quick, under two minutes on 2 cores).
 tiny  -- a 2-layer toy model (hidden --tiny flag): the tests run the whole pipeline with it.
+
+SuiteSetup: the one argument of every suite's run(), the plan and what the run has at hand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from bench.harness import silent
 from ref.config import SIZES, GPT2Config, canonical_size
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bench.backends import Backend
 
 TINY = GPT2Config(n_vocab=256, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 
@@ -135,3 +145,15 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             models=parse_sizes(model_sizes or "124M", "--model-sizes"),
         )
     raise PlanError(f"unknown mode {mode!r}")
+
+
+@dataclass
+class SuiteSetup:
+    """What every suite's run(setup) -> records takes: the plan and what the run has at hand."""
+
+    plan: Plan
+    backends: list[Backend]  # those that loaded (bench.backends.load_backends)
+    limits: dict  # the limits measured at the start of the run
+    rng: np.random.Generator  # the run's, from --seed: weights and inputs
+    baselines: bool = True  # also time the baselines (torch, transformers, ref without a cache)
+    log: Callable[[str], None] = silent  # progress lines

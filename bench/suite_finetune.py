@@ -14,15 +14,14 @@ torch.optim.AdamW (LoRA on the same four projections, the same rank). On a CUDA 
 
 from __future__ import annotations
 
-import statistics
 import time
 from functools import partial
 
 import numpy as np
 
-from bench.backends import Backend, cuda_available
-from bench.harness import error_text, peak_rss, record, silent
-from bench.plan import Plan
+from bench.backends import Backend, torch_devices
+from bench.harness import error_text, record, step_stats, with_peak_memory
+from bench.plan import Plan, SuiteSetup
 from bench.workload import random_params, train_flops
 
 
@@ -32,16 +31,6 @@ def _split(cfg, B: int, T: int, steps: int, rng: np.random.Generator):
     ids = rng.integers(0, cfg.n_vocab, B * T * steps + 1)  # (B * T * steps + 1,)
     train, _ = text_splits(ids, T, 0.0)
     return train
-
-
-def _stats(step_s: list[float]) -> dict:
-    timed = step_s[1:] if len(step_s) > 1 else step_s
-    return {
-        "min": min(timed),
-        "median": statistics.median(timed),
-        "n": len(timed),
-        "warmup": len(step_s) - len(timed),
-    }
 
 
 def _trainer_steps(be: Backend, params, cfg, plan: Plan, mode: str, rng) -> list[float]:
@@ -86,14 +75,7 @@ def _autograd_steps(params, cfg, plan: Plan, mode: str, device: str, rng) -> lis
     B, T = plan.ft_batch, plan.ft_T
     ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
     tgt = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
-    out = []
-    for _ in range(1 + plan.ft_steps):
-        t0 = time.perf_counter()
-        step(ids, tgt)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
+    return _timed_steps(partial(step, ids, tgt), 1 + plan.ft_steps, device)
 
 
 def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
@@ -108,93 +90,74 @@ def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B, T = plan.ft_batch, plan.ft_T
     ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
-    out = []
-    for _ in range(1 + plan.ft_steps):
-        t0 = time.perf_counter()
+
+    def step():
         model(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+
+    return _timed_steps(step, 1 + plan.ft_steps, device)
+
+
+def _timed_steps(step, n: int, device: str) -> list[float]:
+    """The wall time of each of `n` calls of `step()`, the device's queue included."""
+    import torch
+
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
     return out
 
 
-def _into(box: dict, fn) -> None:
-    box["steps"] = fn()
+def _jobs(setup: SuiteSetup, params: dict, cfg):
+    """(label, device, train mode, fn() -> step times) of every trainer to time."""
+    plan, rng = setup.plan, setup.rng
+    for be in setup.backends:
+        for mode in ("all", "lora"):
+            fn = partial(_trainer_steps, be, params, cfg, plan, mode, rng)
+            yield be.name, be.device, mode, fn
+    if not setup.baselines:
+        return
+    devices = torch_devices()
+    for device in devices:
+        for mode in ("all", "lora"):
+            fn = partial(_autograd_steps, params, cfg, plan, mode, device, rng)
+            yield "torch-autograd", device, mode, fn
+    if "cuda" in devices:  # issue 6 compares the GPU trainers with transformers
+        yield "hf-transformers", "cuda", "all", partial(_hf_steps, cfg, plan, "cuda", rng)
 
 
-def run(
-    plan: Plan,
-    backends: list[Backend],
-    limits: dict,
-    rng: np.random.Generator,
-    baselines: bool = True,
-    log=silent,
-) -> list[dict]:
+def run(setup: SuiteSetup) -> list[dict]:
+    plan = setup.plan
+    size, cfg = plan.models[0]  # finetuning at the first model size only
+    params = random_params(cfg, setup.rng)
+    B, T = plan.ft_batch, plan.ft_T
     recs: list[dict] = []
-    for size, cfg in plan.models[:1]:  # finetuning at the first model size only
-        params = random_params(cfg, rng)
-        jobs = []
-        for be in backends:
-            for mode in ("all", "lora"):
-                jobs.append(
-                    (
-                        be.name,
-                        be.device,
-                        mode,
-                        partial(_trainer_steps, be, params, cfg, plan, mode, rng),
-                    )
-                )
-        if baselines:
-            try:
-                import torch  # noqa: F401
-
-                devices = ["cpu"] + (["cuda"] if cuda_available() else [])
-            except ImportError:
-                devices = []
-            for device in devices:
-                for mode in ("all", "lora"):
-                    jobs.append(
-                        (
-                            "torch-autograd",
-                            device,
-                            mode,
-                            partial(_autograd_steps, params, cfg, plan, mode, device, rng),
-                        )
-                    )
-            if "cuda" in devices:  # issue 6 compares the GPU trainers with transformers
-                jobs.append(
-                    ("hf-transformers", "cuda", "all", partial(_hf_steps, cfg, plan, "cuda", rng))
-                )
-        for label, device, mode, fn in jobs:
-            log(f"bench: finetune {size} {label} ({device}) train={mode}")
-            B, T = plan.ft_batch, plan.ft_T
-            rp = {"size": size, "device": device, "train": mode, "B": B, "T": T}
-            if mode == "lora":
-                rp["lora_rank"] = plan.lora_rank
-            box: dict = {}
-            try:
-                mem = peak_rss(partial(_into, box, fn), gpu=device == "cuda")
-            except Exception as e:
-                recs.append(
-                    record(
-                        "finetune",
-                        "step",
-                        label,
-                        params=rp,
-                        status="unavailable",
-                        reason="not available: " + error_text(e),
-                    )
-                )
-                continue
-            t = _stats(box["steps"])
-            flops = train_flops(cfg, B, T, mode == "lora")
-            metrics = {
-                "tokens_per_s": B * T / t["min"],
-                "flops": flops,
-                "GFLOPs": flops / t["min"] / 1e9,
-                **mem,
-            }
-            recs.append(record("finetune", "step", label, params=rp, time_s=t, metrics=metrics))
+    for label, device, mode, fn in _jobs(setup, params, cfg):
+        setup.log(f"bench: finetune {size} {label} ({device}) train={mode}")
+        rp = {"size": size, "device": device, "train": mode, "B": B, "T": T}
+        if mode == "lora":
+            rp["lora_rank"] = plan.lora_rank
+        try:
+            steps, mem = with_peak_memory(fn, gpu=device == "cuda")
+        except Exception as e:
+            reason = "not available: " + error_text(e)
+            recs.append(
+                record("finetune", "step", label, params=rp, status="unavailable", reason=reason)
+            )
+            continue
+        t = step_stats(steps)
+        flops = train_flops(cfg, B, T, mode == "lora")
+        metrics = {
+            "tokens_per_s": B * T / t["min"],
+            "flops": flops,
+            "GFLOPs": flops / t["min"] / 1e9,
+            **mem,
+        }
+        recs.append(record("finetune", "step", label, params=rp, time_s=t, metrics=metrics))
     return recs

@@ -24,14 +24,13 @@ transformers' GPT2LMHeadModel.generate (greedy, KV cache), timed per token by a 
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 
-from bench.backends import Backend, cuda_available
-from bench.harness import error_record, measure, peak_rss, record, silent
-from bench.plan import Plan
+from bench.backends import Backend, torch_devices
+from bench.harness import error_record, measure, peak_rss, record, step_stats, with_peak_memory
+from bench.plan import Plan, SuiteSetup
 from bench.workload import (
     decode_ceiling,
     forward_flops,
@@ -40,16 +39,6 @@ from bench.workload import (
     weight_bytes,
 )
 from ref.config import GPT2Config
-
-
-def _step_stats(times: list[float]) -> dict:
-    timed = times[1:] if len(times) > 1 else times  # the first step is the warm-up
-    return {
-        "min": min(timed),
-        "median": statistics.median(timed),
-        "n": len(timed),
-        "warmup": len(times) - len(timed),
-    }
 
 
 def _fill(cache, start: int) -> bool:
@@ -171,12 +160,12 @@ def hf_runner(cfg: GPT2Config, device: str) -> dict:
 
 def _runners(cfg, params, backends: list[Backend], baselines: bool):
     """(label, device, runner or exception)."""
-    from gpt2.api import Model
+    from ref.model import Model
 
     for be in backends:
         try:
             if be.kind == "numpy":
-                yield be.name, "cpu", model_runner(Model(cfg, params, be.name))
+                yield be.name, "cpu", model_runner(Model(cfg, params, be.module))
                 continue
             from fast.torch.model import TorchModel
 
@@ -195,7 +184,7 @@ def _runners(cfg, params, backends: list[Backend], baselines: bool):
     except ImportError as e:
         yield "torch-eager", "cpu", e
         return
-    devices = ["cpu"] + (["cuda"] if cuda_available() else [])
+    devices = torch_devices()
     for device in devices:
         try:
             yield "torch-eager", device, torch_eager_runner(cfg, params, device)
@@ -218,17 +207,11 @@ def _points(plan: Plan, first_model: bool, cfg: GPT2Config) -> list[tuple[int, i
     return pts
 
 
-def run(
-    plan: Plan,
-    backends: list[Backend],
-    limits: dict,
-    rng: np.random.Generator,
-    baselines: bool = True,
-    log=silent,
-) -> list[dict]:
+def run(setup: SuiteSetup) -> list[dict]:
+    plan, limits = setup.plan, setup.limits
     recs: list[dict] = []
     for index, (size, cfg) in enumerate(plan.models):
-        params = random_params(cfg, rng)
+        params = random_params(cfg, setup.rng)
         first = index == 0
         prefill_T = [T for T in plan.prefill_T if T <= cfg.n_ctx]
         if not first:
@@ -236,8 +219,9 @@ def run(
         points = _points(plan, first, cfg)
         # the baselines at the first size only: transformers' random init of a large model
         # alone takes longer than its decode points
-        for label, device, runner in _runners(cfg, params, backends, baselines and first):
-            log(f"bench: generate {size} {label} ({device})")
+        baselines = setup.baselines and first
+        for label, device, runner in _runners(cfg, params, setup.backends, baselines):
+            setup.log(f"bench: generate {size} {label} ({device})")
             base = {"size": size, "device": device}
             if isinstance(runner, Exception):
                 recs.append(error_record("generate", "decode", label, runner, params=base))
@@ -257,6 +241,17 @@ def run(
     return recs
 
 
+def _time_prefill(plan: Plan, runner: dict, ids: np.ndarray, warmup: int) -> dict:
+    """Time the runner's prefill of `ids` (1, T): a model forward, so the heavy repeats."""
+    return measure(
+        lambda: runner["prefill"](ids),
+        warmup=warmup,
+        min_repeats=plan.heavy_repeats,
+        max_repeats=plan.max_repeats,
+        budget_s=plan.budget_s,
+    )
+
+
 def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[dict]:
     out = []
     kind = "bf16" if runner.get("dtype") == "bfloat16" else "f32"
@@ -267,13 +262,7 @@ def _prefill(plan, runner, label, base, cfg, lengths, limits, device) -> list[di
         try:
             # the warm-up call is the one whose peak memory is read: it allocates everything
             mem = peak_rss(lambda ids=ids: runner["prefill"](ids), gpu=device == "cuda")
-            t = measure(
-                lambda ids=ids: runner["prefill"](ids),
-                warmup=0,
-                min_repeats=plan.heavy_repeats,
-                max_repeats=plan.max_repeats,
-                budget_s=plan.budget_s,
-            )
+            t = _time_prefill(plan, runner, ids, warmup=0)
             t["warmup"] = 1
         except Exception as e:
             out.append(error_record("generate", "prefill", label, e, params=params))
@@ -308,14 +297,7 @@ def _nocache(plan, runner, base, cfg, recs, read, ctxs) -> list[dict]:
             t = prefills[ctx]["time_s"]
             source = "the ref prefill record at T = ctx"
         else:
-            ids = np.zeros((1, ctx), np.int64)
-            t = measure(
-                lambda ids=ids: runner["prefill"](ids),
-                warmup=1,
-                min_repeats=plan.heavy_repeats,
-                max_repeats=plan.max_repeats,
-                budget_s=plan.budget_s,
-            )
+            t = _time_prefill(plan, runner, np.zeros((1, ctx), np.int64), warmup=1)
             source = "a forward over ctx tokens"
         metrics = {
             "tokens_per_s": 1 / t["min"],
@@ -345,15 +327,12 @@ def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
     lo, hi = start + 2, start + k + 1  # keys attended by the timed steps
     params = {**base, "B": B, "ctx": ctx, "contexts": [lo, hi]}
     try:
-        box: dict = {}
-        mem = peak_rss(
-            lambda: box.update(times=runner["decode"](B, start, k + 1)),
-            gpu=base["device"] == "cuda",
+        times, mem = with_peak_memory(
+            lambda: runner["decode"](B, start, k + 1), gpu=base["device"] == "cuda"
         )
-        times = box["times"]
     except Exception as e:
         return error_record("generate", "decode", label, e, params=params)
-    t = _step_stats(times)
+    t = step_stats(times)
     tps = B / t["min"]
     elt = 2 if runner.get("dtype") == "bfloat16" else 4
     metrics = {"tokens_per_s": tps, **_ceiling(cfg, B, (lo + hi) // 2, tps, read, elt), **mem}

@@ -40,17 +40,9 @@ from functools import partial
 
 import numpy as np
 
-from bench.backends import Backend, cuda_available
-from bench.harness import (
-    CacheFlusher,
-    cache_policy,
-    error_record,
-    llc_bytes,
-    measure,
-    record,
-    silent,
-)
-from bench.plan import Plan
+from bench.backends import Backend, cuda_available, torch_devices
+from bench.harness import CacheFlusher, cache_policy, error_record, llc_bytes, measure, record
+from bench.plan import Plan, SuiteSetup
 from bench.workload import device_limits, op_work, roofline
 
 
@@ -205,18 +197,6 @@ def native_ops(device: str) -> dict:
     return {op: pair(fn) for op, fn in fns.items()}
 
 
-def _native_backends() -> list[tuple[str, str]]:
-    """(backend label, device) of the torch baselines that can run here."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return []
-    out = [("torch-native", "cpu")]
-    if cuda_available():
-        out.append(("torch-native", "cuda"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -230,7 +210,7 @@ def _targets(backends: list[Backend], op: str):
         for variant, fns in variants.items():
             fwd, bwd = fns
             yield be.name, variant, be.device, be.asarray, be.sync(), fwd, fwd, bwd
-    for label, device in _native_backends():
+    for device in torch_devices():
         import torch
 
         fwd, fwd_graph, bwd = native_ops(device)[op]
@@ -239,7 +219,7 @@ def _targets(backends: list[Backend], op: str):
         def to(a, device=device):
             return torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a
 
-        yield label, "torch.nn.functional", device, to, sync, fwd, fwd_graph, bwd
+        yield "torch-native", "torch.nn.functional", device, to, sync, fwd, fwd_graph, bwd
 
 
 def _forward_backward(fwd, bwd, args: tuple, dout):
@@ -301,14 +281,8 @@ def _cast(a, dtype: str):
     return a.to(getattr(torch, dtype))
 
 
-def run(
-    plan: Plan,
-    backends: list[Backend],
-    limits: dict,
-    rng: np.random.Generator,
-    native: bool = True,
-    log=silent,
-) -> list[dict]:
+def run(setup: SuiteSetup) -> list[dict]:
+    plan, limits, rng = setup.plan, setup.limits, setup.rng
     llc = llc_bytes()
     flusher = CacheFlusher(llc)
     recs: list[dict] = []
@@ -319,11 +293,11 @@ def run(
         todo += [(*c, True) for c in gpu_cases(plan)]
         gpu_flush, l2 = _device_flusher()
     for i, (op, shape, passes, gpu_only) in enumerate(todo):
-        log(f"bench: ops {i + 1}/{len(todo)}: {op} {shape}")
+        setup.log(f"bench: ops {i + 1}/{len(todo)}: {op} {shape}")
         args_np, dout_np = make_inputs(op, shape, rng)
         dtype = shape.get("dtype", "float32")
-        for label, variant, device, to, sync, fwd, fwd_cache, bwd in _targets(backends, op):
-            if (not native and label == "torch-native") or (gpu_only and device != "cuda"):
+        for label, variant, device, to, sync, fwd, fwd_cache, bwd in _targets(setup.backends, op):
+            if (not setup.baselines and label == "torch-native") or (gpu_only and device != "cuda"):
                 continue
             try:
                 args = tuple(_cast(to(a), dtype) for a in args_np)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from bench import cli, harness, report, workload
 from bench.plan import TINY, make_plan
+from bench.ratios import compute_ratios, measured
 from ref.config import SIZES
 from ref.model import forward
 
@@ -155,7 +156,7 @@ def test_key_ratios_marked(tiny_run):
 def test_ratios_come_from_this_run(tiny_run):
     """The stored ratios are exactly what the stored records give."""
     _, doc = tiny_run
-    again = report.compute_ratios(doc)
+    again = compute_ratios(doc)
     assert [r["name"] for r in again] == [r["name"] for r in doc["ratios"]]
     for a, b in zip(again, doc["ratios"], strict=True):
         assert a["value"] == pytest.approx(b["value"], rel=1e-12)
@@ -282,6 +283,46 @@ def test_measure_counts_and_order():
     assert seen == ["before", "call"] * 3
 
 
+def test_step_stats_drop_the_warmup_step():
+    assert harness.step_stats([5.0, 1.0, 3.0]) == {"min": 1.0, "median": 2.0, "n": 2, "warmup": 1}
+    # a single step is the only figure there is: kept, and counted
+    assert harness.step_stats([4.0]) == {"min": 4.0, "median": 4.0, "n": 1, "warmup": 0}
+
+
+def test_with_peak_memory_returns_the_result():
+    result, mem = harness.with_peak_memory(lambda: 42)
+    assert result == 42 and set(mem) == {"peak_rss_bytes", "rss_before_bytes"}
+
+
+def test_measured_keeps_the_ok_records_of_a_suite_and_case():
+    recs = [
+        harness.record("generate", "decode", "ref"),
+        harness.record("generate", "prefill", "ref"),
+        harness.record("generate", "decode", "numba", status="error", reason="E: x"),
+        harness.record("ops", "gelu", "ref"),
+    ]
+    assert measured(recs, "generate") == recs[:2]
+    assert measured(recs, "generate", "decode") == recs[:1]
+
+
+def test_bench_imports_no_layer_above():
+    """bench/ sits below gpt2/: none of its modules imports gpt2 (issue 12's layering)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "bench"
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "gpt2", f"{path.relative_to(root.parent)}: {name}"
+
+
 def test_cache_policy_and_flusher():
     llc = 1 << 20
     assert harness.cache_policy(llc, llc) == "flushed"
@@ -390,8 +431,15 @@ def test_plans():
 
 
 def test_bad_flags(tmp_path, capsys):
+    from gpt2.cli import main as gpt2_main
+
+    # bench raises ValueError naming the flag; both command lines print it on one line, exit 2
     assert cli.main(["--tiny", "--suite", "ops,bogus", "--out", str(tmp_path)]) == 2
-    assert "--suite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("python -m bench: error: --suite: unknown suite(s) bogus")
+    assert len(err.splitlines()) == 1
+    assert gpt2_main(["bench", "--tiny", "--suite", "ops,bogus", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == err.replace("python -m bench", "gpt2 bench")
     assert cli.main(["--tiny", "--backends", "nope", "--out", str(tmp_path)]) == 2
     assert "--backends" in capsys.readouterr().err
     assert cli.main(["--quick", "--sizes", "999M", "--out", str(tmp_path)]) == 2
@@ -560,7 +608,7 @@ def test_issue6_gpu_ratios_from_synthetic_records():
     SYNTHETIC records fed in. This checks the report's selection and arithmetic, not GPU
     speed: the times, tokens/s and memory are made up (no GPU on the machine that runs it)."""
     doc = _synthetic_cuda_doc()
-    ratios = report.compute_ratios(doc)
+    ratios = compute_ratios(doc)
     got = {r["name"]: r for r in ratios}
 
     def t(op, be, direction, **m):
@@ -630,7 +678,7 @@ def test_cpu_only_run_has_no_gpu_rows(tiny_run):
     gives none of the GPU rows, and its report renders."""
     _, doc = tiny_run
     cpu = {**doc, "results": [r for r in doc["results"] if r["params"].get("device") != "cuda"]}
-    ratios = report.compute_ratios(cpu)
+    ratios = compute_ratios(cpu)
     assert ratios and not [r["name"] for r in ratios if r["name"].startswith("GPU ")]
     md = report.markdown({**cpu, "ratios": ratios})
     assert "GPU op rows" not in md and "| GPU " not in md
@@ -663,7 +711,7 @@ def test_gpu_check_script_parses_and_names_real_paths():
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "bench", "gpu_check.sh")
+    script = os.path.join(root, "bench", "tools", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script, encoding="utf-8").read()
     paths = re.findall(r"=((?:tests|weights)/[\w/.-]+)", text)

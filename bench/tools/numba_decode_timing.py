@@ -9,7 +9,7 @@ Prints, best and median of `repeat` timed calls after a warm-up call:
     capacity 1024 read through prefix views, Tk = 256 and 1024, for each batch size;
   * a whole decode step of a GPT-2 124M-shaped model with random weights and a KV cache
     holding `context` random keys and values per row, for each batch size: tokens/s, and the
-    memory-bandwidth ceiling: bytes read per step (weights once, wpe excepted, plus the KV
+    memory-bandwidth ceiling: bytes read per step (weights once, one row of wpe, plus the KV
     cache) over the streaming bandwidth, and the fraction of it reached.
 Not the benchmark (bench/ sweeps backends with the machine's limits); on a shared machine the
 medians show how much the other processes took.
@@ -18,19 +18,16 @@ medians show how much the other processes took.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from bench.harness import measure
+
 
 def _times_ms(fn, repeat: int) -> tuple[float, float]:
-    fn()  # warm-up: compilation, page faults of fresh buffers
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts) * 1e3, float(np.median(ts)) * 1e3
+    """(best, median) of `repeat` calls after a warm-up (compilation, page faults)."""
+    t = measure(fn, warmup=1, min_repeats=repeat, max_repeats=repeat, budget_s=0)
+    return t["min"] * 1e3, t["median"] * 1e3
 
 
 def _attention(batches: list[int], repeat: int) -> None:
@@ -84,19 +81,14 @@ def _stream_gbs(repeat: int) -> float:
 
 
 def _model(batches: list[int], context: int, repeat: int, gbs: float) -> None:
+    from bench.workload import random_params, weight_bytes
     from fast import get_backend
     from ref.config import SIZES
     from ref.model import KVCache, forward
-    from weights.layout import expected_shapes, nest
 
     cfg = SIZES["124M"]
     rng = np.random.default_rng(0)
-    flat = {
-        name: 0.02 * rng.standard_normal(shape, dtype=np.float32)
-        for name, shape in expected_shapes(cfg).items()
-    }
-    params = nest(flat, cfg)
-    weight_bytes = sum(a.nbytes for a in flat.values()) - flat["wpe"].nbytes  # wpe: one row
+    params = random_params(cfg, rng)
     single = {}  # backend -> tokens/s at B = 1, for the batched speed-up
     for B in batches:
         cache = KVCache(cfg, B, context + 1)
@@ -106,7 +98,7 @@ def _model(batches: list[int], context: int, repeat: int, gbs: float) -> None:
         cache.n_real[:] = context
         cache.length = context
         ids = rng.integers(0, cfg.n_vocab, (B, 1))  # (B, 1)
-        step_bytes = weight_bytes + 2 * cache.k[:, :, :, : context + 1].nbytes
+        step_bytes = weight_bytes(cfg) + 2 * cache.k[:, :, :, : context + 1].nbytes
         ceiling = B * gbs * 1e9 / step_bytes  # tokens/s
         for name in ("ref", "numba"):
             ops = get_backend(name)

@@ -16,19 +16,16 @@ single-token decode steps against a KV cache.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from bench.harness import measure
+
 
 def _best_ms(fn, args: tuple, repeat: int) -> float:
-    fn(*args)  # warm-up: compilation, page faults of fresh buffers
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    """The best of `repeat` calls after a warm-up (compilation, page faults of fresh buffers)."""
+    t = measure(lambda: fn(*args), warmup=1, min_repeats=repeat, max_repeats=repeat, budget_s=0)
+    return t["min"] * 1e3
 
 
 def _cases(rng: np.random.Generator) -> dict:
@@ -52,18 +49,14 @@ def _cases(rng: np.random.Generator) -> dict:
 
 
 def _model_times(repeat: int) -> None:
+    from bench.workload import random_params
     from fast import get_backend
     from ref.config import SIZES
     from ref.model import KVCache, forward
-    from weights.layout import expected_shapes, nest
 
     cfg = SIZES["124M"]
     rng = np.random.default_rng(0)
-    flat = {
-        name: (0.02 * rng.standard_normal(shape, dtype=np.float32))
-        for name, shape in expected_shapes(cfg).items()
-    }
-    params = nest(flat, cfg)
+    params = random_params(cfg, rng)
     ids = rng.integers(0, cfg.n_vocab, (1, 256))  # (1, 256)
     for name in ("ref", "numba"):
         ops = get_backend(name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fast import NUMPY_BACKENDS, get_backend
-from gpt2.progress import download_bar
+from gpt2.progress import download_bar, note
 from ref import beam as ref_beam
 from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
@@ -44,7 +44,7 @@ def load(
     if dtype != "float32" and backend in NUMPY_BACKENDS:
         raise ValueError(f"dtype {dtype} needs backend torch or triton ({backend} is float32)")
     ops = get_backend(backend)  # fail on a missing library before reading gigabytes
-    cfg, params = loader.load(model, cache_dir=cache_dir, progress=download_bar())
+    cfg, params = loader.load(model, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if backend in NUMPY_BACKENDS:
         return Model(cfg, params, ops)
     import torch

@@ -21,6 +21,9 @@ COMMANDS = {
 }
 
 
+EXIT_DOWNLOAD = 3  # a download failed (2 is bad usage, 130 an interrupt)
+
+
 class UsageError(ValueError):
     """A flag has an invalid value; the message names the flag and the allowed range."""
 
@@ -85,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from fast import BackendUnavailable
-    from weights import WeightsError
+    from weights import DownloadError, WeightsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except DownloadError as e:  # its own status: the flags were fine, the network was not
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DOWNLOAD
     except (UsageError, WeightsError, ValueError, FileNotFoundError, BackendUnavailable) as e:
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2

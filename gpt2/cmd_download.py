@@ -38,19 +38,21 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.progress import download_bar
-    from ref.config import SIZES, canonical_size
+    from gpt2.progress import download_bar, note
+    from ref.config import canonical_size
     from weights import download as dl
 
     size = canonical_size(args.name)
     if size is None:
-        raise UsageError(
-            f"unknown model {args.name!r}; expected one of {', '.join(SIZES)} "
-            "(or gpt2, gpt2-medium, gpt2-large, gpt2-xl)"
-        )
+        raise UsageError(dl.unknown_size(args.name))
     present = dl.is_complete(size, args.cache_dir) and not args.force
     path = dl.download(
-        size, args.cache_dir, source=args.source, force=args.force, progress=download_bar()
+        size,
+        args.cache_dir,
+        source=args.source,
+        force=args.force,
+        progress=download_bar(),
+        notify=note,
     )
     if args.verify:
         dl.verify(size, args.cache_dir)

@@ -230,14 +230,14 @@ def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | 
     """(cfg, params, TrainState or None): the model to train, from scratch or a checkpoint."""
     import numpy as np
 
-    from gpt2.progress import download_bar
+    from gpt2.progress import download_bar, note
     from ref.lora import add_lora, parse_targets, set_adapter_tensors
     from ref.train import TrainState, get_flat, param_names
     from weights import checkpoint, loader
 
     lora = s["lora_rank"] > 0
     source = resume_dir if (state is not None and not lora) else s["model"]
-    cfg, params = loader.load(source, cache_dir=cache_dir, progress=download_bar())
+    cfg, params = loader.load(source, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if lora:
         params = add_lora(
             params,

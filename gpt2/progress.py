@@ -58,6 +58,11 @@ def download_bar(enabled: bool | None = None) -> Callable[[int, str], Progress] 
     return lambda total, name: Progress(total, desc=name, unit="B", enabled=enabled)
 
 
+def note(message: str) -> None:
+    """A line for the user on stderr, outside any bar (the downloader's retries)."""
+    print(f"gpt2: {message}", file=sys.stderr, flush=True)
+
+
 def _fmt(x: float) -> str:
     for unit in ("", "k", "M", "G"):
         if abs(x) < 1000:

@@ -407,7 +407,7 @@ def test_loader_passes_progress_to_the_downloader(tmp_path, monkeypatch):
     bar = object()
     with pytest.raises(WeightsError, match="not this time"):
         loader.load("gpt2", cache_dir=str(tmp_path), progress=bar)
-    assert seen == {"size": "124M", "progress": bar}
+    assert seen == {"size": "124M", "progress": bar, "notify": None}
     with pytest.raises(WeightsError, match="not this time"):
         loader.load("gpt2", cache_dir=str(tmp_path))  # no bar unless the caller brings one
     assert seen["progress"] is None
@@ -578,7 +578,7 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "env"))
     assert dl.model_dir("774M") == str(tmp_path / "env" / "774M")
     assert dl.model_dir("gpt2", str(tmp_path / "arg")) == str(tmp_path / "arg" / "124M")
-    with pytest.raises(WeightsError, match="unknown model size 'gpt3'"):
+    with pytest.raises(WeightsError, match="unknown model 'gpt3'"):
         dl.model_dir("gpt3")
 
 
@@ -643,4 +643,5 @@ def test_cli_download_json_and_error(server, tmp_path, monkeypatch, capsys):
 
     rc = main(["download", "355M", "--cache-dir", str(tmp_path), "--source", "openai"])
     err = capsys.readouterr().err
-    assert rc == 2 and f"{server.url}/models/355M/checkpoint" in err and "404" in err
+    # a failed download has its own exit status (3), not bad usage's 2
+    assert rc == 3 and f"{server.url}/models/355M/checkpoint" in err and "404" in err

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from real_weights import cached_124m, needs_124m
 
 import gpt2
 from gpt2 import api
@@ -641,29 +642,16 @@ def test_cli_rejects_bad_flags_before_loading(cli, argv, flag):
 # OpenAI's 124M weights (skipped where they are not downloaded)
 
 
-def real_model_dir() -> str | None:
-    base = os.environ.get("GPT2_CACHE") or os.path.expanduser("~/.cache/gpt2-spec")
-    path = os.path.join(base, "124M")
-    try:
-        from weights.loader import detect_format
-
-        detect_format(path)
-    except Exception:
-        return None
-    return path
-
-
-needs_weights = pytest.mark.skipif(real_model_dir() is None, reason="GPT-2 124M not downloaded")
 PROMPT = "I enjoy walking with my cute dog"
 
 
 @pytest.fixture(scope="module")
 def real_model():
-    return gpt2.load(real_model_dir())
+    return gpt2.load(cached_124m())
 
 
 @pytest.mark.real_weights
-@needs_weights
+@needs_124m
 def test_real_greedy(real_model):
     n = 50 - len(encode(PROMPT))  # 50 tokens in all
     r = gpt2.generate(real_model, PROMPT, n)[0]
@@ -674,7 +662,7 @@ def test_real_greedy(real_model):
 
 
 @pytest.mark.real_weights
-@needs_weights
+@needs_124m
 def test_real_beam_search(real_model):
     n = 50 - len(encode(PROMPT))
     r = gpt2.generate(

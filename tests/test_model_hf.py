@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from real_weights import SKIP_REASON, cached_124m
 
 from gpt2 import api
 from ref.evaluate import evaluate
 from ref.generate import generate, left_pad
 from ref.model import forward
-from weights import WeightsError, loader
+from weights import loader
 from weights.tokenizer import decode, encode
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -223,32 +224,11 @@ def test_tokenizer_matches_openai():
     assert encode("Hello my name is") == [15496, 616, 1438, 318]
 
 
-def _cached_124m() -> str | None:
-    """The 124M model directory in the cache ($GPT2_CACHE or ~/.cache/gpt2-spec), if whole."""
-    roots = [os.environ.get("GPT2_CACHE"), os.path.expanduser("~/.cache/gpt2-spec")]
-    for root in filter(None, roots):
-        path = os.path.join(root, "124M")
-        try:
-            fmt = loader.detect_format(path)
-            if fmt == "hf":
-                files = loader.hf_files(path)
-            else:
-                from weights import tf_checkpoint
-
-                prefix = tf_checkpoint.checkpoint_prefix(path)
-                files = [prefix + ".index", prefix + ".data-00000-of-00001"]
-        except WeightsError:
-            continue
-        if all(os.path.exists(f) for f in files):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def gpt2_124m() -> api.Model:
-    path = _cached_124m()
+    path = cached_124m()
     if path is None:
-        pytest.skip("the 124M weights are not in the cache (gpt2 download 124M, or set GPT2_CACHE)")
+        pytest.skip(SKIP_REASON)
     cfg, params = loader.load(path)
     return api.Model(cfg, params)
 

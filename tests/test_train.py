@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from real_weights import SKIP_REASON, cached_124m
 from tiny_model import TINY, tiny_params, torch_loss
 
 from ref.config import GPT2Config
@@ -372,13 +373,6 @@ def test_validation_loss_counts_every_target_once():
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def _weights_dir() -> str | None:
-    for root in (os.environ.get("GPT2_CACHE"), os.path.expanduser("~/.cache/gpt2-spec")):
-        if root and os.path.isdir(os.path.join(root, "124M")):
-            return os.path.join(root, "124M")
-    return None
-
-
 # llm.c (train_gpt2.c / test_gpt2.c): the expected losses of ten AdamW steps on one batch.
 LLMC_LOSSES = [
     5.270007,
@@ -418,9 +412,9 @@ def test_llmc_tiny_shakespeare_tokens():
 
 @pytest.mark.real_weights
 def test_llmc_reference_run_124m():
-    path = _weights_dir()
+    path = cached_124m()
     if path is None:
-        pytest.skip("GPT-2 124M weights not found in $GPT2_CACHE/124M or ~/.cache/gpt2-spec/124M")
+        pytest.skip(SKIP_REASON)
     from weights.loader import load
 
     val = np.array(llmc_shakespeare_tokens()[:32768])  # the validation split

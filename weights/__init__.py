@@ -9,6 +9,11 @@ class WeightsError(ValueError):
     """
 
 
+class DownloadError(WeightsError):
+    """A download failed: no source could be reached, or what came back was wrong. The
+    command line exits with a status of its own for it (3), not bad usage's 2."""
+
+
 def read_error(path: str, e: OSError) -> WeightsError:
     """The WeightsError for an OSError met while reading `path`: a missing file, or why it
     cannot be read (a directory, no permission, an I/O error)."""

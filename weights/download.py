@@ -41,7 +41,11 @@ Verified files are recorded in .partial.json as they land (so a later run does n
 again); when all are in, .complete.json (files, sizes, sha256) is written atomically, and
 `is_complete` requires it plus every listed file with the recorded size. Connection errors,
 timeouts and 5xx/429 answers are retried with exponential backoff, at most `retries` times in a
-row without progress. A lock file keeps two processes from writing the same model at once.
+row without progress, each retry announced through `notify`. A host that cannot be reached at
+all (its name does not resolve, the connection is refused, no route) is not retried: the
+source is given up at once, so a machine without a network fails in about a second, with a
+DownloadError that says what to do instead. A lock file keeps two processes from writing the
+same model at once; a model directory left holding nothing but it is removed again.
 
 Progress. This layer draws nothing itself: `progress` is a `BarFactory`, called once per file
 with the size the server declares (0 when it declares none) and the file's name; the bar it
@@ -54,11 +58,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import http.client
 import ipaddress
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -67,7 +73,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ref.config import SIZES, canonical_size, read_json
-from weights import WeightsError
+from weights import DownloadError, WeightsError
 from weights.checkpoint import write_json
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -117,6 +123,10 @@ class _Transient(Exception):
     """A failure worth retrying: connection cut, timeout, 5xx. Never leaves this module."""
 
 
+class _Unreachable(Exception):
+    """The host cannot be reached at all (no name, refused, no route): not worth a retry."""
+
+
 class _Restart(Exception):
     """The part file cannot be continued (bad Content-Range, 416): start the file again."""
 
@@ -130,13 +140,18 @@ def cache_root(cache_dir: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
+def unknown_size(name: str) -> str:
+    """The message for a name that is not one of the released sizes."""
+    return (
+        f"unknown model {name!r}; expected one of {', '.join(SIZES)} "
+        "(or gpt2, gpt2-medium, gpt2-large, gpt2-xl), a model directory or a .safetensors file"
+    )
+
+
 def _size(name: str) -> str:
     size = canonical_size(name)
     if size is None:
-        raise WeightsError(
-            f"unknown model size {name!r}; expected one of {', '.join(SIZES)} "
-            "(or gpt2, gpt2-medium, gpt2-large, gpt2-xl)"
-        )
+        raise WeightsError(unknown_size(name))
     return size
 
 
@@ -312,7 +327,11 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
                 raise _Transient(f"HTTP {code} {e.reason}{hop}") from None
             raise WeightsError(f"HTTP {code} {e.reason}{hop}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise _Transient(f"{getattr(e, 'reason', e)}{hop}") from None
+            reason = getattr(e, "reason", e)
+            if _unreachable(reason):
+                host = urllib.parse.urlsplit(url).hostname
+                raise _Unreachable(f"{host} could not be reached ({reason})") from None
+            raise _Transient(f"{reason}{hop}") from None
         for key in (
             "content-length",
             "content-range",
@@ -327,6 +346,24 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
                 declared[key] = value
         return resp, declared, url
     raise WeightsError(f"more than {MAX_REDIRECTS} redirects")
+
+
+# errnos of a host that is not there for us: no route, nothing listening, no local address
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+    errno.EADDRNOTAVAIL,
+    errno.ENETDOWN,
+}
+
+
+def _unreachable(reason: object) -> bool:
+    """Whether a connection failure means the host cannot be reached at all (retrying will
+    not help within a command's lifetime), as opposed to a timeout or a cut connection."""
+    if isinstance(reason, socket.gaierror):  # the name does not resolve: no DNS, no network
+        return True
+    return isinstance(reason, OSError) and reason.errno in _UNREACHABLE_ERRNOS
 
 
 def _strip_query(url: str) -> str:
@@ -493,11 +530,14 @@ def fetch(
     retries: int = 5,
     backoff: float = 1.0,
     progress: BarFactory | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict:
     """Download `url` to `dest` through `dest`.part, verified; returns {size, sha256, ...}.
 
     `retries` bounds consecutive failed attempts that brought no new bytes; waits grow as
-    backoff * 2**k seconds. `progress` makes each attempt's bar; None (or False) draws none.
+    backoff * 2**k seconds, and `notify(message)` hears of each retry before its wait.
+    `progress` makes each attempt's bar; None (or False) draws none. An unreachable host
+    raises DownloadError at once.
     """
     check_url(url)
     make_bar = progress or _no_bar
@@ -507,8 +547,10 @@ def fetch(
         before = os.path.getsize(part) if os.path.exists(part) else 0
         try:
             return _attempt(url, dest, source, timeout, make_bar)
+        except _Unreachable as e:
+            raise DownloadError(str(e)) from None
         except WeightsError as e:
-            raise WeightsError(f"{dest}: download from {url} failed: {e}") from None
+            raise DownloadError(f"{dest}: download from {url} failed: {e}") from None
         except _Restart as e:
             _remove(part)
             last = str(e)
@@ -519,8 +561,14 @@ def fetch(
             failures = 0 if after > before else failures + 1
         if failures > retries:
             break
-        time.sleep(backoff * 2 ** max(failures - 1, 0))
-    raise WeightsError(f"{dest}: download from {url} failed after retries: {last}")
+        wait = backoff * 2 ** max(failures - 1, 0)
+        if notify is not None:
+            notify(
+                f"{os.path.basename(dest)}: {last}; retrying in {wait:g} s "
+                f"({failures} of {retries} retries without progress)"
+            )
+        time.sleep(wait)
+    raise DownloadError(f"{dest}: download from {url} failed after retries: {last}")
 
 
 class _NoBar:
@@ -595,12 +643,14 @@ def download(
     retries: int = 5,
     backoff: float = 1.0,
     progress: BarFactory | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> str:
     """Download model `size` (unless already complete) and return its directory.
 
     `source`: "openai", "hf" or "auto" (OpenAI's bucket, then Hugging Face if that fails).
     `force`: fetch again even when the cache holds a complete copy.
-    `progress`: a bar per file (see `fetch`); None draws none.
+    `progress`: a bar per file (see `fetch`); None draws none. `notify`: hears of retries.
+    Raises DownloadError when no source gives the model.
     """
     size = _size(size)
     if source not in (*SOURCES, "auto"):
@@ -613,6 +663,29 @@ def download(
     except OSError as e:
         raise WeightsError(f"{directory}: cannot create the cache directory ({e})") from None
     kw = {"timeout": timeout, "retries": retries, "backoff": backoff, "progress": progress}
+    kw["notify"] = notify
+    return _download_locked(size, directory, order, bases, force, cache_dir, kw)
+
+
+def _remove_if_only_lock(directory: str) -> None:
+    """A first download that failed before any file arrived leaves nothing behind: the
+    directory would otherwise look like a (broken) model to whoever lists the cache."""
+    with contextlib.suppress(OSError):
+        if os.listdir(directory) == [LOCK]:
+            os.remove(os.path.join(directory, LOCK))
+            os.rmdir(directory)
+
+
+OFFLINE_HINT = (
+    "without a network, run on weights you have: --model DIR (a model directory, either "
+    "format) or --model FILE.safetensors, or set GPT2_CACHE to a cache that holds the model "
+    "(`gpt2 download NAME` fills one where there is a network)"
+)
+
+
+def _download_locked(
+    size: str, directory: str, order: list, bases: dict, force: bool, cache_dir, kw: dict
+) -> str:
     with _locked(directory):
         if force:
             _remove(os.path.join(directory, MANIFEST))
@@ -633,7 +706,10 @@ def download(
             write_json(os.path.join(directory, MANIFEST), manifest)
             _remove(os.path.join(directory, PARTIAL))
             return directory
-    if len(errors) == 1:
-        raise errors[0][1]
+        _remove_if_only_lock(directory)  # still holding the lock
     said = "; ".join(f"[{src}] {e}" for src, e in errors)
-    raise WeightsError(f"{directory}: could not download {size} from any source: {said}")
+    if all("could not be reached" in str(e) for _, e in errors):
+        raise DownloadError(f"could not download {size}: {said}; {OFFLINE_HINT}")
+    if len(errors) == 1:
+        raise DownloadError(str(errors[0][1]))
+    raise DownloadError(f"{directory}: could not download {size} from any source: {said}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -146,14 +148,23 @@ def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict
     return cfg, check_and_nest(flat, cfg, prefix, check_finite)
 
 
+def looks_like_size(name: str) -> bool:
+    """'125M', '1.5B', 'gpt2-small': meant as a released size, not as a path."""
+    key = name.strip().lower().removeprefix("openai-community/")
+    return bool(re.fullmatch(r"\d+(\.\d+)?[mb]|gpt-?2([-_]\w+)?", key))
+
+
 def load(
     model: str,
     cache_dir: str | None = None,
     download: bool = True,
     progress: BarFactory | None = None,
+    notify: Callable[[str], None] | None = None,
 ):
     """`--model` -> (cfg, params). Size names come from the cache, downloaded on first use,
-    with a bar per file from `progress` (a weights.download.BarFactory; None draws none)."""
+    with a bar per file from `progress` (a weights.download.BarFactory; None draws none) and
+    retries announced to `notify`. A name that looks like a size but is none (125M) and is
+    no path either is refused as an unknown model, not as a missing file."""
     # A bare size name always means the cache (write ./gpt2 for a directory named gpt2).
     bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
     size = canonical_size(model) if bare else None
@@ -164,8 +175,12 @@ def load(
         if not dl.is_complete(size, cache_dir):
             if not download:
                 raise WeightsError(f"{path}: model {size} is not downloaded (gpt2 download {size})")
-            path = dl.download(size, cache_dir, progress=progress)
+            path = dl.download(size, cache_dir, progress=progress, notify=notify)
         model = path
+    elif bare and not os.path.exists(model) and looks_like_size(model):
+        from weights import download as dl
+
+        raise WeightsError(dl.unknown_size(model))
     try:
         fmt = detect_format(model)
         return load_hf(model) if fmt == "hf" else load_tf(model)

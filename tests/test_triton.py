@@ -119,7 +119,8 @@ def test_layernorm_backward_partials_over_many_rows():
 def test_layernorm_forward_several_rows_per_program(N, C):
     """Enough short rows that each forward program takes several (ROWS > 1), N not a
     multiple of ROWS: the last program's extra rows must be masked off."""
-    assert tln._fwd_rows(triton.next_power_of_2(C), N) > 1
+    rows, _ = tln._fwd_launch(triton.next_power_of_2(C), N, tln.FWD_ELEMENTS, tln.FWD_WARPS)
+    assert rows > 1
     rng = np.random.default_rng(N)
     x, g, b = randn(rng, N, C, scale=2.0), randn(rng, C) + 1.0, randn(rng, C)
     want, cache = ops.layernorm_forward(x, g, b)

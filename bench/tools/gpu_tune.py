@@ -2,15 +2,17 @@
 
     python -m bench.tools.gpu_tune [--only attention_fwd_bf16,layernorm,...] [--workers 8]
 
-Each family sets one group of a kernel file's config constants (FWD_CONFIG, FWD_ELEMENTS,
-BIAS_ROWS, FUSED_CONFIG, ...) to each candidate in turn, checks the result against the torch op
-it replaces (relative L2 error), and times it with triton.testing.do_bench (median of CUDA-
-event timings, the L2 cleared before every call) beside that torch op. It prints, per family,
-the candidates fastest first; the winners are then written by hand into the constants, where
-a comment names this script. `--workers N` first compiles every candidate in N processes
-(Triton's on-disk cache then serves the timing process): compiling, not timing, is most of a
-sweep's time. The in-place cross-entropy variant is not swept (it overwrites its input, so
-every timed call would need a fresh copy); it launches with FUSED_CONFIG.
+Each family calls one launcher with each candidate in turn, passed as the launcher's config
+arguments (`config=`, `dkdv_config=`, `dq_config=`, `elements=`, `rows=`, ...; their defaults
+are the kernel files' constants FWD_CONFIG, FWD_ELEMENTS, BIAS_ROWS, FUSED_CONFIG, ...), checks
+the result against the torch op it replaces (relative L2 error), and times it with
+triton.testing.do_bench (median of CUDA-event timings, the L2 cleared before every call)
+beside that torch op. It prints, per family, the candidates fastest first; the winners are
+then written by hand into the constants, where a comment names this script. `--workers N`
+first compiles every candidate in N processes (Triton's on-disk cache then serves the timing
+process): compiling, not timing, is most of a sweep's time. The in-place cross-entropy variant
+is not swept (it overwrites its input, so every timed call would need a fresh copy); it
+launches with FUSED_CONFIG.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fast.triton import crossentropy as tc
 from fast.triton import gelu as tg
 from fast.triton import layernorm as tln
 
-Case = tuple[str, Callable[[], None], Callable[[], object]]  # name, apply config, run
+Case = tuple[str, Callable[[], object]]  # name, run (the launcher with that candidate)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,44 +62,43 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
     out = {}
     warps_stages = [(4, 2), (4, 3), (8, 2), (8, 3), (4, 4)]
 
-    def attn_fwd(name, B, T, dtype, width, blocks, ws, Tq=None):
+    def attn_fwd(name, B, T, dtype, blocks, ws, Tq=None):
         q, k, v = _attn_inputs(B, 12, Tq or T, T, dtype)
         want = _sdpa(q, k, v)
         cases = []
         for (bm, bn), (w, s) in itertools.product(blocks, ws):
 
-            def apply(c=(bm, bn, w, s)):
-                ta.FWD_CONFIG[width] = c
+            def run(c=(bm, bn, w, s)):
+                return ta.attention_forward(q, k, v, config=c)[0]
 
-            run = lambda: ta.attention_forward(q, k, v)[0]  # noqa: E731
-            cases.append((f"BM={bm} BN={bn} w={w} s={s}", apply, run))
+            cases.append((f"BM={bm} BN={bn} w={w} s={s}", run))
         out[name] = (cases, lambda: _sdpa(q, k, v), lambda o: _rel(o, want))
 
-    attn_fwd("attention_fwd_bf16", 8, 1024, torch.bfloat16, 2,
+    attn_fwd("attention_fwd_bf16", 8, 1024, torch.bfloat16,
              [(64, 64), (128, 64), (128, 128), (64, 128), (128, 32)], warps_stages)  # fmt: skip
-    attn_fwd("attention_fwd_fp32", 1, 1024, torch.float32, 4,
+    attn_fwd("attention_fwd_fp32", 1, 1024, torch.float32,
              [(32, 32), (64, 32), (64, 64), (128, 32)], [(4, 1), (4, 2), (8, 2)])  # fmt: skip
-    attn_fwd("attention_decode_fp32", 1, 1024, torch.float32, 4,
+    attn_fwd("attention_decode_fp32", 1, 1024, torch.float32,
              [(16, 32), (16, 64), (16, 128)], [(2, 2), (4, 2), (4, 3)], Tq=1)  # fmt: skip
-    attn_fwd("attention_decode_bf16", 1, 1024, torch.bfloat16, 2,
+    attn_fwd("attention_decode_bf16", 1, 1024, torch.bfloat16,
              [(16, 64), (16, 128), (16, 256)], [(2, 2), (4, 2), (4, 3)], Tq=1)  # fmt: skip
 
-    def attn_bwd(name, B, T, dtype, width, which, blocks, ws):
+    def attn_bwd(name, B, T, dtype, which, blocks, ws):
         q, k, v = _attn_inputs(B, 12, T, T, dtype)
         dout = torch.randn_like(q)
         qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
         ref_out = _sdpa(qr, kr, vr)
         want = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
         _, cache = ta.attention_forward(q, k, v)
-        table = ta.DKDV_CONFIG if which == "dkdv" else ta.DQ_CONFIG
         cases = []
         for (bm, bn), (w, s) in itertools.product(blocks, ws):
 
-            def apply(c=(bm, bn, w, s)):
-                table[width] = c
+            def run(c=(bm, bn, w, s)):  # the other kernel keeps its default
+                if which == "dkdv":
+                    return ta.attention_backward(dout, cache, dkdv_config=c)
+                return ta.attention_backward(dout, cache, dq_config=c)
 
-            cases.append((f"{which} BM={bm} BN={bn} w={w} s={s}", apply,
-                          lambda: ta.attention_backward(dout, cache)))  # fmt: skip
+            cases.append((f"{which} BM={bm} BN={bn} w={w} s={s}", run))
 
         def base():
             o = _sdpa(qr, kr, vr)
@@ -110,11 +111,11 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
 
     kv_blocks = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)]
     q_blocks = [(64, 32), (128, 32), (64, 64), (128, 64), (128, 16)]
-    attn_bwd("attention_dkdv_bf16", 8, 1024, torch.bfloat16, 2, "dkdv", kv_blocks, warps_stages)
-    attn_bwd("attention_dq_bf16", 8, 1024, torch.bfloat16, 2, "dq", q_blocks, warps_stages)
+    attn_bwd("attention_dkdv_bf16", 8, 1024, torch.bfloat16, "dkdv", kv_blocks, warps_stages)
+    attn_bwd("attention_dq_bf16", 8, 1024, torch.bfloat16, "dq", q_blocks, warps_stages)
     fp32_ws = [(4, 1), (4, 2), (8, 2)]
-    attn_bwd("attention_dkdv_fp32", 4, 256, torch.float32, 4, "dkdv", kv_blocks[:3], fp32_ws)
-    attn_bwd("attention_dq_fp32", 4, 256, torch.float32, 4, "dq", q_blocks[:3], fp32_ws)
+    attn_bwd("attention_dkdv_fp32", 4, 256, torch.float32, "dkdv", kv_blocks[:3], fp32_ws)
+    attn_bwd("attention_dq_fp32", 4, 256, torch.float32, "dq", q_blocks[:3], fp32_ws)
 
     x = torch.randn(8 * 1024, 768, device="cuda")
     lw, lb = torch.randn(768, device="cuda"), torch.randn(768, device="cuda")
@@ -122,11 +123,10 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
     cases = []
     for el, w in itertools.product([1024, 2048, 4096, 8192], [None, 2, 4, 8]):
 
-        def apply(c=(el, w)):
-            tln.FWD_ELEMENTS, tln.FWD_WARPS = c
+        def run(el=el, w=w):
+            return tln.layernorm_forward(x, lw, lb, elements=el, warps=w)[0]
 
-        run = lambda: tln.layernorm_forward(x, lw, lb)[0]  # noqa: E731
-        cases.append((f"elements={el} warps={w}", apply, run))
+        cases.append((f"elements={el} warps={w}", run))
     out["layernorm"] = (cases, lambda: F.layer_norm(x, (768,), lw, lb), lambda o: _rel(o, want_ln))
 
     h = torch.randn(8 * 1024, 3072, device="cuda")
@@ -137,11 +137,10 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
         [(1, 1024), (2, 1024), (4, 512), (4, 1024), (8, 512), (2, 2048), (1, 4096)], [4, 8]
     ):
 
-        def apply(c=(r, bh, w)):
-            tg.BIAS_ROWS, tg.BIAS_BLOCK_H, tg.NUM_WARPS = c
+        def run(r=r, bh=bh, w=w):
+            return tg.bias_gelu_forward(h, hb, rows=r, block_h=bh, warps=w)[0]
 
-        run = lambda: tg.bias_gelu_forward(h, hb)[0]  # noqa: E731
-        cases.append((f"rows={r} block_h={bh} warps={w}", apply, run))
+        cases.append((f"rows={r} block_h={bh} warps={w}", run))
     out["bias_gelu"] = (
         cases, lambda: F.gelu(h + hb, approximate="tanh"), lambda o: _rel(o, want_bg),
     )  # fmt: skip
@@ -151,10 +150,10 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
     cases = []
     for blk, w in itertools.product([1024, 2048, 4096], [4, 8]):
 
-        def apply(c=(blk, w)):
-            tg.BLOCK, tg.NUM_WARPS = c
+        def run(blk=blk, w=w):
+            return tg.gelu_forward(g, block=blk, warps=w)[0]
 
-        cases.append((f"block={blk} warps={w}", apply, lambda: tg.gelu_forward(g)[0]))
+        cases.append((f"block={blk} warps={w}", run))
     out["gelu"] = (cases, lambda: F.gelu(g, approximate="tanh"), lambda o: _rel(o, want_g))
 
     logits = torch.randn(8 * 1024, 50257, device="cuda") * 3
@@ -164,16 +163,19 @@ def families() -> dict[str, tuple[list[Case], Callable[[], object], Callable[[ob
     one = torch.ones((), device="cuda")
     cases = []
     for fused, bv, w in itertools.product([False, True], [2048, 4096, 8192], [4, 8, 16]):
+        if fused:  # the fused backward launches nothing: it hands over the forward's gradient
 
-        def apply(c=(bv, w), fused=fused):
-            if fused:
-                tc.FUSED_CONFIG = c
-            else:
-                tc.ONLINE_CONFIG = c
+            def run(c=(bv, w)):
+                cache = tc.crossentropy_forward_fused(logits, targets, config=c)[1]
+                return tc.crossentropy_backward(one, cache)
 
-        fwd = tc.crossentropy_forward_fused if fused else tc.crossentropy_forward
-        run = lambda fwd=fwd: tc.crossentropy_backward(one, fwd(logits, targets)[1])  # noqa: E731
-        cases.append((f"{'fused' if fused else 'online'} BV={bv} warps={w}", apply, run))
+        else:  # online: the candidate serves the forward and the backward kernel
+
+            def run(c=(bv, w)):
+                cache = tc.crossentropy_forward(logits, targets, config=c)[1]
+                return tc.crossentropy_backward(one, cache, config=c)
+
+        cases.append((f"{'fused' if fused else 'online'} BV={bv} warps={w}", run))
 
     def ce_base():
         return torch.autograd.grad(F.cross_entropy(lr, targets), lr)[0]
@@ -196,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(f, c) for f in names for c in fams[f][0]]
     if args.shard:
         i, n = (int(p) for p in args.shard.split("/"))
-        for f, (_, apply, run) in todo[i::n]:
+        for f, (_, run) in todo[i::n]:
             try:
-                apply()
                 run()
             except Exception as e:  # reported again, with its name, by the timing pass
                 print(f"compile {f}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
@@ -219,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         cases, base, check = fams[f]
         t_base = do_bench(base, warmup=25, rep=100, return_mode="median")
         rows = []
-        for name, apply, run in cases:
+        for name, run in cases:
             try:
-                apply()
                 err = check(run())
                 t = do_bench(run, warmup=25, rep=100, return_mode="median")
                 rows.append((t, name, err, None))

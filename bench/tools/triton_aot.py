@@ -58,8 +58,9 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
-    """(kernel, dtype, constexprs, num_warps, num_stages) as the launchers use them, at GPT-2's
-    sizes (head sizes 64 and 128). quick: one configuration per kernel."""
+    """(kernel, dtype, constexprs, num_warps, num_stages) as the launchers use them with their
+    default configs (the kernel files' tuned constants), at GPT-2's sizes (head sizes 64 and
+    128). quick: one configuration per kernel."""
     from fast.triton import attention as ta
     from fast.triton import crossentropy as tc
     from fast.triton import gelu as tg
@@ -68,8 +69,7 @@ def cases(dtypes: list[str], arch: int = 90, quick: bool = False):
     both = (True,) if quick else (False, True)
     for dt in dtypes:
         for block_c in (1024,) if quick else (1024, 2048):  # C = 768 (124M), 1600 (1558M)
-            rows = tln._fwd_rows(block_c, 1 << 20)
-            warps = tln.FWD_WARPS or min(tln._warps(block_c * rows), 16)
+            rows, warps = tln._fwd_launch(block_c, 1 << 20, tln.FWD_ELEMENTS, tln.FWD_WARPS)
             yield tln._layernorm_fwd_kernel, dt, {"ROWS": rows, "BLOCK_C": block_c}, warps, 3
             bwd_warps = tln._warps(block_c)
             yield tln._layernorm_bwd_kernel, dt, {"BLOCK_C": block_c}, bwd_warps, 3

@@ -15,32 +15,24 @@ a numpy array's elements lie in one buffer, so every row of that span is memory 
 owns, and the kernel reads only the rows of a. Otherwise (the model's slices of qkv, rows 3C
 apart; reversed, transposed or read-only arrays) k and v are copied once into compact rows,
 O(Tk hs) per head against the O(Tq Tk hs) of a prompt. In a decode step (Tq = 1) a copy
-would move more bytes than the attention reads (at B = 16, Tk = 256 it made numba's decode
-slower than the reference's), hence the views.
+would move more bytes than the attention reads, hence the views.
 
 Keys are taken four at a time: `_dot4` computes four dot products in one pass over hs (LLVM
 vectorises it over hs), and the value updates add four keys per pass. The last group of a
 query's keys may pass its causal limit `last`: its rows are clamped to `last`, and those
-keys, like masked ones, get score -inf, so they never count. Four at a time was 2.5-3x
-faster than one score per key against a transposed k (measured on the project's 2-core
-machine, T = 1024, NH = 12, hs = 64). One thread owns a whole (b, h) (prange over B * NH),
-so no two threads write the same output or gradient. Calls with little work (a decode step
-of one sequence) run the same code on the calling thread instead (`_SERIAL_BELOW`).
+keys, like masked ones, get score -inf, so they never count. Four at a time is faster than
+one score per key against a transposed k (figures in bench/README.md). One thread owns a
+whole (b, h) (prange over B * NH), so no two threads write the same output or gradient.
+Calls with little work (a decode step of one sequence) run the same code on the calling
+thread instead (`_SERIAL_BELOW`).
 
 Decode step (Tq = 1): the kernel streams each head's keys and values once, but its loop of
 dot products, softmax and weighted sums keeps too few loads in flight to stream from DRAM,
-so it prefetches (numba_common.prefetch) the key rows _AHEAD keys on and the block's value
-rows while scoring: 2-2.8x faster once k, v outgrow the caches (B = 16, Tk = 256 and 1024).
-Per layer (NH = 12, hs = 64, a KV cache of capacity 1024), best of 8 calls, the range over
-three runs on the project's 2-core machine (one under load),
-`python -m bench.tools.numba_decode_timing`;
-"before" is the per-call padded copy of commit 72b3374:
-    B = 16, Tk = 256:  before 5.8-7.6 ms, now 0.62-1.5 ms (reference 1.1-1.2 ms)
-    B = 16, Tk = 1024: before 15.6-19.4 ms, now 2.0-3.2 ms (reference 3.7-3.9 ms)
-    B = 1,  Tk = 256:  before 0.86-0.89 ms, now 0.068-0.082 ms (reference 0.053-0.057 ms)
-    B = 1,  Tk = 1024: before 3.1-3.6 ms, now 0.20-0.26 ms (reference 0.13 ms: there k, v
-    stay in the caches from call to call, where BLAS's matrix-vector products beat the
-    four-at-a-time dot products)
+so it prefetches (`prefetch` of fast/numba/common.py) the key rows _AHEAD keys on and the
+block's value rows while scoring, which pays once k, v outgrow the caches. When they fit in
+the caches from call to call (one sequence), the reference's BLAS matrix-vector products
+can beat the four-at-a-time dot products. Figures in bench/README.md, from
+`python -m bench.tools.numba_decode_timing`.
 
 Forward, per query row i: keys in blocks of K, scores s_j = (q_i * scale) . k_j; the online
 softmax (Milakov and Gimelshein 2018) keeps a running maximum m, a running sum
@@ -71,7 +63,7 @@ import numpy as np
 from numba import prange
 from numpy.lib.stride_tricks import as_strided
 
-from fast.numba.common import FASTMATH, check_attention, check_f32, exp32, prefetch
+from fast.numba.common import FASTMATH, check_attention, check_attention_dout, exp32, prefetch
 
 _BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 did as well)
@@ -345,9 +337,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
     q, k, v, mask, out, lse = cache
-    dout = check_f32("attention_backward", "dout", dout)
-    if dout.shape != q.shape:
-        raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
+    dout = check_attention_dout(dout, q)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
     dq = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)

@@ -9,12 +9,13 @@ Kernels (one file each, forward and backward side by side):
     fast/numba/flash.py        causal attention on BLAS tiles (prompts, training)
 `attention` dispatches on shape: numba_flash (numpy BLAS on tiles, Numba online softmax) when
 Tq >= 16 and Tk >= 256, numba_attention otherwise (decode steps and short prompts, where
-numba_flash's fixed ~0.2 ms a call dominates; `python -m bench.tools.numba_flash_timing`).
+numba_flash's fixed cost per call dominates; `python -m bench.tools.numba_flash_timing`).
 `linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather).
 
 Compilation: every kernel is `cache=True`, so the machine code is written next to the source
-(`fast/__pycache__`) on first use and loaded from there afterwards; inputs are normalised to
-C-contiguous float32 so each kernel has one signature. Importing this module compiles nothing.
+(`fast/numba/__pycache__`) on first use and loaded from there afterwards; inputs are normalised
+to C-contiguous float32 so each kernel has one signature. Importing this module compiles
+nothing.
 """
 
 import numpy as np

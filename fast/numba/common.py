@@ -2,12 +2,13 @@
 a prefetch hint.
 
 Threading layer: on a 2-core machine shared with other processes, numba's OpenMP layer (GNU
-libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial
-(LayerNorm forward on (4096, 768): 16-20 ms with omp, 1.0 ms with workqueue, 1.1 ms on one
-thread, measured under load with `NUMBA_THREADING_LAYER=omp python -m bench.tools.numba_timing`
-against the default); the "workqueue" layer does not spin. It is pinned here unless the user
-chose one through NUMBA_THREADING_LAYER. The layer is read when the first parallel kernel
-runs, so setting the config at import (before any kernel has run) is enough.
+libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial;
+the "workqueue" layer does not spin (figures in bench/README.md, from
+`NUMBA_THREADING_LAYER=omp python -m bench.tools.numba_timing` against the default). It is
+pinned here unless the user chose one through NUMBA_THREADING_LAYER. Numba reads the setting
+when it starts its thread pool (the first parallel kernel, or numba.set_num_threads), so it
+must be in place before any kernel runs: hence this one assignment at import, the only
+setting fast/numba changes outside itself.
 
 fastmath: {"reassoc", "contract"} lets LLVM vectorise float32 reductions (sums, dot products)
 and fuse multiply-adds. "nnan"/"ninf" are left out on purpose: the attention kernels rely on
@@ -25,7 +26,7 @@ NaN stays NaN, so a diverged model shows NaN as it does with the reference.
 prefetch: LLVM's `llvm.prefetch` (x86 PREFETCHT0), a hint to start loading a cache line that
 will be read soon. A kernel whose loop mixes loads with long dependency chains (attention's
 decode step: dot products, softmax, weighted sums) does not keep enough loads in flight to
-stream from DRAM on its own; the hint does (see fast/numba/attention.py for the figures).
+stream from DRAM on its own; the hint does (fast/numba/attention.py; figures in bench/README.md).
 """
 
 from __future__ import annotations
@@ -189,3 +190,12 @@ def check_attention(q, k, v, key_mask) -> tuple[np.ndarray, np.ndarray]:
             f"attention: key_mask must be bool of shape ({B}, {Tk}), got {mask.dtype} {mask.shape}"
         )
     return q, np.array(mask, order="C")  # (B, Tk), a writeable copy
+
+
+def check_attention_dout(dout, q: np.ndarray) -> np.ndarray:
+    """The attention backwards' shared check: dout as check_f32 makes it, with q's shape
+    (B, NH, Tq, hs)."""
+    dout = check_f32("attention_backward", "dout", dout)
+    if dout.shape != q.shape:
+        raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
+    return dout

@@ -10,8 +10,8 @@ backward. Here the forward reads each row twice (max, then sum of exp32) and kee
 lse (N,); the backward writes dlogits in one pass, so the (N, V) probability matrix is made
 once, directly as the gradient. Ignored rows are skipped in the forward's exp pass.
 The row maxima come from numpy's `max(axis=1)`: LLVM does not vectorise a float max reduction
-in a Numba loop (it would need no-NaN semantics), and the scalar loop made the forward 2-4x
-slower (measured on (256, 50257)); numpy's max is SIMD and propagates NaN.
+in a Numba loop (it would need no-NaN semantics), so the scalar loop made the forward slower
+(figures in bench/README.md); numpy's max is SIMD and propagates NaN.
 
 Variants: "numba" (parallel over rows). Limits: float32 logits (made C-contiguous), integer
 targets; a target outside [0, V) that is not ignore_index is refused by name.

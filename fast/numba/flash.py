@@ -15,14 +15,14 @@ tiles of all B * NH heads at once (numpy's OpenBLAS, one gemm per head per tile,
 (128, 64) x (64, 256)), and the elementwise work between them is a `parallel=True` Numba kernel
 over the heads. The Python loop runs over tile pairs only (20 in the forward at T = 1024), so
 its overhead is tens of microseconds against milliseconds of arithmetic.
-Threads: OpenBLAS keeps its two threads (numpy's default here). Capping it at one
-(threadpoolctl) made the forward 1.3-1.6x slower (T = 1024, NH = 12, on the project's shared
-2-core machine). Numba's threads and OpenBLAS's take turns rather than nest; OpenBLAS's
-threads spin for a while after each gemm, so the Numba kernels gained little from their
-second thread (8.4 against 7.7 ms of 20 ms), but they lost nothing either.
+Threads: OpenBLAS keeps its two threads (numpy's default here): capping it at one
+(threadpoolctl) made the forward slower. Numba's threads and OpenBLAS's take turns rather
+than nest; OpenBLAS's threads spin for a while after each gemm, so the Numba kernels gain
+little from their second thread, but lose nothing either.
 k and v are read in place when their rows of hs floats have unit stride (the model's slices
-of qkv, row stride 3C): copying them first made the forward slower, not faster (B = 4,
-T = 256: 22-28 against 7-8 ms; T = 1024: the same within noise).
+of qkv, row stride 3C): copying them first made the forward slower, not faster.
+Figures for both in bench/README.md (`python -m bench.tools.numba_flash_timing --blas-threads 1`
+times the forward with OpenBLAS capped).
 
 Forward, per query tile Q (rows q0 .. q0 + bq - 1, pre-scaled by scale = 1 / sqrt(hs)) and key
 tile K, V (keys k0 .. k0 + bk - 1), with the online softmax (Milakov and Gimelshein 2018):
@@ -41,9 +41,9 @@ outer, with D_i = sum_j att_ij datt_ij = dout_i . out_i computed once:
     p = exp(Q K^T - lse)  (0 where hidden);   dv[K] += p^T dout[Q]
     dp = dout[Q] V^T;   ds = p * (dp - D)
     dq[Q] += ds K scale;   dk[K] += ds^T Q scale   (Q already holds q * scale)
-p and ds come out of one pass over the tile (dp is computed first, as it does not need p; 5%
-faster than two passes). The first query tile of a key tile writes dk[K], dv[K] from gemm;
-tall query tiles (512 rows) keep the number of `+=` small. All accumulation happens in numpy
+p and ds come out of one pass over the tile (dp is computed first, as it does not need p),
+not two. The first query tile of a key tile writes dk[K], dv[K] from gemm; tall query tiles
+(512 rows) keep the number of `+=` small. All accumulation happens in numpy
 calls made in a fixed order from one Python thread (the Numba kernels only write their own
 tile), so no two threads add into the same gradient, and results are bit-identical from run
 to run.
@@ -51,9 +51,10 @@ to run.
 Cache: q * scale, k, v (views when the inputs were), the padding bias (B, Tk), out and lse
 (B, NH, Tq): O(T) per row beyond the inputs.
 
-Variants: "numba_flash". Limits: float32. Meant for prompts and training: each call costs a
-fixed ~0.2 ms (allocations, a few parallel launches), so for a decode step (Tq = 1) or a tiny
-prompt `fast.numba.attention` is faster (see bench/tools/numba_flash_timing.py).
+Variants: "numba_flash". Limits: float32. Meant for prompts and training: each call has a
+fixed cost (allocations, a few parallel launches) that dominates a decode step (Tq = 1) or a
+tiny prompt, where fast/numba/attention.py is faster (`python -m bench.tools.numba_flash_timing`;
+figures in bench/README.md).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from fast.numba.common import FASTMATH, check_attention, check_f32, exp32
+from fast.numba.common import FASTMATH, check_attention, check_attention_dout, exp32
 
 _BQ = 128  # queries per tile
 _BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12
@@ -78,7 +79,7 @@ _ONE = np.float32(1.0)
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def _row_max(row, brow, n):
     # max_c (row[c] + brow[c]) over c < n, in eight independent chains: one chain is bound by
-    # the latency of max (0.51 against 0.27 ns a score on the project's machine)
+    # the latency of max
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _NEG_INF
     n8 = n - n % 8
     for c in range(0, n8, 8):
@@ -249,9 +250,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
     qs, k, v, bias, out, lse = cache
-    dout = check_f32("attention_backward", "dout", dout)
-    if dout.shape != qs.shape:
-        raise ValueError(f"attention_backward: dout {dout.shape} must match q {qs.shape}")
+    dout = check_attention_dout(dout, qs)
     B, NH, Tq, hs = qs.shape
     Tk = k.shape[2]
     off = Tk - Tq

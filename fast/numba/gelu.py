@@ -35,6 +35,11 @@ _M2S = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 
+# Below this many elements the forwards run on the calling thread: a parallel launch costs
+# ~100 us here, more than a decode step's (B, 1, 4C) GELU takes serially (measured on the
+# project's 2-core machine).
+_SERIAL_BELOW = 2**17
+
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def _gelu(x):
@@ -48,12 +53,6 @@ def _gelu_grad(x):
     th = (_ONE - e) / (_ONE + e)  # tanh(u)
     du_dx = _S * (_ONE + _A3 * (x * x))
     return _HALF * (_ONE + th) + _HALF * x * (_ONE - th * th) * du_dx
-
-
-# Below this many elements the forwards run on the calling thread: a parallel launch costs
-# ~100 us here, more than a decode step's (B, 1, 4C) GELU takes serially (measured on the
-# project's 2-core machine).
-_SERIAL_BELOW = 2**17
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)

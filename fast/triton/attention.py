@@ -21,8 +21,10 @@ float32, float16, bfloat16 (accumulation is float32; float32 matmuls use IEEE pr
 TF32, so float32 results match the reference), any strides (the model passes views of its qkv
 buffer and KV cache).
 Blocks and launch options: FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG below, per input width, tuned
-on an H100 (DECODE_CONFIG, BM = 16, for a decode step: Tq <= 16). Variants: "flash" (those
-defaults), "flash64" and "flash32" (both passes at (BM, BN) = (64, 64), (32, 32)).
+on an H100 (DECODE_CONFIG, BM = 16, for a decode step: Tq <= 16); they are the defaults of the
+launchers' `config`, `dkdv_config`, `dq_config` arguments, which bench/tools/gpu_tune.py
+sweeps. Variants: "flash" (those defaults), "flash64" and "flash32" (both passes at
+(BM, BN) = (64, 64), (32, 32)).
 Forward details: scores are kept in log2 units (scale * log2 e) for exp2; the key blocks
 visible to every query of a block are walked first without causal or bounds masks, then the
 blocks on the diagonal with them (FlashAttention-2's split of the causal loop).
@@ -41,11 +43,21 @@ from fast.triton.common import check_device, check_float
 MAX_HEAD_SIZE = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which runs over B * NH
 
-
 # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction. The kernels write log2(e)
 # = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals (a jit function reads no
 # plain Python globals).
 LOG2E = 1.4426950408889634
+
+# (BM, BN, num_warps, num_stages) per kernel and input width (4: float32, 2: float16/bfloat16),
+# from sweeping them on an H100 at GPT-2's shapes with `python -m bench.tools.gpu_tune`
+# (results in bench/README.md).
+# A decode step (Tq <= 16) takes DECODE_CONFIG: BM = 16, the smallest block tl.dot accepts.
+# dk, dv walk query blocks of BM for each key block of BN (large BN, small BM pays); dq the
+# other way round.
+FWD_CONFIG = {4: (32, 32, 4, 2), 2: (128, 64, 8, 3)}
+DECODE_CONFIG = {4: (16, 64, 4, 2), 2: (16, 128, 2, 2)}  # Tq <= 16
+DKDV_CONFIG = {4: (32, 64, 8, 2), 2: (64, 64, 4, 3)}
+DQ_CONFIG = {4: (64, 64, 8, 2), 2: (64, 64, 4, 3)}
 
 
 @triton.jit
@@ -53,6 +65,43 @@ def _load_tile(ptr, rows, cols, s_row, s_col, row_ok, hs):
     """The (R, BD) tile ptr[rows * s_row + cols * s_col], zero outside row_ok and past hs."""
     ok = row_ok[:, None] & (cols < hs)[None, :]
     return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col, mask=ok, other=0.0)
+
+
+@triton.jit
+def _head(NH):
+    """(bh, b, h) of this program: the grid's axis 1 runs over the B * NH heads."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    return bh, b, bh % NH
+
+
+@triton.jit
+def _query_rows(q_base, sqt, sqd, do_ptr, lse_ptr, delta_ptr, bh, offs_m, offs_d, Tq, hs):
+    """The query side of a backward block: q, dout (BM, BD), lse, delta (BM,), zero past Tq,
+    and row_ok (BM,). dout, lse and delta are contiguous: (B * NH, Tq, hs), (B * NH, Tq)."""
+    row_ok = offs_m < Tq
+    q = _load_tile(q_base, offs_m, offs_d, sqt, sqd, row_ok, hs)  # (BM, BD)
+    do = _load_tile(do_ptr + bh * Tq * hs, offs_m, offs_d, hs, 1, row_ok, hs)  # (BM, BD)
+    lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+    return q, do, lse, delta, row_ok
+
+
+@triton.jit
+def _key_rows(
+    k_base, skt, skd, v_base, svt, svd, mask_base, smt, offs_n, offs_d, Tk, hs,
+    HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """The key side of a backward block: k, v (BN, BD), zero past Tk, col_ok (BN,) (keys
+    before Tk) and key_ok (BN,) (those that are not padding either)."""
+    col_ok = offs_n < Tk
+    k = _load_tile(k_base, offs_n, offs_d, skt, skd, col_ok, hs)  # (BN, BD)
+    v = _load_tile(v_base, offs_n, offs_d, svt, svd, col_ok, hs)  # (BN, BD)
+    key_ok = col_ok
+    if HAS_MASK:
+        km = tl.load(mask_base + offs_n * smt, mask=col_ok, other=0)
+        key_ok = key_ok & (km != 0)
+    return k, v, col_ok, key_ok
 
 
 @triton.jit
@@ -121,9 +170,7 @@ def _attn_fwd_kernel(
     BD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // NH
-    h = bh % NH
+    bh, b, h = _head(NH)
     shift = Tk - Tq  # query i sits at absolute position shift + i
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -193,30 +240,24 @@ def _attn_bwd_dkdv_kernel(
     BD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // NH
-    h = bh % NH
+    bh, b, h = _head(NH)
     shift = Tk - Tq
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
-    col_ok = offs_n < Tk
-    k = _load_tile(k_ptr + b * skb + h * skh, offs_n, offs_d, skt, skd, col_ok, hs)  # (BN, BD)
-    v = _load_tile(v_ptr + b * svb + h * svh, offs_n, offs_d, svt, svd, col_ok, hs)  # (BN, BD)
-    key_ok = col_ok
-    if HAS_MASK:
-        km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
-        key_ok = key_ok & (km != 0)
+    k, v, col_ok, key_ok = _key_rows(
+        k_ptr + b * skb + h * skh, skt, skd, v_ptr + b * svb + h * svh, svt, svd,
+        mask_ptr + b * smb, smt, offs_n, offs_d, Tk, hs, HAS_MASK,
+    )  # fmt: skip
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     lo = tl.maximum(pid_n * BN - shift, 0)  # queries before lo see none of these keys
     lo = (lo // BM) * BM
     for start_m in range(lo, Tq, BM):
         offs_m = start_m + tl.arange(0, BM)
-        row_ok = offs_m < Tq
-        q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_d, sqt, sqd, row_ok, hs)
-        do = _load_tile(do_ptr + bh * Tq * hs, offs_m, offs_d, hs, 1, row_ok, hs)  # (BM, BD)
-        lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
-        delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+        q, do, lse, delta, row_ok = _query_rows(
+            q_ptr + b * sqb + h * sqh, sqt, sqd, do_ptr, lse_ptr, delta_ptr, bh, offs_m,
+            offs_d, Tq, hs,
+        )  # fmt: skip
         visible = (offs_n[None, :] <= shift + offs_m[:, None]) & key_ok[None, :] & row_ok[:, None]
         p, ds = _att_and_ds(
             q, k, v, do, lse, delta, visible, scale * 1.4426950408889634, PRECISION
@@ -253,28 +294,23 @@ def _attn_bwd_dq_kernel(
     BD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // NH
-    h = bh % NH
+    bh, b, h = _head(NH)
     shift = Tk - Tq
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
-    row_ok = offs_m < Tq
-    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, offs_d, sqt, sqd, row_ok, hs)  # (BM, BD)
-    do = _load_tile(do_ptr + bh * Tq * hs, offs_m, offs_d, hs, 1, row_ok, hs)  # (BM, BD)
-    lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
-    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BM,)
+    q, do, lse, delta, row_ok = _query_rows(
+        q_ptr + b * sqb + h * sqh, sqt, sqd, do_ptr, lse_ptr, delta_ptr, bh, offs_m, offs_d,
+        Tq, hs,
+    )  # fmt: skip
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     hi = tl.minimum(Tk, shift + (pid_m + 1) * BM)
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
-        col_ok = offs_n < Tk
-        k = _load_tile(k_ptr + b * skb + h * skh, offs_n, offs_d, skt, skd, col_ok, hs)
-        v = _load_tile(v_ptr + b * svb + h * svh, offs_n, offs_d, svt, svd, col_ok, hs)
-        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & col_ok[None, :]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * smb + offs_n * smt, mask=col_ok, other=0)
-            visible = visible & (km != 0)[None, :]
+        k, v, _, key_ok = _key_rows(
+            k_ptr + b * skb + h * skh, skt, skd, v_ptr + b * svb + h * svh, svt, svd,
+            mask_ptr + b * smb, smt, offs_n, offs_d, Tk, hs, HAS_MASK,
+        )  # fmt: skip
+        visible = (offs_n[None, :] <= shift + offs_m[:, None]) & key_ok[None, :]
         _, ds = _att_and_ds(
             q, k, v, do, lse, delta, visible, scale * 1.4426950408889634, PRECISION
         )  # (BM, BN)
@@ -328,20 +364,6 @@ def _shared_bytes(bm: int, bn: int, bd: int, elem: int) -> int:
     return (28 if elem == 4 else 9) * max(bm, bn) * bd
 
 
-# (BM, BN, num_warps, num_stages) per kernel and input width (4: float32, 2: float16/bfloat16),
-# from sweeping them on an H100 at GPT-2's shapes (bench/tools/gpu_tune.py; notes in
-# bench/README.md).
-# A decode step (Tq <= 16) takes DECODE_CONFIG: BM = 16, the smallest block tl.dot accepts.
-# dk, dv walk query blocks of BM for each key block of BN (large BN, small BM pays); dq the
-# other way round.
-# Measured (H100, 2026-11-22): bf16 B=8 NH=12 T=1024 forward 71 us = 0.72x SDPA's flash
-# kernel; a float32 decode step at Tk=1024 73 us (SDPA's 116 us).
-FWD_CONFIG = {4: (32, 32, 4, 2), 2: (128, 64, 8, 3)}
-DECODE_CONFIG = {4: (16, 64, 4, 2), 2: (16, 128, 2, 2)}  # Tq <= 16
-DKDV_CONFIG = {4: (32, 64, 8, 2), 2: (64, 64, 4, 3)}
-DQ_CONFIG = {4: (64, 64, 8, 2), 2: (64, 64, 4, 3)}
-
-
 def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
     """(BM, BN, BD, dot precision): the requested blocks, halved until they fit the GPU."""
     BD = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot needs every side >= 16
@@ -357,16 +379,20 @@ def _blocks(q: torch.Tensor, bm: int, bn: int) -> tuple[int, int, int, str]:
 
 
 def attention_forward(
-    q, k, v, key_mask=None, *, block_m: int | None = None, block_n: int | None = None
-):
+    q, k, v, key_mask=None, *, block_m: int | None = None, block_n: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
+):  # fmt: skip
     """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
     -> out (B, NH, Tq, hs); cache = (q, k, v, mask8, out, lse, blocks).
-    block_m, block_n: the forward's blocks (default FWD_CONFIG for q's dtype)."""
+    config: the forward's (BM, BN, num_warps, num_stages), default FWD_CONFIG (DECODE_CONFIG
+    when Tq <= 16) for q's dtype; block_m, block_n replace its blocks, and backward's too."""
     _check(q, k, v, key_mask)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
-    config = (DECODE_CONFIG if Tq <= 16 else FWD_CONFIG)[min(q.element_size(), 4)]
-    BM, BN, BD, precision = _blocks(q, block_m or config[0], block_n or config[1])
+    if config is None:
+        config = (DECODE_CONFIG if Tq <= 16 else FWD_CONFIG)[min(q.element_size(), 4)]
+    bm, bn, warps, stages = config
+    BM, BN, BD, precision = _blocks(q, block_m or bm, block_n or bn)
     out = torch.empty(B, NH, Tq, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tq, hs)
     lse = torch.empty(B, NH, Tq, dtype=torch.float32, device=q.device)  # (B, NH, Tq)
     mask8 = None if key_mask is None else key_mask.to(torch.int8)  # (B, Tk)
@@ -379,14 +405,19 @@ def attention_forward(
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
             NH, Tq, Tk, hs, LOG2E / math.sqrt(hs),
             HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
-            num_warps=config[2], num_stages=config[3],
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     asked = (BM, BN) if block_m or block_n else None  # backward takes the same, if asked
     return out, (q, k, v, mask8, out, lse, asked)
 
 
-def attention_backward(dout, cache):
-    """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
+def attention_backward(
+    dout, cache, *, dkdv_config: tuple[int, int, int, int] | None = None,
+    dq_config: tuple[int, int, int, int] | None = None,
+):  # fmt: skip
+    """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs).
+    dkdv_config, dq_config: each kernel's (BM, BN, num_warps, num_stages), default DKDV_CONFIG,
+    DQ_CONFIG for q's dtype, with the blocks the forward was given, if any."""
     q, k, v, mask8, out, lse, blocks = cache
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
@@ -403,10 +434,17 @@ def attention_backward(dout, cache):
     dv = torch.empty(B, NH, Tk, hs, dtype=q.dtype, device=q.device)  # (B, NH, Tk, hs)
     mask_arg = lse if mask8 is None else mask8
     smb, smt = (0, 0) if mask8 is None else mask8.stride()
-    for kernel, config in ((_attn_bwd_dkdv_kernel, DKDV_CONFIG), (_attn_bwd_dq_kernel, DQ_CONFIG)):
+    launches = (
+        (_attn_bwd_dkdv_kernel, dkdv_config, DKDV_CONFIG),
+        (_attn_bwd_dq_kernel, dq_config, DQ_CONFIG),
+    )
+    for kernel, config, table in launches:
         if not B * NH:
             break
-        BM, BN, BD, precision = _blocks(q, *(blocks or config[width][:2]))
+        if config is None:
+            config = (*(blocks or table[width][:2]), *table[width][2:])
+        bm, bn, warps, stages = config
+        BM, BN, BD, precision = _blocks(q, bm, bn)
         dkdv = kernel is _attn_bwd_dkdv_kernel
         grid = (triton.cdiv(Tk, BN) if dkdv else triton.cdiv(Tq, BM), B * NH)
         kernel[grid](
@@ -414,7 +452,7 @@ def attention_backward(dout, cache):
             *q.stride(), *k.stride(), *v.stride(), smb, smt,
             NH, Tq, Tk, hs, 1.0 / math.sqrt(hs),
             HAS_MASK=mask8 is not None, PRECISION=precision, BM=BM, BN=BN, BD=BD,
-            num_warps=config[width][2], num_stages=config[width][3],
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return dq, dk, dv
 

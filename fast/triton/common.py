@@ -3,7 +3,7 @@
 Triton compiles for a GPU. On a machine without one, its interpreter runs the same kernels
 on CPU tensors with numpy, slowly, which is how the tests check them here. The interpreter is
 chosen when the kernels are *defined* (`@triton.jit` reads TRITON_INTERPRET at decoration
-time), so TRITON_INTERPRET=1 must be in the environment before any `fast.triton_*` module is
+time), so TRITON_INTERPRET=1 must be in the environment before any `fast.triton.*` module is
 imported; a launcher whose kernel is compiled refuses CPU tensors with a clear error instead
 of crashing inside the driver.
 """
@@ -14,6 +14,8 @@ import torch
 import triton
 
 from fast import BackendUnavailable
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what check_float accepts
 
 
 class TritonDeviceError(BackendUnavailable, ValueError):
@@ -51,9 +53,6 @@ def row_block(n: int, op: str, name: str, limit: int = 1 << 16) -> int:
     if n > limit:
         raise ValueError(f"{op}: {name}={n} exceeds the kernel's row limit of {limit}")
     return triton.next_power_of_2(n)
-
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_float(op: str, **tensors: torch.Tensor | None) -> None:

@@ -28,9 +28,9 @@ import triton.language as tl
 
 from fast.triton.common import check_device, check_float
 
-# (BV, num_warps) per variant, from sweeping both with bench/tools/gpu_tune.py on an H100
-# (2026-11-22), forward + backward on 8 x 1024 rows of 50,257 float32: fused 1.94 ms (2.5x
-# F.cross_entropy), online 2.35 ms (2.1x).
+# (BV, num_warps) per variant, the defaults of the launchers' `config`: from sweeping both with
+# `python -m bench.tools.gpu_tune --only crossentropy` on an H100, forward + backward on
+# 8 x 1024 rows of 50,257 float32 (results in bench/README.md).
 ONLINE_CONFIG = (8192, 4)
 FUSED_CONFIG = (8192, 16)
 
@@ -118,7 +118,7 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> No
         raise ValueError(f"{op}: target {first} is outside the vocabulary [0, {V})")
 
 
-def _forward(logits, targets, ignore_index: int, fused: bool, inplace: bool = False):
+def _forward(logits, targets, ignore_index: int, fused: bool, inplace: bool, config):
     _check(logits, targets, ignore_index)
     N, V = logits.shape
     if inplace and not logits.is_contiguous():
@@ -130,7 +130,7 @@ def _forward(logits, targets, ignore_index: int, fused: bool, inplace: bool = Fa
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
     grad = (logits if inplace else torch.empty_like(logits)) if fused else lse  # (N, V)
     inv_count = (1.0 / count).reshape(1)  # (1,)
-    block_v, warps = FUSED_CONFIG if fused else ONLINE_CONFIG
+    block_v, warps = config
     if N:
         _ce_fwd_kernel[(N,)](
             logits, targets, losses, lse, grad, inv_count, V, ignore_index,
@@ -142,22 +142,28 @@ def _forward(logits, targets, ignore_index: int, fused: bool, inplace: bool = Fa
     return loss, (logits, targets, lse, count, None, ignore_index)
 
 
-def crossentropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-    """logits (N, V), targets (N,) int -> mean loss () float32 ("online" variant)."""
-    return _forward(logits, targets, ignore_index, fused=False)
+def crossentropy_forward(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+    config: tuple[int, int] = ONLINE_CONFIG,
+):  # fmt: skip
+    """logits (N, V), targets (N,) int -> mean loss () float32 ("online" variant).
+    config: the forward kernel's (BV, num_warps)."""
+    return _forward(logits, targets, ignore_index, fused=False, inplace=False, config=config)
 
 
 def crossentropy_forward_fused(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace: bool = False
-):
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    inplace: bool = False, *, config: tuple[int, int] = FUSED_CONFIG,
+):  # fmt: skip
     """As `crossentropy_forward`, also writing the gradient in the same pass ("fused").
     inplace: the gradient overwrites the logits (each block is read before it is written), so
     the op allocates no (N, V) buffer at all; the caller's logits are gone afterwards."""
-    return _forward(logits, targets, ignore_index, fused=True, inplace=inplace)
+    return _forward(logits, targets, ignore_index, fused=True, inplace=inplace, config=config)
 
 
-def crossentropy_backward(dloss, cache) -> torch.Tensor:
-    """dloss () -> dlogits (N, V); works for the caches of both variants."""
+def crossentropy_backward(dloss, cache, *, config: tuple[int, int] = ONLINE_CONFIG) -> torch.Tensor:
+    """dloss () -> dlogits (N, V); works for the caches of both variants.
+    config: the "online" backward kernel's (BV, num_warps) (the fused variant launches none)."""
     logits, targets, lse, count, grad, ignore_index = cache
     dloss = torch.as_tensor(dloss, dtype=torch.float32, device=lse.device)
     if grad is not None:  # "fused": the forward wrote the gradient for dloss = 1
@@ -165,7 +171,7 @@ def crossentropy_backward(dloss, cache) -> torch.Tensor:
             return grad
         return (grad.float() * dloss).to(grad.dtype)
     N, V = logits.shape
-    block_v, warps = ONLINE_CONFIG
+    block_v, warps = config
     dlogits = torch.empty_like(logits)  # (N, V)
     coef = (dloss / count).reshape(1)  # (1,)
     if N:
@@ -181,7 +187,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, fused, inplace):
-        loss, cache = _forward(logits, targets, ignore_index, fused, inplace and fused)
+        config = FUSED_CONFIG if fused else ONLINE_CONFIG
+        loss, cache = _forward(logits, targets, ignore_index, fused, inplace and fused, config)
         ctx.cache = cache
         return loss
 

@@ -10,16 +10,13 @@ portable tanh; sigmoid is exact in float32 for large |u| where 2 sigmoid(2u) - 1
 
 Variants: "gelu" (elementwise, 1D blocks) and "bias_gelu" (out = gelu(x + b) for x (N, H) and
 b (H,), one pass over (ROWS, BLOCK_H) tiles that load the bias slice once, saving x and b, not
-x + b, which backward recomputes; backward returns dxb
-and db = sum over rows of dxb, from float32 partial sums per row group written by the kernel
-and added on the host, as LayerNorm's dg, db). The forward saves x (or x + b) only, backward
-recomputes s: one read of x instead of saving a second activation. Math is float32 for
-float16 and bfloat16 inputs.
+x + b, which backward recomputes; backward returns dxb and db = sum over rows of dxb, from
+float32 partial sums per row group written by the kernel and added on the host, as
+LayerNorm's dg, db). The forwards save their inputs only and backward recomputes s: one read
+of x instead of saving a second activation. Math is float32 for float16 and bfloat16 inputs.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -27,8 +24,14 @@ import triton.language as tl
 
 from fast.triton.common import check_device, check_float
 
-GELU_SCALE = math.sqrt(2.0 / math.pi)
-BLOCK = 1024
+# Blocks, tiles and warps from sweeping them with `python -m bench.tools.gpu_tune --only
+# bias_gelu,gelu` on an H100 (results in bench/README.md); each is the default of the launchers'
+# keyword argument named after it.
+BLOCK = 1024  # block: elements per GELU program
+BIAS_BLOCK_H = 512  # block_h: columns per bias + GELU program
+BIAS_ROWS = 4  # rows: rows per tile, 2,048 elements per forward program
+BIAS_GROUPS = 128  # groups: row groups of the backward (partial sums of db, summed on the host)
+NUM_WARPS = 8  # warps: every GELU kernel
 
 
 @triton.jit
@@ -125,14 +128,6 @@ def _bias_gelu_bwd_kernel(
     tl.store(db_part_ptr + group * H + cols, db, mask=col_ok)
 
 
-# Tiles and warps from sweeping them with bench/tools/gpu_tune.py on an H100 (2026-11-22); GELU on
-# 16 x 1024 x 3072 float32 ran at torch's speed (both at the copy bandwidth) for every choice.
-BIAS_BLOCK_H = 512  # columns per bias + GELU program
-BIAS_ROWS = 4  # rows per tile: 2,048 elements per forward program
-BIAS_GROUPS = 128  # row groups of the backward (partial sums of db, summed on the host)
-NUM_WARPS = 8  # every GELU kernel
-
-
 def _bias_shape(op: str, x: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     if b.dim() != 1 or x.dim() < 1 or x.shape[-1] != b.shape[0]:
         raise ValueError(
@@ -142,59 +137,59 @@ def _bias_shape(op: str, x: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     return x.numel() // H if H else 0, H
 
 
-def _launch_fwd(op: str, x: torch.Tensor, b: torch.Tensor | None):
+def _prepare(op: str, x: torch.Tensor, b: torch.Tensor | None):
+    """Check x (and b); -> x contiguous, an output like it."""
     check_float(op, x=x, b=b)
     check_device(_gelu_fwd_kernel, op, x=x, b=b)
     xf = x.contiguous()
-    out = torch.empty_like(xf)
-    if b is None:
-        n = xf.numel()
-        if n:
-            _gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](xf, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return out, xf
-    N, H = _bias_shape(op, x, b)
-    b = b.contiguous()
-    if N and H:
-        grid = (triton.cdiv(H, BIAS_BLOCK_H), triton.cdiv(N, BIAS_ROWS))
-        _bias_gelu_fwd_kernel[grid](
-            xf, b, out, N, H, ROWS=BIAS_ROWS, BLOCK_H=BIAS_BLOCK_H, num_warps=NUM_WARPS,
-        )  # fmt: skip
-    return out, b
+    return xf, torch.empty_like(xf)
 
 
-def _launch_bwd(op: str, dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def gelu_forward(x: torch.Tensor, *, block: int = BLOCK, warps: int = NUM_WARPS):
+    """x (...) -> gelu(x) (...); cache = (x,)."""
+    xf, out = _prepare("gelu_forward", x, None)
+    n = xf.numel()
+    if n:
+        _gelu_fwd_kernel[(triton.cdiv(n, block),)](xf, out, n, BLOCK=block, num_warps=warps)
+    return out, (xf,)
+
+
+def gelu_backward(dout: torch.Tensor, cache, *, block: int = BLOCK, warps: int = NUM_WARPS):
+    (x,) = cache
+    op = "gelu_backward"
     if dout.shape != x.shape:
         raise ValueError(f"{op}: dout has shape {tuple(dout.shape)}, expected {tuple(x.shape)}")
     check_device(_gelu_bwd_kernel, op, dout=dout, x=x)
-    doutf = dout.contiguous()
     dx = torch.empty_like(x)
     n = x.numel()
     if n:
-        _gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            doutf, x, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS
+        _gelu_bwd_kernel[(triton.cdiv(n, block),)](
+            dout.contiguous(), x, dx, n, BLOCK=block, num_warps=warps
         )
     return dx
 
 
-def gelu_forward(x: torch.Tensor):
-    """x (...) -> gelu(x) (...); cache = (x,)."""
-    out, xf = _launch_fwd("gelu_forward", x, None)
-    return out, (xf,)
-
-
-def gelu_backward(dout: torch.Tensor, cache):
-    (x,) = cache
-    return _launch_bwd("gelu_backward", dout, x)
-
-
-def bias_gelu_forward(x: torch.Tensor, b: torch.Tensor):
+def bias_gelu_forward(
+    x: torch.Tensor, b: torch.Tensor, *, rows: int = BIAS_ROWS, block_h: int = BIAS_BLOCK_H,
+    warps: int = NUM_WARPS,
+):  # fmt: skip
     """gelu(x + b): x (..., H), b (H,) -> (..., H); cache = (x, b): backward recomputes x + b
     (as many bytes read as a saved x + b, and the forward writes half as many)."""
-    out, bc = _launch_fwd("bias_gelu_forward", x, b)
-    return out, (x.contiguous(), bc)
+    op = "bias_gelu_forward"
+    xf, out = _prepare(op, x, b)
+    N, H = _bias_shape(op, x, b)
+    b = b.contiguous()
+    if N and H:
+        _bias_gelu_fwd_kernel[(triton.cdiv(H, block_h), triton.cdiv(N, rows))](
+            xf, b, out, N, H, ROWS=rows, BLOCK_H=block_h, num_warps=warps,
+        )  # fmt: skip
+    return out, (xf, b)
 
 
-def bias_gelu_backward(dout: torch.Tensor, cache):
+def bias_gelu_backward(
+    dout: torch.Tensor, cache, *, rows: int = BIAS_ROWS, block_h: int = BIAS_BLOCK_H,
+    groups: int = BIAS_GROUPS, warps: int = NUM_WARPS,
+):  # fmt: skip
     """-> dx (..., H) (= d(x + b)), db (H,) = sum over rows of dx (float32 partial sums per
     row group in the kernel, then over the groups here: no second pass over dx)."""
     x, b = cache
@@ -205,13 +200,13 @@ def bias_gelu_backward(dout: torch.Tensor, cache):
     H = b.shape[0]
     N = x.numel() // H if H else 0
     dx = torch.empty_like(x)  # (..., H)
-    groups = max(1, min(BIAS_GROUPS, triton.cdiv(N, BIAS_ROWS)))
+    groups = max(1, min(groups, triton.cdiv(N, rows)))
     per_group = triton.cdiv(N, groups) if N else 1
     db_part = torch.zeros(groups, H, dtype=torch.float32, device=x.device)  # (groups, H)
     if N and H:
-        _bias_gelu_bwd_kernel[(triton.cdiv(H, BIAS_BLOCK_H), groups)](
+        _bias_gelu_bwd_kernel[(triton.cdiv(H, block_h), groups)](
             dout.contiguous(), x, b, dx, db_part, N, H, per_group,
-            ROWS=BIAS_ROWS, BLOCK_H=BIAS_BLOCK_H, num_warps=NUM_WARPS,
+            ROWS=rows, BLOCK_H=block_h, num_warps=warps,
         )  # fmt: skip
     return dx, db_part.sum(dim=0).to(b.dtype)
 

@@ -26,6 +26,12 @@ import triton.language as tl
 
 from fast.triton.common import check_device, check_float, row_block
 
+# elements per forward program and its warps (None: one per 256 elements of the block, at most
+# 16), the defaults of layernorm_forward's `elements` and `warps`: from sweeping both with
+# `python -m bench.tools.gpu_tune --only layernorm` on an H100 (results in bench/README.md).
+FWD_ELEMENTS = 4096
+FWD_WARPS: int | None = 4
+
 
 @triton.jit
 def _layernorm_fwd_kernel(
@@ -108,20 +114,14 @@ def _warps(block_c: int) -> int:
     return min(max(block_c // 256, 1), 8)
 
 
-def _fwd_rows(block_c: int, n_rows: int) -> int:
-    """Rows per forward program: short rows are batched so that each program moves at least
-    ~4K elements (more bytes in flight per launch); one row when there are few."""
-    rows = max(1, min(FWD_ELEMENTS // block_c, 16))
+def _fwd_launch(block_c: int, n_rows: int, elements: int, warps: int | None) -> tuple[int, int]:
+    """(rows per forward program, num_warps). Short rows are batched so that each program moves
+    about `elements` elements (more bytes in flight per launch); one row when there are few.
+    warps None: one per 256 elements of the program's (rows, block_c) block, at most 16."""
+    rows = max(1, min(elements // block_c, 16))
     while rows > 1 and n_rows < 512 * rows:  # >= 512 programs: a few per multiprocessor
         rows //= 2
-    return rows
-
-
-# elements per forward program and its warps (None: one per 256 elements), from sweeping both
-# with bench/tools/gpu_tune.py on an H100 (2026-11-22): 8 x 1024 rows of 768 in 22 us, 1.45x
-# F.layer_norm; the neighbours of this choice were within 5%.
-FWD_ELEMENTS = 4096
-FWD_WARPS: int | None = 4
+    return rows, warps or min(_warps(block_c * rows), 16)
 
 
 def _check(op: str, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None) -> int:
@@ -136,8 +136,12 @@ def _check(op: str, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None) ->
     return row_block(C, op, "C")
 
 
-def layernorm_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float = 1e-5):
-    """x (..., C), g (C,), b (C,) -> out (..., C); cache = (x2d, g, mean, rstd)."""
+def layernorm_forward(
+    x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float = 1e-5, *,
+    elements: int = FWD_ELEMENTS, warps: int | None = FWD_WARPS,
+):  # fmt: skip
+    """x (..., C), g (C,), b (C,) -> out (..., C); cache = (x2d, g, mean, rstd).
+    elements, warps: elements per program and its warps (see FWD_ELEMENTS, FWD_WARPS)."""
     BLOCK_C = _check("layernorm_forward", x, g, b)
     C = x.shape[-1]
     x2d = x.reshape(-1, C).contiguous()  # (N, C)
@@ -146,10 +150,10 @@ def layernorm_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: fl
     mean = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     if N:
-        rows = _fwd_rows(BLOCK_C, N)
+        rows, num_warps = _fwd_launch(BLOCK_C, N, elements, warps)
         _layernorm_fwd_kernel[(triton.cdiv(N, rows),)](
             x2d, g.contiguous(), b.contiguous(), out, mean, rstd, N, C, 1.0 / C, eps,
-            ROWS=rows, BLOCK_C=BLOCK_C, num_warps=FWD_WARPS or min(_warps(BLOCK_C * rows), 16),
+            ROWS=rows, BLOCK_C=BLOCK_C, num_warps=num_warps,
         )  # fmt: skip
     return out.reshape(x.shape), (x2d, g, mean, rstd)
 

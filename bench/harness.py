@@ -351,6 +351,24 @@ def environment() -> dict:
     }
 
 
+def busy_machine(
+    cpu_count: int | None, start: list[float] | None, end: list[float] | None = None
+) -> str | None:
+    """A warning when the 1-minute load average (os.getloadavg()[0]) at the start or at the
+    end of a run is above the machine's CPU count; None otherwise. More runnable threads than
+    cores means other processes took CPU time from the benchmark: its times are slow, its
+    limits low, its fractions of them high."""
+    loads = [(label, x[0]) for label, x in (("at the start", start), ("at the end", end)) if x]
+    if not cpu_count or not any(v > cpu_count for _, v in loads):
+        return None
+    where = ", ".join(f"{v:.2f} {label}" for label, v in loads)
+    return (
+        f"busy machine: load average {where} (1 minute) on {cpu_count} CPUs, above the core "
+        "count: other processes competed with the benchmark, so its times, limits and "
+        "fractions are unreliable (run it again on an idle machine)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # result records (the schema is documented in bench/__init__.py)
 

@@ -9,77 +9,101 @@
     gpu_*              -- on a CUDA device (torch): copy and read bandwidth, and matmul in
                           float32 (TF32 off), bfloat16 and float16
 
-Each limit is the best (min-time) repeat: the ceiling the other numbers are a fraction of.
+A limit is a ceiling, and other processes can only make it look lower: each is the best
+(min-time) repeat of the best of `plan.limit_tries` tries, the tries of all probes taken in
+turn (read, copy, matmul, read, ...) so that a burst of load spoils one try of each rather
+than every try of one. The run measures them at its start and again at its end, and uses the
+best of the two (`best`); `rescore` then recomputes what the records derived from the start's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from bench.harness import error_record, llc_bytes, measure, record
 from bench.plan import Plan
+from bench.workload import device_limits, roofline
 
 
-def _cpu(plan: Plan, rng: np.random.Generator) -> tuple[list[dict], dict]:
-    n = max(plan.stream_bytes, 2 * llc_bytes()) // 4
-    x = rng.random(n, dtype=np.float32)  # (n,)
-    y = np.empty_like(x)  # (n,)
-    kw = {"budget_s": plan.budget_s, "max_repeats": plan.max_repeats, "min_repeats": 3}
+@dataclass
+class Probe:
+    """One measurement feeding a limit: `amount` / time / 1e9 is its rate (GB/s, GFLOP/s)."""
+
+    limit: str  # the key in the limits dict; several probes of one limit: the best counts
+    case: str
+    variant: str
+    fn: Callable[[], object]
+    amount: int  # bytes moved or FLOPs done by one call
+    metric: str  # "GBps" | "GFLOPs"
+    params: dict = field(default_factory=dict)
+    cache: str | None = None
+    warmup: int = 1
+
+
+def _best_of_tries(
+    probes: list[Probe], tries: int, backend: str, phase: str, kw: dict
+) -> tuple[list[dict], dict]:
+    """Every probe `tries` times, in turn; a record per probe (its best try's times, the rate
+    of every try) and {limit: the best rate of its probes}."""
+    rates: list[list[float]] = [[] for _ in probes]
+    best_t: list[dict | None] = [None for _ in probes]
+    for _ in range(max(tries, 1)):
+        for i, p in enumerate(probes):
+            t = measure(p.fn, warmup=p.warmup, **kw)
+            rates[i].append(p.amount / t["min"] / 1e9)
+            if best_t[i] is None or t["min"] < best_t[i]["min"]:
+                best_t[i] = t
     recs, limits = [], {}
-    reads = {"dot": lambda: np.dot(x, x), "max": lambda: x.max()}
-    best = 0.0
-    for name, fn in reads.items():
-        t = measure(fn, **kw)
-        gbps = x.nbytes / t["min"] / 1e9
-        best = max(best, gbps)
+    for p, r, t in zip(probes, rates, best_t, strict=True):
         recs.append(
             record(
                 "limits",
-                "read",
-                "numpy",
-                variant=name,
-                params={"bytes": x.nbytes},
+                p.case,
+                backend,
+                variant=p.variant,
+                params={**p.params, "phase": phase},
                 time_s=t,
-                cache="exceeds-llc",
-                metrics={"GBps": gbps},
+                cache=p.cache,
+                metrics={p.metric: max(r), "tries": r},
             )
         )
-    limits["read_GBps"] = best
-    t = measure(lambda: np.copyto(y, x), **kw)
-    limits["copy_GBps"] = 2 * x.nbytes / t["min"] / 1e9
-    recs.append(
-        record(
-            "limits",
-            "copy",
-            "numpy",
-            variant="copyto",
-            params={"bytes": x.nbytes},
-            time_s=t,
-            cache="exceeds-llc",
-            metrics={"GBps": limits["copy_GBps"]},
-        )
-    )
-    x = y = None  # free the buffers before the matmul
-    m = plan.matmul_n
-    a = rng.standard_normal((m, m), dtype=np.float32)  # (m, m)
-    b = rng.standard_normal((m, m), dtype=np.float32)  # (m, m)
-    t = measure(lambda: a @ b, warmup=2, **kw)
-    limits["matmul_f32_GFLOPs"] = 2 * m**3 / t["min"] / 1e9
-    recs.append(
-        record(
-            "limits",
-            "matmul",
-            "numpy",
-            variant="float32",
-            params={"n": m},
-            time_s=t,
-            metrics={"GFLOPs": limits["matmul_f32_GFLOPs"]},
-        )
-    )
+        limits[p.limit] = max(limits.get(p.limit, 0.0), max(r))
     return recs, limits
 
 
-def _gpu(plan: Plan) -> tuple[list[dict], dict]:
+def _cpu(plan: Plan, rng: np.random.Generator, phase: str) -> tuple[list[dict], dict]:
+    n = max(plan.stream_bytes, 2 * llc_bytes()) // 4
+    x = rng.random(n, dtype=np.float32)  # (n,)
+    y = np.empty_like(x)  # (n,)
+    m = plan.matmul_n
+    a = rng.standard_normal((m, m), dtype=np.float32)  # (m, m)
+    b = rng.standard_normal((m, m), dtype=np.float32)  # (m, m)
+    stream = {"params": {"bytes": x.nbytes}, "cache": "exceeds-llc"}
+    probes = [
+        Probe("read_GBps", "read", "dot", lambda: np.dot(x, x), x.nbytes, "GBps", **stream),
+        Probe("read_GBps", "read", "max", lambda: x.max(), x.nbytes, "GBps", **stream),
+        Probe(
+            "copy_GBps", "copy", "copyto", lambda: np.copyto(y, x), 2 * x.nbytes, "GBps", **stream
+        ),
+        Probe(
+            "matmul_f32_GFLOPs",
+            "matmul",
+            "float32",
+            lambda: a @ b,
+            2 * m**3,
+            "GFLOPs",
+            params={"n": m},
+            warmup=2,
+        ),
+    ]
+    kw = {"budget_s": plan.budget_s, "max_repeats": plan.max_repeats, "min_repeats": 3}
+    return _best_of_tries(probes, plan.limit_tries, "numpy", phase, kw)
+
+
+def _gpu(plan: Plan, phase: str) -> tuple[list[dict], dict]:
     """Device limits through torch; nothing where torch or a CUDA device is missing."""
     try:
         import torch
@@ -91,68 +115,106 @@ def _gpu(plan: Plan) -> tuple[list[dict], dict]:
     dev = torch.device("cuda")
     sync = torch.cuda.synchronize
     kw = {"budget_s": plan.budget_s, "max_repeats": plan.max_repeats, "sync": sync}
-    recs, limits = [], {}
     n = plan.gpu_stream_bytes // 4
-    x = torch.rand(n, device=dev)
-    y = torch.empty_like(x)
-    # (case, the call, bytes it moves: a copy reads and writes each byte)
-    for case, fn, moved in (
-        ("gpu_copy", lambda: y.copy_(x), 2 * n * 4),
-        ("gpu_read", lambda: x.sum(), n * 4),
-    ):
-        t = measure(fn, **kw)
-        key = f"{case}_GBps"
-        limits[key] = moved / t["min"] / 1e9
-        recs.append(
-            record(
-                "limits",
-                case,
-                "torch",
-                params={"bytes": n * 4},
-                time_s=t,
-                metrics={"GBps": limits[key]},
-            )
-        )
+    x = torch.rand(n, device=dev)  # (n,)
+    y = torch.empty_like(x)  # (n,)
+    stream = {"params": {"bytes": n * 4}}
+    probes = [  # a copy reads and writes each byte
+        Probe("gpu_copy_GBps", "gpu_copy", "", lambda: y.copy_(x), 2 * n * 4, "GBps", **stream),
+        Probe("gpu_read_GBps", "gpu_read", "", lambda: x.sum(), n * 4, "GBps", **stream),
+    ]
+    recs, limits = _best_of_tries(probes, plan.limit_tries, "torch", phase, kw)
     x = y = None  # free the device buffers before the matmuls
     m = plan.gpu_matmul_n
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        probes = []
         for name, dtype in (
             ("f32", torch.float32),
             ("bf16", torch.bfloat16),
             ("fp16", torch.float16),
         ):
-            a = torch.randn(m, m, device=dev, dtype=dtype)
-            b = torch.randn(m, m, device=dev, dtype=dtype)
-            t = measure(lambda a=a, b=b: a @ b, warmup=2, **kw)
-            key = f"gpu_matmul_{name}_GFLOPs"
-            limits[key] = 2 * m**3 / t["min"] / 1e9
-            recs.append(
-                record(
-                    "limits",
+            a = torch.randn(m, m, device=dev, dtype=dtype)  # (m, m)
+            b = torch.randn(m, m, device=dev, dtype=dtype)  # (m, m)
+            probes.append(
+                Probe(
+                    f"gpu_matmul_{name}_GFLOPs",
                     "gpu_matmul",
-                    "torch",
-                    variant=name,
+                    name,
+                    lambda a=a, b=b: a @ b,
+                    2 * m**3,
+                    "GFLOPs",
                     params={"n": m},
-                    time_s=t,
-                    metrics={"GFLOPs": limits[key]},
+                    warmup=2,
                 )
             )
+        mm_recs, mm_limits = _best_of_tries(probes, plan.limit_tries, "torch", phase, kw)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    return recs, limits
+    return recs + mm_recs, {**limits, **mm_limits}
 
 
-def run(plan: Plan, rng: np.random.Generator, gpu: bool) -> tuple[list[dict], dict]:
-    """Records and {limit name: value} for the CPU, and the GPU when `gpu` and one exists."""
-    recs, limits = _cpu(plan, rng)
+def run(
+    plan: Plan, rng: np.random.Generator, gpu: bool, phase: str = "start"
+) -> tuple[list[dict], dict]:
+    """Records and {limit name: value} for the CPU, and the GPU when `gpu` and one exists;
+    `phase` ("start" | "end") goes into the records' params."""
+    recs, limits = _cpu(plan, rng, phase)
     if gpu:
         try:
-            g_recs, g_limits = _gpu(plan)
+            g_recs, g_limits = _gpu(plan, phase)
         except Exception as e:  # a broken driver must not lose the CPU numbers
-            g_recs = [error_record("limits", "gpu", "torch", e)]
+            g_recs = [error_record("limits", "gpu", "torch", e, params={"phase": phase})]
             g_limits = {}
         recs += g_recs
         limits.update(g_limits)
     return recs, limits
+
+
+def best(*measured: dict) -> dict:
+    """{limit: the highest of its values in `measured`} (the start's and the end's): the
+    ceiling closest to the machine's, whichever pass the other processes spoiled less."""
+    out: dict = {}
+    for limits in measured:
+        for k, v in (limits or {}).items():
+            if v is not None and (out.get(k) is None or v > out[k]):
+                out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# what the records derive from the limits, recomputed for other limits
+
+
+def _mm_key(device: str, dtype: str) -> str:
+    """The matmul limit a model of `dtype` on `device` is compared with (bench/suite_generate)."""
+    if device != "cuda":
+        return "matmul_f32_GFLOPs"
+    return f"gpu_matmul_{'bf16' if dtype == 'bfloat16' else 'f32'}_GFLOPs"
+
+
+def rescore(results: list[dict], limits: dict) -> None:
+    """Recompute, in place, every record's figures that depend on the limits (the ops'
+    roofline and fraction_of_limit, prefill's fraction_of_matmul, decode's ceiling and
+    fraction_of_ceiling) for `limits`, by the formulas the suites use."""
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        m, p = r["metrics"], r["params"]
+        device = p.get("device", "cpu")
+        if r["suite"] == "ops" and "roofline_s" in m:
+            work = {k: m[k] for k in ("flops", "read_bytes", "write_bytes")}
+            lim = device_limits(limits, device, p.get("dtype", "float32"))
+            t_roof, bound = roofline(work, lim)
+            m["roofline_s"], m["bound"] = t_roof, bound
+            m["fraction_of_limit"] = None if t_roof is None else t_roof / r["time_s"]["min"]
+        elif r["suite"] == "generate" and r["case"] == "prefill" and "fraction_of_matmul" in m:
+            peak = limits.get(_mm_key(device, p.get("dtype", "float32")))
+            m["fraction_of_matmul"] = m["GFLOPs"] / peak if peak else None
+        elif r["suite"] == "generate" and r["case"] == "decode" and "bytes_per_step" in m:
+            read = limits.get("gpu_read_GBps" if device == "cuda" else "read_GBps")
+            if read:
+                ceiling = p["B"] * read * 1e9 / m["bytes_per_step"]
+                m["ceiling_tokens_per_s"] = ceiling
+                m["fraction_of_ceiling"] = m["tokens_per_s"] / ceiling

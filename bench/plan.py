@@ -39,6 +39,7 @@ class Plan:
     max_repeats: int = 30
     heavy_repeats: int = 2  # timed repeats of a model forward (prefill), after one warm-up
     # limits
+    limit_tries: int = 3  # each limit: the best of this many tries, at the start and the end
     stream_bytes: int = 256 * 1024**2
     matmul_n: int = 2048
     gpu_stream_bytes: int = 1024**3
@@ -153,7 +154,7 @@ class SuiteSetup:
 
     plan: Plan
     backends: list[Backend]  # those that loaded (bench.backends.load_backends)
-    limits: dict  # the limits measured at the start of the run
+    limits: dict  # measured at the start of the run (bench.limits.rescore: the best, at the end)
     rng: np.random.Generator  # the run's, from --seed: weights and inputs
     baselines: bool = True  # also time the baselines (torch, transformers, ref without a cache)
     log: Callable[[str], None] = silent  # progress lines

@@ -3,7 +3,10 @@ the ops plot. Pure functions of the records; bench/report.py renders what they r
 
 Every ratio is computed from records of the same run (same machine, same load), and names
 the records it divides. Speedups are time(baseline) / time(backend) on min times; fractions
-are achieved / limit. A ratio is {name, value, numerator, denominator, note, key}.
+are achieved / limit. A ratio is {name, value, numerator, denominator, note, key, of_limit};
+of_limit marks a fraction of a measured limit (bandwidth, matmul FLOP/s, the decode ceiling),
+which cannot truly exceed 1: above 1, the limit was under-measured or the data were partly
+in cache (`above_limit`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,25 @@ NATIVE = "torch-native"
 BASELINES = ("torch-native", "torch-eager", "hf-generate", "ref-nocache", "torch-autograd")
 
 
+# the metrics of a record that are a fraction of a measured limit (bench/limits.py: rescore)
+FRACTIONS = ("fraction_of_limit", "fraction_of_matmul", "fraction_of_ceiling")
+
+
 def measured(results: list[dict], suite: str, case: str | None = None) -> list[dict]:
     """The records of `suite` (and `case`) that measured something."""
     return [
         r
         for r in results
         if r["suite"] == suite and r["status"] == "ok" and (case is None or r["case"] == case)
+    ]
+
+
+def records_above_limit(results: list[dict]) -> list[dict]:
+    """The measured records with a fraction of a limit above 1 (`above_limit`)."""
+    return [
+        r
+        for r in results
+        if r["status"] == "ok" and any(above_limit(r["metrics"].get(k)) for k in FRACTIONS)
     ]
 
 
@@ -43,14 +59,28 @@ def _desc(r: dict) -> str:
     return f"{r['suite']}.{r['case']} {r['backend']}{v} {p}"
 
 
-def _ratio(name: str, value: float, num: dict | str, den: dict | str, note: str = "") -> dict:
+def _ratio(
+    name: str,
+    value: float,
+    num: dict | str,
+    den: dict | str,
+    note: str = "",
+    of_limit: bool = False,
+) -> dict:
     return {
         "name": name,
         "value": value,
         "numerator": num if isinstance(num, str) else _desc(num),
         "denominator": den if isinstance(den, str) else _desc(den),
         "note": note,
+        "of_limit": of_limit,
     }
+
+
+def above_limit(x) -> bool:
+    """A fraction of a measured limit above 1: the machine did more than its measured
+    ceiling, so the ceiling was measured low (a busy machine) or some data came from cache."""
+    return x is not None and x > 1.0
 
 
 def _tokens_ratio(name: str, r: dict, t: dict) -> dict:
@@ -105,6 +135,7 @@ def _ops_ratios(results: list[dict], limits: dict) -> list[dict]:
                 rec["metrics"]["GBps"] / limits["copy_GBps"],
                 rec,
                 f"limits.copy_GBps = {limits['copy_GBps']:.1f}",
+                of_limit=True,
             )
 
         for direction in ("forward", "backward"):
@@ -210,6 +241,7 @@ def _of_copy(op: str, recs: list[dict], limits: dict) -> list[dict]:
             best,
             f"limits.gpu_copy_GBps = {copy:.1f}",
             f"N={best['params']['N']}; {_cache_note(best)}",
+            of_limit=True,
         )
         for be, best in _each_backend(recs)
     ]
@@ -400,6 +432,7 @@ def _generate_ratios(results: list[dict]) -> list[dict]:
                     r["metrics"]["fraction_of_matmul"],
                     r,
                     "limits.matmul (same device)",
+                    of_limit=True,
                 )
             )
     dec = measured(results, "generate", "decode")
@@ -413,6 +446,7 @@ def _generate_ratios(results: list[dict]) -> list[dict]:
                     r["metrics"]["fraction_of_ceiling"],
                     r,
                     f"ceiling {r['metrics']['ceiling_tokens_per_s']:.1f} tokens/s",
+                    of_limit=True,
                 )
             )
     point = ("ctx", "size")

@@ -11,10 +11,45 @@ import os
 
 import numpy as np
 
+from bench.harness import busy_machine
 from bench.plan import TINY
-from bench.ratios import compute_ratios, measured, op_fractions
+from bench.ratios import above_limit, compute_ratios, measured, op_fractions, records_above_limit
 from bench.workload import decode_ceiling
 from ref.config import SIZES
+
+# What each backend label of the records times: the report's Backends section and the legend
+# of the ops plot. "torch" and "torch-native" differ: the first is this project's backend, the
+# second torch's own functions, the baseline (bench/suite_ops.py, fast/torch/backend.py).
+LABELS = {
+    "ref": "the numpy reference (ref/)",
+    "numba": "this project's Numba kernels (fast/numba/)",
+    "torch": "this project's torch backend (fast/torch/backend.py): the ops written out in "
+    "plain torch, or torch's kernels through autograd (variant autograd)",
+    "triton": "this project's Triton kernels (fast/triton/)",
+    "torch-native": "baseline: torch.nn.functional itself (layer_norm, gelu, "
+    "scaled_dot_product_attention, cross_entropy), backward by torch.autograd",
+    "ref-nocache": "baseline: the reference recomputing the whole sequence for every token",
+    "torch-eager": "baseline: a GPT-2 in eager PyTorch (bench/torch_gpt2.py)",
+    "hf-generate": "baseline: Hugging Face transformers' GPT2LMHeadModel.generate",
+    "torch-autograd": "baseline: bench/torch_gpt2.py with autograd and torch.optim.AdamW",
+    "hf-transformers": "baseline: transformers' GPT2LMHeadModel, autograd and AdamW",
+}
+SHORT_LABELS = {  # the plot's legend
+    "ref": "the numpy reference",
+    "numba": "this project's Numba kernels",
+    "torch": "this project's torch backend (fast/torch/)",
+    "triton": "this project's Triton kernels",
+    "torch-native": "torch.nn.functional itself (baseline)",
+}
+
+# A fraction of a measured limit above 1 is impossible on a truly measured limit: marked, and
+# explained under its table and in the plot.
+MARK = "†"
+WHY_ABOVE = (
+    "the limit was under-measured (busy machine?), or some of the data never left the cache "
+    "(an output that fits in the LLC: bench/harness.py)"
+)
+ABOVE = f"above the measured limit: {WHY_ABOVE}"
 
 # ---------------------------------------------------------------------------------------------
 # markdown
@@ -42,9 +77,21 @@ def _mem(m: dict) -> str:
     return _mib(m.get("peak_rss_bytes")) + gpu
 
 
+def _flag(x):
+    """A fraction of a limit for a table cell: marked when above 1 (`ABOVE`), with the digits
+    that show it is above."""
+    if not above_limit(x):
+        return x
+    text = _fmt(x)
+    return f"{x:.4f} {MARK}" if text == "1" else f"{text} {MARK}"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
+    cells = [[_fmt(c) for c in row] for row in rows]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(row) + " |" for row in cells]
+    if any(c.endswith(MARK) for row in cells for c in row):
+        out += ["", f"{MARK} {ABOVE}"]
     return out + [""]
 
 
@@ -95,7 +142,7 @@ RECORD_TABLES = [
             ("median ms", lambda r: r["time_s"]["median"] * 1e3),
             ("GB/s", _metric("GBps")),
             ("GFLOP/s", _metric("GFLOPs")),
-            ("fraction", _metric("fraction_of_limit")),
+            ("fraction", lambda r: _flag(r["metrics"].get("fraction_of_limit"))),
             ("bound", _metric("bound")),
             ("cache", lambda r: r["cache"]),
         ],
@@ -111,7 +158,7 @@ RECORD_TABLES = [
             ("T", _param("T")),
             ("tokens/s", _metric("tokens_per_s")),
             ("GFLOP/s", _metric("GFLOPs")),
-            ("of matmul", _metric("fraction_of_matmul")),
+            ("of matmul", lambda r: _flag(r["metrics"].get("fraction_of_matmul"))),
             _PEAK,
         ],
     ),
@@ -128,7 +175,7 @@ RECORD_TABLES = [
             ("ctx", lambda r: f"{r['params']['ctx']} {r['params']['contexts']}"),
             ("tokens/s", _metric("tokens_per_s")),
             ("ceiling", _metric("ceiling_tokens_per_s")),
-            ("of ceiling", _metric("fraction_of_ceiling")),
+            ("of ceiling", lambda r: _flag(r["metrics"].get("fraction_of_ceiling"))),
             _PEAK,
         ],
     ),
@@ -164,6 +211,11 @@ RECORD_TABLES = [
 ]
 
 
+def _value(ratio: dict):
+    """A ratio's value for a table: a fraction of a limit is marked above 1."""
+    return _flag(ratio["value"]) if ratio.get("of_limit") else ratio["value"]
+
+
 def markdown(doc: dict) -> str:
     env, limits = doc["environment"], doc.get("limits") or {}
     lines = [f"# gpt2-spec benchmark ({doc['mode']})", ""]
@@ -175,6 +227,9 @@ def markdown(doc: dict) -> str:
         f"{doc['elapsed_s']:.0f} s. Commit {env.get('git_commit') or '?'}.",
         "",
     ]
+    busy = busy_machine(env.get("cpu_count"), env.get("load_average"), doc.get("load_average_end"))
+    if busy:
+        lines += [f"**Warning: {busy}.**", ""]
     threads = doc.get("threads", {})
     pools = threads.get("threadpools")
     blas = ", ".join(_pool(p) for p in pools) if isinstance(pools, list) else str(pools)
@@ -193,15 +248,36 @@ def markdown(doc: dict) -> str:
         "## Limits (measured in this run)",
         "",
     ]
-    end = doc.get("limits_end") or {}
+    start, end = doc.get("limits_start") or limits, doc.get("limits_end") or {}
+    limit_recs = measured(doc["results"], "limits")
+    tries = max((len(r["metrics"].get("tries", ())) for r in limit_recs), default=0)
     lines += _table(
-        ["limit", "at start", "at end"], [[k, v, end.get(k)] for k, v in limits.items()]
+        ["limit", "at start", "at end", "used"],
+        [[k, start.get(k), end.get(k), v] for k, v in limits.items()],
     )
+    if tries:
+        lines += [
+            f"Each the best of {tries} tries; the run uses the higher of start and end "
+            "(other processes only ever make a limit look lower).",
+            "",
+        ]
+    over = records_above_limit(doc["results"])
+    if over:
+        lines += [
+            f"{len(over)} measurement(s) below did better than a measured limit allows "
+            f"(a fraction above 1, marked {MARK}): {WHY_ABOVE}.",
+            "",
+        ]
     lines += ["## Backends", ""]
     lines += _table(
         ["backend", "status", "device / reason"],
         [[k, v["status"], v.get("device") or v.get("reason")] for k, v in doc["backends"].items()],
     )
+    labels = dict.fromkeys(r["backend"] for r in doc["results"] if r["suite"] != "limits")
+    labels = [b for b in labels if b in LABELS]
+    if labels:
+        lines += ["What each backend label times:", ""]
+        lines += [f"- `{b}`: {LABELS[b]}" for b in labels] + [""]
     lines += [
         "## Key ratios",
         "",
@@ -210,7 +286,7 @@ def markdown(doc: dict) -> str:
         "",
     ]
     lines += _table(
-        ["ratio", "value"], [[r["name"], r["value"]] for r in doc["ratios"] if r.get("key")]
+        ["ratio", "value"], [[r["name"], _value(r)] for r in doc["ratios"] if r.get("key")]
     )
     gpu_ops = [r for r in doc["ratios"] if r.get("key") and "cache:" in (r.get("note") or "")]
     if gpu_ops:
@@ -231,7 +307,7 @@ def markdown(doc: dict) -> str:
     lines += ["## All ratios", ""]
     lines += _table(
         ["ratio", "value", "numerator", "denominator"],
-        [[r["name"], r["value"], r["numerator"], r["denominator"]] for r in doc["ratios"]],
+        [[r["name"], _value(r), r["numerator"], r["denominator"]] for r in doc["ratios"]],
     )
     for title, intro, select, columns in RECORD_TABLES:
         recs = select(doc["results"])
@@ -287,6 +363,20 @@ def _decode_plot(plt, dec: list[dict], limits: dict):
                 if (r["backend"], r["params"]["device"]) == key
             )
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
+        over = [
+            (sum(r["params"]["contexts"]) / 2, r["metrics"]["tokens_per_s"])
+            for r in here
+            if above_limit(r["metrics"].get("fraction_of_ceiling"))
+        ]
+        if over:
+            ax.plot(
+                *zip(*over, strict=True),
+                "ks",
+                markersize=9,
+                fillstyle="none",
+                label=f"{MARK} above the ceiling: the read bandwidth was under-measured "
+                "(busy machine?)",
+            )
         cfg = SIZES.get(size, TINY)
         xs = sorted({sum(r["params"]["contexts"]) / 2 for r in here})
         for key, style, label in (("read_GBps", "k--", "CPU"), ("gpu_read_GBps", "k:", "GPU")):
@@ -303,15 +393,28 @@ def _decode_plot(plt, dec: list[dict], limits: dict):
     return fig
 
 
+def _legend_label(key: str) -> str:
+    """ "torch (cpu)" -> "torch (cpu): this project's torch backend (fast/torch/)"."""
+    note = SHORT_LABELS.get(key.split(" (")[0])
+    return f"{key}: {note}" if note else key
+
+
 def _ops_plot(plt, first_size: str | None, bars: dict[str, dict[str, float]]):
-    """A bar per op label and backend: its fraction of the machine's limit."""
+    """A bar per op label and backend: its fraction of the machine's limit; a bar above 1
+    (impossible against a truly measured limit) hatched, with its value written beside it."""
+    from matplotlib.patches import Patch
+    from matplotlib.transforms import offset_copy
+
     keys = list(dict.fromkeys(k for v in bars.values() for k in v))
     labels = list(bars)
-    fig, ax = plt.subplots(figsize=(9, 0.22 * len(labels) * max(len(keys), 1) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.22 * len(labels) * max(len(keys), 1) + 2.0))
     h = 0.8 / max(len(keys), 1)
+    flagged = []  # (bar, value, y): hatched once the legend has copied the plain bar style
     for i, key in enumerate(keys):
         ys = [j + i * h for j in range(len(labels))]
-        ax.barh(ys, [bars[lab].get(key, 0.0) for lab in labels], height=h, label=key)
+        xs = [bars[lab].get(key, 0.0) for lab in labels]
+        drawn = ax.barh(ys, xs, height=h, label=_legend_label(key))
+        flagged += [(b, x, y) for b, x, y in zip(drawn, xs, ys, strict=True) if above_limit(x)]
     ax.set_yticks([j + 0.4 - h / 2 for j in range(len(labels))], labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -319,7 +422,25 @@ def _ops_plot(plt, first_size: str | None, bars: dict[str, dict[str, float]]):
     ax.set_xlabel("fraction of the machine's limit (roofline time / measured time)")
     ax.set_title(f"ops at the width of {first_size} (best variant per backend)")
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    handles, _ = ax.get_legend_handles_labels()
+    if flagged:
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor="k",
+                hatch="///",
+                label=f"{MARK} above the measured limit: the limit was under-measured "
+                "(busy machine?) or data stayed in cache",
+            )
+        )
+    below = offset_copy(ax.transAxes, fig=fig, y=-0.5, units="inches")  # under the x label
+    ax.legend(
+        handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below
+    )
+    for bar, x, y in flagged:
+        bar.set_hatch("///")
+        bar.set_edgecolor("k")
+        ax.text(x, y, f" {x:.2f} {MARK}", va="center", fontsize=6)
     return fig
 
 

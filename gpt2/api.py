@@ -4,6 +4,8 @@ instruct, evaluate."""
 
 from __future__ import annotations
 
+import inspect
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,14 +23,23 @@ from weights import loader
 from weights.tokenizer import decode_bytes, encode
 
 
-def token_ids(ids, n_vocab: int) -> list[int]:
-    """Token ids given directly: integers in [0, n_vocab), or a ValueError naming the bad one
-    (numpy would truncate 1.5 to 1 and read wte[-1] for -1 without a word)."""
+def token_ids(ids, n_vocab: int, what: str = "generate(): prompt") -> list[int]:
+    """Token ids given directly: integers in [0, n_vocab), or a ValueError naming the call,
+    the argument and the bad id (numpy would truncate 1.5 to 1 and read wte[-1] for -1
+    without a word)."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"{what}: token ids must be a 1-D integer array, got {ids.dtype} "
+                             f"of shape {ids.shape}")  # fmt: skip
+        ids = ids.tolist()
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise ValueError(f"token id {i!r} is not an integer")
+            raise ValueError(f"{what}: token id {i!r} is not an integer")
     out = [int(i) for i in ids]
-    check_ids(np.array(out, dtype=np.int64), n_vocab)
+    try:
+        check_ids(np.array(out, dtype=np.int64), n_vocab)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     return out
 
 
@@ -61,6 +72,7 @@ class GenerateResult:
     finish_reason: str  # "eos" | "length" | "stop"
     logprobs: list[float] = field(default_factory=list)  # model log-prob of each token
     score: float | None = None  # beam search only: length-penalised sum of log-probs
+    seed: int | None = None  # the run's seed (drawn when none was given): rerun with it
 
 
 @dataclass
@@ -121,8 +133,15 @@ def generate_batch(
         logit_bias=dict(logit_bias or {}),
     )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    ids = [encode(p) if isinstance(p, str) else token_ids(p, model.cfg.n_vocab) for p in prompts]
+        raise ValueError(f"generate(): seed must be an integer >= 0, got {seed!r}")
+    if seed is None and temperature != 0:
+        seed = draw_seed()  # sampling without a seed: draw one, so the run can be repeated
+    ids = [
+        encode(p)
+        if isinstance(p, str)
+        else token_ids(p, model.cfg.n_vocab, f"generate(): prompt {i}")
+        for i, p in enumerate(prompts)
+    ]
     stats: dict = {}
     common = dict(
         params=params,
@@ -140,7 +159,7 @@ def generate_batch(
             num_beams=num_beams,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
-            rng=np.random.default_rng(seed),
+            seed=seed,
             **common,
         )
     else:
@@ -148,7 +167,7 @@ def generate_batch(
             model,
             ids,
             max_new_tokens,
-            rng=np.random.default_rng(seed),
+            seed=seed,
             on_token=on_token,
             on_text=on_text,
             **common,
@@ -159,33 +178,55 @@ def generate_batch(
         timing.new_tokens = stats["decode_tokens"]
     n = num_return_sequences
     results = [
-        GenerateResult(o.text, o.token_ids, o.finish_reason, o.logprobs, o.score) for o in outs
+        GenerateResult(o.text, o.token_ids, o.finish_reason, o.logprobs, o.score, seed)
+        for o in outs
     ]
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def draw_seed() -> int:
+    """A fresh seed for a run that was given none (reported, so the run can be repeated)."""
+    return secrets.randbelow(2**31)
+
+
+_BATCH_OPTIONS = set(inspect.signature(generate_batch).parameters) - {"model", "prompts"}
+
+
 def generate(
     model,
-    prompt: str | list[int],
+    prompt: str | list[int] | list[str] | np.ndarray,
     max_new_tokens: int = 40,
     temperature: float = 0.0,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     timing: Timing | None = None,
     **options,
-) -> list[GenerateResult]:
-    """Generate continuations of one `prompt` (text, or token ids): a list of
-    num_return_sequences results. `options` are those of `generate_batch`."""
-    return generate_batch(
+) -> list[GenerateResult] | list[list[GenerateResult]]:
+    """Continue `prompt`: text or token ids (a list or a 1-D array) give a list of
+    num_return_sequences results; a list of texts is a batch, and gives one such list per
+    prompt. `options` are those of `generate_batch` (the sampling, beam and stop options)."""
+    unknown = sorted(set(options) - _BATCH_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"generate() got an unexpected keyword argument {unknown[0]!r}; it takes "
+            + ", ".join(sorted(_BATCH_OPTIONS))
+        )
+    batch = (
+        isinstance(prompt, (list, tuple))
+        and bool(prompt)
+        and all(isinstance(p, str) for p in prompt)
+    )
+    out = generate_batch(
         model,
-        [prompt],
+        list(prompt) if batch else [prompt],
         max_new_tokens,
         temperature=temperature,
         seed=seed,
         on_token=on_token,
         timing=timing,
         **options,
-    )[0]
+    )
+    return out if batch else out[0]
 
 
 def instruct(
@@ -208,5 +249,9 @@ def evaluate(
 ) -> ref_evaluate.EvalResult:
     """Mean cross-entropy (nats/token) and perplexity of `text`; `progress(done, total)` is
     called after each window (see `ref.evaluate` for the windows and `stride`)."""
-    ids = encode(text) if isinstance(text, str) else token_ids(text, model.cfg.n_vocab)
+    ids = (
+        encode(text)
+        if isinstance(text, str)
+        else token_ids(text, model.cfg.n_vocab, "evaluate(): text")
+    )
     return ref_evaluate.evaluate(model, ids, stride=stride, progress=progress)

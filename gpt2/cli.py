@@ -1,7 +1,10 @@
 """`gpt2`: download, generate, eval, finetune, bench.
 
 Each subcommand lives in its own module (gpt2/cmd_*.py) with `add_parser(sub)` and `run(args)`.
-Errors the user can fix (bad flags, missing or corrupt files) print one line and exit 2.
+Errors the user can fix (bad flags, missing or corrupt files) print one line and exit 2; a
+failed download exits 3; an interrupt 130. With --json the error is also printed on stdout as
+one JSON object, {"error": message, "exit_code": N}. An unknown flag is reported by the
+subcommand's own parser, with a hint where it is a spelling of llama.cpp or transformers.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ class UsageError(ValueError):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --cache-dir and --backend, shared by generate, eval and finetune."""
+    """--model, --cache-dir, --backend and --threads, shared by generate, eval and finetune."""
     p.add_argument(
+        "-m",
         "--model",
         default="124M",
         help="size name (124M 355M 774M 1558M, gpt2 ... gpt2-xl), model directory "
@@ -46,6 +50,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="ref",
         choices=list(BACKENDS),
         help="which implementation of the ops to run (default ref, the numpy spec)",
+    )
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for BLAS, Numba and torch in this run (default: the libraries' own)",
     )
 
 
@@ -72,8 +83,77 @@ def check_dtype(args: argparse.Namespace) -> None:
         )
 
 
+# Spellings users bring from llama.cpp and transformers, and what they are called here.
+HINTS = {
+    "--n-predict": "-n/--max-new-tokens",
+    "--predict": "-n/--max-new-tokens",
+    "--max-tokens": "-n/--max-new-tokens",
+    "--max-length": "-n/--max-new-tokens (new tokens, not prompt + new)",
+    "--ctx-size": "the model's own context (n_ctx); nothing to set",
+    "-c": "the model's own context (n_ctx); nothing to set",
+    "--do-sample": "--temperature > 0 (sampling is on whenever the temperature is above 0)",
+    "--sampling": "--temperature > 0",
+    "--repeat-last-n": "--repetition-penalty (it looks at the whole sequence)",
+    "--file": "--prompt-file",
+    "-f": "--prompt-file",
+    "--model-path": "-m/--model",
+    "--beams": "--num-beams",
+    "--num-return": "--num-return-sequences",
+    "--random-seed": "-s/--seed",
+}
+
+
+def hint(flag: str, parser: argparse.ArgumentParser) -> str:
+    """' (did you mean ...?)' for an unknown flag: a known spelling from llama.cpp or
+    transformers, or the same flag with - for _ (transformers' keyword names)."""
+    name = flag.split("=", 1)[0]
+    known = {s for a in parser._actions for s in a.option_strings}
+    if name in HINTS:
+        return f" ({name} is {HINTS[name]} here)"
+    dashed = name.replace("_", "-")
+    if dashed in known:
+        return f" (did you mean {dashed}?)"
+    return ""
+
+
+def set_threads(n: int, backend: str | None) -> None:
+    """-t/--threads: the thread count of BLAS (OpenBLAS/MKL, through threadpoolctl where it is
+    installed, and the environment for libraries not loaded yet), Numba and torch."""
+    import os
+
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["NUMBA_NUM_THREADS"] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        set_threads.limits = threadpool_limits(n)  # kept: the limit lasts for the run
+    except ImportError:
+        pass
+    if backend == "numba":
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if backend in TORCH_BACKENDS:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("gpt2-spec")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gpt2-spec {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for _name, module in COMMANDS.items():
         try:
@@ -91,18 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     from weights import DownloadError, WeightsError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own parser reports it, with its usage
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        p = sub.choices[args.command]
+        p.error(f"unrecognized arguments: {' '.join(extra)}{hint(extra[0], p)}")
     try:
+        if getattr(args, "threads", None) is not None:
+            set_threads(args.threads, getattr(args, "backend", None))
         return int(args.run(args) or 0)
     except DownloadError as e:  # its own status: the flags were fine, the network was not
-        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_DOWNLOAD
+        return _fail(args, e, EXIT_DOWNLOAD)
     except (UsageError, WeightsError, ValueError, FileNotFoundError, BackendUnavailable) as e:
-        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, e, 2)
     except KeyboardInterrupt:
-        print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
+        # on a line of its own: the interrupt may come in the middle of a streamed line
+        print(f"\ngpt2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpt2 ... | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
+
+
+def _fail(args: argparse.Namespace, e: Exception, code: int) -> int:
+    """One line on stderr; with --json also one JSON object on stdout, for scripts."""
+    print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"error": str(e), "exit_code": code}), flush=True)
+    return code
 
 
 if __name__ == "__main__":

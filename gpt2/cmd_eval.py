@@ -1,4 +1,4 @@
-"""gpt2 eval --model M FILE [--stride S] [--json]"""
+"""gpt2 eval --model M FILE|- [--stride S] [--json]  (FILE `-`: the text on stdin)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="cross-entropy and perplexity of a text file")
-    p.add_argument("file", help="a UTF-8 text file")
+    p.add_argument("file", help="a UTF-8 text file ('-': read stdin)")
     add_model_args(p)
     add_dtype_arg(p)
     p.add_argument(
@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
 
 
 def read_text(path: str) -> str:
+    """A UTF-8 text file (or stdin for `-`), or a UsageError naming it and the problem."""
+    if path == "-":
+        from gpt2.cmd_generate import _read_stdin
+
+        return _read_stdin("FILE -")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -40,6 +45,7 @@ def read_text(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import gpt2
     from gpt2.progress import Progress
+    from weights.loader import read_config
 
     if args.stride is not None and args.stride < 1:
         raise UsageError(f"--stride must be >= 1, got {args.stride}")
@@ -48,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     ids = gpt2.encode(text)
     if len(ids) < 2:
         raise UsageError(f"{args.file}: needs at least 2 tokens, has {len(ids)}")
+    n_ctx = read_config(args.model).n_ctx  # checked before any weights are read
+    if args.stride is not None and args.stride > n_ctx:
+        raise UsageError(f"--stride must be in [1, {n_ctx}], got {args.stride}")
     model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
-    if args.stride is not None and args.stride > model.cfg.n_ctx:
-        raise UsageError(f"--stride must be in [1, {model.cfg.n_ctx}], got {args.stride}")
     bar = Progress(len(ids) - 1, desc="eval", unit=" tok")
     res = gpt2.evaluate(model, ids, stride=args.stride, progress=lambda n, t: bar.set(n))
     bar.close()

@@ -89,6 +89,11 @@ def add_parser(sub) -> None:
         help="instruction data: leave the prompt out of the loss",
     )
     a("--samples", type=int, help="responses generated from validation prompts at the end (3)")
+    a(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out (refused otherwise, so no earlier run is lost)",
+    )
     a("--json", action="store_true", help="log one JSON object per line on stdout")
     p.set_defaults(run=run)
 
@@ -96,8 +101,9 @@ def add_parser(sub) -> None:
 class Printer:
     """The one printer of a finetuning run's events (see the module docstring)."""
 
-    def __init__(self, as_json: bool, bar: bool | None = None):
+    def __init__(self, as_json: bool, out_dir: str = "", bar: bool | None = None):
         self.as_json = as_json
+        self.out_dir = out_dir
         self.bar_enabled = (not as_json) and (sys.stderr.isatty() if bar is None else bar)
         self.bar: Progress | None = None
         self.bar_line = False  # the bar is drawn on the current line of stderr
@@ -119,7 +125,8 @@ class Printer:
             return
         if self.as_json:
             print(json.dumps(e), flush=True)
-            return
+            if kind not in ("interrupt", "interrupted"):  # those are said on stderr too
+                return
         if kind == "train":
             if self.bar is not None:
                 self.bar.set(e["step"], f"loss {e['loss']:.4f} {e['tokens_per_s']:.0f} tok/s")
@@ -133,7 +140,21 @@ class Printer:
             )
             return
         self.end_line()
-        if kind == "val":
+        if kind == "interrupt":
+            print(
+                "gpt2 finetune: interrupted: finishing this step, then saving it "
+                "(Ctrl-C again to quit at once, losing the step)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif kind == "interrupted":
+            print(
+                f"gpt2 finetune: stopped after step {e['step']} of {self.steps}; resume with: "
+                f"gpt2 finetune --resume {self.out_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif kind == "val":
             print(
                 f"step {e['step']}: val loss {e['val_loss']:.4f} "
                 f"perplexity {e['val_perplexity']:.2f}",
@@ -160,12 +181,13 @@ class Printer:
 def run(args: argparse.Namespace) -> int:
     s, state = finetune.settings(args)
     finetune.validate(s)
-    printer = Printer(args.json)
+    out_dir = args.resume or args.out
+    printer = Printer(args.json, out_dir)
     try:
-        finetune.run(
-            s, state, out_dir=args.resume or args.out, resume=args.resume,
+        interrupted = finetune.run(
+            s, state, out_dir=out_dir, resume=args.resume,
             backend=args.backend or "ref", cache_dir=args.cache_dir, on_event=printer,
         )  # fmt: skip
     finally:
         printer.close()
-    return 0
+    return 130 if interrupted else 0  # 130: stopped by Ctrl-C (after saving)

@@ -39,12 +39,15 @@ def add_parser(sub) -> None:
         default=None,
         help="the prompt text ('-': read stdin; empty: start from <|endoftext|>)",
     )
+    p.add_argument(
+        "-p", "--prompt", dest="prompt_flag", metavar="PROMPT", help="the prompt (as PROMPT)"
+    )
     p.add_argument("--prompt-file", default=None, help="one prompt per line ('-': stdin)")
     p.add_argument("--instruction", default=None, help="answer this instruction (Alpaca format)")
     p.add_argument("--input", default=None, help="the input of --instruction (optional)")
     add_model_args(p)
     add_dtype_arg(p)
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (40)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=40, help="tokens to generate (40)")
     g = p.add_argument_group("sampling (applied in this order; see ref/sampling.py)")
     g.add_argument(
         "--logit-bias",
@@ -55,6 +58,7 @@ def add_parser(sub) -> None:
     )
     g.add_argument(
         "--repetition-penalty",
+        "--repeat-penalty",
         type=float,
         default=1.0,
         help="CTRL penalty on tokens already present, > 0 (default 1: off)",
@@ -77,7 +81,9 @@ def add_parser(sub) -> None:
         default=0,
         help="never repeat an n-gram of this size (default 0: off)",
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    g.add_argument(
+        "--temperature", "--temp", type=float, default=0.0, help="0 is greedy (default 0)"
+    )
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: off)")
     g.add_argument(
@@ -86,7 +92,13 @@ def add_parser(sub) -> None:
         default=0.0,
         help="keep tokens with prob >= min-p * top prob, in [0, 1] (0: off)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for sampling (default: one is drawn, and reported so the run can be repeated)",
+    )
     b = p.add_argument_group("beam search")
     b.add_argument(
         "--num-beams",
@@ -117,11 +129,16 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="stop when the text contains TEXT, which is left out (repeatable)",
+        help="stop when the text contains TEXT, which is left out (repeatable); the escapes "
+        '\\n \\t \\r \\\\ \\" are read as newline, tab, return, backslash, quote',
     )
     o.add_argument("--json", action="store_true", help="print JSON, no streaming")
     o.add_argument("--logprobs", action="store_true", help="per-token log-probs in the JSON")
     p.set_defaults(run=run)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def flag(field: str) -> str:
@@ -154,6 +171,11 @@ def validate(args: argparse.Namespace):
     from ref.sampling import SamplingError, SamplingParams
 
     check_dtype(args)
+    if args.prompt_flag is not None:
+        if args.prompt is not None:
+            raise UsageError("give the prompt once: PROMPT or -p/--prompt")
+        args.prompt = args.prompt_flag
+    args.stop = [unescape(t) for t in args.stop]
     sources = [args.prompt is not None, args.prompt_file is not None, args.instruction is not None]
     if sum(sources) > 1:
         raise UsageError("give one of PROMPT, --prompt-file or --instruction")
@@ -186,7 +208,42 @@ def validate(args: argparse.Namespace):
         )
     except SamplingError as e:
         raise UsageError(f"{flag(e.field)} {e.reason}") from None
+    for warning in ineffective_flags(args):
+        print(f"gpt2 generate: warning: {warning}", file=sys.stderr)
     return params
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(text: str) -> str:
+    """The usual escapes of a --stop string typed in a shell: \\n, \\t, \\r, \\\\, \\", \\'.
+    Any other backslash stays as it is."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            out.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def ineffective_flags(args: argparse.Namespace) -> list[str]:
+    """Sampling flags given where they change nothing (greedy decoding, temperature 0)."""
+    if args.temperature != 0:
+        return []
+    given = [
+        f for f, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                        ("--min-p", args.min_p != 0.0), ("--seed", args.seed is not None))
+        if on
+    ]  # fmt: skip
+    if not given:
+        return []
+    return [f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
+            "--temperature 0 (greedy decoding); set --temperature > 0 to sample"]  # fmt: skip
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -202,15 +259,24 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--prompt-file {args.prompt_file}: no prompts (all lines blank)")
         return prompts
     if args.prompt == "-":
-        return [_read_stdin("PROMPT -")]
+        text = _read_stdin("PROMPT -")
+        # `echo x | gpt2 generate -`: the shell's final newline is not part of the prompt
+        return [text.removesuffix("\n").removesuffix("\r")]
     return [args.prompt or ""]
 
 
 def _read_stdin(what: str) -> str:
+    """All of stdin as UTF-8 text, held to the same rule as a --prompt-file."""
     try:
-        return sys.stdin.read()
-    except (OSError, UnicodeDecodeError) as e:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except OSError as e:
         raise UsageError(f"{what}: cannot read stdin ({e})") from None
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what}: stdin is not UTF-8 text ({e})") from None
 
 
 def _read(path: str) -> str:
@@ -254,9 +320,10 @@ class StreamPrinter:
 
 def run(args: argparse.Namespace) -> int:
     import gpt2
-    from gpt2.api import Timing, generate_batch
+    from gpt2.api import Timing, draw_seed, generate_batch
     from ref.prompts import INSTRUCTION_STOP
     from ref.sampling import SamplingError, check_params
+    from weights.loader import read_config
     from weights.tokenizer import encode
 
     if hasattr(sys.stdout, "reconfigure"):
@@ -265,18 +332,26 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.reconfigure(errors="replace")
     params = validate(args)
     prompts = read_prompts(args)
-    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
+    cfg = read_config(args.model)  # the model's context, before any weights are read
     try:
-        check_params(params, model.cfg.n_vocab)
+        check_params(params, cfg.n_vocab)
     except SamplingError as e:
         raise UsageError(f"{flag(e.field)} {e.reason}") from None
     prompt_ids = [encode(p) for p in prompts]
     longest = max(max(len(ids), 1) for ids in prompt_ids)  # "" starts from <|endoftext|>
-    if longest + args.max_new_tokens > model.cfg.n_ctx:  # checked before the prompt streams
+    if longest + args.max_new_tokens > cfg.n_ctx:
         raise UsageError(
-            f"--max-new-tokens {args.max_new_tokens} after a prompt of {longest} tokens "
-            f"exceeds the model's context of {model.cfg.n_ctx}"
+            f"--max-new-tokens {args.max_new_tokens} after a prompt of {plural(longest, 'token')} "
+            f"exceeds the model's context of {cfg.n_ctx}"
         )
+    seed = args.seed
+    if seed is None and args.temperature != 0:
+        seed = draw_seed()  # reported below, so the run can be repeated
+        if not args.json:
+            print(
+                f"gpt2 generate: seed {seed} (pass -s {seed} to repeat this run)", file=sys.stderr
+            )
+    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
     instruct = args.instruction is not None
     stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
     n = args.num_return_sequences
@@ -297,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
             early_stopping=args.early_stopping,
             num_return_sequences=n,
             stop=stop,
-            seed=args.seed,
+            seed=seed,
             on_text=printer,
             timing=timing,
         )
@@ -316,6 +391,17 @@ def run(args: argparse.Namespace) -> int:
                     print(f"--- prompt {i + 1}, completion {j + 1}{score} ---")
                 print(r.text if instruct else prompt + r.text)
     else:
+        settings = {
+            **{k: getattr(params, k) for k in params.__dataclass_fields__},
+            "logit_bias": {str(k): v for k, v in params.logit_bias.items()},
+            "max_new_tokens": args.max_new_tokens,
+            "num_beams": args.num_beams,
+            "length_penalty": args.length_penalty,
+            "early_stopping": args.early_stopping,
+            "num_return_sequences": n,
+            "stop": stop,
+            "dtype": args.dtype,
+        }
         for prompt, ids, rs in zip(prompts, prompt_ids, results, strict=True):
             completions = []
             for r in rs:
@@ -330,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
                 "prompt_token_ids": ids,
                 "model": args.model,
                 "backend": args.backend,
+                "seed": seed,
+                "settings": settings,
                 "completions": completions,
                 "timing": {
                     "prefill_s": timing.prefill_s,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 
 from gpt2.cli import UsageError
@@ -78,12 +80,8 @@ def validate(s: dict) -> None:
     """Check every setting; messages name the flag. Needs no model."""
     from ref.lora import parse_targets
 
-    _check(s["data"] is not None, "--data is required (a .txt or .json file)")
+    _check(s["data"] is not None, "--data is required (a text or instruction file)")
     _check(os.path.isfile(s["data"]), f"--data {s['data']}: file not found")
-    _check(
-        s["data"].endswith((".txt", ".json")),
-        f"--data {s['data']}: expected a .txt (plain text) or .json (instructions) file",
-    )
     _check(s["steps"] is None or s["epochs"] is None, "give --steps or --epochs, not both")
     _check(s["steps"] is None or s["steps"] >= 1, f"--steps must be >= 1, got {s['steps']}")
     _check(
@@ -151,6 +149,11 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
             not os.path.exists(args.out) or os.path.isdir(args.out),
             f"--out {args.out}: exists and is not a directory",
         )
+        _check(
+            not os.path.isdir(args.out) or not os.listdir(args.out) or args.overwrite,
+            f"--out {args.out} is not empty; pass --overwrite to write the new run there, or "
+            f"--resume {args.out} to continue the run saved in it",
+        )
         s = {**DEFAULTS, **given}
         if s["model"] is not None and os.path.exists(s["model"]):
             _check(
@@ -194,22 +197,48 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     return s, state
 
 
-def load_data(s: dict, n_ctx: int) -> tuple:
-    """(train split, validation split) for the settings' data file."""
-    from ref.data import DataError, instruction_splits, read_instructions, text_splits
+def read_data(s: dict):
+    """The --data file read and checked (instruction records, or UTF-8 text), before any
+    model is: a bad file is refused without waiting for weights."""
+    from ref.data import DataError, read_instructions
+
+    path = s["data"]
+    try:
+        if is_instructions(path):
+            return read_instructions(path)
+        from gpt2.cmd_eval import read_text
+
+        return read_text(path)
+    except DataError as e:
+        raise UsageError(f"--data {_named(str(e), path)}") from None
+    except UsageError as e:
+        raise UsageError(f"--data {e}") from None
+
+
+def _named(msg: str, path: str) -> str:
+    return msg if msg.startswith(path) else f"{path}: {msg}"  # every message names the file
+
+
+def load_data(s: dict, n_ctx: int, data=None) -> tuple:
+    """(train split, validation split) for the settings' data (`read_data`'s, or read here)."""
+    from ref.data import DataError, instruction_splits, text_splits
     from weights.tokenizer import encode
 
     T = s["context_length"] or n_ctx
     _check(T <= n_ctx, f"--context-length must be in [2, {n_ctx}] for this model, got {T}")
+    data = read_data(s) if data is None else data
     try:
-        if s["data"].endswith(".json"):
-            return instruction_splits(read_instructions(s["data"]), encode, T, s["val_fraction"])
-        from gpt2.cmd_eval import read_text
-
-        ids = encode(read_text(s["data"]), allow_eot=True)
-        return text_splits(ids, T, s["val_fraction"])
+        if isinstance(data, list):
+            return instruction_splits(data, encode, T, s["val_fraction"])
+        return text_splits(encode(data, allow_eot=True), T, s["val_fraction"])
     except DataError as e:
-        raise UsageError(f"--data {e}") from None
+        raise UsageError(f"--data {_named(str(e), s['data'])}") from None
+
+
+def is_instructions(path: str) -> bool:
+    """.json (a list) and .jsonl (a record per line) are instruction records; any other
+    file is UTF-8 text."""
+    return path.endswith((".json", ".jsonl"))
 
 
 def total_steps(s: dict, n_train: int) -> int:
@@ -359,12 +388,15 @@ def run(
     backend: str,
     cache_dir: str | None,
     on_event: Callable[[dict], None],
-) -> None:
+) -> bool:
     """Train with the run's settings `s` (from `settings`) on `backend`, saving into `out_dir`.
+    Returns True when Ctrl-C stopped the run (after saving the last step it finished).
 
     Events, in order: {"event": "start", step, steps, backend, world_size} (the step it starts
     from), then the trainer's "train", "val" and "sample" events and a {"event": "checkpoint",
-    step, dir} after each save. Under torchrun only rank 0 emits and saves.
+    step, dir} after each save; on Ctrl-C {"event": "interrupt"} at once, and the trainer's
+    {"event": "interrupted", step} once the step is saved. Under torchrun only rank 0 emits
+    and saves.
     """
     from fast import NUMPY_BACKENDS, get_backend
 
@@ -375,14 +407,23 @@ def run(
 
         rank, world = torch_train.distributed()
     emit = on_event if rank == 0 else (lambda e: None)
-    cfg, params, tstate = build(s, state, resume, cache_dir)
-    train_split, val_split = load_data(s, cfg.n_ctx)
+    # the data and every setting are checked against the model's config before any weights
+    # are read (or downloaded)
+    from weights.loader import read_config
+
+    lora = s["lora_rank"] > 0
+    data = read_data(s)
+    n_ctx = read_config(resume if (state is not None and not lora) else s["model"]).n_ctx
+    train_split, val_split = load_data(s, n_ctx, data)
     steps = total_steps(s, len(train_split))
-    if tstate is not None and tstate.step >= steps:
-        raise UsageError(
-            f"--resume {resume}: the run is already at step {tstate.step} of "
-            f"{steps}; pass a larger --steps to continue"
-        )
+    if state is not None:
+        check_extension(s, state, state["step"], steps, resume)
+    _check(
+        s["warmup"] < steps or s["warmup"] == 0,
+        f"--warmup {s['warmup']} must be below the run's {steps} steps (the rate would never "
+        "reach --lr)",
+    )
+    cfg, params, tstate = build(s, state, resume, cache_dir)
     tcfg = train_config(s, steps)
     emit(
         {"event": "start", "step": tstate.step if tstate else 0, "steps": steps,
@@ -398,16 +439,74 @@ def run(
     save = saver(
         s, cfg, steps, len(train_split), out_dir, last, emit, backend=backend, world_size=world
     )
-    common = dict(state=tstate, on_event=on_train_event, save=save)
+    interrupt = Interrupt(emit)
+    common = dict(state=tstate, on_event=on_train_event, save=save, stop=interrupt.requested)
     try:
-        if backend in NUMPY_BACKENDS:
-            from ref.train import train
+        with interrupt:
+            if backend in NUMPY_BACKENDS:
+                from ref.train import train
 
-            train(params, cfg, train_split, val_split, tcfg, ops=get_backend(backend), **common)
-        else:
-            torch_train.train(params, cfg, train_split, val_split, tcfg, backend=backend, **common)
+                train(params, cfg, train_split, val_split, tcfg, ops=get_backend(backend), **common)
+            else:
+                torch_train.train(
+                    params, cfg, train_split, val_split, tcfg, backend=backend, **common
+                )
     except FloatingPointError as e:
         raise UsageError(str(e)) from None
     finally:
         if backend not in NUMPY_BACKENDS:
             torch_train.shutdown()
+    return interrupt.pressed
+
+
+def check_extension(s: dict, state: dict, done: int, steps: int, resume: str | None) -> None:
+    """A resumed run may run longer (or shorter) than it was started for only where that
+    changes no step's learning rate: a constant rate after warmup (--min-lr-ratio 1). The
+    cosine decay is laid over the whole run, so a longer run would have taken every step
+    after warmup at another rate; continuing would not be the run the README promises."""
+    saved_total = state.get("total_steps")
+    if done >= steps:
+        raise UsageError(
+            f"--resume {resume}: the run is already at step {done} of {steps}; "
+            + (
+                "pass a larger --steps to continue"
+                if s["min_lr_ratio"] == 1
+                else "its schedule has ended, so start a new run with a larger --steps"
+            )
+        )
+    if isinstance(saved_total, int) and steps != saved_total and s["min_lr_ratio"] != 1:
+        raise UsageError(
+            f"--steps/--epochs: the resumed run was laid out over {saved_total} step"
+            f"{'s' if saved_total != 1 else ''} (warmup, "
+            f"then cosine decay to {s['min_lr_ratio']} x --lr) and {done} are done; over "
+            f"{steps} steps every step after warmup would have had another learning rate. "
+            f"Resume without --steps/--epochs to finish it, or start a new run with "
+            f"--steps {steps} (runs with --min-lr-ratio 1, a constant rate, can be extended)"
+        )
+
+
+class Interrupt:
+    """Ctrl-C during training: the first finishes the step under way, saves a resumable
+    checkpoint of it (atomically, as every save) and stops; a second exits at once."""
+
+    def __init__(self, emit: Callable[[dict], None]):
+        self.emit = emit
+        self.pressed = False
+        self.old = None
+
+    def requested(self) -> bool:
+        return self.pressed
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one is final
+        self.emit({"event": "interrupt"})
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)

@@ -38,11 +38,16 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, key, axis=-1)
 
 
-def draw_without_replacement(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def draw_without_replacement(scores: np.ndarray, n: int, rng) -> np.ndarray:
     """n distinct indices per row, drawn one after another with probabilities softmax(scores)
     renormalised over what is left (the Gumbel-top-k trick: the n largest of scores + Gumbel
-    noise, in draw order). scores (b, m) -> (b, n); -inf entries come last, in index order."""
-    noisy = scores + rng.gumbel(size=scores.shape)  # -inf stays -inf
+    noise, in draw order). scores (b, m) -> (b, n); -inf entries come last, in index order.
+    `rng`: a Generator, or one per row."""
+    if isinstance(rng, np.random.Generator):
+        noise = rng.gumbel(size=scores.shape)  # (b, m)
+    else:
+        noise = np.stack([g.gumbel(size=scores.shape[1:]) for g in rng])  # (b, m)
+    noisy = scores + noise  # -inf stays -inf
     return _top(noisy, n)
 
 
@@ -56,6 +61,7 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     params: SamplingParams | None = None,
+    seed: int | None = None,
     rng: np.random.Generator | None = None,
     eos_id: int | None = EOT,
     stop: Sequence[str] = (),
@@ -85,7 +91,9 @@ def beam_search(
     each beam's log-probs also go through temperature, top-k, top-p and min-p (steps 5-8)
     before they are added to its score, and the 2K continuations are drawn without
     replacement with probabilities softmax(score + log-prob) over all K x V of them, in draw
-    order, instead of taken best first (`rng`; the same seed gives the same beams). Scores are
+    order, instead of taken best first (with `seed`, every prompt draws from its own
+    generator default_rng([seed, 0]), so a prompt gives the same beams alone or in a batch;
+    `rng` is one generator for all). Scores are
     those processed log-probs. Where the filters leave fewer than 2K continuations, the draw
     is topped up with ones of probability 0 (score -inf, or about NEG from the initial
     copies of a prompt), which are returned only if nothing better finished.
@@ -104,7 +112,11 @@ def beam_search(
         raise ValueError("stop strings need decode_bytes")
     K = num_beams
     sampled = not params.greedy
-    if sampled and rng is None:
+    if seed is not None and rng is not None:
+        raise TypeError("pass seed= or rng=, not both")
+    if sampled and seed is not None:
+        rng = [np.random.default_rng([seed, 0]) for _ in prompts]  # (P,), one per prompt
+    elif sampled and rng is None:
         rng = np.random.default_rng()
     t0 = time.perf_counter()
     prompts, cache, logits = prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
@@ -141,7 +153,8 @@ def beam_search(
             logp = warp(logp, params)  # temperature, top-k, top-p, min-p
         total = (logp.reshape(b, K, V) + score[:, :, None]).reshape(b, K * V)  # (b, KV)
         if sampled:
-            cand = draw_without_replacement(total, 2 * K, rng)  # (b, 2K), in draw order
+            live_rng = rng if isinstance(rng, np.random.Generator) else [rng[p] for p in live]
+            cand = draw_without_replacement(total, 2 * K, live_rng)  # (b, 2K), in draw order
         else:
             cand = _top(total, 2 * K)  # (b, 2K) best continuations, best first
         cand_score = np.take_along_axis(total, cand, axis=-1)  # (b, 2K)

@@ -211,6 +211,7 @@ def generate(
     max_new_tokens: int,
     *,
     params: SamplingParams | None = None,
+    seed: int | None = None,
     rng: np.random.Generator | None = None,
     num_return_sequences: int = 1,
     eos_id: int | None = EOT,
@@ -229,13 +230,22 @@ def generate(
     <|endoftext|>, as GPT-2 was trained. `on_token(row, id)` is called for each new token;
     `on_text(row, text)` (needs decode_bytes) for each piece of final text. `stats`, if given,
     receives prefill_s, decode_s and decode_tokens (token positions run in decode steps).
+
+    Randomness: with `seed`, sample j of every prompt draws from its own generator,
+    default_rng([seed, j]), so a prompt gives the same text alone or in a batch; `rng`, one
+    generator shared by every row, is the other way (neither: fresh entropy).
     """
     params = sampling_params(params, sampling)
     check_generate_args(max_new_tokens, params, 1, num_return_sequences, stop=stop)
+    if seed is not None and rng is not None:
+        raise TypeError("pass seed= or rng=, not both")
     if (stop or on_text is not None) and decode_bytes is None:
         raise ValueError("stop strings and on_text need decode_bytes")
-    rng = np.random.default_rng() if rng is None else rng
     n = num_return_sequences
+    if seed is not None:
+        rng = [np.random.default_rng([seed, j]) for _ in prompts for j in range(n)]  # (R,)
+    elif rng is None:
+        rng = np.random.default_rng()
     t0 = time.perf_counter()
     prompts, cache, logits = prefill(model, prompts, max_new_tokens, params)  # logits (P, V)
     P = len(prompts)
@@ -270,7 +280,8 @@ def generate(
                 on_text(row, piece)
 
     for _ in range(max_new_tokens):
-        nxt = choose(logits, params, [seqs[r] for r in live], rng, counts)  # (b,)
+        live_rng = rng if isinstance(rng, np.random.Generator) else [rng[r] for r in live]
+        nxt = choose(logits, params, [seqs[r] for r in live], live_rng, counts)  # (b,)
         logp = log_softmax(logits)  # (b, V): the model's own log-probs, before the sampler
         if t_first is None:
             t_first = time.perf_counter()

@@ -150,6 +150,19 @@ def commit_step(cache: KVCache | None, step: Step) -> None:
     cache.length = step.P + T
 
 
+def as_ids(ids, what: str = "forward(): ids") -> np.ndarray:
+    """Token ids as users pass them (a (B, T) array or nested list; a 1-D array or list is one
+    row) -> (B, T) int64, or a ValueError that names the call and the argument."""
+    a = np.asarray(ids)
+    if a.ndim == 1:
+        a = a[None, :]  # (1, T)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T) or (T,), got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integer token ids, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
 def check_ids(ids: np.ndarray, n_vocab: int) -> None:
     """Token ids must lie in [0, n_vocab): numpy would read wte[-1] for id -1 without a word."""
     if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
@@ -453,17 +466,27 @@ class Model:
         self.params = params
         self.ops = ops
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"Model({c.n_params() / 1e6:.1f}M parameters: n_layer={c.n_layer}, "
+            f"n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx}, n_vocab={c.n_vocab}; "
+            f"ops {getattr(self.ops, '__name__', self.ops)})"
+        )
+
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, capacity)
 
     def forward(
         self,
-        ids: np.ndarray,
+        ids,
         cache: KVCache | None = None,
         mask: np.ndarray | None = None,
         last_only: bool = False,
     ) -> np.ndarray:
-        """ids (B, T) int -> logits (B, T, V) float32 (B, 1, V with last_only)."""
+        """ids (B, T) int (or (T,), one row) -> logits (B, T, V) float32 (B, 1, V with
+        last_only)."""
         return forward(
-            self.params, ids, self.cfg, cache=cache, mask=mask, last_only=last_only, ops=self.ops
-        )
+            self.params, as_ids(ids), self.cfg, cache=cache, mask=mask, last_only=last_only,
+            ops=self.ops,
+        )  # fmt: skip

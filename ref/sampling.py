@@ -257,15 +257,25 @@ def process_logits(
     return logits if p.greedy else warp(logits, p)
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def uniforms(rng, n: int) -> np.ndarray:
+    """n uniforms in [0, 1): from one Generator, or one from each of a list of n generators
+    (a generator per row, so a row's draws do not depend on the rows beside it)."""
+    if isinstance(rng, np.random.Generator):
+        return rng.random(n)
+    if len(rng) != n:
+        raise ValueError(f"{len(rng)} generators for {n} rows")
+    return np.array([g.random() for g in rng])
+
+
+def sample(logits: np.ndarray, rng) -> np.ndarray:
     """One draw per row from softmax(logits): logits (B, V) -> ids (B,).
 
     Inverse CDF with one uniform u per row: the first i with cumsum(q)[i] > u * sum(q);
-    tokens of probability 0 are never drawn.
+    tokens of probability 0 are never drawn. `rng`: a Generator, or one per row.
     """
     q = softmax(logits)  # (B, V)
     cdf = np.cumsum(q, axis=-1)  # (B, V)
-    u = rng.random(len(q))[:, None]  # (B, 1)
+    u = uniforms(rng, len(q))[:, None]  # (B, 1)
     ids = (cdf <= u * cdf[:, -1:]).sum(axis=-1)  # (B,)
     # u * total rounding up to total would step past the end: take the last possible token
     last = q.shape[-1] - 1 - np.argmax(q[:, ::-1] > 0, axis=-1)  # (B,)
@@ -276,7 +286,7 @@ def choose(
     logits: np.ndarray,
     p: SamplingParams,
     seqs: list[list[int]],
-    rng: np.random.Generator,
+    rng,
     counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Next ids (B,): argmax after steps 1-4 when greedy, else a draw after steps 1-8."""

@@ -237,8 +237,10 @@ def train(
     state: TrainState | None = None,
     on_event: Callable[[dict], None] | None = None,
     save: Callable[[dict, TrainState], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict, TrainState, list[float]]:
-    """Train from `state` (a fresh one when None) up to tcfg.steps.
+    """Train from `state` (a fresh one when None) up to tcfg.steps, or until `stop()` says so
+    after a step (Ctrl-C): that step is then saved and {"event": "interrupted", step} ends it.
 
     on_event receives dicts: {"event": "train", step, loss, lr, grad_norm, tokens,
     tokens_per_s}, {"event": "val", step, val_loss, val_perplexity},
@@ -278,8 +280,14 @@ def train(
         if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
             vl, ppl = validate(partial(loss_only, params, cfg=cfg, ops=ops), val_split, tcfg)
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
-        if save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps):
+        saved = save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps)
+        if saved:
             save(params, state)
+        if stop is not None and step + 1 < tcfg.steps and stop():
+            if save is not None and not saved:
+                save(params, state)
+            emit({"event": "interrupted", "step": step + 1})
+            return params, state, losses
     if has_val and tcfg.n_samples > 0:
         for prompt, response in samples(Model(cfg, params, ops), val_split, tcfg):
             emit({"event": "sample", "prompt": prompt, "response": response})

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -19,8 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ref.config import ConfigError, GPT2Config, canonical_size, load_config
-from weights import WeightsError
+from ref.config import (
+    SIZES,
+    ConfigError,
+    GPT2Config,
+    brief,
+    canonical_size,
+    load_config,
+    parse_json,
+)
+from weights import WeightsError, read_error
 from weights import safetensors as st
 from weights.layout import check_and_nest, hf_to_canonical
 
@@ -65,15 +72,15 @@ def _config_near(directory: str, prefer: tuple[str, ...]) -> GPT2Config:
 def _safe_join(directory: str, name: object, index_path: str) -> str:
     """A shard path from the index, refused if it would leave the model directory."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
-        raise WeightsError(f"{index_path}: invalid shard file name {name!r}")
+        raise WeightsError(f"{index_path}: invalid shard file name {brief(name)}")
     try:
         os.fsencode(name)  # JSON can spell lone surrogates, which no file name holds
     except UnicodeEncodeError:
-        raise WeightsError(f"{index_path}: invalid shard file name {name!r}") from None
+        raise WeightsError(f"{index_path}: invalid shard file name {brief(name)}") from None
     base = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(base, name))
     if os.path.dirname(full) != base:
-        raise WeightsError(f"{index_path}: shard path {name!r} escapes the model directory")
+        raise WeightsError(f"{index_path}: shard path {brief(name)} escapes the model directory")
     return full
 
 
@@ -83,14 +90,23 @@ def hf_files(path: str) -> list[str]:
         return [path]
     index = os.path.join(path, HF_INDEX)
     if os.path.exists(index):
+        problem = f"{index}: not a valid shard index"
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            raise WeightsError(f"{index}: not a valid shard index ({e})") from None
-        files = sorted({_safe_join(path, v, index) for v in weight_map.values()})
+            with open(index, "rb") as f:
+                doc = parse_json(f.read(), WeightsError, problem)
+        except OSError as e:
+            raise read_error(index, e) from None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{problem} (no weight_map object)")
+        # Each distinct name is resolved once: an index may name one shard for every tensor,
+        # and resolving a path costs a system call per component.
+        names = set()
+        for v in weight_map.values():
+            if not isinstance(v, str):
+                raise WeightsError(f"{index}: invalid shard file name {brief(v)}")
+            names.add(v)
+        files = sorted({_safe_join(path, v, index) for v in names})
         for f in files:
             if not os.path.isfile(f):  # a name like "sub" may resolve to a directory
                 raise WeightsError(f"{f}: shard named in {index} is missing")
@@ -146,6 +162,27 @@ def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict
             a = a[0]  # OpenAI stores conv1d weights as (1, in, out)
         flat[key] = a
     return cfg, check_and_nest(flat, cfg, prefix, check_finite)
+
+
+def read_config(model: str) -> GPT2Config:
+    """The config of `--model` without reading (or downloading) any weights: a size name's
+    is known; a directory's or a .safetensors file's is its config file. So the flags that
+    depend on the model (its context) are checked before any weights are loaded."""
+    bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
+    size = canonical_size(model) if bare else None
+    if size is not None:
+        return SIZES[size]
+    if bare and not os.path.exists(model) and looks_like_size(model):
+        from weights import download as dl
+
+        raise WeightsError(dl.unknown_size(model))
+    fmt = detect_format(model)
+    directory = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
+    prefer = ("config.json", "hparams.json") if fmt == "hf" else ("hparams.json", "config.json")
+    try:
+        return _config_near(directory, prefer)
+    except ConfigError as e:
+        raise WeightsError(str(e)) from None
 
 
 def looks_like_size(name: str) -> bool:

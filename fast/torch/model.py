@@ -24,7 +24,7 @@ import torch
 
 from fast import TORCH_BACKENDS, get_backend
 from ref.config import GPT2Config
-from ref.model import KVCache, check_ids, commit_step, plan_step
+from ref.model import KVCache, as_ids, check_ids, commit_step, plan_step
 
 
 def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
@@ -183,6 +183,14 @@ class TorchModel:
         self.dtype = dtype
         self.params = to_torch(params, self.device, dtype)
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"TorchModel({c.n_params() / 1e6:.1f}M parameters: n_layer={c.n_layer}, "
+            f"n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx}; backend {self.backend}, "
+            f"{self.device}, {str(self.dtype).removeprefix('torch.')})"
+        )
+
     def new_cache(self, batch: int, capacity: int | None = None) -> TorchKVCache:
         return TorchKVCache(self.cfg, batch, capacity, self.device, self.dtype)
 
@@ -193,8 +201,9 @@ class TorchModel:
         mask: np.ndarray | None = None,
         last_only: bool = False,
     ) -> np.ndarray:
-        """ids (B, T) int -> logits (B, T, V) float32 numpy (B, 1, V with last_only)."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """ids (B, T) int (or (T,), one row) -> logits (B, T, V) float32 numpy (B, 1, V
+        with last_only)."""
+        ids = as_ids(ids)
         check_ids(ids, self.cfg.n_vocab)  # on CUDA a bad id would be a device-side assert
         ids_t = torch.as_tensor(ids, device=self.device)
         with torch.no_grad():

@@ -173,9 +173,11 @@ def train(
     state: TrainState | None = None,
     on_event: Callable[[dict], None] | None = None,
     save: Callable[[dict, TrainState], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict, TrainState, list[float]]:
     """`ref.train.train` on a torch backend, data-parallel when torch.distributed is set up
-    (see `distributed()`). Same events, same return: (numpy params, final state, losses).
+    (see `distributed()`). Same events, same return: (numpy params, final state, losses),
+    and the same `stop` (checked after each step, agreed by every rank).
 
     Every rank returns the same params and losses; events and saves happen on rank 0 only.
     """
@@ -268,9 +270,18 @@ def train(
                 all_sum=lambda v: _all_sum(v, world, device),
             )  # fmt: skip
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
-        if save is not None and rank == 0 and is_due(step + 1, tcfg.save_every, tcfg.steps):
+        saved = is_due(step + 1, tcfg.save_every, tcfg.steps)
+        if save is not None and rank == 0 and saved:
             st = export_state(module, opt, step + 1)
             save(_numpy_params(module, params), st)
+        if stop is not None and step + 1 < tcfg.steps:
+            # every rank stops after the same step, or the next all-reduce would wait forever
+            (asked,) = _all_sum([1.0 if stop() else 0.0], world, device)
+            if asked > 0:
+                if save is not None and rank == 0 and not saved:
+                    save(_numpy_params(module, params), export_state(module, opt, step + 1))
+                emit({"event": "interrupted", "step": step + 1})
+                return _numpy_params(module, params), export_state(module, opt, step + 1), losses
     if rank == 0 and has_val and tcfg.n_samples > 0:
         model_i = TorchModel(cfg, module.params, backend, device)
         for prompt, response in samples(model_i, val_split, tcfg):

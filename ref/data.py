@@ -20,6 +20,7 @@ resumed at step s sees the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,10 +92,36 @@ def text_splits(ids: list[int] | np.ndarray, T: int, val_fraction: float) -> tup
 
 
 def read_instructions(path: str) -> list[dict]:
-    """Load and check a JSON list of {instruction, input, output} records."""
+    """Load and check {instruction, input, output} records: a JSON list (.json), or one JSON
+    object per line (.jsonl, blank lines skipped)."""
+    if path.endswith(".jsonl"):
+        return check_records(_read_jsonl(path), path)
     data = read_json(path, DataError)
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of records")
+    return check_records(data, path)
+
+
+def _read_jsonl(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read UTF-8 text ({e})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e})") from None
+    if not records:
+        raise DataError(f"{path}: no records (every line is blank)")
+    return records
+
+
+def check_records(data: list, path: str) -> list[dict]:
+    """Each record an object with string 'instruction' and 'output' (and 'input', if any)."""
     for i, r in enumerate(data):
         if not isinstance(r, dict):
             raise DataError(f"{path}: record {i} is not an object")

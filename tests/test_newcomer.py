@@ -484,3 +484,14 @@ def test_short_messages_name_their_file_and_count_right(tmp_path, capsys):
     assert f"--data {tiny}:" in err and "tokens leave too few" in err
     assert main(["generate", "x", "-m", FIXTURE, "-n", "128"]) == 2
     assert "after a prompt of 1 token exceeds" in capsys.readouterr().err
+
+
+def test_the_bar_shows_a_fractional_rate_and_an_eta():
+    from gpt2.progress import Progress
+
+    bar = Progress(100, "finetune", " step", enabled=False)
+    bar.set(40)  # a resumed run starts at step 40: its rate counts from there
+    bar.t0 -= 8.0  # 8 s later ...
+    bar.set(50)  # ... 10 steps done: 1.25 step/s, 50 left: 40 s
+    line = bar.line(bar.t0 + 8.0)
+    assert "1.25 step/s" in line and "ETA 40s" in line and "50/100" in line

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from dataclasses import asdict, dataclass
 from typing import IO
+
+# JSON integers longer than this are refused before int() sees them: no size, count or offset
+# needs more than 20 digits, every shorter integer converts to a float (float() of an int past
+# 1.8e308 raises OverflowError), and int() of a d-digit string costs O(d**2), so the cost per
+# input byte stays bounded whatever the interpreter's own digit limit (sys.int_info).
+MAX_JSON_DIGITS = 300
 
 
 class ConfigError(ValueError):
@@ -32,13 +39,13 @@ class GPT2Config:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
             if value > 10_000_000:
-                raise ConfigError(f"config: {name}={value} is absurdly large")
+                raise ConfigError(f"config: {name}={brief(value)} is absurdly large")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
             )
         if not (isinstance(self.eps, float) and 0.0 < self.eps < 1.0):
-            raise ConfigError(f"config: eps must be a float in (0, 1), got {self.eps!r}")
+            raise ConfigError(f"config: eps must be a float in (0, 1), got {brief(self.eps)}")
 
     @property
     def head_size(self) -> int:
@@ -129,15 +136,17 @@ def config_from_dict(d: object, path: str = "<config>") -> GPT2Config:
         kw["n_ctx"] = d["n_positions"]
     for k, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool):
-            raise ConfigError(f"{path}: {k} must be an integer, got {v!r}")
+            raise ConfigError(f"{path}: {k} must be an integer, got {brief(v)}")
     eps = d.get("layer_norm_epsilon", 1e-5)
     if isinstance(eps, int) and not isinstance(eps, bool):
+        if not 0 <= eps <= 1:  # range-checked before float(), which overflows past 1.8e308
+            raise ConfigError(f"{path}: layer_norm_epsilon must be in (0, 1), got {brief(eps)}")
         eps = float(eps)
     if not isinstance(eps, float):
-        raise ConfigError(f"{path}: layer_norm_epsilon must be a number, got {eps!r}")
+        raise ConfigError(f"{path}: layer_norm_epsilon must be a number, got {brief(eps)}")
     act = d.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
+        raise ConfigError(f"{path}: activation_function {brief(act)} is not GPT-2's tanh GELU")
     try:
         return GPT2Config(eps=eps, **kw)
     except ConfigError as e:
@@ -160,15 +169,37 @@ def parse_json(src: bytes | str | IO[str], error: type[Exception], problem: str)
     `error(f"{problem} ({why})")`; an OSError reading the file is left to the caller.
 
     The one place that knows what json can raise: UnicodeDecodeError for bytes that are not
-    UTF-8; ValueError for bad syntax and for integers past Python's digit limit; RecursionError
-    for deep nesting; TypeError when `src` is not text at all (a metadata value, say).
+    UTF-8; ValueError for bad syntax and for integers of more than MAX_JSON_DIGITS digits;
+    RecursionError for deep nesting (the decoder stops at sys.getrecursionlimit() levels, so
+    nesting costs no more than its bytes); TypeError when `src` is not text at all (a metadata
+    value, say).
     """
     try:
+        if hasattr(src, "read"):
+            src = src.read()
         if isinstance(src, bytes):
             src = src.decode("utf-8")
-        return json.load(src) if hasattr(src, "read") else json.loads(src)
+        return json.loads(src, parse_int=_json_int)
     except (UnicodeDecodeError, ValueError, RecursionError, TypeError) as e:
         raise error(f"{problem} ({e})") from None
+
+
+def _json_int(digits: str) -> int:
+    if len(digits) > MAX_JSON_DIGITS + 1:  # + 1 for a minus sign
+        raise ValueError(f"an integer of {len(digits)} digits (at most {MAX_JSON_DIGITS})")
+    return int(digits)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 80, 80, 40
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 8
+
+
+def brief(value: object) -> str:
+    """repr(value) cut to about 80 characters (and 3 levels of nesting), for error messages
+    that quote what an input file said: a quoted value may be megabytes long or nested too
+    deep for repr()."""
+    return _BRIEF.repr(value)
 
 
 def load_config(path: str) -> GPT2Config:

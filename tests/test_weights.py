@@ -16,6 +16,7 @@ import struct
 
 import numpy as np
 import pytest
+from fuzz import tf_table as tf_writer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -208,6 +209,21 @@ def test_snappy_copies_and_literals():
         tt._snappy_decompress(b"\x05\x0d\x03")
 
 
+@given(data=st.lists(st.sampled_from([b"a", b"b", b"ab", b"\x00", b"abcabcab"]), max_size=80))
+def test_snappy_round_trips_overlapping_copies(data):
+    """The fuzz writer's encoder (copies whenever 4 bytes repeat, overlapping their own output
+    in runs) against the reader, which copies a piece at a time."""
+    raw = b"".join(data)
+    assert tt._snappy_decompress(tf_writer.snappy(raw)) == raw
+
+
+def test_snappy_declared_length_is_charged_before_decompressing():
+    with pytest.raises(tt._Malformed, match="declaring 1152921504606846976 bytes would expand"):
+        tt._snappy_decompress(b"\x80\x80\x80\x80\x80\x80\x80\x80\x10\x08abc")
+    with pytest.raises(tt._Malformed, match="longer than its declared length"):
+        tt._snappy_decompress(b"\x02\x08abc")
+
+
 # ---------------------------------------------------------------------------------------
 # The fixtures load, and agree
 # ---------------------------------------------------------------------------------------
@@ -316,6 +332,84 @@ def test_checkpoint_prefix_falls_back_to_model_ckpt(tmp_path):
     os.remove(os.path.join(d, "model.ckpt.index"))
     with pytest.raises(WeightsError, match=r"gone\.index: file not found"):
         tc.checkpoint_prefix(d)
+
+
+def test_checkpoint_file_naming_the_original_reads_the_copy(tmp_path):
+    """TensorFlow's saver writes absolute paths. A copy whose `checkpoint` names the original
+    (intact) checkpoint, and whose own index is truncated, must fail on the copy's index:
+    never load the original's files from outside the directory."""
+    original = copy_tf(tmp_path / "a")
+    loader.load(original)
+    copy = str(tmp_path / "b" / "tf")
+    shutil.copytree(original, copy)
+    with open(os.path.join(copy, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{os.path.join(original, "model.ckpt")}"\n')
+    os.truncate(os.path.join(copy, "model.ckpt.index"), 200)
+    index = os.path.join(copy, "model.ckpt.index")
+    assert tc.checkpoint_prefix(copy) == os.path.join(copy, "model.ckpt")
+    with pytest.raises(WeightsError, match=rf"^{index}: bad checkpoint index") as e:
+        loader.load(copy)
+    assert original not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "written", ["../a/tf/model.ckpt", "../../a/tf/model.ckpt", "sub/../../a/tf/model.ckpt"]
+)
+def test_checkpoint_file_with_dotdot_stays_inside(tmp_path, written):
+    """A relative path through `..` is taken by its base name inside the directory."""
+    original = copy_tf(tmp_path / "a")
+    copy = str(tmp_path / "b" / "tf")
+    shutil.copytree(original, copy)
+    with open(os.path.join(copy, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{written}"\n')
+    assert tc.checkpoint_prefix(copy) == os.path.join(copy, "model.ckpt")
+    os.remove(os.path.join(copy, "model.ckpt.index"))
+    with pytest.raises(WeightsError, match=rf"^{copy}/model\.ckpt\.index: file not found"):
+        loader.load(copy)
+
+
+@pytest.mark.parametrize("written", ["..", ".", "", "/", "run/..", "x\\000y"])
+def test_checkpoint_file_naming_no_file_is_refused(tmp_path, written):
+    d = copy_tf(tmp_path)
+    with open(os.path.join(d, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{written}"\n')
+    with pytest.raises(WeightsError, match=r"checkpoint: model_checkpoint_path .* names no"):
+        tc.checkpoint_prefix(d)
+
+
+@pytest.mark.parametrize("which", ["index", "data"])
+def test_checkpoint_files_symlinked_out_are_refused(tmp_path, which):
+    """As for safetensors shards: a checkpoint's files may not resolve outside its directory."""
+    original = copy_tf(tmp_path / "a")
+    copy = str(tmp_path / "b")
+    os.makedirs(copy)
+    for f in os.listdir(original):
+        src = os.path.join(original, f)
+        if (which == "index") == f.endswith(".index"):
+            os.symlink(src, os.path.join(copy, f))
+        else:
+            shutil.copy(src, copy)
+    with pytest.raises(WeightsError, match="outside the checkpoint's directory"):
+        loader.load(copy)
+    # a symlink that stays inside the directory is fine
+    inside = copy_tf(tmp_path / "c")
+    name = DATA if which == "data" else "model.ckpt.index"
+    os.rename(os.path.join(inside, name), os.path.join(inside, "real"))
+    os.symlink(os.path.join(inside, "real"), os.path.join(inside, name))
+    loader.load(inside)
+
+
+def test_checkpoint_file_of_blank_lines_is_read_in_linear_time(tmp_path):
+    """`^\\s*` over a run of blank lines backtracked from each line: O(n**2), hours for this."""
+    import time
+
+    d = copy_tf(tmp_path)
+    with open(os.path.join(d, "checkpoint"), "w") as f:
+        f.write("\n" * 1_000_000 + 'model_checkpoint_path: "' + " " * 1_000_000)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match="no model_checkpoint_path line"):
+        tc.checkpoint_prefix(d)
+    assert time.perf_counter() - t0 < 5
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ tensor_bundle.proto):
 The protobuf wire format is decoded by hand: each field is a varint key (field << 3 | wire
 type) then a varint (type 0), 8 bytes (1), a varint length and bytes (2) or 4 bytes (5).
 Each tensor's bytes are checked against its entry's crc32c (CRC-32C, masked as in the table).
+
+Every file read lies in the checkpoint's directory: the `checkpoint` file's path is taken by its
+base name there, and an index or data shard that resolves elsewhere (a symlink out) is refused,
+as for the shards of a safetensors index (weights/loader.py).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
-from weights import WeightsError
+from ref.config import brief
+from weights import WeightsError, read_error
 from weights.tf_table import _Malformed, _varint, crc32c, read_table, unmask_crc
+
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
 
 # DataType enum values (tensorflow/core/framework/types.proto) that hold real numbers; each
 # is widened to float32. bfloat16 has no numpy dtype: it is read as uint16 bits.
@@ -56,13 +64,13 @@ _DTYPE_NAMES = {
 # ---------------------------------------------------------------------------------------
 
 
-def _proto_fields(buf: bytes) -> list[tuple[int, int, object]]:
-    """Decode one message into (field number, wire type, value) in order of appearance.
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
+    """Decode one message into (field number, wire type, value) in order of appearance, one
+    at a time (a message of many tiny fields never becomes a list).
 
     Varints come back as ints, fixed32/fixed64 as ints, length-delimited fields as bytes.
     Groups (wire types 3, 4) are obsolete and never used by these messages.
     """
-    fields = []
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -89,8 +97,7 @@ def _proto_fields(buf: bytes) -> list[tuple[int, int, object]]:
             pos += 4
         else:
             raise _Malformed(f"unsupported protobuf wire type {wire}")
-        fields.append((number, wire, value))
-    return fields
+        yield number, wire, value
 
 
 def _int64(v: int) -> int:
@@ -140,10 +147,14 @@ def _parse_entry(value: bytes, name: str) -> dict:
                         if n3 == 1 and w3 == 0:
                             size = _int64(s)
                     if size < 0:
-                        raise _Malformed(f"tensor {name!r}: unknown or negative dimension")
+                        raise _Malformed(f"tensor {brief(name)}: unknown or negative dimension")
+                    # refused while parsing: the size check multiplies the dims, and a product
+                    # of n big numbers costs O(n**2)
+                    if len(e["shape"]) == MAX_DIMS:
+                        raise _Malformed(f"tensor {brief(name)}: more than {MAX_DIMS} dims")
                     e["shape"].append(size)
                 elif n2 == 3 and w2 == 0 and dim:  # unknown_rank = true
-                    raise _Malformed(f"tensor {name!r}: shape of unknown rank")
+                    raise _Malformed(f"tensor {brief(name)}: shape of unknown rank")
         elif number in (3, 4, 5) and wire == 0:
             e[{3: "shard_id", 4: "offset", 5: "size"}[number]] = _int64(v)
         elif number == 6 and wire == 5:
@@ -172,9 +183,13 @@ def _unescape(text: str) -> str:
 
 
 def checkpoint_prefix(directory: str) -> str:
-    """The checkpoint prefix in `directory`: the `checkpoint` file's model_checkpoint_path
-    (relative to the directory; an absolute path from another machine is tried by its base
-    name), else `model.ckpt`."""
+    """The checkpoint prefix in `directory`: the `checkpoint` file's model_checkpoint_path,
+    taken by its base name inside `directory`, else `model.ckpt`.
+
+    TensorFlow's saver writes the absolute path of the run that saved it; read as written, a
+    copied directory would load the original's files (or another machine's), so only the base
+    name counts, and `..` or a path out of the directory reaches nothing outside it.
+    """
     candidates = []
     state = os.path.join(directory, "checkpoint")
     if os.path.exists(state):
@@ -183,17 +198,33 @@ def checkpoint_prefix(directory: str) -> str:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise WeightsError(f"{state}: cannot read ({e})") from None
-        m = re.search(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+        # [ \t], not \s, and no newline inside the quotes: \s would match newlines, and each
+        # start would then scan (and backtrack over) the rest of the file, O(n**2) in all
+        m = re.search(
+            r'^[ \t]*model_checkpoint_path:[ \t]*"((?:[^"\\\n]|\\.)*)"', text, re.MULTILINE
+        )
         if m is None:
             raise WeightsError(f"{state}: no model_checkpoint_path line")
         path = _unescape(m.group(1))
-        candidates.append(path if os.path.isabs(path) else os.path.join(directory, path))
-        candidates.append(os.path.join(directory, os.path.basename(path)))
+        name = os.path.basename(path)
+        if name in ("", ".", "..") or "\x00" in name:
+            raise WeightsError(f"{state}: model_checkpoint_path {brief(path)} names no checkpoint")
+        candidates.append(os.path.join(directory, name))
     candidates.append(os.path.join(directory, "model.ckpt"))
     for prefix in candidates:
         if os.path.exists(prefix + ".index"):
             return prefix
     raise WeightsError(f"{candidates[0]}.index: file not found (no TensorFlow checkpoint index)")
+
+
+def _check_inside(path: str, directory: str, index_path: str) -> None:
+    """Refuse a checkpoint file that resolves outside the checkpoint's directory."""
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(directory):
+        raise WeightsError(
+            f"{path}: resolves to {real}, outside the checkpoint's directory (a symlink out?); "
+            f"the files of {index_path} must lie beside it"
+        )
 
 
 def _shard_path(prefix: str, shard: int, num_shards: int) -> str:
@@ -207,6 +238,9 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
     bfloat16 are widened to float32. Each tensor's crc32c is checked unless verify=False.
     """
     index_path = prefix + ".index"
+    directory = os.path.dirname(prefix) or "."
+    if os.path.exists(index_path):
+        _check_inside(index_path, directory, index_path)
     entries = read_table(index_path)
     try:
         if not entries or entries[0][0] != b"":
@@ -221,7 +255,7 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
 
     sizes: dict[int, int] = {}
     for name, e in parsed:
-        where = f"{index_path}: tensor {name!r}"
+        where = f"{index_path}: tensor {brief(name)}"
         if e["sliced"]:
             raise WeightsError(f"{where} is saved in slices (partitioned), which is unsupported")
         if e["dtype"] not in _FLOAT_DTYPES:
@@ -230,11 +264,11 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
         if not 0 <= e["shard_id"] < num_shards:
             raise WeightsError(f"{where}: shard {e['shard_id']} is not one of {num_shards}")
         itemsize = np.dtype(_FLOAT_DTYPES[e["dtype"]][1]).itemsize
-        # an empty tensor may still declare a shape numpy cannot make (> 64 dims, or nonzero
-        # dims whose product overflows): refuse it here rather than in the final reshape
+        # an empty tensor may still declare a shape numpy cannot make (nonzero dims whose
+        # product overflows): refuse it here rather than in the final reshape
         nonzero = int(np.prod([d for d in e["shape"] if d], dtype=object))
-        if len(e["shape"]) > 64 or nonzero * itemsize >= 2**62:
-            raise WeightsError(f"{where}: shape {e['shape']} is too large for an array")
+        if nonzero * itemsize >= 2**62:
+            raise WeightsError(f"{where}: shape {brief(e['shape'])} is too large for an array")
         need = itemsize * int(np.prod(e["shape"], dtype=object))
         if e["size"] != need:
             raise WeightsError(
@@ -247,10 +281,12 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
                 sizes[e["shard_id"]] = os.path.getsize(shard)
             except FileNotFoundError:
                 raise WeightsError(f"{shard}: file not found (named in {index_path})") from None
+            _check_inside(shard, directory, index_path)
         if e["offset"] < 0 or e["offset"] + e["size"] > sizes[e["shard_id"]]:
             raise WeightsError(
-                f"{shard}: tensor {name!r} needs bytes [{e['offset']}, {e['offset'] + e['size']})"
-                f" but the file has {sizes[e['shard_id']]} bytes (truncated?)"
+                f"{shard}: tensor {brief(name)} needs bytes [{e['offset']}, "
+                f"{e['offset'] + e['size']}) but the file has {sizes[e['shard_id']]} bytes "
+                "(truncated?)"
             )
 
     maps: dict[int, np.ndarray] = {}
@@ -261,15 +297,18 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
             buf = np.zeros(0, dtype=np.uint8)
         else:
             if e["shard_id"] not in maps:
-                maps[e["shard_id"]] = np.asarray(np.memmap(shard, dtype=np.uint8, mode="r"))
+                try:
+                    maps[e["shard_id"]] = np.asarray(np.memmap(shard, dtype=np.uint8, mode="r"))
+                except OSError as err:  # ENOMEM under an address-space limit, say
+                    raise read_error(shard, err) from None
             buf = maps[e["shard_id"]][e["offset"] : e["offset"] + e["size"]]
         if verify:
             if e["crc32c"] is None:
-                raise WeightsError(f"{index_path}: tensor {name!r} has no crc32c")
+                raise WeightsError(f"{index_path}: tensor {brief(name)} has no crc32c")
             actual = crc32c(buf)
             if unmask_crc(e["crc32c"]) != actual:
                 raise WeightsError(
-                    f"{shard}: tensor {name!r} fails its crc32c check (stored "
+                    f"{shard}: tensor {brief(name)} fails its crc32c check (stored "
                     f"{unmask_crc(e['crc32c']):#010x}, computed {actual:#010x}): the file is "
                     "corrupt"
                 )

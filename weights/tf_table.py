@@ -17,6 +17,13 @@ unsigned LEB128 (7 bits a byte, low bits first, high bit set on all but the last
 Every checksum is CRC-32C (Castagnoli), stored masked as LevelDB does:
 mask(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2**32).
 
+Bounded cost: a small file can describe far more than it holds (snappy blocks expand, and keys
+that each share the whole previous key plus one byte add up to O(n**2) bytes), so everything
+the reader makes (decompressed blocks, keys, values, and ENTRY_COST bytes of Python objects per
+entry) is charged to a budget of EXPANSION times the file's size plus 1 MiB, and a table that
+would exceed it is refused before the bytes are made. Data blocks must lie one after another,
+as TableBuilder writes them, so no block is read twice.
+
 `_Malformed` and `_varint` are shared with weights/tf_checkpoint.py, whose protobuf decoding
 reads the same varints and reports its structural errors the same way. The only tables read
 here are checkpoint indexes, which is what the error messages call them.
@@ -35,10 +42,30 @@ TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two block handles of at most 20 bytes each, then the 8-byte magic
 BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked crc32c (4 bytes)
 NO_COMPRESSION, SNAPPY_COMPRESSION = 0, 1
+# The budget. ENTRY_COST is about what one entry's Python objects take: ~190 bytes here (a
+# tuple, two bytes objects) and ~600 in weights/tf_checkpoint.py (the parsed entry, the array).
+# Charged so, the fixtures TensorFlow wrote (tests/fixtures/tf-*) use 14-17 times their size.
+EXPANSION = 64
+ENTRY_COST = 512
 
 
 class _Malformed(Exception):
     """A structural error deep in the parser; re-raised as WeightsError naming the file."""
+
+
+class _Budget:
+    """The bytes a table's reader may still make (see the module docstring)."""
+
+    def __init__(self, file_size: int):
+        self.left = EXPANSION * file_size + (1 << 20)
+
+    def take(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise _Malformed(
+                f"{what} would expand the table past {EXPANSION} times its file's size "
+                "(keys sharing ever longer prefixes, or an oversized snappy block)"
+            )
+        self.left -= n
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,14 +235,18 @@ def _varint(buf: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
             raise _Malformed("varint longer than 10 bytes")
 
 
-def _snappy_decompress(buf: bytes) -> bytes:
+def _snappy_decompress(buf: bytes, budget: _Budget | None = None) -> bytes:
     """Snappy's raw format: varint length, then literals and back-references.
 
     Tag byte, low 2 bits: 0 literal (length - 1 in the high 6 bits, or 60..63 meaning 1..4
     bytes of length - 1 follow); 1 copy, length 4 + bits 2-4, offset bits 5-7 << 8 | 1 byte;
     2 copy, length 1 + high 6 bits, 2-byte offset; 3 copy, same with a 4-byte offset.
+    The declared length is charged to `budget` before anything is decompressed, and the
+    output may never pass it (by default, the budget of a table file as large as `buf`).
     """
+    budget = _Budget(len(buf)) if budget is None else budget
     n, pos = _varint(buf, 0)
+    budget.take(n, f"a snappy block declaring {n} bytes")
     out = bytearray()
     while pos < len(buf):
         tag = buf[pos]
@@ -232,6 +263,8 @@ def _snappy_decompress(buf: bytes) -> bytes:
             length += 1
             if pos + length > len(buf):
                 raise _Malformed("snappy literal runs past the end")
+            if len(out) + length > n:
+                raise _Malformed("snappy output longer than its declared length")
             out += buf[pos : pos + length]
             pos += length
             continue
@@ -250,11 +283,12 @@ def _snappy_decompress(buf: bytes) -> bytes:
             pos += width
         if not 0 < offset <= len(out):
             raise _Malformed(f"snappy copy offset {offset} points before the start")
-        start = len(out) - offset
-        for i in range(length):  # byte by byte: a copy may overlap its own output
-            out.append(out[start + i])
-        if len(out) > n:
+        if len(out) + length > n:
             raise _Malformed("snappy output longer than its declared length")
+        # a copy may overlap its own output (offset < length): it then repeats the last
+        # `offset` bytes, which is what copying byte by byte would give
+        piece = out[len(out) - offset : len(out) - offset + length]
+        out += (piece * (length // offset + 1))[:length]
     if len(out) != n:
         raise _Malformed(f"snappy output has {len(out)} bytes, declared {n}")
     return bytes(out)
@@ -265,7 +299,7 @@ def _snappy_decompress(buf: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
-def _read_block(raw: bytes, handle: tuple[int, int], what: str) -> bytes:
+def _read_block(raw: bytes, handle: tuple[int, int], what: str, budget: _Budget) -> bytes:
     """Contents of the block at handle (offset, size), after its trailer's checks."""
     offset, size = handle
     if offset + size + BLOCK_TRAILER_SIZE > len(raw) - FOOTER_SIZE:
@@ -282,14 +316,15 @@ def _read_block(raw: bytes, handle: tuple[int, int], what: str) -> bytes:
             f"{unmask_crc(stored):#010x}, computed {actual:#010x}): the file is corrupt"
         )
     if kind == SNAPPY_COMPRESSION:
-        return _snappy_decompress(contents)
+        return _snappy_decompress(contents, budget)
     if kind != NO_COMPRESSION:
         raise _Malformed(f"{what} block at offset {offset} has unknown compression type {kind}")
     return contents
 
 
-def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
-    """(key, value) pairs of one block, undoing the prefix compression of the keys."""
+def _block_entries(block: bytes, budget: _Budget) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs of one block, undoing the prefix compression of the keys; each
+    entry is charged to `budget` before its key is rebuilt."""
     if len(block) < 4:
         raise _Malformed("block shorter than its restart count")
     (n_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
@@ -309,6 +344,7 @@ def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
             raise _Malformed(f"entry at byte {start} shares {shared} bytes of the previous key")
         if pos + unshared + n_value > limit:
             raise _Malformed(f"entry at byte {start} runs past the end of its block")
+        budget.take(shared + unshared + n_value + ENTRY_COST, f"the entry at byte {start}")
         key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
         entries.append((key, block[pos : pos + n_value]))
@@ -335,11 +371,19 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
             )
         metaindex, pos = _handle_at(footer, 0)
         index, _ = _handle_at(footer, pos)
-        _read_block(raw, metaindex, "metaindex")  # unused (no filters), but checked
+        budget = _Budget(len(raw))
+        _read_block(raw, metaindex, "metaindex", budget)  # unused (no filters), but checked
         entries = []
-        for last_key, value in _block_entries(_read_block(raw, index, "index")):
+        next_block = 0  # where the next data block may start
+        for last_key, value in _block_entries(_read_block(raw, index, "index", budget), budget):
             handle, _ = _handle_at(value, 0)
-            block_entries = _block_entries(_read_block(raw, handle, "data"))
+            if handle[0] < next_block:
+                raise _Malformed(
+                    f"data block at offset {handle[0]} overlaps the block before it (blocks "
+                    "lie one after another)"
+                )
+            next_block = handle[0] + handle[1] + BLOCK_TRAILER_SIZE
+            block_entries = _block_entries(_read_block(raw, handle, "data", budget), budget)
             if block_entries and block_entries[-1][0] > last_key:
                 raise _Malformed("a data block holds keys past its index entry")
             entries += block_entries

@@ -82,22 +82,64 @@ def block(entries: list[tuple[bytes, bytes]], restart_interval: int = 16) -> byt
     return bytes(out)
 
 
+def snappy(data: bytes) -> bytes:
+    """Snappy's raw format, greedily: a copy (tag 2: 1-64 bytes, 2-byte offset) wherever the
+    next 4 bytes occurred in the last 64 KiB, else a literal (a 1-byte tag, or tag 60 and a
+    1-byte length). Not snappy's own encoder, but every output is valid snappy."""
+    out = bytearray(varint(len(data)))
+    seen: dict[bytes, int] = {}
+    literal = bytearray()
+
+    def flush() -> None:
+        for i in range(0, len(literal), 256):
+            piece = literal[i : i + 256]
+            if len(piece) <= 60:
+                out.append((len(piece) - 1) << 2)
+            else:
+                out.extend(bytes([60 << 2, len(piece) - 1]))
+            out.extend(piece)
+        literal.clear()
+
+    pos = 0
+    while pos < len(data):
+        start = seen.get(data[pos : pos + 4])
+        seen[data[pos : pos + 4]] = pos
+        if start is not None and len(data) - pos >= 4 and pos - start < 65536:
+            n = 4
+            while n < 64 and pos + n < len(data) and data[start + n] == data[pos + n]:
+                n += 1  # the source may overlap the copy: start + n can reach pos
+            flush()
+            out.append((n - 1) << 2 | 2)
+            out.extend(struct.pack("<H", pos - start))
+            pos += n
+        else:
+            literal.append(data[pos])
+            pos += 1
+    flush()
+    return bytes(out)
+
+
 def table(
     entries: list[tuple[bytes, bytes]],
     per_block: int = 4,
     restart_interval: int = 16,
     edit_block: Callable[[str, int, bytes], bytes] | None = None,
+    compression: int = 0,
 ) -> bytes:
     """A whole index file. `edit_block(kind, i, contents)` may rewrite a block's contents
-    ("data", "metaindex" or "index") before its checksum is computed."""
+    ("data", "metaindex" or "index") before its checksum is computed; compression 1 writes
+    the data blocks with `snappy` (after the edit)."""
     edit = edit_block or (lambda kind, i, contents: contents)
     out = bytearray()
     index_entries = []
 
     def put(kind: str, i: int, contents: bytes) -> bytes:
         contents = edit(kind, i, contents)
+        kind_byte = b"\x00"
+        if kind == "data" and compression == 1:
+            contents, kind_byte = snappy(contents), b"\x01"
         handle = varint(len(out)) + varint(len(contents))
-        out.extend(contents + b"\x00" + struct.pack("<I", masked_crc32c(contents + b"\x00")))
+        out.extend(contents + kind_byte + struct.pack("<I", masked_crc32c(contents + kind_byte)))
         return handle
 
     groups = [entries[i : i + per_block] for i in range(0, len(entries), per_block)] or [[]]

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from ref.config import GPT2Config, parse_json
+from ref.config import GPT2Config, brief, parse_json
 from weights import WeightsError, read_error
 from weights import safetensors as st
 from weights.layout import canonical_to_hf, flatten
@@ -136,12 +136,16 @@ def read_metadata(path: str) -> dict[str, str]:
     """The `__metadata__` of a safetensors file ({} when it has none)."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise WeightsError(f"{path}: truncated safetensors file")
             (n,) = struct.unpack("<Q", head)
-            if n > st.MAX_HEADER:
-                raise WeightsError(f"{path}: header length {n} is too large")
+            # checked against the file before reading: f.read(n) allocates n bytes up front
+            if n > st.MAX_HEADER or n > size - 8:
+                raise WeightsError(
+                    f"{path}: header length {n} is larger than the file ({size} bytes) allows"
+                )
             raw = f.read(n)
     except OSError as e:
         raise read_error(path, e) from None
@@ -160,7 +164,23 @@ def read_state(directory: str) -> dict:
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise WeightsError(f"{path}: training state lacks a non-negative integer 'step'")
+    _check_ints(state, path, "training state")
     return state
+
+
+def _check_ints(value: object, path: str, where: str) -> None:
+    """Refuse any integer of the training state outside int64: the state's numbers become
+    step counts, sizes and seeds, and reach floats (AdamW's beta**step, torch's step tensor);
+    our saver writes none larger. Walked without recursion (the JSON may nest 1,000 deep)."""
+    todo: list[tuple[object, object]] = [(value, None)]
+    while todo:
+        v, key = todo.pop()
+        if isinstance(v, dict):
+            todo += [(x, k) for k, x in v.items()]
+        elif isinstance(v, list):
+            todo += [(x, i) for i, x in enumerate(v)]
+        elif isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+            raise WeightsError(f"{path}: {where}: {brief(key)}: {brief(v)} is out of range (int64)")
 
 
 def read_optimizer(

@@ -20,10 +20,11 @@ from typing import IO
 
 import numpy as np
 
-from ref.config import parse_json
+from ref.config import brief, parse_json
 from weights import WeightsError, read_error
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own cap on the JSON header
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
 
 _DTYPES = {
     "F64": np.dtype("<f8"),
@@ -63,21 +64,25 @@ def read_header(path: str) -> tuple[dict, int, int]:
     data_len = size - data_start
     spans = []
     for name, e in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {brief(name)}"
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise WeightsError(f"{where}: entry needs dtype, shape and data_offsets")
         if not isinstance(e["dtype"], str) or e["dtype"] not in _DTYPES:
-            raise WeightsError(f"{where}: unsupported dtype {e['dtype']!r}")
+            raise WeightsError(f"{where}: unsupported dtype {brief(e['dtype'])}")
         shape, offs = e["shape"], e["data_offsets"]
+        # numpy refuses more than 64 dims; counted first, so the product below multiplies at
+        # most 64 numbers (a product of n big dims costs O(n**2))
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:
+            raise WeightsError(f"{where}: shape has {len(shape)} dims (at most {MAX_DIMS})")
         if not (isinstance(shape, list) and all(_is_uint(s) for s in shape)):
-            raise WeightsError(f"{where}: shape {shape!r} is not a list of non-negative ints")
-        # numpy refuses more than 64 dims, and (even for an empty tensor) a shape whose
-        # nonzero dims multiply past what an array index can address
+            raise WeightsError(f"{where}: shape {brief(shape)} is not a list of non-negative ints")
+        # even an empty tensor may not declare nonzero dims that multiply past what an array
+        # index can address
         nonzero = int(np.prod([s for s in shape if s], dtype=object))
-        if len(shape) > 64 or nonzero * _DTYPES[e["dtype"]].itemsize >= 2**62:
-            raise WeightsError(f"{where}: shape {shape!r} is too large for an array")
+        if nonzero * _DTYPES[e["dtype"]].itemsize >= 2**62:
+            raise WeightsError(f"{where}: shape {brief(shape)} is too large for an array")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)):
-            raise WeightsError(f"{where}: data_offsets {offs!r} is not [begin, end]")
+            raise WeightsError(f"{where}: data_offsets {brief(offs)} is not [begin, end]")
         begin, end = offs
         nbytes = _DTYPES[e["dtype"]].itemsize * int(np.prod(shape, dtype=object))
         if not begin <= end <= data_len:
@@ -94,7 +99,7 @@ def read_header(path: str) -> tuple[dict, int, int]:
     spans.sort()
     for (_b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
-            raise WeightsError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+            raise WeightsError(f"{path}: tensors {brief(n0)} and {brief(n1)} overlap")
     return header, data_start, size
 
 
@@ -110,7 +115,10 @@ def read(path: str) -> dict[str, np.ndarray]:
         return {name: np.zeros(e["shape"], _DTYPES[e["dtype"]]) for name, e in header.items()}
     # A plain ndarray view of the map (its base keeps the file mapped): numpy.memmap is a
     # subclass whose per-operation bookkeeping made a decode-step matmul ~100x slower.
-    mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+    try:
+        mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+    except OSError as e:  # ENOMEM under an address-space limit, a file gone since the header
+        raise read_error(path, e) from None
     out = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]

@@ -125,7 +125,6 @@ def set_threads(n: int, backend: str | None) -> None:
         raise UsageError(f"--threads must be >= 1, got {n}")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    os.environ["NUMBA_NUM_THREADS"] = str(n)
     try:
         from threadpoolctl import threadpool_limits
 

@@ -202,27 +202,27 @@ def test_version():
     assert rc == 0 and out.startswith("gpt2-spec ")
 
 
-def test_threads_sets_the_libraries(monkeypatch):
-    """-t 1 sets BLAS (threadpoolctl), Numba and torch for the run."""
+def test_threads_sets_the_libraries():
+    """-t 1 sets BLAS (threadpoolctl), Numba and torch for the run (in a child process: a
+    thread count, once set, stays for the process)."""
     pytest.importorskip("threadpoolctl")
-    from threadpoolctl import threadpool_info
+    pytest.importorskip("numba")
+    torch = pytest.importorskip("torch")
+    code = (
+        "from gpt2.cli import set_threads\n"
+        "from threadpoolctl import threadpool_info\n"
+        "import json, numba, torch\n"
+        "set_threads(1, 'numba'); set_threads(1, 'torch')\n"
+        "blas = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(json.dumps([blas, numba.get_num_threads(), torch.get_num_threads()]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
 
-    from gpt2.cli import set_threads
-
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)
-    set_threads(1, "numba")
-    try:
-        blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
-        assert blas and all(p["num_threads"] == 1 for p in blas)
-        import numba
-
-        assert numba.get_num_threads() == 1
-    finally:
-        set_threads.limits.restore_original_limits()
-        import numba
-
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    blas, nb, th = json.loads(r.stdout)
+    assert blas and set(blas) == {1} and nb == 1 and th == 1, r.stdout
+    del torch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Split:
     """One split of a data set: text windows (n, T + 1) or instruction examples."""
 
     kind: str  # "text" | "instruction"
-    windows: np.ndarray | None = None  # text: (n, T + 1) int64
+    windows: np.ndarray | None = None  # text: (n, T + 1) ints (a view of the token stream)
     examples: list[tuple[list[int], int]] = field(default_factory=list)  # (tokens, prompt len)
     records: list[dict] = field(default_factory=list)  # instruction: the JSON records
     context_length: int = 0  # T: rows are cut to this many inputs
@@ -56,22 +56,32 @@ class Split:
 # plain text
 
 
+def _as_tokens(ids) -> np.ndarray:
+    """A token stream as an integer array; an integer array (a uint16 memory map of a token
+    file, say) is kept as it is, not copied."""
+    a = np.asarray(ids)
+    return a if a.dtype.kind in "iu" and a.ndim == 1 else np.asarray(ids, dtype=np.int64)
+
+
 def text_windows(ids: np.ndarray, T: int) -> np.ndarray:
     """ids (n,) -> windows (n_win, T + 1) advancing by T; a stream shorter than T + 1 tokens
-    gives one window of all of it."""
-    ids = np.asarray(ids, dtype=np.int64)
+    gives one window of all of it. The windows are a read-only view of `ids` (consecutive
+    windows share a token), so a memory-mapped token file larger than RAM stays on disk."""
+    ids = _as_tokens(ids)
     if len(ids) < 2:
         raise DataError(f"need at least 2 tokens for a training window, got {len(ids)}")
     if len(ids) < T + 1:
         return ids[None, :]  # (1, n)
     n_win = (len(ids) - 1) // T
-    starts = np.arange(n_win) * T  # (n_win,)
-    return ids[starts[:, None] + np.arange(T + 1)]  # (n_win, T + 1)
+    step = ids.strides[0]
+    return np.lib.stride_tricks.as_strided(
+        ids, shape=(n_win, T + 1), strides=(T * step, step), writeable=False
+    )  # (n_win, T + 1)
 
 
 def text_splits(ids: list[int] | np.ndarray, T: int, val_fraction: float) -> tuple[Split, Split]:
     """Train and validation windows of a token stream (validation = its last fraction)."""
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = _as_tokens(ids)
     n_val = int(round(len(ids) * val_fraction))
     if val_fraction > 0:
         n_val = max(n_val, 2)
@@ -203,7 +213,7 @@ def batch_indices(n: int, batch_size: int, k: int, seed: int) -> np.ndarray:
 def make_batch(split: Split, indices, mask_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """ids (B, T), targets (B, T) for the rows `indices` of `split`."""
     if split.kind == "text":
-        w = split.windows[np.asarray(indices)]  # (B, T + 1)
+        w = split.windows[np.asarray(indices)].astype(np.int64)  # (B, T + 1), a copy
         return w[:, :-1], w[:, 1:]
     ex = [split.examples[i] for i in indices]
     return instruction_batch(ex, split.context_length, mask_prompt)

@@ -54,6 +54,7 @@ class TrainConfig:
     train: str = "all"  # "all" | "lora"
     n_samples: int = 3  # responses generated from validation prompts at the end
     sample_tokens: int = 40
+    sample_at_eval: bool = False  # also at every validation (pretraining, as the book does)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +281,8 @@ def train(
         if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
             vl, ppl = validate(partial(loss_only, params, cfg=cfg, ops=ops), val_split, tcfg)
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+            if tcfg.sample_at_eval and step + 1 < tcfg.steps:
+                emit_samples(emit, Model(cfg, params, ops), val_split, tcfg, step + 1)
         saved = save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps)
         if saved:
             save(params, state)
@@ -288,7 +291,13 @@ def train(
                 save(params, state)
             emit({"event": "interrupted", "step": step + 1})
             return params, state, losses
-    if has_val and tcfg.n_samples > 0:
-        for prompt, response in samples(Model(cfg, params, ops), val_split, tcfg):
-            emit({"event": "sample", "prompt": prompt, "response": response})
+    if has_val:
+        emit_samples(emit, Model(cfg, params, ops), val_split, tcfg, tcfg.steps)
     return params, state, losses
+
+
+def emit_samples(emit: Callable[[dict], None], model, split: Split, tcfg: TrainConfig, step: int):
+    """{"event": "sample", step, prompt, response} for each of `samples`' responses."""
+    if tcfg.n_samples > 0:
+        for prompt, response in samples(model, split, tcfg):
+            emit({"event": "sample", "step": step, "prompt": prompt, "response": response})

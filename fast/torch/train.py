@@ -41,10 +41,10 @@ from ref.optim import decay_mask, lr_at
 from ref.train import (
     TrainConfig,
     TrainState,
+    emit_samples,
     get_flat,
     is_due,
     param_names,
-    samples,
     train_event,
     validate,
     with_flat,
@@ -270,6 +270,9 @@ def train(
                 all_sum=lambda v: _all_sum(v, world, device),
             )  # fmt: skip
             emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+            if rank == 0 and tcfg.sample_at_eval and step + 1 < tcfg.steps:
+                model_i = TorchModel(cfg, module.params, backend, device)
+                emit_samples(emit, model_i, val_split, tcfg, step + 1)
         saved = is_due(step + 1, tcfg.save_every, tcfg.steps)
         if save is not None and rank == 0 and saved:
             st = export_state(module, opt, step + 1)
@@ -282,10 +285,10 @@ def train(
                     save(_numpy_params(module, params), export_state(module, opt, step + 1))
                 emit({"event": "interrupted", "step": step + 1})
                 return _numpy_params(module, params), export_state(module, opt, step + 1), losses
-    if rank == 0 and has_val and tcfg.n_samples > 0:
-        model_i = TorchModel(cfg, module.params, backend, device)
-        for prompt, response in samples(model_i, val_split, tcfg):
-            emit({"event": "sample", "prompt": prompt, "response": response})
+    if rank == 0 and has_val:
+        emit_samples(
+            emit, TorchModel(cfg, module.params, backend, device), val_split, tcfg, tcfg.steps
+        )
     return _numpy_params(module, params), export_state(module, opt, tcfg.steps), losses
 
 

@@ -9,6 +9,10 @@ fails the test.
 Example counts: FUZZ_EXAMPLES per test (default 300, what CI runs). The full run is
 `python tests/fuzz/run_full.py` (10,000 per test); with FUZZ_REPORT=path the number of cases
 each test really ran is written there as JSON.
+
+Coverage-guided fuzzing (atheris, tests/fuzz/atheris_targets.py) runs each target for
+ATHERIS_SECONDS (default 4) here; the long run is `python tests/fuzz/run_atheris.py --minutes
+10`. Without atheris installed (`pip install atheris`, Linux x86-64 wheels) those tests skip.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import io
 import json
 import os
 import struct
+import subprocess
 import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 from fuzz import tf_table
+from fuzz.atheris_targets import TARGETS as ATHERIS_TARGETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -898,3 +904,35 @@ def test_instruction_data(tmp_path_factory, raw):
     for ids, n_prompt in train.examples + val.examples:
         assert all(0 <= i < EOT_ID for i in ids)  # no record can smuggle in the special token
         assert 0 < n_prompt <= len(ids)
+
+
+# ---------------------------------------------------------------- coverage-guided (atheris)
+
+ATHERIS_SECONDS = int(os.environ.get("ATHERIS_SECONDS", "4"))
+
+
+@pytest.mark.parametrize("target", sorted(ATHERIS_TARGETS))
+def test_atheris_target_short_run(target, tmp_path):
+    """Each atheris target for a few seconds from its seeds (tests/fixtures/): libFuzzer exits
+    0 when no input crashed (an exception other than the project's own, an assertion of the
+    target's, an input over -timeout seconds or an RSS over -rss_limit_mb)."""
+    pytest.importorskip(
+        "atheris", reason="atheris is not installed (pip install atheris): no coverage-guided run"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable,
+        os.path.join(root, "tests", "fuzz", "atheris_targets.py"),
+        target,
+        str(tmp_path / "corpus"),
+        f"-max_total_time={ATHERIS_SECONDS}",
+        "-timeout=60",  # per input; generous, for a loaded shared machine
+        "-rss_limit_mb=2048",
+        f"-artifact_prefix={tmp_path}{os.sep}",
+    ]
+    if os.environ.get("CI"):  # the same mutations every run, as the hypothesis "ci" profile
+        cmd.append("-seed=1")
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120 + ATHERIS_SECONDS)
+    crashes = [f for f in os.listdir(tmp_path) if f != "corpus"]
+    assert r.returncode == 0 and not crashes, r.stderr[-6000:]
+    assert "Done" in r.stderr and " runs in " in r.stderr, r.stderr[-2000:]

@@ -7,7 +7,9 @@
 Suites (bench/suite_*.py): `limits` (streaming-read and copy bandwidth, float32 matmul FLOP/s;
 on a GPU also device bandwidth and fp32/bf16/fp16 matmul), `ops` (every op x backend x variant
 x shape, forward and backward), `generate` (prefill and decode tokens/s, peak memory),
-`finetune` (training-step tokens/s and peak memory, full and LoRA). The harness
+`finetune` (training-step tokens/s and peak memory, full and LoRA), `train` (pretraining
+tokens/s from GPT-2's initialisation: a small config and, in full runs, the first model size,
+against torch autograd). The harness
 (bench/harness.py) does the warm-up, repeats, cache flushing and environment capture;
 bench/workload.py holds the FLOP and byte counts; bench/ratios.py computes the ratios from the
 records and bench/report.py writes report.md and the plots.
@@ -48,12 +50,12 @@ results.json (schema "gpt2-spec-bench/1"), one object:
     plots         file names of the PNGs written beside it
 
 A record:
-    suite         "limits" | "ops" | "generate" | "finetune"
+    suite         "limits" | "ops" | "generate" | "finetune" | "train"
     case          limits: read, copy, matmul, gpu_*; ops: the op name; generate: prefill,
-                  decode; finetune: step
+                  decode; finetune, train: step
     backend       a fast.BACKENDS name, or a baseline: torch-native, ref-nocache,
-                  torch-eager, hf-generate, torch-autograd, hf-transformers (finetune,
-                  CUDA) (numpy for the limits)
+                  torch-eager, hf-generate, torch-autograd (finetune, train),
+                  hf-transformers (finetune, CUDA) (numpy for the limits)
     variant       the VARIANTS name (ops), else ""
     params        what was measured: limits {bytes | n, phase "start" | "end"}; ops {size,
                   the shape (N, C, H, V, n_ctx | B, NH, Tq, Tk, hs), pass, device}; pass is
@@ -61,7 +63,9 @@ A record:
                   (bench.suite_ops.gpu_cases) add dtype ("float32" | "bfloat16");
                   prefill {size, device, dtype, B, T}; decode
                   {size, device, dtype, B, ctx, contexts [lo, hi]: keys attended by the
-                  timed steps}; finetune {size, device, train, B, T, lora_rank}
+                  timed steps}; finetune {size, device, train, B, T, lora_rank}; train
+                  {size ("mini" | "tiny" | a model size), n_layer, n_head, n_embd, n_vocab,
+                  device, train "all", B, T}
     status        "ok" | "error" | "unavailable"; reason: one line when not ok
     time_s        {min, median, n (timed repeats), warmup (untimed calls)} in seconds, or null
     cache         ops: "flushed" (working set < 4 x LLC, on a GPU 4 x its L2: the cache is
@@ -72,8 +76,8 @@ A record:
                   fraction_of_limit}; prefill {tokens_per_s, flops, GFLOPs,
                   fraction_of_matmul, peak_rss_bytes, rss_before_bytes}; decode
                   {tokens_per_s, bytes_per_step, ceiling_tokens_per_s, fraction_of_ceiling,
-                  peak_rss_bytes, rss_before_bytes}; finetune {tokens_per_s, flops, GFLOPs,
-                  peak_rss_bytes, rss_before_bytes}; on a GPU also peak_gpu_bytes (ops:
+                  peak_rss_bytes, rss_before_bytes}; finetune and train {tokens_per_s, flops,
+                  GFLOPs, peak_rss_bytes, rss_before_bytes}; on a GPU also peak_gpu_bytes (ops:
                   forward and forward+backward records, with gpu_bytes_before)
 Rates use the min time (the best the machine did); the median shows the noise.
 """

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-SUITES = ("limits", "ops", "generate", "finetune")
+SUITES = ("limits", "ops", "generate", "finetune", "train")
 SCHEMA = "gpt2-spec-bench/1"
 # Relative to the current directory, never bench/results/: a --quick run from the repository
 # root must not replace the committed full-run report and the plots the README shows.
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default=",".join(SUITES),
-        help="comma-separated suites to run: limits, ops, generate, finetune "
+        help="comma-separated suites to run: limits, ops, generate, finetune, train "
         "(default all; the limits are measured in every run)",
     )
     p.add_argument(
@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model-sizes",
         default=None,
         help="model sizes for generate (the first at every context and batch, the "
-        "others at short contexts) and finetune (the first only); default 124M",
+        "others at short contexts), finetune and train (the first only; train: full runs, "
+        "beside the small config); default 124M",
     )
     p.add_argument(
         "--backends",
@@ -79,7 +80,7 @@ def _suites(text: str) -> list[str]:
 def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=None) -> dict:
     """Run what `args` asks for; write the outputs into args.out; return the document."""
     from bench import limits as limits_suite
-    from bench import suite_finetune, suite_generate, suite_ops
+    from bench import suite_finetune, suite_generate, suite_ops, suite_train
     from bench.backends import load_backends
     from bench.harness import busy_machine, environment
     from bench.plan import SuiteSetup, make_plan
@@ -133,7 +134,12 @@ def run_bench(args: argparse.Namespace, command: str = "python -m bench", log=No
     doc["limits"] = doc["limits_start"] = limits
     log("bench: limits " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
     setup = SuiteSetup(plan, backends, limits, rng, not args.no_baselines, log)
-    runners = {"ops": suite_ops.run, "generate": suite_generate.run, "finetune": suite_finetune.run}
+    runners = {
+        "ops": suite_ops.run,
+        "generate": suite_generate.run,
+        "finetune": suite_finetune.run,
+        "train": suite_train.run,
+    }
     for suite in suites:
         if suite == "limits":
             continue

@@ -1,8 +1,10 @@
 """What each run measures: the shapes, lengths and time budgets of the three modes.
 
 full  -- the numbers for the README: every op at the widths of --sizes, generation and
-         finetuning at --model-sizes (124M by default) at real shapes. ~10-15 min on 2 cores.
-quick -- the same code paths on fewer shapes (--quick, under two minutes on 2 cores).
+         finetuning at --model-sizes (124M by default) at real shapes, pretraining (train) of
+         MINI and of the first model size. ~10-15 min on 2 cores.
+quick -- the same code paths on fewer shapes (--quick, under two minutes on 2 cores); train
+         only MINI.
 tiny  -- a 2-layer toy model (hidden --tiny flag): the tests run the whole pipeline with it.
 
 SuiteSetup: the one argument of every suite's run(), the plan and what the run has at hand.
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from bench.backends import Backend
 
 TINY = GPT2Config(n_vocab=256, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+# The train suite's small pretraining config: GPT-2's vocabulary on a 4-layer, 128-wide model,
+# so the LM head and the cross-entropy over V = 50257 weigh as they do in a real small run.
+MINI = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=128, n_head=4, n_layer=4)
 
 
 class PlanError(ValueError):
@@ -64,6 +69,13 @@ class Plan:
     ft_T: int = 256
     ft_steps: int = 2  # timed steps after one warm-up step (0: one step, counted)
     lora_rank: int = 8
+    # train (pretraining from GPT-2's initialisation): (size name, cfg, B, T) of each case;
+    # make_plan("full") adds the first model size at its context, where GPT-2 pretrains
+    # (B = 1, T = 1024 at 124M: a step of 1,024 tokens, as long as finetune's 4 x 256)
+    train_cases: list[tuple[str, GPT2Config, int, int]] = field(
+        default_factory=lambda: [("mini", MINI, 8, MINI.n_ctx)]
+    )
+    train_steps: int = 2  # timed steps after one warm-up step (0: one step, counted)
 
 
 def parse_sizes(text: str, flag: str) -> list[tuple[str, GPT2Config]]:
@@ -110,6 +122,8 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             ft_T=16,
             ft_steps=1,
             lora_rank=2,
+            train_cases=[("tiny", TINY, 2, 16)],
+            train_steps=1,
         )
     if mode == "quick":
         return Plan(
@@ -138,13 +152,19 @@ def make_plan(mode: str, sizes: str | None, model_sizes: str | None) -> Plan:
             ft_batch=4,
             ft_T=32,
             ft_steps=0,  # one step, no warm-up: one-time costs included (the record says so)
+            # MINI only (CI runs --quick): a warm-up step, then one timed
+            train_cases=[("mini", MINI, 4, MINI.n_ctx)],
+            train_steps=1,
         )
     if mode == "full":
-        return Plan(
+        plan = Plan(
             mode="full",
             widths=parse_sizes(sizes or "124M,355M,774M,1558M", "--sizes"),
             models=parse_sizes(model_sizes or "124M", "--model-sizes"),
         )
+        size, cfg = plan.models[0]
+        plan.train_cases.append((size, cfg, 1, min(1024, cfg.n_ctx)))
+        return plan
     raise PlanError(f"unknown mode {mode!r}")
 
 

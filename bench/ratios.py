@@ -345,7 +345,7 @@ def _memory_ratios(recs: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# generation and finetuning
+# generation, finetuning and training
 
 
 def _torch_twin(label: str) -> str:
@@ -483,25 +483,41 @@ def _generate_ratios(results: list[dict]) -> list[dict]:
     return out
 
 
-def _finetune_ratios(results: list[dict]) -> list[dict]:
+def _vs_autograd(recs: list[dict], prefix, cpu_baseline: bool) -> list[dict]:
+    """tokens/s of each trainer's step record over torch-autograd's with the same params but
+    the device: autograd on the trainer's device, and with `cpu_baseline` on the CPU too.
+    prefix(record) starts the ratio's name."""
     out = []
-    ft = measured(results, "finetune")
-    for r in ft:
+    for r in recs:
         if r["backend"] in ("torch-autograd", "hf-transformers"):
             continue
-        for base in ft:
+        device = r["params"]["device"]
+        for base in recs:
+            bdev = base["params"]["device"]
             if (
                 base["backend"] == "torch-autograd"
-                and base["params"] == {**r["params"], "device": base["params"]["device"]}
-                and base["params"]["device"] in ("cpu", r["params"]["device"])
+                and base["params"] == {**r["params"], "device": bdev}
+                and (bdev == device or (cpu_baseline and bdev == "cpu"))
             ):
-                name = (
-                    f"finetune {r['params']['train']} B={r['params']['B']} T={r['params']['T']}"
-                    f": {r['backend']} ({r['params']['device']}) / torch-autograd "
-                    f"({base['params']['device']}) tokens/s"
-                )
+                name = f"{prefix(r)}: {r['backend']} ({device}) / torch-autograd ({bdev}) tokens/s"
                 out.append(_tokens_ratio(name, r, base))
     return out
+
+
+def _finetune_ratios(results: list[dict]) -> list[dict]:
+    def prefix(r: dict) -> str:
+        return f"finetune {r['params']['train']} B={r['params']['B']} T={r['params']['T']}"
+
+    return _vs_autograd(measured(results, "finetune"), prefix, cpu_baseline=True)
+
+
+def _train_ratios(results: list[dict]) -> list[dict]:
+    """Pretraining: each backend against torch autograd on the same config and device."""
+
+    def prefix(r: dict) -> str:
+        return f"train {r['params']['size']} B={r['params']['B']} T={r['params']['T']}"
+
+    return _vs_autograd(measured(results, "train"), prefix, cpu_baseline=False)
 
 
 def _is_key(name: str, top_ctx: int) -> bool:
@@ -510,7 +526,7 @@ def _is_key(name: str, top_ctx: int) -> bool:
     ctx_top = m is not None and int(m.group(1)) == top_ctx
     return (
         ("numba" in name and name.startswith(("layernorm", "gelu", "attention")))
-        or name.startswith(("gelu forward: ref GB/s", "GPU ", "prefill ", "finetune "))
+        or name.startswith(("gelu forward: ref GB/s", "GPU ", "prefill ", "finetune ", "train "))
         or "/ hf-generate" in name
         or ("/ B=1 at ctx=" in name and name.startswith("decode B=16"))
         or (ctx_top and ("bandwidth ceiling" in name or "ref-nocache" in name))
@@ -525,6 +541,7 @@ def compute_ratios(doc: dict) -> list[dict]:
         + _gpu_op_targets(results, limits)
         + _generate_ratios(results)
         + _finetune_ratios(results)
+        + _train_ratios(results)
         + _gpu_end_to_end(results)
     )
     ctxs = [r["params"]["ctx"] for r in measured(results, "generate", "decode")]

@@ -122,6 +122,14 @@ def _not_measured(results: list[dict]) -> list[dict]:
 
 
 _PEAK = ("peak memory MiB", lambda r: _mem(r["metrics"]))
+# the columns of a training step's record (finetune, train) after what tells its cases apart
+_STEP = [
+    ("BxT", lambda r: f"{r['params']['B']}x{r['params']['T']}"),
+    ("step s", lambda r: r["time_s"]["min"]),
+    ("tokens/s", _metric("tokens_per_s")),
+    ("GFLOP/s", _metric("GFLOPs")),
+    _PEAK,
+]
 
 # The tables of records below the ratios, in order: (title, intro or "", the records it lists,
 # its columns as (header, the cell of a record)). A table with no records is left out.
@@ -188,11 +196,24 @@ RECORD_TABLES = [
             ("backend", lambda r: r["backend"]),
             ("device", _param("device")),
             ("train", _param("train")),
-            ("BxT", lambda r: f"{r['params']['B']}x{r['params']['T']}"),
-            ("step s", lambda r: r["time_s"]["min"]),
-            ("tokens/s", _metric("tokens_per_s")),
-            ("GFLOP/s", _metric("GFLOPs")),
-            _PEAK,
+            *_STEP,
+        ],
+    ),
+    (
+        "## Train (pretraining from GPT-2's initialisation: one optimizer step, every tensor)",
+        "Random tokens. Each backend's ratio to torch-autograd (the same config, batch and "
+        "device) is in the ratios above.",
+        lambda res: measured(res, "train"),
+        [
+            ("size", _param("size")),
+            (
+                "layers x heads x width",
+                lambda r: "{n_layer}x{n_head}x{n_embd}".format(**r["params"]),
+            ),
+            ("vocab", _param("n_vocab")),
+            ("backend", lambda r: r["backend"]),
+            ("device", _param("device")),
+            *_STEP,
         ],
     ),
     (

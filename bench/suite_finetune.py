@@ -10,36 +10,52 @@ trainer is missing or refuses a mode, the record says "not available" and why.
 Baseline: "torch-autograd" is bench/torch_gpt2.py's eager model with autograd and
 torch.optim.AdamW (LoRA on the same four projections, the same rank). On a CUDA device also
 "hf-transformers": transformers' GPT2LMHeadModel with the same step (full finetuning only).
+
+The step runners (`trainer_steps`, `autograd_steps`), `jobs` and `step_record` serve the train
+suite too (bench/suite_train.py): the same steps, from GPT-2's initialisation.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
 from bench.backends import Backend, torch_devices
 from bench.harness import error_text, record, step_stats, with_peak_memory
-from bench.plan import Plan, SuiteSetup
+from bench.plan import SuiteSetup
 from bench.workload import random_params, train_flops
 
 
-def _split(cfg, B: int, T: int, steps: int, rng: np.random.Generator):
+@dataclass(frozen=True)
+class Steps:
+    """What a timed training run does: 1 + `timed` optimizer steps on batches of B x T random
+    tokens, the first the warm-up (timed = 0: one step, counted); LoRA at rank `lora_rank`."""
+
+    B: int
+    T: int
+    timed: int
+    lora_rank: int = 8
+
+
+def _split(cfg, spec: Steps, rng: np.random.Generator):
     from ref.data import text_splits
 
-    ids = rng.integers(0, cfg.n_vocab, B * T * steps + 1)  # (B * T * steps + 1,)
-    train, _ = text_splits(ids, T, 0.0)
+    n = spec.B * spec.T * (1 + spec.timed) + 1
+    ids = rng.integers(0, cfg.n_vocab, n)  # (B * T * steps + 1,)
+    train, _ = text_splits(ids, spec.T, 0.0)
     return train
 
 
-def _trainer_steps(be: Backend, params, cfg, plan: Plan, mode: str, rng) -> list[float]:
+def trainer_steps(be: Backend, params, cfg, spec: Steps, mode: str, rng) -> list[float]:
     """Step times of the project's trainer for backend `be` in `mode` ("all" or "lora")."""
     from ref.train import TrainConfig
 
-    steps = 1 + plan.ft_steps
-    split = _split(cfg, plan.ft_batch, plan.ft_T, steps, rng)
-    tcfg = TrainConfig(steps=steps, batch_size=plan.ft_batch, train=mode, n_samples=0)
+    steps = 1 + spec.timed
+    split = _split(cfg, spec, rng)
+    tcfg = TrainConfig(steps=steps, batch_size=spec.B, train=mode, n_samples=0)
     step_s: list[float] = []
 
     def on_event(e: dict) -> None:
@@ -50,7 +66,7 @@ def _trainer_steps(be: Backend, params, cfg, plan: Plan, mode: str, rng) -> list
         from ref.lora import ALL_TARGETS, add_lora
 
         params = add_lora(
-            params, ALL_TARGETS, plan.lora_rank, float(plan.lora_rank), rng=np.random.default_rng(0)
+            params, ALL_TARGETS, spec.lora_rank, float(spec.lora_rank), rng=np.random.default_rng(0)
         )
     if be.kind == "numpy":
         from ref.train import train
@@ -65,20 +81,20 @@ def _trainer_steps(be: Backend, params, cfg, plan: Plan, mode: str, rng) -> list
     return step_s
 
 
-def _autograd_steps(params, cfg, plan: Plan, mode: str, device: str, rng) -> list[float]:
+def autograd_steps(params, cfg, spec: Steps, mode: str, device: str, rng) -> list[float]:
+    """Step times of bench/torch_gpt2.py's eager model with autograd and torch.optim.AdamW."""
     import torch
 
     from bench import torch_gpt2
 
     p = torch_gpt2.to_torch(params, device, copy=True)
-    step = torch_gpt2.trainer(p, cfg, plan.lora_rank if mode == "lora" else None)
-    B, T = plan.ft_batch, plan.ft_T
-    ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
-    tgt = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
-    return _timed_steps(partial(step, ids, tgt), 1 + plan.ft_steps, device)
+    step = torch_gpt2.trainer(p, cfg, spec.lora_rank if mode == "lora" else None)
+    ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (spec.B, spec.T))).to(device)  # (B, T)
+    tgt = torch.from_numpy(rng.integers(0, cfg.n_vocab, (spec.B, spec.T))).to(device)  # (B, T)
+    return _timed_steps(partial(step, ids, tgt), 1 + spec.timed, device)
 
 
-def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
+def _hf_steps(cfg, spec: Steps, device: str, rng) -> list[float]:
     """Step times of transformers' GPT2LMHeadModel (random init, no dropout): loss from
     labels, backward, clip to norm 1, torch.optim.AdamW. Full finetuning only."""
     import torch
@@ -88,8 +104,7 @@ def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_config()))
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B, T = plan.ft_batch, plan.ft_T
-    ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (B, T))).to(device)  # (B, T)
+    ids = torch.from_numpy(rng.integers(0, cfg.n_vocab, (spec.B, spec.T))).to(device)  # (B, T)
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -97,7 +112,7 @@ def _hf_steps(cfg, plan: Plan, device: str, rng) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _timed_steps(step, 1 + plan.ft_steps, device)
+    return _timed_steps(step, 1 + spec.timed, device)
 
 
 def _timed_steps(step, n: int, device: str) -> list[float]:
@@ -114,50 +129,54 @@ def _timed_steps(step, n: int, device: str) -> list[float]:
     return out
 
 
-def _jobs(setup: SuiteSetup, params: dict, cfg):
-    """(label, device, train mode, fn() -> step times) of every trainer to time."""
-    plan, rng = setup.plan, setup.rng
+def jobs(setup: SuiteSetup, params: dict, cfg, spec: Steps, modes: tuple[str, ...], hf: bool):
+    """(label, device, train mode, fn() -> step times) of every trainer to time: each backend,
+    then (with the baselines) torch-autograd on every torch device, and transformers on CUDA
+    where `hf`."""
+    rng = setup.rng
     for be in setup.backends:
-        for mode in ("all", "lora"):
-            fn = partial(_trainer_steps, be, params, cfg, plan, mode, rng)
-            yield be.name, be.device, mode, fn
+        for mode in modes:
+            yield be.name, be.device, mode, partial(trainer_steps, be, params, cfg, spec, mode, rng)
     if not setup.baselines:
         return
     devices = torch_devices()
     for device in devices:
-        for mode in ("all", "lora"):
-            fn = partial(_autograd_steps, params, cfg, plan, mode, device, rng)
+        for mode in modes:
+            fn = partial(autograd_steps, params, cfg, spec, mode, device, rng)
             yield "torch-autograd", device, mode, fn
-    if "cuda" in devices:  # issue 6 compares the GPU trainers with transformers
-        yield "hf-transformers", "cuda", "all", partial(_hf_steps, cfg, plan, "cuda", rng)
+    if hf and "all" in modes and "cuda" in devices:  # issue 6: the GPU trainers against HF
+        yield "hf-transformers", "cuda", "all", partial(_hf_steps, cfg, spec, "cuda", rng)
+
+
+def step_record(suite: str, label: str, rp: dict, fn, flops: int) -> dict:
+    """The record of `fn()` -> step times (the first the warm-up) and its peak memory, at
+    params `rp` (with device, B and T); "unavailable" with the reason where it raised."""
+    try:
+        steps, mem = with_peak_memory(fn, gpu=rp["device"] == "cuda")
+    except Exception as e:
+        reason = "not available: " + error_text(e)
+        return record(suite, "step", label, params=rp, status="unavailable", reason=reason)
+    t = step_stats(steps)
+    metrics = {
+        "tokens_per_s": rp["B"] * rp["T"] / t["min"],
+        "flops": flops,
+        "GFLOPs": flops / t["min"] / 1e9,
+        **mem,
+    }
+    return record(suite, "step", label, params=rp, time_s=t, metrics=metrics)
 
 
 def run(setup: SuiteSetup) -> list[dict]:
     plan = setup.plan
     size, cfg = plan.models[0]  # finetuning at the first model size only
     params = random_params(cfg, setup.rng)
-    B, T = plan.ft_batch, plan.ft_T
+    spec = Steps(plan.ft_batch, plan.ft_T, plan.ft_steps, plan.lora_rank)
     recs: list[dict] = []
-    for label, device, mode, fn in _jobs(setup, params, cfg):
+    for label, device, mode, fn in jobs(setup, params, cfg, spec, ("all", "lora"), hf=True):
         setup.log(f"bench: finetune {size} {label} ({device}) train={mode}")
-        rp = {"size": size, "device": device, "train": mode, "B": B, "T": T}
+        rp = {"size": size, "device": device, "train": mode, "B": spec.B, "T": spec.T}
         if mode == "lora":
-            rp["lora_rank"] = plan.lora_rank
-        try:
-            steps, mem = with_peak_memory(fn, gpu=device == "cuda")
-        except Exception as e:
-            reason = "not available: " + error_text(e)
-            recs.append(
-                record("finetune", "step", label, params=rp, status="unavailable", reason=reason)
-            )
-            continue
-        t = step_stats(steps)
-        flops = train_flops(cfg, B, T, mode == "lora")
-        metrics = {
-            "tokens_per_s": B * T / t["min"],
-            "flops": flops,
-            "GFLOPs": flops / t["min"] / 1e9,
-            **mem,
-        }
-        recs.append(record("finetune", "step", label, params=rp, time_s=t, metrics=metrics))
+            rp["lora_rank"] = spec.lora_rank
+        flops = train_flops(cfg, spec.B, spec.T, mode == "lora")
+        recs.append(step_record("finetune", label, rp, fn, flops))
     return recs

@@ -16,13 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import cli, harness, report, workload
-from bench.plan import TINY, make_plan
+from bench.plan import MINI, TINY, make_plan
 from bench.ratios import compute_ratios, measured
 from ref.config import SIZES
 from ref.model import forward
 
 STATUSES = {"ok", "error", "unavailable"}
-SUITES = {"limits", "ops", "generate", "finetune"}
+SUITES = {"limits", "ops", "generate", "finetune", "train"}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def test_outputs_written(tiny_run):
         "## Prefill",
         "## Decode",
         "## Finetune",
+        "## Train",
     ):
         assert section in md
 
@@ -230,6 +231,88 @@ def test_finetune_records(tiny_run):
             assert r["reason"].startswith("not available")
 
 
+def test_train_records_and_ratios(tiny_run):
+    """The tiny plan's train suite: a record per backend and baseline, full training from the
+    plan's shape, and each backend's ratio to torch-autograd from those records."""
+    _, doc = tiny_run
+    plan = make_plan("tiny", None, None)
+    [(size, cfg, B, T)] = plan.train_cases
+    recs = [r for r in doc["results"] if r["suite"] == "train"]
+    ok = {r["backend"]: r for r in recs if r["status"] == "ok"}
+    assert "ref" in ok
+    for r in recs:
+        assert r["case"] == "step" and r["params"]["train"] == "all", r
+        assert (r["params"]["size"], r["params"]["B"], r["params"]["T"]) == (size, B, T)
+        assert r["params"]["n_vocab"] == cfg.n_vocab and r["params"]["n_layer"] == cfg.n_layer
+        if r["status"] != "ok":
+            assert r["reason"].startswith("not available"), r
+            continue
+        t = r["time_s"]
+        assert t["n"] == plan.train_steps and t["warmup"] == 1
+        assert r["metrics"]["tokens_per_s"] == pytest.approx(B * T / t["min"])
+        assert r["metrics"]["flops"] == workload.train_flops(cfg, B, T, lora=False)
+    ratios = {r["name"]: r for r in doc["ratios"]}
+    if "torch-autograd" in ok:
+        base = ok["torch-autograd"]["metrics"]["tokens_per_s"]
+        for be, r in ok.items():
+            if be == "torch-autograd":
+                continue
+            name = f"train tiny B={B} T={T}: {be} (cpu) / torch-autograd (cpu) tokens/s"
+            assert ratios[name]["value"] == pytest.approx(r["metrics"]["tokens_per_s"] / base)
+            assert ratios[name]["key"], name
+    else:
+        assert not any(n.startswith("train ") for n in ratios)
+
+
+def test_train_table_renders(tiny_run):
+    """report.md's Train table: a row per measured train record, with the config's shape."""
+    out, doc = tiny_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    table = md.split("## Train")[1].split("\n## ")[0]
+    assert "| size | layers x heads x width | vocab | backend | device | BxT |" in table
+    measured_ = [r for r in doc["results"] if r["suite"] == "train" and r["status"] == "ok"]
+    rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == len(measured_)
+    for row, r in zip(rows, measured_, strict=True):
+        assert row.startswith(f"| tiny | 2x4x64 | 256 | {r['backend']} | cpu | 2x16 |"), row
+
+
+def test_train_ratios_on_a_gpu_compare_one_device(tiny_run):
+    """On a SYNTHETIC CUDA run each trainer is divided by torch-autograd on its own device (the
+    finetune suite also by autograd on the CPU)."""
+    _, doc = tiny_run
+    shape = {"size": "124M", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_vocab": 50257}
+    shape.update(train="all", B=1, T=1024)
+    recs = [
+        _fake_model("train", "step", "triton", 9000.0, **shape),
+        _fake_model("train", "step", "torch-autograd", 6000.0, **shape),
+        _fake_model("train", "step", "torch-autograd", 300.0, **shape),
+    ]
+    recs[2]["params"]["device"] = "cpu"
+    got = [(r["name"], r["value"]) for r in compute_ratios({**doc, "results": recs})]
+    assert got == [("train 124M B=1 T=1024: triton (cuda) / torch-autograd (cuda) tokens/s", 1.5)]
+
+
+def test_train_step_of_a_broken_backend_is_unavailable():
+    """A trainer that raises gives an "unavailable" record naming the error; the others run."""
+    from types import ModuleType
+
+    from bench import suite_train
+    from bench.backends import Backend, load_backends
+    from bench.plan import SuiteSetup
+
+    plan = make_plan("tiny", None, None)
+    (ref,), _ = load_backends(["ref"])
+    broken = Backend("broken", ModuleType("broken"), "numpy", "cpu")  # no ops at all
+    setup = SuiteSetup(plan, [broken, ref], {}, np.random.default_rng(0), baselines=False)
+    recs = suite_train.run(setup)
+    assert [(r["backend"], r["status"]) for r in recs] == [
+        ("broken", "unavailable"),
+        ("ref", "ok"),
+    ]
+    assert recs[0]["reason"].startswith("not available: AttributeError")
+
+
 BARE = """
 import sys
 for name in ("torch", "numba", "triton", "transformers", "matplotlib", "threadpoolctl"):
@@ -262,6 +345,7 @@ def test_runs_with_numpy_alone(tmp_path):
         ("generate", "ref"),
         ("generate", "ref-nocache"),
         ("finetune", "ref"),
+        ("train", "ref"),
     } <= ok
     assert not any(b.startswith(("torch", "hf")) for _, b in ok)
     assert "threadpoolctl not installed" in (tmp_path / "report.md").read_text(encoding="utf-8")
@@ -435,6 +519,13 @@ def test_plans():
     assert 1024 in full.decode_ctx and 1024 in full.prefill_T and 1024 in full.attn_T
     assert 16 in full.decode_batches and 256 in full.batch_ctx
     assert (full.ft_batch, full.ft_T) == (4, 256)
+    # train: the small config everywhere, 124M at its context in the full run only (CI runs
+    # --quick)
+    assert [(s, c, B, T) for s, c, B, T in quick.train_cases] == [("mini", MINI, 4, 128)]
+    assert [(s, B, T) for s, _, B, T in full.train_cases] == [("mini", 8, 128), ("124M", 1, 1024)]
+    assert full.train_cases[1][1] == SIZES["124M"]
+    assert (MINI.n_layer, MINI.n_head, MINI.n_embd, MINI.n_ctx) == (4, 4, 128, 128)
+    assert MINI.n_vocab == SIZES["124M"].n_vocab
     assert [s for s, _ in make_plan("full", "gpt2-xl", "355M").models] == ["355M"]
 
 

@@ -1,4 +1,4 @@
-"""`gpt2`: download, generate, eval, finetune, bench.
+"""`gpt2`: download, generate, eval, finetune, train, bench.
 
 Each subcommand lives in its own module (gpt2/cmd_*.py) with `add_parser(sub)` and `run(args)`.
 Errors the user can fix (bad flags, missing or corrupt files) print one line and exit 2; a
@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "gpt2.cmd_generate",
     "eval": "gpt2.cmd_eval",
     "finetune": "gpt2.cmd_finetune",
+    "train": "gpt2.cmd_train",
     "bench": "gpt2.cmd_bench",
 }
 
@@ -45,6 +46,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where downloaded models live (default: $GPT2_CACHE or ~/.cache/gpt2-spec)",
     )
+    add_backend_args(p)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """--backend and --threads (train has no --model)."""
     p.add_argument(
         "--backend",
         default="ref",

@@ -34,31 +34,11 @@ def add_parser(sub) -> None:
     a = p.add_argument
     a(
         "--data",
-        help="training data: a UTF-8 .txt file or a .json list of "
-        "{instruction, input, output} records (default: the 1,100 instruction records of "
-        "'Build a Large Language Model (From Scratch)', ch. 7, shipped in weights/data/)",
+        help="training data: a UTF-8 text file, or instruction records (a .json list or "
+        ".jsonl lines of {instruction, input, output}) (default: the 1,100 instruction records "
+        "of 'Build a Large Language Model (From Scratch)', ch. 7, shipped in weights/data/)",
     )
-    a("--out", help="output directory (a checkpoint, loadable with --model DIR)")
-    a("--resume", metavar="DIR", help="continue the run saved in DIR (written to DIR)")
-    a("--steps", type=int, help="optimizer steps (default: --epochs 1)")
-    a("--epochs", type=float, help="passes over the training split (instead of --steps)")
-    a("--batch-size", type=int, help="rows per micro-batch (4)")
-    a("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
-    a("--lr", type=float, help="peak learning rate (1e-4)")
-    a("--warmup", type=int, help="linear warmup steps before the cosine decay (0)")
-    a(
-        "--min-lr-ratio",
-        type=float,
-        help="the cosine decays to this fraction of --lr (0.1); 1 keeps the rate constant",
-    )
-    a("--weight-decay", type=float, help="AdamW's decoupled weight decay (0)")
-    a(
-        "--decay",
-        choices=["matrices", "matrices+embeddings", "all"],
-        help="which tensors decay: the projection matrices (default), plus the embeddings, "
-        "or all (biases and LayerNorm too, as llm.c does)",
-    )
-    a("--grad-clip", type=float, help="clip gradients to this global norm (1.0); 0: off")
+    add_run_args(p, finetune.DEFAULTS)
     a("--lora-rank", type=int, help="train LoRA adapters of this rank (0: full finetuning)")
     a(
         "--lora-alpha",
@@ -71,10 +51,49 @@ def add_parser(sub) -> None:
         help="comma-separated projections to adapt: c_attn, c_proj, c_fc, "
         "mlp_c_proj (default c_attn,c_proj)",
     )
+    a(
+        "--mask-prompt",
+        action="store_true",
+        default=None,
+        help="instruction data: leave the prompt out of the loss",
+    )
+    p.set_defaults(run=run)
+
+
+def add_run_args(p, defaults: dict) -> None:
+    """The flags `gpt2 finetune` and `gpt2 train` share (their defaults in `defaults`, shown
+    in the help; the parser's own defaults stay None so --resume can tell what was given)."""
+    d = defaults
+    a = p.add_argument
+    a("--out", help="output directory (a checkpoint, loadable with --model DIR)")
+    a("--resume", metavar="DIR", help="continue the run saved in DIR (written to DIR)")
+    a("--steps", type=int, help="optimizer steps (default: --epochs 1)")
+    a("--epochs", type=float, help="passes over the training split (instead of --steps)")
+    a("--batch-size", type=int, help=f"rows per micro-batch ({d['batch_size']})")
+    a("--grad-accum", type=int, help=f"micro-batches per optimizer step ({d['grad_accum']})")
+    a("--lr", type=float, help=f"peak learning rate ({d['lr']:g})")
+    a("--warmup", type=int, help="linear warmup steps before the cosine decay (0)")
+    a(
+        "--min-lr-ratio",
+        type=float,
+        help="the cosine decays to this fraction of --lr (0.1); 1 keeps the rate constant",
+    )
+    a("--weight-decay", type=float, help=f"AdamW's decoupled weight decay ({d['weight_decay']:g})")
+    a(
+        "--decay",
+        choices=["matrices", "matrices+embeddings", "all"],
+        help="which tensors decay: the projection matrices (default), plus the embeddings, "
+        "or all (biases and LayerNorm too, as llm.c does)",
+    )
+    a("--grad-clip", type=float, help="clip gradients to this global norm (1.0); 0: off")
+    a("--dropout", type=float, help="model dropout: embeddings, attention, residuals (0)")
+    a("--embd-dropout", type=float, help="dropout after the embeddings (default --dropout)")
+    a("--attn-dropout", type=float, help="dropout on attention probabilities (--dropout)")
+    a("--resid-dropout", type=float, help="dropout on each residual branch (--dropout)")
     a("--eval-every", type=int, help="validation loss every N steps (0: at the end only)")
     a("--eval-batches", type=int, help="at most this many validation batches per evaluation")
     a("--save-every", type=int, help="checkpoint every N steps (0: at the end only)")
-    a("--seed", type=int, help="seed for batch order, adapter init and dropout (0)")
+    a("--seed", type=int, help="seed for batch order, init, adapters and dropout (0)")
     a(
         "--context-length",
         type=int,
@@ -83,27 +102,28 @@ def add_parser(sub) -> None:
     )
     a("--val-fraction", type=float, help="fraction of the data held out for validation (0.1)")
     a(
-        "--mask-prompt",
-        action="store_true",
-        default=None,
-        help="instruction data: leave the prompt out of the loss",
+        "--samples",
+        type=int,
+        help=f"responses generated from validation prompts ({d['samples']}; at the end, and "
+        "for gpt2 train at each evaluation too)",
     )
-    a("--samples", type=int, help="responses generated from validation prompts at the end (3)")
     a(
         "--overwrite",
         action="store_true",
         help="write into a non-empty --out (refused otherwise, so no earlier run is lost)",
     )
     a("--json", action="store_true", help="log one JSON object per line on stdout")
-    p.set_defaults(run=run)
 
 
 class Printer:
     """The one printer of a finetuning run's events (see the module docstring)."""
 
-    def __init__(self, as_json: bool, out_dir: str = "", bar: bool | None = None):
+    def __init__(
+        self, as_json: bool, out_dir: str = "", bar: bool | None = None, command: str = "finetune"
+    ):
         self.as_json = as_json
         self.out_dir = out_dir
+        self.command = command
         self.bar_enabled = (not as_json) and (sys.stderr.isatty() if bar is None else bar)
         self.bar: Progress | None = None
         self.bar_line = False  # the bar is drawn on the current line of stderr
@@ -119,7 +139,7 @@ class Printer:
         if kind == "start":
             self.steps, self.world = e["steps"], e["world_size"]
             if self.bar_enabled:
-                self.bar = Progress(self.steps, desc="finetune", unit=" step", enabled=True)
+                self.bar = Progress(self.steps, desc=self.command, unit=" step", enabled=True)
                 self.bar.set(e["step"])
                 self.bar_line = True
             return
@@ -142,15 +162,15 @@ class Printer:
         self.end_line()
         if kind == "interrupt":
             print(
-                "gpt2 finetune: interrupted: finishing this step, then saving it "
+                f"gpt2 {self.command}: interrupted: finishing this step, then saving it "
                 "(Ctrl-C again to quit at once, losing the step)",
                 file=sys.stderr,
                 flush=True,
             )
         elif kind == "interrupted":
             print(
-                f"gpt2 finetune: stopped after step {e['step']} of {self.steps}; resume with: "
-                f"gpt2 finetune --resume {self.out_dir}",
+                f"gpt2 {self.command}: stopped after step {e['step']} of {self.steps}; resume "
+                f"with: gpt2 {self.command} --resume {self.out_dir}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -182,11 +202,13 @@ def run(args: argparse.Namespace) -> int:
     s, state = finetune.settings(args)
     finetune.validate(s)
     out_dir = args.resume or args.out
-    printer = Printer(args.json, out_dir)
+    command = getattr(args, "command", "finetune")
+    printer = Printer(args.json, out_dir, command=command)
     try:
         interrupted = finetune.run(
             s, state, out_dir=out_dir, resume=args.resume,
-            backend=args.backend or "ref", cache_dir=args.cache_dir, on_event=printer,
+            backend=args.backend or "ref", cache_dir=getattr(args, "cache_dir", None),
+            on_event=printer, quiet=args.json,
         )  # fmt: skip
     finally:
         printer.close()

@@ -1,6 +1,12 @@
-"""A finetuning run of `gpt2 finetune`: its settings (flags over defaults, or a checkpoint's
-on --resume), the model and data they name, and one function, `run`, that trains on any
-backend and saves checkpoints.
+"""A training run of `gpt2 finetune` or `gpt2 train`: its settings (flags over defaults, or a
+checkpoint's on --resume), the model and data they name, and one function, `run`, that trains
+on any backend and saves checkpoints.
+
+`finetune` starts from a model (--model); `train` from GPT-2's initialisation (ref/init.py)
+of an architecture given by a size name or by its dimensions (the settings' "init"), on text
+tokenized once into a memory-mapped uint16 file in the output directory (`tokens.u16`), so a
+corpus larger than RAM trains. Everything else is shared: the trainers, checkpoints, resume,
+Ctrl-C, the event stream, and the run's log (`log.jsonl`, `loss.png`, see gpt2/runlog.py).
 
 The numpy trainer (`ref.train.train`, --backend ref|numba) and the torch one
 (`fast.torch.train.train`, --backend torch|triton, data-parallel under torchrun) take the same
@@ -19,6 +25,7 @@ import threading
 from collections.abc import Callable
 
 from gpt2.cli import UsageError
+from gpt2.runlog import RunLog
 from weights.tokenizer import DATA_DIR
 
 # Settings of a run: the flag defaults, and what a checkpoint stores for --resume.
@@ -47,7 +54,20 @@ DEFAULTS = {
     "val_fraction": 0.1,
     "mask_prompt": False,
     "samples": 3,
+    # model dropout (embeddings, attention probabilities, residual branches); each of the
+    # three, when not given, is `dropout`
+    "dropout": 0.0,
+    "embd_dropout": None,
+    "attn_dropout": None,
+    "resid_dropout": None,
+    # `gpt2 train`: the architecture to initialise ({n_layer, n_head, n_embd, n_ctx}); None
+    # for finetuning, which starts from --model
+    "init": None,
 }
+# `gpt2 train`'s defaults: the book's pretraining run (ch. 5: AdamW 4e-4, weight decay 0.1),
+# a sample at each evaluation; no model to start from.
+TRAIN_DEFAULTS = {**DEFAULTS, "model": None, "lr": 4e-4, "weight_decay": 0.1, "samples": 1}
+ARCH = ("n_layer", "n_head", "n_embd", "n_ctx")
 # The example data set shipped with the package: the book's instruction records.
 DEFAULT_DATA = os.path.join(DATA_DIR, "instruction-data.json")
 # The type of each setting, to check those a checkpoint brings back (a hand-edited or corrupt
@@ -59,9 +79,11 @@ TYPES = {
     **{k: (int,) for k in ("eval_every", "eval_batches", "save_every", "seed", "samples")},
     **{k: _NUM for k in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip")},
     **{k: _NUM for k in ("lora_alpha", "lora_dropout", "val_fraction")},
+    **{k: _NUM for k in ("dropout", "embd_dropout", "attn_dropout", "resid_dropout")},
     **{k: (str,) for k in ("model", "data", "decay", "lora_targets")},
     "context_length": (int,),
     "mask_prompt": (bool,),
+    "init": (dict,),
 }
 # May differ on --resume: they change neither the batches nor the arithmetic of a step.
 RESUME_FREE = {"steps", "epochs", "eval_every", "save_every", "eval_batches", "samples"}
@@ -69,6 +91,36 @@ RESUME_FREE = {"steps", "epochs", "eval_every", "save_every", "eval_batches", "s
 
 def _explicit(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+
+
+def dropout_rates(s: dict) -> tuple[float, float, float]:
+    """(embd, attn, resid): each its own flag, else --dropout."""
+    return tuple(
+        s["dropout"] if s[k] is None else s[k]
+        for k in ("embd_dropout", "attn_dropout", "resid_dropout")
+    )
+
+
+def architecture(args: argparse.Namespace) -> dict:
+    """`gpt2 train`'s {n_layer, n_head, n_embd, n_ctx}: --config's, with any of --n-layer,
+    --n-head, --n-embd, --n-ctx over it (alone they need all four)."""
+    from ref.config import SIZES, ConfigError, GPT2Config, canonical_size
+
+    arch: dict = {}
+    if args.config is not None:
+        size = canonical_size(args.config)
+        _check(size is not None, f"--config {args.config}: unknown; expected {', '.join(SIZES)}")
+        arch = {k: getattr(SIZES[size], k) for k in ARCH}
+    for k in ARCH:
+        if getattr(args, k) is not None:
+            arch[k] = getattr(args, k)
+    missing = [f"--{k.replace('_', '-')}" for k in ARCH if k not in arch]
+    _check(not missing, f"give --config NAME or all of {', '.join(missing)}")
+    try:
+        GPT2Config(**arch)
+    except ConfigError as e:
+        raise UsageError(str(e).replace("config: ", "--")) from None
+    return arch
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -120,6 +172,16 @@ def validate(s: dict) -> None:
         f"--context-length must be >= 2, got {s['context_length']}",
     )
     _check(0 <= s["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {s['val_fraction']}")
+    for key in ("dropout", "embd_dropout", "attn_dropout", "resid_dropout"):
+        v = s[key]
+        flag = "--" + key.replace("_", "-")
+        _check(v is None or 0 <= v < 1, f"{flag} must be in [0, 1), got {v}")
+    if s["init"] is not None:
+        _check(
+            not is_instructions(s["data"]),
+            f"--data {s['data']}: gpt2 train pretrains on text; instruction records are for "
+            "gpt2 finetune",
+        )
     if s["lora_rank"] == 0:
         for flag, key in (
             ("--lora-alpha", "lora_alpha"),
@@ -141,8 +203,17 @@ def validate(s: dict) -> None:
 
 def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     """The run's settings (flags over defaults, or the checkpoint's on --resume) and the
-    checkpoint's state when resuming."""
+    checkpoint's state when resuming. `args.command` is "finetune" or "train"."""
     given = _explicit(args)
+    training = getattr(args, "command", "finetune") == "train"
+    defaults = TRAIN_DEFAULTS if training else DEFAULTS
+    if training and args.resume is None:
+        given["init"] = architecture(args)
+    elif training:
+        _check(
+            args.config is None and all(getattr(args, k) is None for k in ARCH),
+            "the architecture flags must be left out with --resume (the run keeps its model)",
+        )
     if args.resume is None:
         _check(args.out is not None, "--out DIR is required (or --resume DIR)")
         _check(
@@ -154,13 +225,14 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
             f"--out {args.out} is not empty; pass --overwrite to write the new run there, or "
             f"--resume {args.out} to continue the run saved in it",
         )
-        s = {**DEFAULTS, **given}
+        s = {**defaults, **given}
         if s["model"] is not None and os.path.exists(s["model"]):
             _check(
                 os.path.realpath(s["model"]) != os.path.realpath(args.out),
                 f"--out {args.out} is the --model directory; write the finetuned model elsewhere",
             )
             s["model"] = os.path.abspath(s["model"])
+        _check(not training or s["data"] is not None, "--data is required (a text file)")
         s["data"] = os.path.abspath(s["data"] or DEFAULT_DATA)
         return s, None
     from weights import checkpoint
@@ -175,11 +247,16 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     _check(isinstance(saved, dict), f"--resume {args.resume}: the checkpoint has no settings")
     for k, v in saved.items():
         ok = k in TYPES and (
-            (v is None and DEFAULTS[k] is None)
+            (v is None and defaults[k] is None)
             or (isinstance(v, TYPES[k]) and (bool in TYPES[k] or not isinstance(v, bool)))
         )
         _check(ok, f"--resume {args.resume}: the checkpoint's setting {k}={v!r} is invalid")
-    s = {**DEFAULTS, **saved}
+    _check(
+        (saved.get("init") is not None) == training,
+        f"--resume {args.resume}: that run was made by gpt2 "
+        f"{'train' if saved.get('init') is not None else 'finetune'}; resume it with that command",
+    )
+    s = {**defaults, **saved}
     for k, v in given.items():
         if k in RESUME_FREE:
             s[k] = v
@@ -197,12 +274,15 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     return s, state
 
 
-def read_data(s: dict):
+def read_data(s: dict, out_dir: str | None = None, quiet: bool = False):
     """The --data file read and checked (instruction records, or UTF-8 text), before any
-    model is: a bad file is refused without waiting for weights."""
+    model is: a bad file is refused without waiting for weights. For `gpt2 train` (and
+    `out_dir`), the text is tokenized once into out_dir/tokens.u16, memory-mapped."""
     from ref.data import DataError, read_instructions
 
     path = s["data"]
+    if s["init"] is not None and out_dir is not None:
+        return token_file(path, out_dir, quiet)
     try:
         if is_instructions(path):
             return read_instructions(path)
@@ -219,6 +299,52 @@ def _named(msg: str, path: str) -> str:
     return msg if msg.startswith(path) else f"{path}: {msg}"  # every message names the file
 
 
+TOKENS = "tokens.u16"  # `gpt2 train`'s token file in the output directory
+TOKENS_META = "tokens.json"  # which text it holds (path, size, mtime) and how many tokens
+
+
+def token_file(path: str, out_dir: str, quiet: bool = False):
+    """The text at `path` as a read-only uint16 memory map of its tokens, from
+    out_dir/tokens.u16, made in one streaming pass (with a bar) unless it is there already for
+    the same file (same size and mtime)."""
+    import json
+
+    import numpy as np
+
+    from gpt2.progress import Progress
+    from weights.checkpoint import write_json
+    from weights.tokenizer import TOKEN_DTYPE, encode_file
+
+    st = os.stat(path)
+    want = {"data": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    dest, meta_path = os.path.join(out_dir, TOKENS), os.path.join(out_dir, TOKENS_META)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        fresh = {k: meta.get(k) for k in want} == want
+        fresh = fresh and os.path.getsize(dest) == 2 * meta["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if not fresh:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out_dir}: cannot create the directory ({e})") from None
+        bar = Progress(st.st_size, desc="tokenize", unit="B", enabled=False if quiet else None)
+        try:
+            n = encode_file(path, dest, progress=lambda done, total: bar.set(done))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--data {path}: not UTF-8 text ({e})") from None
+        except OSError as e:
+            raise UsageError(f"--data {path}: cannot tokenize into {dest} ({e})") from None
+        finally:
+            bar.close()
+        write_json(meta_path, {**want, "tokens": n})
+    if os.path.getsize(dest) < 4:
+        raise UsageError(f"--data {path}: needs at least 2 tokens to train on")
+    return np.memmap(dest, dtype=TOKEN_DTYPE, mode="r")
+
+
 def load_data(s: dict, n_ctx: int, data=None) -> tuple:
     """(train split, validation split) for the settings' data (`read_data`'s, or read here)."""
     from ref.data import DataError, instruction_splits, text_splits
@@ -230,7 +356,8 @@ def load_data(s: dict, n_ctx: int, data=None) -> tuple:
     try:
         if isinstance(data, list):
             return instruction_splits(data, encode, T, s["val_fraction"])
-        return text_splits(encode(data, allow_eot=True), T, s["val_fraction"])
+        ids = data if not isinstance(data, str) else encode(data, allow_eot=True)
+        return text_splits(ids, T, s["val_fraction"])
     except DataError as e:
         raise UsageError(f"--data {_named(str(e), s['data'])}") from None
 
@@ -265,6 +392,12 @@ def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | 
     from weights import checkpoint, loader
 
     lora = s["lora_rank"] > 0
+    if s["init"] is not None and state is None:  # gpt2 train: GPT-2's initialisation
+        from ref.config import GPT2Config
+        from ref.init import init_params
+
+        cfg = GPT2Config(**s["init"])
+        return cfg, init_params(cfg, np.random.default_rng([s["seed"], 3])), None
     source = resume_dir if (state is not None and not lora) else s["model"]
     cfg, params = loader.load(source, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if lora:
@@ -311,6 +444,8 @@ def train_config(s: dict, steps: int):
         mask_prompt=bool(s["mask_prompt"]),
         train="lora" if s["lora_rank"] > 0 else "all",
         n_samples=s["samples"],
+        sample_at_eval=s["init"] is not None,
+        **({"dropout": dropout_rates(s)} if any(dropout_rates(s)) else {}),
     )
 
 
@@ -388,6 +523,7 @@ def run(
     backend: str,
     cache_dir: str | None,
     on_event: Callable[[dict], None],
+    quiet: bool = False,
 ) -> bool:
     """Train with the run's settings `s` (from `settings`) on `backend`, saving into `out_dir`.
     Returns True when Ctrl-C stopped the run (after saving the last step it finished).
@@ -412,8 +548,11 @@ def run(
     from weights.loader import read_config
 
     lora = s["lora_rank"] > 0
-    data = read_data(s)
-    n_ctx = read_config(resume if (state is not None and not lora) else s["model"]).n_ctx
+    data = read_data(s, out_dir, quiet=quiet)
+    if s["init"] is not None:
+        n_ctx = s["init"]["n_ctx"]
+    else:
+        n_ctx = read_config(resume if (state is not None and not lora) else s["model"]).n_ctx
     train_split, val_split = load_data(s, n_ctx, data)
     steps = total_steps(s, len(train_split))
     if state is not None:
@@ -430,15 +569,24 @@ def run(
          "backend": backend, "world_size": world}
     )  # fmt: skip
     last: dict = {}
+    log = RunLog(out_dir, tstate.step if tstate else 0) if rank == 0 else None
+    if log is not None:
+        emit = _tee(log, emit)
 
     def on_train_event(e: dict) -> None:
         if e["event"] == "train":
             last.update(e)
         emit(e)
 
-    save = saver(
+    checkpoint = saver(
         s, cfg, steps, len(train_split), out_dir, last, emit, backend=backend, world_size=world
     )
+
+    def save(p: dict, st) -> None:
+        if log is not None:
+            log.flush()  # the log covers every step a checkpoint holds
+        checkpoint(p, st)
+
     interrupt = Interrupt(emit)
     common = dict(state=tstate, on_event=on_train_event, save=save, stop=interrupt.requested)
     try:
@@ -454,9 +602,19 @@ def run(
     except FloatingPointError as e:
         raise UsageError(str(e)) from None
     finally:
+        if log is not None:
+            log.close()
         if backend not in NUMPY_BACKENDS:
             torch_train.shutdown()
     return interrupt.pressed
+
+
+def _tee(first: Callable[[dict], None], then: Callable[[dict], None]) -> Callable[[dict], None]:
+    def both(e: dict) -> None:
+        first(e)
+        then(e)
+
+    return both
 
 
 def check_extension(s: dict, state: dict, done: int, steps: int, resume: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -72,3 +73,69 @@ def decode(ids: list[int]) -> str:
 
 def decode_bytes(ids: list[int]) -> bytes:
     return get_encoding().decode_bytes(check_ids(ids))
+
+
+TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
+
+
+def encode_file(
+    src: str,
+    dest: str,
+    allow_eot: bool = True,
+    chunk_bytes: int = 1 << 20,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Tokenize the UTF-8 text file `src` into `dest`, a flat file of uint16 ids that
+    `np.memmap(dest, np.uint16, mode="r")` reads back, in one streaming pass: a corpus larger
+    than RAM is fine. Returns the number of tokens.
+
+    The text is read in pieces of about `chunk_bytes`, each ending just after a line break
+    with a visible character on both sides (x, line break, Y): GPT-2's pre-tokenizer makes
+    that line break a piece of its own whether or not the text goes on, so the pieces' tokens
+    are exactly the whole text's, and decoding the file gives the text back.
+    `progress(bytes_done, bytes_total)` is told as it goes. `dest` is
+    written to a temporary file and renamed when complete: a cut-short run leaves no partial
+    token file behind. Raises UnicodeDecodeError or OSError for the caller to name.
+    """
+    import codecs
+
+    total = os.path.getsize(src)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    n, done = 0, 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(src, "rb") as f, open(tmp, "wb") as out:
+            pending = ""
+            while True:
+                raw = f.read(chunk_bytes)
+                done += len(raw)
+                text = pending + decoder.decode(raw, final=not raw)
+                cut = _safe_cut(text) if raw else len(text)
+                piece, pending = text[:cut], text[cut:]
+                if piece:
+                    ids = np.asarray(encode(piece, allow_eot=allow_eot), TOKEN_DTYPE)
+                    out.write(ids.tobytes())
+                    n += len(ids)
+                if progress is not None:
+                    progress(done, total)
+                if not raw:
+                    break
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+def _safe_cut(text: str) -> int:
+    """Where to end a piece of `text` without changing its tokens: after the last line break
+    with a non-space character on both sides (0: nowhere, read more first)."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i <= 0:
+            return 0
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1

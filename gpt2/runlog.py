@@ -1,0 +1,117 @@
+"""A training run's history in its output directory, for `gpt2 train` and `gpt2 finetune`.
+
+log.jsonl: one JSON object per optimizer step, in order:
+    {"step", "tokens_seen" (inputs so far, the run's resumed part included), "train_loss",
+     "lr", "grad_norm", "seconds" (the step's own time), and "val_loss" where the step was
+     followed by a validation}
+loss.png: train and validation loss against steps, with tokens seen on the top axis (the
+book's figure 5.12), redrawn at every validation and at the end (needs matplotlib; without it
+there is only the log).
+
+A resumed run keeps the lines of the steps its checkpoint holds and drops any later ones (a
+run killed after its last save logged steps the resumed run will take again), then appends.
+A step's line is written once the step is complete: after its validation, if any, and before
+its checkpoint is reported, so the log on disk always covers the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+LOG = "log.jsonl"
+PLOT = "loss.png"
+
+
+class RunLog:
+    def __init__(self, out_dir: str, start_step: int):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, LOG)
+        self.lines = [r for r in _read(self.path) if r.get("step", 0) <= start_step]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:  # the kept lines, rewritten
+            f.writelines(json.dumps(r) + "\n" for r in self.lines)
+        self.tokens_seen = self.lines[-1]["tokens_seen"] if self.lines else 0
+        self.pending: dict | None = None
+
+    def __call__(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "train":
+            self.flush()
+            self.tokens_seen += e["tokens"]
+            self.pending = {
+                "step": e["step"],
+                "tokens_seen": self.tokens_seen,
+                "train_loss": e["loss"],
+                "lr": e["lr"],
+                "grad_norm": e["grad_norm"],
+                "seconds": e["tokens"] / max(e["tokens_per_s"], 1e-12),
+            }
+        elif kind == "val":
+            if self.pending is not None and self.pending["step"] == e["step"]:
+                self.pending["val_loss"] = e["val_loss"]
+            self.flush()
+            self.plot()
+        elif kind in ("checkpoint", "interrupted"):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(self.pending) + "\n")
+        self.lines.append(self.pending)
+        self.pending = None
+
+    def close(self) -> None:
+        self.flush()
+        self.plot()
+
+    def plot(self) -> None:
+        """loss.png from the lines so far (written to a temporary file, then renamed)."""
+        if not self.lines:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        steps = [r["step"] for r in self.lines]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [r["train_loss"] for r in self.lines], label="training loss", lw=1)
+        val = [(r["step"], r["val_loss"]) for r in self.lines if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", ms=3, label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.legend()
+        # tokens seen grow by the same amount every step (batch x context x accumulation)
+        per_step = self.lines[-1]["tokens_seen"] / max(self.lines[-1]["step"], 1)
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: s * per_step, lambda t: t / max(per_step, 1e-12))
+        )
+        top.set_xlabel("tokens seen")
+        fig.tight_layout()
+        tmp = os.path.join(self.out_dir, f".{PLOT}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, os.path.join(self.out_dir, PLOT))
+
+
+def _read(path: str) -> list[dict]:
+    """The log's lines, where there is one (a line cut short by a kill is dropped)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), int):
+                    out.append(r)
+    except OSError:
+        pass
+    return out

@@ -26,6 +26,21 @@ own, so a backend that provides the *_forward and *_backward ops runs and trains
 Linear layers go through `ref.lora.lora_linear_forward`, which adds a LoRA adapter's update
 where a projection carries one (dropout only when `rng` is given, i.e. while training).
 
+Dropout, `Dropout(embd, attn, resid)` (GPT-2's embd_pdrop, attn_pdrop, resid_pdrop), also
+only while training: when an `rng` is given and a rate is > 0. It sits where GPT-2 and "Build
+a Large Language Model (From Scratch)" put it: on the embeddings' sum, on the attention
+probabilities, and on each residual branch (the output of the attention's and the MLP's
+c_proj, before it is added to the residual). Its masks and LoRA's come from the one `rng`, in
+the order the forward meets them, each a `rng.random(shape, dtype=np.float32)`:
+    embd (B, T, C); then in each layer: c_attn's LoRA (B, T, C), attn (B, NH, T, P+T),
+    c_proj's LoRA (B, T, C), resid (B, T, C), c_fc's LoRA (B, T, C),
+    mlp/c_proj's LoRA (B, T, 4C), resid (B, T, C)
+where a rate of 0 (or a projection without an adapter with dropout) draws nothing: with every
+model rate 0, LoRA's masks, and so the whole run, are those of a model without dropout.
+The dropout op is the reference's (`ref.ops.dropout_forward`) whatever `ops` is, so every
+numpy backend draws the same masks; the attention's goes through `ops.attention_forward(q, k,
+v, key_mask, rate, rng)`, called with those two arguments only when it drops.
+
 Padding: a batch of prompts of different lengths is left-padded; `mask` (B, T) is False on
 padding. Each row's positions count only its real tokens, and no query sees a padding key, so
 every row gives the same logits as when run alone.
@@ -42,6 +57,23 @@ from ref.config import GPT2Config
 from ref.lora import lora_linear_backward, lora_linear_forward
 
 TRAIN_MODES = ("all", "lora")  # every parameter, or the LoRA adapters alone
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Model dropout rates, each in [0, 1): on the embeddings, the attention probabilities and
+    the residual branches (GPT-2 trained with 0.1 for each; the default, 0, drops nothing)."""
+
+    embd: float = 0.0
+    attn: float = 0.0
+    resid: float = 0.0
+
+    def __post_init__(self):
+        for name in ("embd", "attn", "resid"):
+            ref_ops.check_rate(getattr(self, name), f"{name} dropout")
+
+
+NO_DROPOUT = Dropout()
 
 
 class ContextLengthError(ValueError):
@@ -174,11 +206,14 @@ def check_ids(ids: np.ndarray, n_vocab: int) -> None:
 # attention: x + c_proj(attention(split(c_attn(x)))), with the keys of earlier tokens cached
 
 
-def attn_forward(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, rng=None):
+def attn_forward(
+    x, c_attn, c_proj, *, n_head, ops, kv, key_mask, rng=None, dropout: Dropout = NO_DROPOUT
+):
     """Causal multi-head self-attention over the new tokens and the cached ones.
 
     x (B, T, C) -> (B, T, C); kv = (k_cache, v_cache, P) with caches (B, NH, capacity, hs),
-    or None; key_mask (B, P+T) bool or None.
+    or None; key_mask (B, P+T) bool or None. With `rng`: dropout.attn on the attention
+    probabilities, dropout.resid on the output.
     """
     B, T, C = x.shape
     hs = C // n_head
@@ -190,21 +225,26 @@ def attn_forward(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, rng=None):
         k_cache[:, :, P : P + T] = k
         v_cache[:, :, P : P + T] = v
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
-    y, att_cache = ops.attention_forward(q, k, v, key_mask)  # (B, NH, T, hs)
+    if rng is not None and dropout.attn > 0.0:
+        y, att_cache = ops.attention_forward(q, k, v, key_mask, dropout.attn, rng)
+    else:  # the call every backend's attention takes (dropout arguments only when dropping)
+        y, att_cache = ops.attention_forward(q, k, v, key_mask)  # (B, NH, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
     out, c_proj_cache = lora_linear_forward(y, c_proj, ops, rng)  # (B, T, C)
-    return out, (c_attn_cache, att_cache, c_proj_cache, n_head)
+    out, drop_cache = ref_ops.dropout_forward(out, dropout.resid, rng)  # (B, T, C)
+    return out, (c_attn_cache, att_cache, c_proj_cache, drop_cache, n_head)
 
 
 def attn_backward(dout, cache, c_attn, c_proj, *, ops, train):
     """dout (B, T, C) -> dx (B, T, C), {"c_attn": ..., "c_proj": ...}; undoes attn_forward
     line by line, last line first."""
-    c_attn_cache, att_cache, c_proj_cache, n_head = cache
+    c_attn_cache, att_cache, c_proj_cache, drop_cache, n_head = cache
     B, T, C = dout.shape
     hs = C // n_head
-    # out = c_proj(y)
+    # out = drop(c_proj(y))
+    dout = ref_ops.dropout_backward(dout, drop_cache)  # (B, T, C)
     dy, g_proj = lora_linear_backward(dout, c_proj_cache, c_proj, ops, train)  # (B, T, C)
-    # y = attention(q, k, v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    # y = attention(q, k, v).transpose(0, 2, 1, 3).reshape(B, T, C), its dropout in att_cache
     dy = dy.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     dq, dk, dv = ops.attention_backward(dy, att_cache)  # each (B, NH, T, hs)
     # q, k, v = c_attn(x).reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
@@ -218,18 +258,21 @@ def attn_backward(dout, cache, c_attn, c_proj, *, ops, train):
 # MLP: c_proj(gelu(c_fc(x))), the c_fc bias fused into the GELU (the bias_gelu op)
 
 
-def mlp_forward(x, c_fc, c_proj, *, ops, rng=None):
-    """x (B, T, C) -> (B, T, C): expand to 4C, GELU, project back."""
+def mlp_forward(x, c_fc, c_proj, *, ops, rng=None, dropout: Dropout = NO_DROPOUT):
+    """x (B, T, C) -> (B, T, C): expand to 4C, GELU, project back (with `rng`: then
+    dropout.resid)."""
     h, c_fc_cache = lora_linear_forward(x, c_fc, ops, rng, bias=False)  # (B, T, 4C)
     h, gelu_cache = ops.bias_gelu_forward(h, c_fc["b"])  # (B, T, 4C)
     out, c_proj_cache = lora_linear_forward(h, c_proj, ops, rng)  # (B, T, C)
-    return out, (c_fc_cache, gelu_cache, c_proj_cache)
+    out, drop_cache = ref_ops.dropout_forward(out, dropout.resid, rng)  # (B, T, C)
+    return out, (c_fc_cache, gelu_cache, c_proj_cache, drop_cache)
 
 
 def mlp_backward(dout, cache, c_fc, c_proj, *, ops, train):
     """dout (B, T, C) -> dx (B, T, C), {"c_fc": ..., "c_proj": ...}."""
-    c_fc_cache, gelu_cache, c_proj_cache = cache
-    # out = c_proj(h)
+    c_fc_cache, gelu_cache, c_proj_cache, drop_cache = cache
+    # out = drop(c_proj(h))
+    dout = ref_ops.dropout_backward(dout, drop_cache)  # (B, T, C)
     dh, g_proj = lora_linear_backward(dout, c_proj_cache, c_proj, ops, train)  # (B, T, 4C)
     # h = gelu(x @ w_fc + b_fc): the bias's gradient comes from the fused op
     dh, db_fc = ops.bias_gelu_backward(dh, gelu_cache)  # (B, T, 4C), (4C,)
@@ -256,15 +299,18 @@ def ln_backward(dout, cache, *, ops, train):
 # the transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (pre-LayerNorm residuals)
 
 
-def block_forward(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, rng=None):
+def block_forward(
+    x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, rng=None,
+    dropout: Dropout = NO_DROPOUT,
+):  # fmt: skip
     """x (B, T, C) -> (B, T, C)."""
     h, ln_1_cache = ln_forward(x, **ln_1, eps=eps, ops=ops)  # (B, T, C)
     a, attn_cache = attn_forward(
-        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, rng=rng
+        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, rng=rng, dropout=dropout
     )  # (B, T, C)
     x = x + a  # (B, T, C)
     h, ln_2_cache = ln_forward(x, **ln_2, eps=eps, ops=ops)  # (B, T, C)
-    m, mlp_cache = mlp_forward(h, **mlp, ops=ops, rng=rng)  # (B, T, C)
+    m, mlp_cache = mlp_forward(h, **mlp, ops=ops, rng=rng, dropout=dropout)  # (B, T, C)
     return x + m, (ln_1_cache, attn_cache, ln_2_cache, mlp_cache)
 
 
@@ -286,18 +332,20 @@ def block_backward(dout, cache, ln_1, attn, ln_2, mlp, *, ops, train):
 # the whole model: embeddings, L blocks, the final LayerNorm, the LM head tied to wte
 
 
-def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, keep: bool):
+def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, dropout, keep: bool):
     """The forward pass; with keep=True also the caches of every piece, for model_backward."""
     B, T = ids.shape
     check_ids(ids, cfg.n_vocab)
+    dropout = NO_DROPOUT if dropout is None else dropout
     step = plan_step(cfg, B, T, mask, cache)
     x, emb_cache = ops.embedding_forward(ids, step.pos, params["wte"], params["wpe"])
+    x, emb_drop = ref_ops.dropout_forward(x, dropout.embd, rng)  # (B, T, C)
     block_caches = []
     for layer, block in enumerate(params["blocks"]):
         kv = None if cache is None else (cache.k[layer], cache.v[layer], step.P)
         x, bc = block_forward(
             x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv,
-            key_mask=step.key_mask, rng=rng,
+            key_mask=step.key_mask, rng=rng, dropout=dropout,
         )  # fmt: skip
         if keep:
             block_caches.append(bc)
@@ -308,7 +356,7 @@ def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, keep: bool):
     B, T, C = x.shape
     # the LM head is tied to the token embedding; one 2-D matmul reads wte once for all rows
     logits = (x.reshape(B * T, C) @ params["wte"].T).reshape(B, T, -1)  # (B, T, V)
-    acts = (emb_cache, block_caches, ln_f_cache, x) if keep else None
+    acts = (emb_cache, emb_drop, block_caches, ln_f_cache, x) if keep else None
     return logits, acts
 
 
@@ -322,29 +370,39 @@ def forward(
     last_only: bool = False,
     ops=ref_ops,
     rng: np.random.Generator | None = None,
+    dropout: Dropout | None = None,
 ) -> np.ndarray:
     """Logits (B, T, V) float32 for the tokens `ids` (B, T), continuing from `cache` if given.
 
     mask (B, T) bool: False on left padding (default: all real).
     last_only: return logits for the last position only, (B, 1, V); the LM head over all
         positions costs as much as several blocks, and generation needs only the last.
-    rng: drives LoRA dropout while training; None (the default) means no dropout.
+    rng: drives LoRA's dropout and the model's (`dropout`, None: none) while training; None
+        (the default) means no dropout at all, whatever the rates.
     `cache` is updated in place.
     """
     logits, _ = _forward(
         params, ids, cfg, cache=cache, mask=mask, last_only=last_only, ops=ops, rng=rng,
-        keep=False,
+        dropout=dropout, keep=False,
     )  # fmt: skip
     return logits
 
 
 def model_forward(
-    params: dict, ids: np.ndarray, cfg: GPT2Config, *, ops=ref_ops, rng=None
+    params: dict,
+    ids: np.ndarray,
+    cfg: GPT2Config,
+    *,
+    ops=ref_ops,
+    rng: np.random.Generator | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[np.ndarray, tuple]:
-    """The training forward: (logits (B, T, V), the caches `model_backward` needs)."""
+    """The training forward: (logits (B, T, V), the caches `model_backward` needs, dropout
+    masks included)."""
     return _forward(
-        params, ids, cfg, cache=None, mask=None, last_only=False, ops=ops, rng=rng, keep=True
-    )
+        params, ids, cfg, cache=None, mask=None, last_only=False, ops=ops, rng=rng,
+        dropout=dropout, keep=True,
+    )  # fmt: skip
 
 
 def _flatten(grads: dict, prefix: str, out: dict[str, np.ndarray]) -> None:
@@ -373,7 +431,7 @@ def model_backward(
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
-    emb_cache, block_caches, ln_f_cache, x_final = acts
+    emb_cache, emb_drop, block_caches, ln_f_cache, x_final = acts
     V, C = dlogits.shape[-1], x_final.shape[-1]
     grads: dict[str, np.ndarray] = {}
     # logits = x_final @ wte.T
@@ -389,7 +447,8 @@ def model_backward(
         _flatten(g_block, f"h{i}/", grads)
     if train == "all":
         _flatten({"ln_f": g_ln_f}, "", grads)
-        # x = wte[ids] + wpe[pos]
+        # x = drop(wte[ids] + wpe[pos])
+        dx = ref_ops.dropout_backward(dx, emb_drop)  # (B, T, C)
         dwte, dwpe = ops.embedding_backward(dx, emb_cache)
         grads["wte"] = dwte + dwte_head  # (V, C)
         grads["wpe"] = dwpe  # (n_ctx, C)
@@ -409,17 +468,18 @@ def loss_and_grads(
     ops=ref_ops,
     train: str = "all",
     rng: np.random.Generator | None = None,
+    dropout: Dropout | None = None,
     ignore_index: int = -100,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy of `targets` (B, T) given `ids` (B, T) and its gradients.
 
-    Targets equal to `ignore_index` (padding, masked prompts) do not count. `rng` drives LoRA
-    dropout.
+    Targets equal to `ignore_index` (padding, masked prompts) do not count. `rng` drives LoRA's
+    dropout and the model's (`dropout`); the backward uses the masks the forward drew.
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
     B, T = ids.shape
-    logits, acts = model_forward(params, ids, cfg, ops=ops, rng=rng)  # (B, T, V)
+    logits, acts = model_forward(params, ids, cfg, ops=ops, rng=rng, dropout=dropout)
     V = logits.shape[-1]
     loss, ce_cache = ops.crossentropy_forward(
         logits.reshape(B * T, V), targets.reshape(B * T), ignore_index

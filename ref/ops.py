@@ -8,6 +8,8 @@ The contract (see `fast/` for the other backends):
     out, cache = <op>_forward(...)      # cache holds exactly what backward needs; opaque
     grads      = <op>_backward(dout, cache)   # fresh arrays, never accumulated in place
 
+Dropout's masks come from an explicit numpy Generator (`rng`), never a global one.
+
 Everything is float32. Python float constants are "weak" in numpy >= 2 and keep float32;
 numpy float64 scalars (np.sqrt(...), np.pi) would silently upcast, so constants are math.*.
 """
@@ -138,6 +140,40 @@ def bias_gelu_backward(dout: np.ndarray, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# dropout, inverted (as GPT-2's and torch.nn.Dropout): out = x * keep / (1 - p),
+#   keep ~ Bernoulli(1 - p) for each entry, so E[out] = x and evaluation needs no rescaling.
+# Training only: without an rng (evaluation, generation) or at p = 0 it is the identity and
+# draws nothing, so a run with every rate 0 is bit for bit a run without dropout.
+
+
+def check_rate(p: float, what: str = "dropout") -> float:
+    """p as a float, or a ValueError unless 0 <= p < 1 (p = 1 would divide by zero)."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{what} rate must be in [0, 1), got {p}")
+    return p
+
+
+def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator | None):
+    """x (...) -> (out (...), cache); cache is None where nothing is dropped.
+
+    The mask is drawn as LoRA's (ref/lora.py): one float32 uniform per entry of x in C order,
+    `rng.random(x.shape, dtype=np.float32)`, the entry kept where it is >= p. The draw is
+    float32 whatever x's dtype, so a float64 run (the gradient tests) drops the same entries.
+    """
+    if check_rate(p) == 0.0 or rng is None:
+        return x, None
+    mask = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype)  # (...) 0 or 1
+    mask *= x.dtype.type(1.0 / (1.0 - p))  # (...) 0 or 1 / (1 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout: np.ndarray, cache):
+    """out = x * mask, so dx = dout * mask (dout itself, unchanged, where nothing was dropped)."""
+    return dout if cache is None else dout * cache
+
+
+# ---------------------------------------------------------------------------------------------
 # softmax over the last axis; rows that are entirely -inf (no visible key) give all zeros
 
 
@@ -154,8 +190,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # causal attention of queries q against keys k and values v that may include a cache:
 #   query i (0 <= i < Tq) sits at absolute position Tk - Tq + i and sees keys j <= Tk - Tq + i,
 #   and only keys whose key_mask is True (padding is False).
-#   att = softmax(q k^T / sqrt(hs) + mask),  out = att v
-# A query that sees no key at all (a padding position) gets out = 0.
+#   att = softmax(q k^T / sqrt(hs) + mask),  out = drop(att) v
+# A query that sees no key at all (a padding position) gets out = 0. drop is dropout on the
+# attention probabilities (GPT-2's attn_pdrop), training only.
 
 
 def causal_mask(Tq: int, Tk: int) -> np.ndarray:
@@ -163,9 +200,21 @@ def causal_mask(Tq: int, Tk: int) -> np.ndarray:
     return np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
 
 
-def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    key_mask=None,
+    dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
+):
     """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
-    -> out (B, NH, Tq, hs)."""
+    -> out (B, NH, Tq, hs).
+
+    dropout, rng: dropout on the probabilities att (after the softmax, before att @ v), only
+    when rng is given and dropout > 0; its mask is one `dropout_forward` draw of att's shape
+    (B, NH, Tq, Tk), masked entries included (so the mask depends on the shapes alone).
+    """
     Tq, hs = q.shape[-2:]
     Tk = k.shape[-2]
     assert Tk >= Tq, f"attention: Tk={Tk} must be >= Tq={Tq}"
@@ -176,19 +225,22 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     s = (q @ k.swapaxes(-1, -2)) * scale  # (B, NH, Tq, Tk)
     s = np.where(visible, s, -np.inf)
     att = softmax(s)  # (B, NH, Tq, Tk)
-    out = att @ v  # (B, NH, Tq, hs)
-    return out, (q, k, v, att)
+    att_d, drop = dropout_forward(att, dropout, rng)  # (B, NH, Tq, Tk); att itself if no drop
+    out = att_d @ v  # (B, NH, Tq, hs)
+    return out, (q, k, v, att, drop)
 
 
 def attention_backward(dout: np.ndarray, cache):
-    """With s = q k^T * scale, att = softmax(s), out = att v:
-    dv = att^T dout;  datt = dout v^T;  ds = att * (datt - sum_j(datt * att));
+    """With s = q k^T * scale, att = softmax(s), att_d = att * mask (dropout; mask = 1 without
+    it), out = att_d v:
+    dv = att_d^T dout;  datt = (dout v^T) * mask;  ds = att * (datt - sum_j(datt * att));
     dq = ds k * scale;  dk = ds^T q * scale.  Masked entries have att = 0, so ds = 0 there.
     """
-    q, k, v, att = cache
+    q, k, v, att, drop = cache
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = att.swapaxes(-1, -2) @ dout  # (B, NH, Tk, hs)
-    datt = dout @ v.swapaxes(-1, -2)  # (B, NH, Tq, Tk)
+    att_d = att if drop is None else att * drop  # (B, NH, Tq, Tk)
+    dv = att_d.swapaxes(-1, -2) @ dout  # (B, NH, Tk, hs)
+    datt = dropout_backward(dout @ v.swapaxes(-1, -2), drop)  # (B, NH, Tq, Tk)
     ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, Tq, Tk)
     dq = (ds @ k) * scale  # (B, NH, Tq, hs)
     dk = (ds.swapaxes(-1, -2) @ q) * scale  # (B, NH, Tk, hs)

@@ -5,7 +5,8 @@ Shape legend: B = batch, T = time, V = n_vocab.
 One optimizer step averages the gradients of `grad_accum` micro-batches (each the mean loss of
 its own targets), clips them by global norm, and takes an AdamW step at the schedule's learning
 rate. Everything that varies between steps is a function of (seed, step): the batches
-(`ref.data.batch_indices`) and LoRA's dropout masks; so a run resumed from a checkpoint of
+(`ref.data.batch_indices`) and the dropout masks (LoRA's and the model's, `TrainConfig.dropout`,
+all from one generator seeded by (seed, 1, micro-step)); so a run resumed from a checkpoint of
 step s, with its parameters and AdamW moments, computes exactly the losses the uninterrupted
 run would have.
 
@@ -28,7 +29,7 @@ from ref.config import GPT2Config
 from ref.data import EOT, Split, batch_indices, eval_batches, make_batch
 from ref.generate import generate
 from ref.lora import copy_params, has_dropout
-from ref.model import Model, loss_and_grads, loss_only
+from ref.model import Dropout, Model, loss_and_grads, loss_only
 from ref.optim import AdamWConfig, adamw_init, adamw_step, clip_by_global_norm, decay_mask, lr_at
 
 
@@ -55,6 +56,12 @@ class TrainConfig:
     n_samples: int = 3  # responses generated from validation prompts at the end
     sample_tokens: int = 40
     sample_at_eval: bool = False  # also at every validation (pretraining, as the book does)
+    # model dropout while training, (embd, attn, resid): see ref.model.Dropout; validation and
+    # samples never drop
+    dropout: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        Dropout(*self.dropout)  # three rates, each in [0, 1), or a ValueError that names it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,11 +207,19 @@ def micro_step(
     lora_dropout: bool,
     ops=ref_ops,
 ) -> tuple[float, dict[str, np.ndarray], int]:
-    """Loss, gradients and token count of micro-batch k."""
+    """Loss, gradients and token count of micro-batch k.
+
+    One generator, seeded by (seed, 1, k), draws LoRA's masks and the model's (in the order of
+    ref/model.py); model rates of 0 draw nothing, so LoRA's masks are those of a run without
+    model dropout."""
     idx = batch_indices(len(split), tcfg.batch_size, k, tcfg.seed)
     ids, tgt = make_batch(split, idx, tcfg.mask_prompt)
-    rng = np.random.default_rng([tcfg.seed, 1, k]) if lora_dropout else None
-    loss, grads = loss_and_grads(params, ids, tgt, cfg, ops=ops, train=tcfg.train, rng=rng)
+    dropout = Dropout(*tcfg.dropout)
+    drops = lora_dropout or dropout != Dropout()
+    rng = np.random.default_rng([tcfg.seed, 1, k]) if drops else None
+    loss, grads = loss_and_grads(
+        params, ids, tgt, cfg, ops=ops, train=tcfg.train, rng=rng, dropout=dropout
+    )
     return loss, grads, ids.size
 
 

@@ -10,7 +10,11 @@ Kernels (one file each, forward and backward side by side):
 `attention` dispatches on shape: numba_flash (numpy BLAS on tiles, Numba online softmax) when
 Tq >= 16 and Tk >= 256, numba_attention otherwise (decode steps and short prompts, where
 numba_flash's fixed cost per call dominates; `python -m bench.tools.numba_flash_timing`).
-`linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather).
+`linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather), and so is
+`dropout` (one numpy draw and multiply; ref/model.py calls the reference's on every backend).
+Dropout on the attention probabilities: the fused kernels have none (their softmax never
+materialises att), so `attention_forward` with dropout > 0 and an rng runs the reference's
+attention (ref.ops), masks drawn as it draws them; without dropout it is the kernels'.
 
 Compilation: every kernel is `cache=True`, so the machine code is written next to the source
 (`fast/numba/__pycache__`) on first use and loaded from there afterwards; inputs are normalised
@@ -29,7 +33,10 @@ from fast.numba.common import single_threaded
 from fast.numba.crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from fast.numba.layernorm import layernorm_backward, layernorm_forward
+from ref import ops as ref_ops
 from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
+    dropout_backward,
+    dropout_forward,
     embedding_backward,
     embedding_forward,
     linear_backward,
@@ -44,6 +51,8 @@ __all__ = [
     "bias_gelu_forward",
     "crossentropy_backward",
     "crossentropy_forward",
+    "dropout_backward",
+    "dropout_forward",
     "embedding_backward",
     "embedding_forward",
     "gelu_backward",
@@ -60,8 +69,20 @@ _FLASH_MIN_TQ = 16
 _FLASH_MIN_TK = 256
 
 
-def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None):
-    """numba_flash when Tq >= 16 and Tk >= 256, else numba_attention; the cache says which."""
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    key_mask=None,
+    dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
+):
+    """numba_flash when Tq >= 16 and Tk >= 256, else numba_attention; the cache says which.
+    With dropout > 0 and an rng (training with attention dropout): the reference's attention,
+    the kernels having no dropout."""
+    if rng is not None and ref_ops.check_rate(dropout) > 0.0:
+        out, cache = ref_ops.attention_forward(q, k, v, key_mask, dropout, rng)
+        return out, (ref_ops, cache)
     big = np.ndim(q) == 4 and np.ndim(k) == 4
     big = big and q.shape[2] >= _FLASH_MIN_TQ and k.shape[2] >= _FLASH_MIN_TK
     impl = numba_flash if big else numba_attention

@@ -7,9 +7,13 @@ Two faces, one maths (that of `ref/ops.py`, whose docstrings hold the derivation
   * the backend contract: `<op>_forward(...) -> (out, cache)` and `<op>_backward(dout, cache)`
     returning fresh gradients, on torch tensors, written out by hand like the reference so a
     test can hold each backward to the numpy one;
-  * differentiable functions `layernorm, gelu, bias_gelu, attention, crossentropy` that the
-    torch model (`fast/torch/model.py`) calls and autograd differentiates; here they are
-    torch's own kernels (F.layer_norm, F.gelu, scaled_dot_product_attention, F.cross_entropy).
+  * differentiable functions `layernorm, gelu, bias_gelu, attention, crossentropy, dropout`
+    that the torch model (`fast/torch/model.py`) calls and autograd differentiates; here they
+    are torch's own kernels (F.layer_norm, F.gelu, scaled_dot_product_attention, F.cross_entropy).
+Dropout (training only) takes an explicit torch.Generator `gen` and draws each mask as
+`torch.rand(shape, generator=gen) >= p`; attention with dropout is unfused torch (softmax,
+drop, matmul), because SDPA's dropout draws from torch's global generator, which a trainer's
+seed does not set.
 `VARIANTS` = {op: {variant: (forward, backward)}}: "torch" is the hand-written pair, "autograd"
 wraps the differentiable function (forward records a graph, backward asks autograd).
 """
@@ -116,6 +120,28 @@ def bias_gelu_backward(dout: torch.Tensor, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# dropout, inverted (see ref.ops.dropout_forward): out = x * mask, mask = keep / (1 - p) with
+# keep = torch.rand(x.shape, generator=gen) >= p (float32 uniforms, as LoRA's dropout in
+# fast/torch/model.py); the identity, drawing nothing, when p == 0 or gen is None
+
+
+def dropout_forward(x: torch.Tensor, p: float, gen: torch.Generator | None = None):
+    """x (...) -> (out (...), mask or None)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    if p == 0.0 or gen is None:
+        return x, None
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p  # (...) bool
+    mask = keep.to(x.dtype) * (1.0 / (1.0 - p))  # (...) 0 or 1 / (1 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout: torch.Tensor, cache):
+    """dx = dout * mask (dout itself where nothing was dropped)."""
+    return dout if cache is None else dout * cache
+
+
+# ---------------------------------------------------------------------------------------------
 # causal attention with a cache offset and padding keys (see ref.ops.attention_forward)
 
 
@@ -127,8 +153,9 @@ def visible_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, device) -> tor
     return visible
 
 
-def attention_forward(q, k, v, key_mask=None):
-    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None."""
+def _probabilities(q, k, key_mask) -> torch.Tensor:
+    """att = softmax(q k^T / sqrt(hs) + mask) (B, NH, Tq, Tk), all zeros for a query that sees
+    no key; written out so that autograd can differentiate it too (no NaN on such rows)."""
     Tq, hs = q.shape[-2:]
     Tk = k.shape[-2]
     if Tk < Tq:
@@ -136,20 +163,29 @@ def attention_forward(q, k, v, key_mask=None):
     visible = visible_mask(Tq, Tk, key_mask, q.device)
     s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, NH, Tq, Tk)
     s = s.masked_fill(~visible, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)  # (B, NH, Tq, 1)
+    m = s.amax(dim=-1, keepdim=True).detach()  # (B, NH, Tq, 1); softmax does not depend on it
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked row -> zeros
     e = torch.exp(s - m)  # (B, NH, Tq, Tk)
     z = e.sum(dim=-1, keepdim=True)  # (B, NH, Tq, 1)
-    att = e / torch.where(z == 0, torch.ones_like(z), z)  # (B, NH, Tq, Tk)
-    return att @ v, (q, k, v, att)
+    return e / torch.where(z == 0, torch.ones_like(z), z)  # (B, NH, Tq, Tk)
+
+
+def attention_forward(q, k, v, key_mask=None, dropout: float = 0.0, gen=None):
+    """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None; dropout on
+    the probabilities att with a generator `gen` (one draw of att's shape, as the reference)."""
+    att = _probabilities(q, k, key_mask)  # (B, NH, Tq, Tk)
+    att_d, drop = dropout_forward(att, dropout, gen)  # (B, NH, Tq, Tk); att itself if no drop
+    return att_d @ v, (q, k, v, att, drop)
 
 
 def attention_backward(dout, cache):
-    """dv = att^T dout; datt = dout v^T; ds = att (datt - rowsum(datt att)); dq, dk from ds."""
-    q, k, v, att = cache
+    """dv = att_d^T dout; datt = (dout v^T) * mask; ds = att (datt - rowsum(datt att)); dq, dk
+    from ds (att_d = att * mask, the dropped probabilities; mask = 1 without dropout)."""
+    q, k, v, att, drop = cache
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = att.transpose(-1, -2) @ dout  # (B, NH, Tk, hs)
-    datt = dout @ v.transpose(-1, -2)  # (B, NH, Tq, Tk)
+    att_d = att if drop is None else att * drop  # (B, NH, Tq, Tk)
+    dv = att_d.transpose(-1, -2) @ dout  # (B, NH, Tk, hs)
+    datt = dropout_backward(dout @ v.transpose(-1, -2), drop)  # (B, NH, Tq, Tk)
     ds = att * (datt - (datt * att).sum(dim=-1, keepdim=True))  # (B, NH, Tq, Tk)
     return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, dv
 
@@ -193,14 +229,24 @@ def bias_gelu(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.gelu(x + b, approximate="tanh")
 
 
-def attention(q, k, v, key_mask=None) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Inverted dropout with the generator `gen` (identity when p == 0 or gen is None)."""
+    return dropout_forward(x, p, gen)[0]
+
+
+def attention(q, k, v, key_mask=None, dropout: float = 0.0, gen=None) -> torch.Tensor:
     """Causal attention; torch's fused kernel where no query can be left without a key.
+    With dropout > 0 and a generator (training): unfused, softmax then dropout then att @ v,
+    the mask drawn from `gen` (SDPA's dropout would use torch's global generator).
 
     On CUDA, SDPA may not pick cuDNN's kernel: cuDNN builds an execution plan for every new
     shape (about a millisecond, seen on an H100 with torch 2.11: bfloat16 decoding ran 10x
     slower than float32), and a decode loop, whose key count grows by one each step, would
     pay it on every token. The switch is flipped around the call only (two C calls; the
     `sdpa_kernel` context manager costs ~10 us of Python per call)."""
+    if dropout > 0.0 and gen is not None:
+        att = _probabilities(q, k, key_mask)  # (B, NH, Tq, Tk)
+        return dropout_forward(att, dropout, gen)[0] @ v  # (B, NH, Tq, hs)
     if not q.is_cuda:
         return _attention(q, k, v, key_mask)
     was = torch.backends.cuda.cudnn_sdp_enabled()

@@ -9,6 +9,10 @@ it from the numpy one, which every loader returns). The backend gives the differ
 `layernorm`, `bias_gelu`, `attention` and `crossentropy`; the embedding and the linear layers
 are torch ops in both backends (a gather and a cuBLAS matmul). Autograd differentiates
 through either backend, so `gpt2_loss(...).backward()` trains the model (fast/torch/train.py).
+Dropout (`ref.model.Dropout`: embd, attn, resid), while training only (a generator `gen` is
+given), sits where the reference puts it and draws its masks, and LoRA's, from `gen` in the
+reference's order (see ref/model.py), each `torch.rand(shape, generator=gen) >= p`; rates of 0
+draw nothing.
 The cache's bookkeeping, the tokens' positions and the padding masks are the reference's
 (`ref.model.KVCache`, `plan_step`): small host arrays, copied to the device per call.
 
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 
 from fast import TORCH_BACKENDS, get_backend
+from fast.torch.backend import dropout as drop
 from ref.config import GPT2Config
-from ref.model import KVCache, as_ids, check_ids, commit_step, plan_step
+from ref.model import NO_DROPOUT, Dropout, KVCache, as_ids, check_ids, commit_step, plan_step
 
 
 def to_torch(params: dict, device, dtype: torch.dtype = torch.float32) -> dict:
@@ -76,8 +81,11 @@ def linear(
     return y + p["b"] if bias else y
 
 
-def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, gen=None):
-    """Causal self-attention over the new tokens and the cached ones; x (B, T, C)."""
+def attention_block(
+    x, c_attn, c_proj, *, n_head, ops, kv, key_mask, gen=None, dropout: Dropout = NO_DROPOUT
+):
+    """Causal self-attention over the new tokens and the cached ones; x (B, T, C). With `gen`:
+    dropout.attn on the attention probabilities, dropout.resid on the output."""
     B, T, C = x.shape
     hs = C // n_head
     qkv = linear(x, c_attn, gen=gen)  # (B, T, 3C)
@@ -88,25 +96,32 @@ def attention_block(x, c_attn, c_proj, *, n_head, ops, kv, key_mask, gen=None):
         k_cache[:, :, P : P + T] = k
         v_cache[:, :, P : P + T] = v
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
-    y = ops.attention(q, k, v, key_mask)  # (B, NH, T, hs)
+    if gen is not None and dropout.attn > 0.0:
+        y = ops.attention(q, k, v, key_mask, dropout.attn, gen)  # (B, NH, T, hs)
+    else:
+        y = ops.attention(q, k, v, key_mask)  # (B, NH, T, hs)
     y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-    return linear(y, c_proj, gen=gen)  # (B, T, C)
+    return drop(linear(y, c_proj, gen=gen), dropout.resid, gen)  # (B, T, C)
 
 
-def mlp_block(x, c_fc, c_proj, *, ops, gen=None):
-    """x (B, T, C) -> (B, T, C); the c_fc bias is fused into the GELU."""
+def mlp_block(x, c_fc, c_proj, *, ops, gen=None, dropout: Dropout = NO_DROPOUT):
+    """x (B, T, C) -> (B, T, C); the c_fc bias is fused into the GELU; with `gen`,
+    dropout.resid on the output."""
     h = ops.bias_gelu(linear(x, c_fc, bias=False, gen=gen), c_fc["b"])  # (B, T, 4C)
-    return linear(h, c_proj, gen=gen)  # (B, T, C)
+    return drop(linear(h, c_proj, gen=gen), dropout.resid, gen)  # (B, T, C)
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, gen=None):
+def transformer_block(
+    x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv, key_mask, gen=None,
+    dropout: Dropout = NO_DROPOUT,
+):  # fmt: skip
     """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
     h = ops.layernorm(x, ln_1["g"], ln_1["b"], eps)  # (B, T, C)
     x = x + attention_block(
-        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, gen=gen
+        h, **attn, n_head=n_head, ops=ops, kv=kv, key_mask=key_mask, gen=gen, dropout=dropout
     )  # (B, T, C)
     h = ops.layernorm(x, ln_2["g"], ln_2["b"], eps)  # (B, T, C)
-    return x + mlp_block(h, **mlp, ops=ops, gen=gen)  # (B, T, C)
+    return x + mlp_block(h, **mlp, ops=ops, gen=gen, dropout=dropout)  # (B, T, C)
 
 
 def gpt2_forward(
@@ -119,12 +134,15 @@ def gpt2_forward(
     mask: np.ndarray | None = None,
     last_only: bool = False,
     gen: torch.Generator | None = None,
+    dropout: Dropout | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) for ids (B, T) int64, continuing from `cache` (updated in place).
 
     mask (B, T) bool (numpy): False on left padding. last_only: logits of the last position
-    only. gen: drives LoRA dropout while training (None: no dropout).
+    only. gen: drives LoRA's dropout and the model's (`dropout`, None: none) while training;
+    None means no dropout at all, whatever the rates.
     """
+    dropout = NO_DROPOUT if dropout is None else dropout
     B, T = ids.shape
     step = plan_step(cfg, B, T, mask, cache)  # positions and masks, on the host
     pos = torch.as_tensor(step.pos, device=ids.device)  # (B, T)
@@ -132,12 +150,12 @@ def gpt2_forward(
     if step.key_mask is not None:
         key_mask = torch.as_tensor(step.key_mask, device=ids.device)  # (B, P+T)
 
-    x = params["wte"][ids] + params["wpe"][pos]  # (B, T, C)
+    x = drop(params["wte"][ids] + params["wpe"][pos], dropout.embd, gen)  # (B, T, C)
     for layer, block in enumerate(params["blocks"]):
         kv = None if cache is None else (cache.k[layer], cache.v[layer], step.P)
         x = transformer_block(
             x, **block, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=kv, key_mask=key_mask,
-            gen=gen,
+            gen=gen, dropout=dropout,
         )  # fmt: skip
     commit_step(cache, step)
     if last_only:
@@ -149,9 +167,11 @@ def gpt2_forward(
 def gpt2_loss(
     params: dict, ids: torch.Tensor, targets: torch.Tensor, cfg: GPT2Config, ops,
     ignore_index: int = -100, gen: torch.Generator | None = None,
+    dropout: Dropout | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Mean cross-entropy over the targets (B, T) that are not ignore_index; () float32."""
-    logits = gpt2_forward(params, ids, cfg, ops, gen=gen)  # (B, T, V)
+    """Mean cross-entropy over the targets (B, T) that are not ignore_index; () float32.
+    gen, dropout: as gpt2_forward's (training)."""
+    logits = gpt2_forward(params, ids, cfg, ops, gen=gen, dropout=dropout)  # (B, T, V)
     V = logits.shape[-1]
     # the logits are a temporary here: the loss may write its gradient over them
     return ops.crossentropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index, inplace=True)

@@ -11,6 +11,10 @@ arithmetic moves to torch: autograd through the backend's ops instead of
 `ref.model.model_backward`.
 Full finetuning or LoRA (train="lora": the adapters `ref.lora.add_lora` put on the params are
 the only Parameters; the model adds scale * (drop(x) @ A) @ B to each adapted projection).
+Model dropout (`TrainConfig.dropout`: embd, attn, resid) while training only, its masks and
+LoRA's drawn from one torch.Generator seeded by (seed, micro-step), so a resumed run draws the
+same; the masks are not the numpy trainer's (another generator), so runs with dropout match
+it in distribution, not bit for bit. Validation and samples never drop.
 
 Data parallelism (torch.distributed, DDP): with WORLD_SIZE > 1 (torchrun sets it, with RANK,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), every rank builds the whole micro-batch (cheap, and the
@@ -37,6 +41,7 @@ from fast.torch.model import TorchModel, default_device, gpt2_loss, to_torch
 from ref.config import GPT2Config
 from ref.data import IGNORE, Split, batch_indices, make_batch
 from ref.lora import has_dropout
+from ref.model import Dropout
 from ref.optim import decay_mask, lr_at
 from ref.train import (
     TrainConfig,
@@ -70,10 +75,14 @@ class GPT2Module(torch.nn.Module):
         targets: torch.Tensor,
         scale: float,
         gen: torch.Generator | None = None,
+        dropout: Dropout | None = None,
     ) -> torch.Tensor:
-        """scale * (mean loss of this rank's rows); ids, targets (b, T); `gen` drives LoRA
-        dropout (None: none)."""
-        return gpt2_loss(self.params, ids, targets, self.cfg, self.ops, IGNORE, gen) * scale
+        """scale * (mean loss of this rank's rows); ids, targets (b, T); `gen` drives LoRA's
+        dropout and the model's (`dropout`) (None: none)."""
+        loss = gpt2_loss(
+            self.params, ids, targets, self.cfg, self.ops, IGNORE, gen, dropout=dropout
+        )
+        return loss * scale
 
 
 def distributed() -> tuple[int, int]:
@@ -192,7 +201,8 @@ def train(
     names = param_names(params, tcfg.train)
     if not names:
         raise ValueError("LoRA training needs adapters: none of the params carries one")
-    dropout = tcfg.train == "lora" and has_dropout(params)
+    model_dropout = Dropout(*tcfg.dropout)
+    dropout = (tcfg.train == "lora" and has_dropout(params)) or model_dropout != Dropout()
     module = GPT2Module(cfg, params, names, ops, device)
     model = module
     if world > 1:
@@ -233,7 +243,7 @@ def train(
             idx = batch_indices(len(train_split), tcfg.batch_size, k, tcfg.seed)
             ids, tgt = make_batch(train_split, idx, tcfg.mask_prompt)  # (B, T) each
             gen = None
-            if dropout:  # the adapters' dropout masks follow (seed, micro-step): resumable
+            if dropout:  # the dropout masks follow (seed, micro-step): resumable
                 gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + k)
             count = max(int((tgt != IGNORE).sum()), 1)
             rows = _rows(len(ids), rank, world)
@@ -246,10 +256,10 @@ def train(
             last = micro == tcfg.grad_accum - 1
             if world > 1 and not last:
                 with model.no_sync():  # all-reduce once, after the last micro-batch
-                    loss = model(ids_t, tgt_t, scale, gen)
+                    loss = model(ids_t, tgt_t, scale, gen, model_dropout)
                     loss.backward()
             else:
-                loss = model(ids_t, tgt_t, scale, gen)
+                loss = model(ids_t, tgt_t, scale, gen, model_dropout)
                 loss.backward()
             loss_sum += float(loss.detach()) / world  # this rank's share of the micro-batch mean
             tokens += ids.size

@@ -8,6 +8,11 @@ Kernels, one file per op: fast/triton/layernorm.py, gelu.py, attention.py,
 crossentropy.py (each file's docstring gives its maths, variants and limits).
 Embedding and linear are torch ops here (an index and a cuBLAS matmul, which a hand-written
 Triton matmul would not beat), so every op of the contract is present under one name.
+Dropout is the torch backend's (a draw from the generator `gen` and a multiply). The flash
+attention kernels have no dropout (the probabilities never leave the chip, and a mask drawn
+inside a kernel would not follow the trainer's torch.Generator): `attention` with dropout > 0
+and a generator, which only training asks for, runs the torch backend's unfused attention;
+`attention_forward` (the contract pair) refuses dropout > 0.
 
 The kernels are defined when this module is imported: TRITON_INTERPRET must be set before
 that to run them on CPU tensors.
@@ -20,7 +25,8 @@ import functools
 import torch
 
 from fast.torch import backend as torch_backend
-from fast.triton.attention import attention, attention_backward, attention_forward
+from fast.triton import attention as triton_attention
+from fast.triton.attention import attention_backward
 from fast.triton.common import TritonDeviceError, is_interpreted
 from fast.triton.crossentropy import (
     crossentropy,
@@ -42,6 +48,9 @@ embedding_forward = torch_backend.embedding_forward
 embedding_backward = torch_backend.embedding_backward
 linear_forward = torch_backend.linear_forward
 linear_backward = torch_backend.linear_backward
+dropout = torch_backend.dropout
+dropout_forward = torch_backend.dropout_forward
+dropout_backward = torch_backend.dropout_backward
 
 __all__ = [
     "attention",
@@ -54,6 +63,9 @@ __all__ = [
     "crossentropy",
     "crossentropy_backward",
     "crossentropy_forward",
+    "dropout",
+    "dropout_backward",
+    "dropout_forward",
     "embedding_backward",
     "embedding_forward",
     "gelu",
@@ -66,6 +78,25 @@ __all__ = [
     "linear_forward",
     "VARIANTS",
 ]
+
+
+def attention_forward(q, k, v, key_mask=None, dropout: float = 0.0, gen=None, **launch):
+    """The flash kernels' forward (fast/triton/attention.py; `launch`: its block and config
+    arguments). No dropout: a ValueError for dropout > 0 (train through `attention`)."""
+    if dropout > 0.0:
+        raise ValueError(
+            "triton attention_forward has no dropout (the flash kernels draw no mask); "
+            "the model's attention dropout runs through `attention`, on the torch path"
+        )
+    return triton_attention.attention_forward(q, k, v, key_mask, **launch)
+
+
+def attention(q, k, v, key_mask=None, dropout: float = 0.0, gen=None, **launch):
+    """Differentiable causal attention: the flash kernels, or with dropout > 0 and a generator
+    the torch backend's unfused attention (softmax, dropout drawn from `gen`, att @ v)."""
+    if dropout > 0.0 and gen is not None:
+        return torch_backend.attention(q, k, v, key_mask, dropout, gen)
+    return triton_attention.attention(q, k, v, key_mask, **launch)
 
 
 def check_device(device: torch.device) -> None:
@@ -84,13 +115,13 @@ VARIANTS = {
     "gelu": {"triton": (gelu_forward, gelu_backward)},
     "bias_gelu": {"triton": (bias_gelu_forward, bias_gelu_backward)},
     "attention": {
-        "flash": (attention_forward, attention_backward),
+        "flash": (triton_attention.attention_forward, attention_backward),
         "flash64": (
-            functools.partial(attention_forward, block_m=64, block_n=64),
+            functools.partial(triton_attention.attention_forward, block_m=64, block_n=64),
             attention_backward,
         ),
         "flash32": (
-            functools.partial(attention_forward, block_m=32, block_n=32),
+            functools.partial(triton_attention.attention_forward, block_m=32, block_n=32),
             attention_backward,
         ),
     },

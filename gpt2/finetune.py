@@ -116,10 +116,17 @@ def architecture(args: argparse.Namespace) -> dict:
             arch[k] = getattr(args, k)
     missing = [f"--{k.replace('_', '-')}" for k in ARCH if k not in arch]
     _check(not missing, f"give --config NAME or all of {', '.join(missing)}")
+    for k in ARCH:
+        lo = 2 if k == "n_ctx" else 1
+        _check(arch[k] >= lo, f"--{k.replace('_', '-')} must be >= {lo}, got {arch[k]}")
+    _check(
+        arch["n_embd"] % arch["n_head"] == 0,
+        f"--n-embd {arch['n_embd']} is not divisible by --n-head {arch['n_head']}",
+    )
     try:
         GPT2Config(**arch)
-    except ConfigError as e:
-        raise UsageError(str(e).replace("config: ", "--")) from None
+    except ConfigError as e:  # absurd sizes
+        raise UsageError(f"the architecture: {e}") from None
     return arch
 
 
@@ -445,7 +452,7 @@ def train_config(s: dict, steps: int):
         train="lora" if s["lora_rank"] > 0 else "all",
         n_samples=s["samples"],
         sample_at_eval=s["init"] is not None,
-        **({"dropout": dropout_rates(s)} if any(dropout_rates(s)) else {}),
+        dropout=dropout_rates(s),
     )
 
 

@@ -16,8 +16,10 @@ its checkpoint is reported, so the log on disk always covers the last checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 LOG = "log.jsonl"
 PLOT = "loss.png"
@@ -33,6 +35,7 @@ class RunLog:
             f.writelines(json.dumps(r) + "\n" for r in self.lines)
         self.tokens_seen = self.lines[-1]["tokens_seen"] if self.lines else 0
         self.pending: dict | None = None
+        self.failed = False
 
     def __call__(self, e: dict) -> None:
         kind = e["event"]
@@ -58,10 +61,19 @@ class RunLog:
     def flush(self) -> None:
         if self.pending is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(self.pending) + "\n")
         self.lines.append(self.pending)
-        self.pending = None
+        line, self.pending = json.dumps(self.pending) + "\n", None
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as e:  # a full disk: the training and its checkpoints matter more
+            self._lost(e)
+
+    def _lost(self, e: OSError) -> None:
+        if not self.failed:
+            print(f"gpt2: warning: cannot write the run's log in {self.out_dir} ({e})",
+                  file=sys.stderr)  # fmt: skip
+        self.failed = True
 
     def close(self) -> None:
         self.flush()
@@ -95,9 +107,15 @@ class RunLog:
         top.set_xlabel("tokens seen")
         fig.tight_layout()
         tmp = os.path.join(self.out_dir, f".{PLOT}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, os.path.join(self.out_dir, PLOT))
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, os.path.join(self.out_dir, PLOT))
+        except OSError as e:
+            self._lost(e)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        finally:
+            plt.close(fig)
 
 
 def _read(path: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""gpt2 bench [--suite ops,generate,finetune] [--quick] [--out DIR] [--sizes ...]
+"""gpt2 bench [--suite ops,generate,finetune,train] [--quick] [--out DIR] [--sizes ...]
 [--model-sizes ...] [--backends ...]: the benchmark suite of bench/ (same as python -m bench)."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import sys
 def add_parser(sub) -> None:
     from bench.cli import add_arguments
 
-    p = sub.add_parser("bench", help="benchmarks: ops, generation, finetuning, machine limits")
+    p = sub.add_parser(
+        "bench", help="benchmarks: ops, generation, finetuning, pretraining, machine limits"
+    )
     add_arguments(p)
     p.set_defaults(run=run)
 

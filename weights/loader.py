@@ -164,13 +164,21 @@ def load_tf(directory: str, check_finite: bool = True) -> tuple[GPT2Config, dict
     return cfg, check_and_nest(flat, cfg, prefix, check_finite)
 
 
+# Models that ship inside the package (weights/models/NAME/): trained by this project with
+# `gpt2 train`, each with the command, its log.jsonl and loss.png beside it (README.md there).
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+SHIPPED = {"shakespeare": os.path.join(MODELS_DIR, "shakespeare")}
+
+
 def read_config(model: str) -> GPT2Config:
     """The config of `--model` without reading (or downloading) any weights: a size name's
     is known; a directory's or a .safetensors file's is its config file. So the flags that
     depend on the model (its context) are checked before any weights are loaded."""
     bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
     size = canonical_size(model) if bare else None
-    if size is not None:
+    if bare and model in SHIPPED:
+        model = SHIPPED[model]
+    elif size is not None:
         return SIZES[size]
     if bare and not os.path.exists(model) and looks_like_size(model):
         from weights import download as dl
@@ -205,7 +213,9 @@ def load(
     # A bare size name always means the cache (write ./gpt2 for a directory named gpt2).
     bare = "/" not in model.removeprefix("openai-community/") and os.sep not in model
     size = canonical_size(model) if bare else None
-    if size is not None:
+    if bare and model in SHIPPED:  # a model in the package itself: no cache, no network
+        model = SHIPPED[model]
+    elif size is not None:
         from weights import download as dl
 
         path = dl.model_dir(size, cache_dir)

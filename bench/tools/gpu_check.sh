@@ -6,7 +6,7 @@
 #   2. generate, eval and finetune through the CLI on --backend torch and --backend triton
 #      (the fixture model tests/fixtures/hf-tiny, full vocabulary), finetune also under torchrun
 #      (one process per GPU, NCCL);
-#   3. the benchmark: python -m bench --suite limits,ops,generate,finetune --backends torch,triton.
+#   3. the benchmark: python -m bench --suite limits,ops,generate,finetune,train --backends torch,triton.
 #
 # It uses the Python environment it finds (python3, or $PYTHON) with the repository on
 # PYTHONPATH, so it also runs where nothing can be installed. Outputs go to $OUT (default
@@ -77,7 +77,7 @@ fi
 
 if want bench; then
     # shellcheck disable=SC2086
-    step bench "${BENCH_S:-420}" "$PY" -m bench --suite limits,ops,generate,finetune \
+    step bench "${BENCH_S:-420}" "$PY" -m bench --suite limits,ops,generate,finetune,train \
         --backends torch,triton --sizes 124M --out "$OUT/bench" ${BENCH_ARGS:-}
     awk '/^## Key ratios/{on=1} /^## All ratios/{on=0} on' "$OUT/bench/report.md" 2>/dev/null
 fi

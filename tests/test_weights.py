@@ -278,6 +278,22 @@ def test_tf_dtypes_widen_to_float32():
     np.testing.assert_allclose(got["bfloat16"], vals, rtol=2**-8)
 
 
+def test_double_past_float32_range_is_refused_without_a_warning(tmp_path):
+    """1e300 in a DT_DOUBLE tensor widens to inf, refused by name; numpy's overflow warning
+    would print a second line under the CLI's one-line error."""
+    import warnings
+
+    def edit(t):
+        t["model/wte"] = np.full(t["model/wte"].shape, 1e300)  # float64
+        return t
+
+    d = _tf_variant(tmp_path, edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match="tensor wte contains NaN or Inf"):
+            loader.load(d)
+
+
 def test_unsupported_dtype_written_by_tensorflow():
     with pytest.raises(WeightsError, match=r"ints\.ckpt\.index: tensor 'step' .*DT_INT32"):
         tc.read(os.path.join(FIX, "tf-dtypes", "ints.ckpt"))

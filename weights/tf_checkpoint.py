@@ -318,6 +318,9 @@ def read(prefix: str, verify: bool = True) -> dict[str, np.ndarray]:
         elif dt_name == "DT_FLOAT" and order == "<" and e["offset"] % 4 == 0:
             a = buf.view("<f4")  # the common case: a view, no copy
         else:
-            a = np.frombuffer(buf.tobytes(), dtype=order + code).astype(np.float32)
+            # a float64 past float32's range becomes inf, which the loader refuses by name;
+            # numpy's overflow warning would only add a second line to that error
+            with np.errstate(over="ignore"):
+                a = np.frombuffer(buf.tobytes(), dtype=order + code).astype(np.float32)
         out[name] = a.reshape(e["shape"])
     return out

@@ -20,14 +20,13 @@ resumed at step s sees the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ref.config import read_json
+from ref.config import parse_json, read_json
 from ref.prompts import alpaca_prompt
 
 EOT = 50256  # <|endoftext|>
@@ -121,10 +120,8 @@ def _read_jsonl(path: str) -> list:
     records = []
     for n, line in enumerate(lines, 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except (ValueError, RecursionError) as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e})") from None
+            # parse_json: the one JSON reader, with its cap on an integer's digits
+            records.append(parse_json(line, DataError, f"{path}: line {n} is not valid JSON"))
     if not records:
         raise DataError(f"{path}: no records (every line is blank)")
     return records

@@ -18,7 +18,6 @@ ATHERIS_SECONDS (default 4) here; the long run is `python tests/fuzz/run_atheris
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 from fuzz import tf_table
 from fuzz.atheris_targets import TARGETS as ATHERIS_TARGETS
+from fuzz.atheris_targets import put
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,15 +92,6 @@ def _write_hf_model(directory, cfg: GPT2Config) -> None:
     )
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_hf_config(), f)
-
-
-def _put(path: str, data: bytes) -> str:
-    """Write `data` as a new file: an array that still maps the old one keeps its pages."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
 
 
 def _message(e: BaseException) -> str:
@@ -196,7 +187,7 @@ def test_safetensors_mutated_file(st_dir, st_base, data):
     """A valid file (F32, F16, I64, an empty tensor, metadata) with random edits."""
     CASES["safetensors_mutated"] += 1
     blob = data.draw(mutated(st_base))
-    _check_read(_put(os.path.join(st_dir, "m.safetensors"), blob))
+    _check_read(put(os.path.join(st_dir, "m.safetensors"), blob))
 
 
 json_scalars = st.one_of(
@@ -266,7 +257,7 @@ def test_safetensors_header(st_dir, data):
     if kind == "lie":
         n = data.draw(st.sampled_from(BIG_INTS)) % 2**64
     blob = struct.pack("<Q", n) + raw + data.draw(st.binary(min_size=data_len, max_size=data_len))
-    _check_read(_put(os.path.join(st_dir, "h.safetensors"), blob))
+    _check_read(put(os.path.join(st_dir, "h.safetensors"), blob))
 
 
 # ---------------------------------------------------------------------------- shard index
@@ -339,7 +330,7 @@ def test_shard_index(shard_dir, data):
         raw = data.draw(mutated(raw))
     elif kind == "deep":
         raw = b'{"weight_map": ' + b"{" * data.draw(st.integers(1, 100_000))
-    index = _put(os.path.join(shard_dir, loader.HF_INDEX), raw)
+    index = put(os.path.join(shard_dir, loader.HF_INDEX), raw)
     try:
         files = loader.hf_files(shard_dir)
     except WeightsError as e:
@@ -424,7 +415,7 @@ def test_sharded_model_edits(sharded_model, data):
     if data.draw(st.integers(0, 4)) == 0:
         blob = data.draw(mutated(blob, max_ops=2))
     path = os.path.join(d, name)
-    _put(path, blob)
+    put(path, blob)
     try:
         cfg, params = loader.load(d)
         flat = [params["wte"], params["wpe"], params["ln_f"]["g"]]
@@ -433,7 +424,7 @@ def test_sharded_model_edits(sharded_model, data):
     except WeightsError as e:
         assert d in _message(e)
     finally:
-        _put(path, original)
+        put(path, original)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -503,7 +494,7 @@ def test_config_file(tiny_model, raw, name):
     """load_config on missing keys, wrong types, absurd sizes, non-JSON: a valid config or a
     ConfigError naming the file."""
     CASES["config"] += 1
-    path = _put(os.path.join(tiny_model, "..", f"fuzz-{name}"), raw)
+    path = put(os.path.join(tiny_model, "..", f"fuzz-{name}"), raw)
     try:
         cfg = load_config(path)
     except ConfigError as e:
@@ -521,7 +512,7 @@ def test_model_with_fuzzed_config(tiny_model, raw):
     """A real model directory whose config.json lies (n_layer=10,000,000 included): loading
     fails fast with a WeightsError, or succeeds only when the config fits the tensors."""
     CASES["model_config"] += 1
-    _put(os.path.join(tiny_model, "config.json"), raw)
+    put(os.path.join(tiny_model, "config.json"), raw)
     try:
         cfg, params = loader.load_hf(tiny_model)
     except (WeightsError, ConfigError) as e:
@@ -607,7 +598,7 @@ def test_eval_inputs(vocab_model, raw):
 
     CASES["eval_input"] += 1
     directory, model = vocab_model
-    path = _put(os.path.join(directory, "..", "eval.txt"), raw)
+    path = put(os.path.join(directory, "..", "eval.txt"), raw)
     try:
         text = read_text(path)
         res = gpt2.evaluate(model, text, stride=8)
@@ -690,7 +681,7 @@ def tf_dir(tmp_path_factory):
             index = f.read()
         with open(prefix + ".data-00000-of-00001", "rb") as f:
             shard = f.read()
-        _put(os.path.join(d, f"{name}.data-00000-of-00001"), shard)
+        put(os.path.join(d, f"{name}.data-00000-of-00001"), shard)
         src[name] = (index, shard, read_table(prefix + ".index"))
     return d, src
 
@@ -728,7 +719,7 @@ def test_tf_index_mutated_bytes(tf_dir, data):
     d, src = tf_dir
     name = data.draw(st.sampled_from(sorted(src)))
     blob = data.draw(mutated(src[name][0]))
-    _put(os.path.join(d, f"{name}.index"), blob)
+    put(os.path.join(d, f"{name}.index"), blob)
     _check_tf(os.path.join(d, name))
 
 
@@ -818,7 +809,7 @@ def test_tf_index_entries(tf_dir, data):
     if data.draw(st.integers(0, 9)) == 0:  # a footer whose handles point anywhere
         handles = b"".join(tf_table.varint(data.draw(tf_ints)) for _ in range(4))
         blob = blob[:-48] + handles.ljust(40, b"\x00")[:40] + blob[-8:]
-    _put(os.path.join(d, f"{name}.index"), blob)
+    put(os.path.join(d, f"{name}.index"), blob)
     _check_tf(os.path.join(d, name))
 
 
@@ -837,8 +828,8 @@ def test_tf_bundle_entries(tf_dir, data):
             # the right checksum for the bytes it names, so the checks past it run
             e["crc"] = tf_table.masked_crc32c(shard[e["offset"] : e["offset"] + e["size"]])
         entries.append((k, tf_table.bundle_entry(**e)))
-    _put(os.path.join(d, "gen.index"), tf_table.table(entries))
-    _put(os.path.join(d, "gen.data-00000-of-00001"), shard)
+    put(os.path.join(d, "gen.index"), tf_table.table(entries))
+    put(os.path.join(d, "gen.data-00000-of-00001"), shard)
     _check_tf(os.path.join(d, "gen"))
 
 
@@ -849,8 +840,8 @@ def test_tf_data_file(tf_dir, data):
     CASES["tf_data_file"] += 1
     d, src = tf_dir
     index, shard, _ = src["tf-dtypes"]
-    _put(os.path.join(d, "cut.index"), index)
-    _put(os.path.join(d, "cut.data-00000-of-00001"), data.draw(mutated(shard, max_ops=2)))
+    put(os.path.join(d, "cut.index"), index)
+    put(os.path.join(d, "cut.data-00000-of-00001"), data.draw(mutated(shard, max_ops=2)))
     _check_tf(os.path.join(d, "cut"))
 
 
@@ -894,7 +885,7 @@ def test_instruction_data(tmp_path_factory, raw):
     from ref.data import DataError, instruction_splits, read_instructions
 
     CASES["instruction_data"] += 1
-    path = _put(os.path.join(str(tmp_path_factory.getbasetemp()), "instructions.json"), raw)
+    path = put(os.path.join(str(tmp_path_factory.getbasetemp()), "instructions.json"), raw)
     try:
         records = read_instructions(path)
         train, val = instruction_splits(records, encode, 16, 0.1)

@@ -76,7 +76,7 @@ def _import_project() -> None:
     )
 
 
-def _put(path: str, data: bytes) -> str:
+def put(path: str, data: bytes) -> str:
     """Write `data` as a new file (arrays still mapping the old one keep its pages)."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
@@ -125,7 +125,7 @@ def _small_safetensors(metadata: dict) -> bytes:
 def _safetensors(data: bytes) -> None:
     np, WeightsError = M["np"], M["WeightsError"]
     directory = os.path.join(WORK, "st")
-    path = _put(os.path.join(directory, "model.safetensors"), data)
+    path = put(os.path.join(directory, "model.safetensors"), data)
     try:
         out = M["safetensors"].read(path)
     except WeightsError as e:
@@ -158,7 +158,7 @@ def _shard_index_setup() -> None:
         if f != "model.safetensors.index.json":
             shutil.copy(os.path.join(src, f), model)
     shutil.copy(os.path.join(src, "model-00004-of-00004.safetensors"), os.path.join(model, "sub"))
-    _put(os.path.join(root, "outside.safetensors"), b"x")
+    put(os.path.join(root, "outside.safetensors"), b"x")
     os.symlink(os.path.join(root, "outside.safetensors"), os.path.join(model, "link.safetensors"))
     os.symlink(root, os.path.join(model, "uplink"))
     os.symlink(
@@ -179,7 +179,7 @@ def _shard_index_seeds() -> list[bytes]:
 def _shard_index(data: bytes) -> None:
     loader, WeightsError = M["loader"], M["WeightsError"]
     model = os.path.join(WORK, "shards", "model")
-    path = _put(os.path.join(model, "model.safetensors.index.json"), data)
+    path = put(os.path.join(model, "model.safetensors.index.json"), data)
     try:
         files = loader.hf_files(model)
     except WeightsError as e:
@@ -229,7 +229,7 @@ def _tf_table(data: bytes) -> None:
         data += struct.pack("<Q", writer.MAGIC)
     else:
         data = data[1:]
-    path = _put(os.path.join(WORK, "table.index"), data)
+    path = put(os.path.join(WORK, "table.index"), data)
     try:
         entries = M["tf_table"].read_table(path)
     except WeightsError as e:
@@ -277,8 +277,8 @@ def _tf_bundle(data: bytes) -> None:
     entries = dict(zip(chunks[0::2], chunks[1::2], strict=True))
     table = writer.table(sorted(entries.items()), per_block=4)
     prefix = os.path.join(WORK, "bundle")
-    _put(prefix + ".index", table)
-    _put(prefix + ".data-00000-of-00001", shard)
+    put(prefix + ".index", table)
+    put(prefix + ".data-00000-of-00001", shard)
     try:
         out = M["tf_checkpoint"].read(prefix, verify=verify)
     except WeightsError as e:
@@ -303,7 +303,7 @@ def _config_seeds() -> list[bytes]:
 
 def _config(data: bytes) -> None:
     config = M["config"]
-    path = _put(os.path.join(WORK, "config.json"), data)
+    path = put(os.path.join(WORK, "config.json"), data)
     try:
         cfg = config.load_config(path)
     except config.ConfigError as e:
@@ -326,7 +326,7 @@ def _instructions_seeds() -> list[bytes]:
 
 def _instructions(data: bytes) -> None:
     read_instructions, DataError = M["data"].read_instructions, M["data"].DataError
-    path = _put(os.path.join(WORK, "instructions.json"), data)
+    path = put(os.path.join(WORK, "instructions.json"), data)
     try:
         records = read_instructions(path)
     except DataError as e:
@@ -357,7 +357,7 @@ def write_seeds(name: str, corpus: str) -> None:
     """Put the target's seeds into `corpus` (created if need be)."""
     os.makedirs(corpus, exist_ok=True)
     for i, seed in enumerate(TARGETS[name][1]()):
-        _put(os.path.join(corpus, f"seed-{i:02d}"), seed)
+        put(os.path.join(corpus, f"seed-{i:02d}"), seed)
 
 
 def main(argv: list[str] | None = None) -> None:

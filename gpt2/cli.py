@@ -1,4 +1,4 @@
-"""`gpt2`: download, generate, eval, finetune, train, bench.
+"""`gpt2`: download, generate, eval, finetune, train, bench, serve.
 
 Each subcommand lives in its own module (gpt2/cmd_*.py) with `add_parser(sub)` and `run(args)`.
 Errors the user can fix (bad flags, missing or corrupt files) print one line and exit 2; a
@@ -22,6 +22,7 @@ COMMANDS = {
     "finetune": "gpt2.cmd_finetune",
     "train": "gpt2.cmd_train",
     "bench": "gpt2.cmd_bench",
+    "serve": "gpt2.cmd_serve",
 }
 
 

@@ -267,6 +267,13 @@ class Engine:
         with self.cv:
             self.cv.notify()
 
+    def decode_kind(self) -> str:
+        """How decode steps run, for the startup line."""
+        if not self.batched:
+            return "each row's own forward, batch 1"
+        kernel = "Numba" if self.linear is not row_linear else "per-row mat-vec"
+        return f"batched decode steps, row-invariant {kernel} linears"
+
     def load(self) -> dict:
         with self.cv:
             return {"queue": len(self.pending), "batch": len(self.rows)}
@@ -290,23 +297,30 @@ class Engine:
                     self.cv.wait()
                 if self.closing and not self.pending and not self.rows:
                     return
-                admit = []
-                gone = [r for r in self.rows if r.job.cancelled]
-                if gone:  # a client left: its rows (and their caches) go now
-                    self.metrics.finished.inc(len(gone), reason="cancelled")
-                    self.rows = [r for r in self.rows if not r.job.cancelled]
-                room = self.max_batch - len(self.rows)
-                while self.pending and (room > 0 or not self.rows):
-                    job = self.pending.popleft()
-                    if not job.cancelled:
-                        admit.append(job)
-                        room -= job.n
-                self.metrics.queue.set(len(self.pending))
-            for job in admit:
-                self._prefill(job)
-            self._choose_all()
-            self._decode()
-            self.metrics.batch.set(len(self.rows))
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One iteration of the scheduler: drop cancelled rows, admit queued jobs, choose each
+        row's next token, run one decode step. The thread calls it in a loop; tests call it
+        directly (without start()) to place arrivals at exact steps."""
+        with self.cv:
+            gone = [r for r in self.rows if r.job.cancelled]
+            if gone:  # a client left: its rows (and their caches) go now
+                self.metrics.finished.inc(len(gone), reason="cancelled")
+                self.rows = [r for r in self.rows if not r.job.cancelled]
+            admit = []
+            room = self.max_batch - len(self.rows)
+            while self.pending and (room > 0 or not self.rows):
+                job = self.pending.popleft()
+                if not job.cancelled:
+                    admit.append(job)
+                    room -= job.n
+            self.metrics.queue.set(len(self.pending))
+        for job in admit:
+            self._prefill(job)
+        self._choose_all()
+        self._decode()
+        self.metrics.batch.set(len(self.rows))
 
     def _fail(self, job: Job, e: BaseException) -> None:
         if job.failed:

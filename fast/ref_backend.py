@@ -15,6 +15,7 @@ from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     layernorm_forward,
     linear_backward,
     linear_forward,
+    qlinear_forward,
 )
 
 VARIANTS = {

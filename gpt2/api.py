@@ -16,6 +16,7 @@ from gpt2.progress import download_bar, note
 from ref import beam as ref_beam
 from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
+from ref import quant as ref_quant
 from ref.model import Model, check_ids
 from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
 from ref.sampling import SamplingParams
@@ -46,17 +47,22 @@ def token_ids(ids, n_vocab: int, what: str = "generate(): prompt") -> list[int]:
 def load(
     model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
 ):
-    """Load `model` (a size name, a model directory or a .safetensors file) on `backend`:
-    a `Model` on the numpy backends, a `fast.torch.model.TorchModel` on torch and triton,
-    whose weights and KV cache take `dtype` ("float32", "bfloat16" or "float16"; the logits
-    it returns are float32 whatever the dtype)."""
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    if dtype != "float32" and backend in NUMPY_BACKENDS:
-        raise ValueError(f"dtype {dtype} needs backend torch or triton ({backend} is float32)")
+    """Load `model` (a size name, a model directory or a .safetensors file) on `backend`.
+
+    numpy backends (ref, numba): a `Model`; with dtype "bfloat16", "float16" or "int8" (q8_0)
+    its weights are stored in that form (`ref.quant.quantize_params`: the projections and the
+    LM head) and computed in float32, the KV cache float32 too. torch and triton: a
+    `fast.torch.model.TorchModel` whose weights and KV cache take `dtype` ("float32",
+    "bfloat16" or "float16"). The logits are float32 whatever the dtype."""
+    if dtype not in ref_quant.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(ref_quant.DTYPES)}, got {dtype!r}")
+    if dtype == "int8" and backend not in NUMPY_BACKENDS:
+        raise ValueError(f"dtype int8 needs backend numba or ref ({backend} has no int8)")
     ops = get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if backend in NUMPY_BACKENDS:
+        if dtype != "float32":
+            params = ref_quant.quantize_params(params, dtype)
         return Model(cfg, params, ops)
     import torch
 

@@ -67,7 +67,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -76,17 +76,19 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="float32",
         choices=DTYPES,
-        help="weights, activations and KV cache on --backend torch|triton (default float32; "
-        "the numpy backends compute in float32 only)",
+        help="float32 (default); bfloat16|float16: weights, activations and KV cache on "
+        "--backend torch|triton, weights only on ref|numba (which compute in float32); int8: "
+        "q8_0 weights (blocks of 32 with a float16 scale) on --backend ref|numba",
     )
 
 
 def check_dtype(args: argparse.Namespace) -> None:
-    """A 16-bit --dtype needs a torch backend; raise UsageError naming the flag otherwise."""
-    if args.dtype != "float32" and args.backend not in TORCH_BACKENDS:
+    """int8 needs a numpy backend (the torch models have no q8_0 kernels); raise UsageError
+    naming the flag otherwise."""
+    if args.dtype == "int8" and args.backend in TORCH_BACKENDS:
         raise UsageError(
-            f"--dtype {args.dtype} needs --backend torch or triton (--backend {args.backend} "
-            "computes in float32)"
+            f"--dtype int8 needs --backend numba or ref (--backend {args.backend} runs "
+            "float32, bfloat16 or float16)"
         )
 
 

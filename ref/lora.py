@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from ref.quant import QWeight
+
 # target name -> (sub-module of a block, projection)
 TARGETS = {
     "c_attn": ("attn", "c_attn"),
@@ -95,9 +97,14 @@ def lora_linear_forward(
 
     x (..., Cin), p {"w": (Cin, Cout), "b": (Cout,), "lora"?} -> out (..., Cout). `ops` gives
     linear_forward (the backend's); bias=False leaves b to the caller (the MLP fuses it into
-    its GELU). `rng` drives the adapter's dropout while training.
+    its GELU). `rng` drives the adapter's dropout while training. A QWeight `w` (ref/quant.py:
+    (Cout, Cin), a quantized model) goes through the backend's `qlinear_forward` instead.
     """
-    out, linear_cache = ops.linear_forward(x, p["w"], p["b"] if bias else None)  # (..., Cout)
+    b = p["b"] if bias else None
+    if isinstance(p["w"], QWeight):  # a quantized model (ref/quant.py): inference only
+        out, linear_cache = ops.qlinear_forward(x, p["w"], b), None  # (..., Cout)
+    else:
+        out, linear_cache = ops.linear_forward(x, p["w"], b)  # (..., Cout)
     lora_cache = None
     if "lora" in p:
         delta, lora_cache = lora_forward(x, p["lora"], rng)  # (..., Cout)
@@ -115,6 +122,10 @@ def lora_linear_backward(
     frozen weight needs only dx = dout w^T, not its own dw and db.
     """
     linear_cache, lora_cache = cache
+    if isinstance(p["w"], QWeight):
+        raise ValueError(
+            f"a {p['w'].dtype} QWeight is for inference only: train or finetune a float32 model"
+        )
     grads: dict[str, np.ndarray] = {}
     if train == "all":
         dx, dw, db = ops.linear_backward(dout, linear_cache)

@@ -25,6 +25,9 @@ functions of `ref/ops.py`; the default is the reference itself. Backends in `fas
 own, so a backend that provides the *_forward and *_backward ops runs and trains with them.
 Linear layers go through `ref.lora.lora_linear_forward`, which adds a LoRA adapter's update
 where a projection carries one (dropout only when `rng` is given, i.e. while training).
+A quantized tree (ref/quant.py: `quantize_params`, weights stored in 16 or 8 bits, inference
+only) runs through the same functions: its QWeights go to `ops.qlinear_forward`, the LM head
+included (params["lm_head"]); activations and the KV cache stay float32.
 
 Dropout, `Dropout(embd, attn, resid)` (GPT-2's embd_pdrop, attn_pdrop, resid_pdrop), also
 only while training: when an `rng` is given and a rate is > 0. It sits where GPT-2 and "Build
@@ -354,8 +357,13 @@ def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, dropout, kee
         x = x[:, -1:]  # (B, 1, C)
     x, ln_f_cache = ln_forward(x, **params["ln_f"], eps=cfg.eps, ops=ops)  # (B, T, C)
     B, T, C = x.shape
-    # the LM head is tied to the token embedding; one 2-D matmul reads wte once for all rows
-    logits = (x.reshape(B * T, C) @ params["wte"].T).reshape(B, T, -1)  # (B, T, V)
+    # the LM head is tied to the token embedding; one 2-D matmul reads wte once for all rows.
+    # A quantized model (ref/quant.py) stores the head apart, as a QWeight (V, C) of wte.
+    if "lm_head" in params:
+        logits = ops.qlinear_forward(x.reshape(B * T, C), params["lm_head"])  # (B*T, V)
+    else:
+        logits = x.reshape(B * T, C) @ params["wte"].T  # (B*T, V)
+    logits = logits.reshape(B, T, -1)  # (B, T, V)
     acts = (emb_cache, emb_drop, block_caches, ln_f_cache, x) if keep else None
     return logits, acts
 
@@ -431,6 +439,8 @@ def model_backward(
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+    if "lm_head" in params:
+        raise ValueError("a quantized model is for inference only: train a float32 model")
     emb_cache, emb_drop, block_caches, ln_f_cache, x_final = acts
     V, C = dlogits.shape[-1], x_final.shape[-1]
     grads: dict[str, np.ndarray] = {}

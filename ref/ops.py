@@ -20,6 +20,10 @@ import math
 
 import numpy as np
 
+# a quantized model's linear layer (weights stored in 16 or 8 bits; inference only, no
+# backward): its reference lives with the storage formats, and is an op of this contract too
+from ref.quant import qlinear_forward  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------
 # embeddings: x[b, t] = wte[ids[b, t]] + wpe[pos[b, t]]
 

@@ -17,13 +17,34 @@ Formats (bytes per weight):
               qs int8 in [-127, 127], d = max|w| over the block / 127 in float16  34 / 32
 
 q8_0 error bound, per element of a block with absmax a and stored scale d: rounding w / d to
-an integer costs at most d / 2; d is a / 127 rounded to float16 (relative error <= 2^-11), so
-the largest element may need 127 * (1 + 2^-11) steps and be clipped to 127, costing up to
-a * 2^-11 more: |w - dequant(w)| <= d / 2 + a * 2^-11 (tests/test_quant.py holds it). A block
-of zeros has d = 0 and dequantizes to zeros exactly. Scales below float16's normal range
-(a < 127 * 2^-14, about 0.0078) lose relative precision, as in llama.cpp; a block with
+an integer costs at most d / 2. d is a / 127 rounded to float16: within a relative 2^-11 of it
+where that is a normal float16 (a >= 127 * 2^-14, about 0.0078), within 2^-25 absolutely below
+(float16's subnormal step is 2^-24), so the largest element may need a little more than 127
+steps and be clipped to 127, costing up to 127 |a / 127 - d| more:
+    |w - dequant(w)| <= d / 2 + max(a * 2^-11, 127 * 2^-25)
+(tests/test_quant.py holds it). A block of zeros has d = 0 and dequantizes to zeros exactly;
+so does a block whose a / 127 rounds to a float16 zero (a <= 127 * 2^-25, the bound's second
+term). Subnormal scales lose relative precision, as in llama.cpp; a block with
 a > 127 * 65504 cannot be stored and is refused. K not a multiple of 32: the last block is
-short (its scale covers the elements it has).
+short (its scale covers the elements it has). Dequantization is exact in float32: qs has 8
+bits and d 11 significant bits, so qs * d fits float32's 24.
+
+float16 stores |w| <= 65504 (larger is refused, not turned into inf); bfloat16 has float32's
+range, and rounds to 8 significant bits (relative error <= 2^-9); float16 to 11 (2^-12) in
+its normal range.
+
+A quantized model (`quantize_params`): the params tree of ref/model.py with every linear
+weight `w` (Cin, Cout) replaced by a QWeight of w.T, (N, K) = (Cout, Cin), and the tied LM
+head as a QWeight of wte (V, C) under the new key params["lm_head"]; biases, LayerNorms, wte
+and wpe stay float32 arrays. wte stays because the embedding is a gather of B * T rows (a
+decode step reads one row of it, not the matrix) and keeping it float32 leaves the embedding
+op, and the first activations, exactly those of the float32 model; the head is the one read
+of the whole matrix, so that is the one stored small. `params["blocks"][i]["attn"]["c_attn"]
+["w"]` is then a QWeight; ref.lora.lora_linear_forward sends it to the backend's
+`qlinear_forward(x, q, b)` (ref/model.py sends lm_head there too), and the reference backend's
+is `qlinear_forward` below. Inference only: the backward of a QWeight is refused by name. A
+reader of another format (GGUF) builds the same tree from its own tensors: QWeight("int8",
+qs, d) from a q8_0 matrix, QWeight("float16" | "float32", data) from f16 / f32 ones.
 """
 
 from __future__ import annotations
@@ -33,7 +54,8 @@ from dataclasses import dataclass
 import numpy as np
 
 QK = 32  # elements per q8_0 block (llama.cpp's QK8_0)
-_Q8_MAX = 127.0 * 65504.0  # absmax / 127 must fit float16
+_F16_MAX = 65504.0  # float16's largest finite value
+_Q8_MAX = 127.0 * _F16_MAX  # absmax / 127 must fit float16
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 34 / 32}
 
@@ -130,6 +152,8 @@ def quantize(w: np.ndarray, dtype: str) -> QWeight:
     if dtype == "float32":
         return QWeight("float32", w)
     if dtype == "float16":
+        if w.size and not (np.abs(w[np.isfinite(w)]) <= _F16_MAX).all():
+            raise ValueError(f"float16 cannot store weights beyond +-{_F16_MAX:g}")
         return QWeight("float16", w.astype(np.float16))
     if dtype == "bfloat16":
         return QWeight("bfloat16", bf16_from_f32(w))
@@ -159,3 +183,56 @@ def qlinear_forward(x: np.ndarray, q: QWeight, b: np.ndarray | None = None) -> n
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# a quantized model: the params tree with QWeights (see the module docstring)
+
+PROJECTIONS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+
+
+def quantize_params(params: dict, dtype: str) -> dict:
+    """A new params tree for inference in `dtype`: every block's projection weight (Cin, Cout)
+    becomes quantize(w.T, dtype), (Cout, Cin), and params["lm_head"] = quantize(wte, dtype),
+    (V, C). Everything else (biases, LayerNorms, wte, wpe, LoRA adapters) is shared, not
+    copied. dtype "float32" gives QWeight("float32") leaves: the row-invariant kernels of the
+    numba backend in float32 (the server's batch invariance)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if "lm_head" in params:
+        raise ValueError("params are already quantized (they have an lm_head)")
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    out["blocks"] = []
+    for i, block in enumerate(params["blocks"]):
+        new = {k: dict(v) for k, v in block.items()}  # new dicts, the same arrays
+        for mod, proj in PROJECTIONS:
+            p = dict(block[mod][proj])
+            try:
+                p["w"] = quantize(np.asarray(p["w"], np.float32).T, dtype)  # (Cout, Cin)
+            except ValueError as e:
+                raise ValueError(f"h{i}/{mod}/{proj}/w: {e}") from None
+            new[mod][proj] = p
+        out["blocks"].append(new)
+    try:
+        out["lm_head"] = quantize(params["wte"], dtype)  # (V, C)
+    except ValueError as e:
+        raise ValueError(f"wte (the LM head): {e}") from None
+    return out
+
+
+def is_quantized(params: dict) -> bool:
+    return "lm_head" in params
+
+
+def params_dtype(params: dict) -> str:
+    """The stored dtype of a params tree: its LM head's, or "float32" for a plain tree."""
+    return params["lm_head"].dtype if "lm_head" in params else "float32"
+
+
+def quantized_nbytes(params: dict) -> int:
+    """Bytes of the QWeights of a quantized tree: what a decode step reads of its weights."""
+    total = params["lm_head"].nbytes
+    for block in params["blocks"]:
+        for mod, proj in PROJECTIONS:
+            total += block[mod][proj]["w"].nbytes
+    return total

@@ -546,9 +546,9 @@ CASES = [
     ("generate", ["--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file"),
     ("generate", ["--backend", "cuda"], "--backend"),
     ("eval", ["--dtype", "fp8"], "--dtype"),
-    ("eval", ["--dtype", "float16"], "--dtype"),  # the base line's backend is numpy
+    ("eval", ["--dtype", "int8", "--backend", "torch"], "--dtype"),  # int8: numpy backends
     ("generate", ["--dtype", "fp8"], "--dtype"),
-    ("generate", ["--dtype", "bfloat16"], "--dtype"),
+    ("generate", ["--dtype", "int8", "--backend", "triton"], "--dtype"),
     ("eval", ["--stride", "0"], "--stride"),
     ("eval", ["--stride", "-3"], "--stride"),
     ("eval", ["--stride", "1.5"], "--stride"),

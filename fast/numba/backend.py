@@ -7,11 +7,14 @@ Kernels (one file each, forward and backward side by side):
     fast/numba/crossentropy.py softmax cross-entropy, probabilities made once
     fast/numba/common.py       threading layer, fastmath flags, exp32
     fast/numba/flash.py        causal attention on BLAS tiles (prompts, training)
+    fast/numba/quant.py        qlinear: linear layers on 16- and 8-bit weights (inference)
 `attention` dispatches on shape: numba_flash (numpy BLAS on tiles, Numba online softmax) when
 Tq >= 16 and Tk >= 256, numba_attention otherwise (decode steps and short prompts, where
 numba_flash's fixed cost per call dominates; `python -m bench.tools.numba_flash_timing`).
 `linear` and `embedding` are the reference's (one 2-D BLAS matmul; a gather), and so is
 `dropout` (one numpy draw and multiply; ref/model.py calls the reference's on every backend).
+`qlinear` (a quantized model's linear layers and LM head, ref/quant.py) is fast/numba/quant.py:
+the row-invariant kernel for up to 64 rows, dequantized tiles and BLAS beyond.
 Dropout on the attention probabilities: the fused kernels have none (their softmax never
 materialises att), so `attention_forward` with dropout > 0 and an rng runs the reference's
 attention (ref.ops), masks drawn as it draws them; without dropout it is the kernels'.
@@ -33,6 +36,7 @@ from fast.numba.common import single_threaded
 from fast.numba.crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from fast.numba.layernorm import layernorm_backward, layernorm_forward
+from fast.numba.quant import qlinear_forward
 from ref import ops as ref_ops
 from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     dropout_backward,
@@ -61,6 +65,7 @@ __all__ = [
     "layernorm_forward",
     "linear_backward",
     "linear_forward",
+    "qlinear_forward",
 ]
 
 

@@ -30,8 +30,9 @@ short (its scale covers the elements it has). Dequantization is exact in float32
 bits and d 11 significant bits, so qs * d fits float32's 24.
 
 float16 stores |w| <= 65504 (larger is refused, not turned into inf); bfloat16 has float32's
-range, and rounds to 8 significant bits (relative error <= 2^-9); float16 to 11 (2^-12) in
-its normal range.
+range, and rounds to 8 significant bits (relative error <= 2^-8, half a unit of the last
+place); float16 to 11 (2^-11) in its normal range (|w| >= 2^-14), and to within 2^-25
+absolutely below it.
 
 A quantized model (`quantize_params`): the params tree of ref/model.py with every linear
 weight `w` (Cin, Cout) replaced by a QWeight of w.T, (N, K) = (Cout, Cin), and the tied LM

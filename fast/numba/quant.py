@@ -44,12 +44,13 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from fast.numba.common import FASTMATH, check_f32
+from fast.numba.common import FASTMATH, check_f32, prefetch
 from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
 _R = 4  # output rows per group: 4 sums share each load of x (and 4 x 16 lanes fit registers)
 _TASKS = 16  # parallel tasks of the rows kernel (each allocates its (_R, K) buffer once)
+_AHEAD = 4  # groups ahead whose rows are prefetched (16 rows: 12 KB of int8 at K = 768)
 _TILE_BYTES = 1 << 20  # float32 bytes of W per dequantized tile on the BLAS path (L2-sized)
 
 
@@ -183,6 +184,23 @@ def _fill_f32(w, n0, buf):
             buf[r, :] = 0.0
 
 
+@numba.njit(inline="always", cache=True)
+def _prefetch_group(a, grp, last):
+    """Hint the loads of group grp + _AHEAD's rows of `a` (N, K) (a hint; changes nothing).
+
+    Without it the rows kernels streamed at a third of the bandwidth inside a decode step
+    (the weights coming from DRAM, not from the cache as in a loop over one matrix): a task
+    widens and multiplies a group between its loads, and the hardware prefetcher alone kept
+    too few lines in flight (as in fast/numba/attention.py; figures in bench/README.md)."""
+    g = grp + _AHEAD
+    if g < last:
+        N, K = a.shape
+        step = 64 // a.itemsize  # elements per cache line
+        n1 = min(N, (g + 1) * _R)
+        for i in range(g * _R * K, n1 * K, step):
+            prefetch(a, i)
+
+
 # ---------------------------------------------------------------------------------------------
 # the one inner loop of the rows kernels
 
@@ -228,6 +246,7 @@ def _rows_f32(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K), for the last group only
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
+            _prefetch_group(w, grp, G)
             n0 = grp * _R
             if n0 + _R <= N:
                 _dot_group(w[n0 : n0 + _R], x, bias, n0, out)  # in place: a (_R, K) view
@@ -245,6 +264,7 @@ def _rows_bf16(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K)
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
+            _prefetch_group(w, grp, G)
             _fill_bf16(w, grp * _R, buf)
             _dot_group(buf, x, bias, grp * _R, out)
 
@@ -258,6 +278,7 @@ def _rows_f16(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K)
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
+            _prefetch_group(w, grp, G)
             _fill_f16(w, grp * _R, buf)
             _dot_group(buf, x, bias, grp * _R, out)
 
@@ -271,6 +292,7 @@ def _rows_q8(x, qs, d, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K)
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
+            _prefetch_group(qs, grp, G)
             _fill_q8(qs, d, grp * _R, buf)
             _dot_group(buf, x, bias, grp * _R, out)
 

@@ -1,0 +1,238 @@
+"""fast/numba/quant.py against ref/quant.py, and quantized models on the Numba backend.
+
+Kernels: both variants (rows, tiles) and the dispatching launcher against
+ref.quant.qlinear_forward on awkward shapes (hypothesis): K not a multiple of 32, N = 1,
+primes, rows of x from 1 to 1023, NaN and Inf in x. Tolerance: both sides compute in float32
+from the same exactly-dequantized weights and differ only in summation order, so each output
+is within K * eps32 * (|x| @ |W|.T) of the other (the standard bound of a length-K dot
+product is K u for u = eps32 / 2, for each of the two sums). NaN and Inf fall where the
+reference puts them.
+
+Row invariance (the server's batch invariance): every row of the rows kernel's output is the
+same bits whatever M (1 to 64) and whatever the other rows hold, NaN included.
+
+Models: logits of quantized trees on numba against the same trees on the reference backend
+(LOGITS_RTOL as in tests/test_numba_model.py: the same weights, the float32 summation orders
+of two backends); the shipped model's held-out loss per dtype against float32's (issue 15:
++0.1% for the 16-bit formats, +0.5% for int8), over all 4,000 held-out lines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_model import TINY, tiny_params
+
+nq = pytest.importorskip("fast.numba.quant", reason="numba is not installed")
+# NaN in x: numpy's matmul (the reference's and the tiles variant's BLAS) says so; expected here
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+
+from fast import get_backend  # noqa: E402
+from ref import quant  # noqa: E402
+from ref.config import GPT2Config  # noqa: E402
+from ref.model import KVCache, forward  # noqa: E402
+
+LOGITS_RTOL = 5e-6  # of max |logits|, as tests/test_numba_model.py
+ODD = GPT2Config(n_vocab=211, n_ctx=48, n_embd=15, n_head=3, n_layer=3)
+EPS = float(np.finfo(np.float32).eps)
+
+
+def check_against_reference(got: np.ndarray, x: np.ndarray, q: quant.QWeight, b) -> None:
+    want = quant.qlinear_forward(x, q, b)
+    assert got.shape == want.shape and got.dtype == np.float32
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    inf = np.isinf(want)
+    assert np.array_equal(got[inf], want[inf])
+    w = np.abs(quant.dequantize(q))  # (N, K)
+    finite_x = np.where(np.isfinite(x), np.abs(x), 0).reshape(-1, x.shape[-1])  # (M, K)
+    scale = (finite_x @ w.T).reshape(want.shape)  # (..., N)
+    K = x.shape[-1]
+    ok = ~(nan | inf)
+    err = np.abs(got[ok] - want[ok])
+    assert (err <= K * EPS * scale[ok] + 1e-30).all(), float(err.max(initial=0))
+
+
+@st.composite
+def cases(draw, max_m: int = 1023):
+    N = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 13, 31, 64, 97]))
+    K = draw(st.sampled_from([1, 5, 31, 32, 33, 64, 97, 100, 257]))
+    M = draw(st.sampled_from([m for m in (1, 2, 3, 17, 63, 64, 65, 100, 1023) if m <= max_m]))
+    dtype = draw(st.sampled_from(quant.DTYPES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    w = (0.1 * rng.standard_normal((N, K))).astype(np.float32)  # (N, K)
+    if draw(st.booleans()):
+        w[:, : min(K, 32)] = 0.0  # an all-zero block in every row
+    x = rng.standard_normal((M, K)).astype(np.float32)  # (M, K)
+    if draw(st.booleans()):  # NaN and Inf in the activations
+        x[rng.integers(0, M), rng.integers(0, K)] = np.nan
+        x[rng.integers(0, M), rng.integers(0, K)] = np.inf
+        x[rng.integers(0, M), rng.integers(0, K)] = -np.inf
+    b = rng.standard_normal(N).astype(np.float32) if draw(st.booleans()) else None
+    return x, quant.quantize(w, dtype), b
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases())
+def test_launcher_and_both_variants_match_the_reference(case):
+    x, q, b = case
+    check_against_reference(nq.qlinear_forward(x, q, b), x, q, b)
+    bias = np.zeros(q.shape[0], np.float32) if b is None else b
+    if x.shape[0] <= 100:  # the rows kernel at any M is correct, only slower beyond 64
+        check_against_reference(nq.rows_forward(x, q, bias), x, q, b)
+    check_against_reference(nq.tiles_forward(x, q, b), x, q, b)
+
+
+def test_tiles_cover_many_tiles_and_a_short_last_one():
+    """N larger than one tile (_TILE_BYTES of float32 rows), not a multiple of it."""
+    rng = np.random.default_rng(3)
+    K = 300
+    rows = nq._TILE_BYTES // (4 * K)
+    w = (0.1 * rng.standard_normal((2 * rows + 7, K))).astype(np.float32)
+    x = rng.standard_normal((70, K)).astype(np.float32)
+    for dtype in quant.DTYPES:
+        q = quant.quantize(w, dtype)
+        check_against_reference(nq.qlinear_forward(x, q), x, q, None)
+
+
+def test_three_dimensional_x():
+    rng = np.random.default_rng(4)
+    q = quant.quantize(rng.standard_normal((9, 40)).astype(np.float32), "int8")
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    got = nq.qlinear_forward(x, q)
+    assert got.shape == (2, 3, 9)
+    check_against_reference(got, x, q, None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(max_m=64), st.data())
+def test_rows_are_invariant_to_the_batch_bit_for_bit(case, data):
+    """Row m of a batch is the bits of that row computed alone, and of it in any other batch:
+    other rows replaced by noise or NaN change nothing in it."""
+    x, q, b = case
+    M = x.shape[0]
+    out = nq.qlinear_forward(x, q, b)  # (M, N)
+    m = data.draw(st.integers(0, M - 1))
+    alone = nq.qlinear_forward(x[m : m + 1], q, b)  # (1, N)
+    assert np.array_equal(out[m], alone[0], equal_nan=True)
+    others = np.random.default_rng(m).standard_normal(x.shape).astype(np.float32) * 1e3
+    others[::2] = np.nan
+    others[m] = x[m]
+    M2 = data.draw(st.integers(m + 1, 64))
+    bigger = np.concatenate([others, x[:1].repeat(M2 - M, axis=0)]) if M2 > M else others
+    assert np.array_equal(nq.qlinear_forward(bigger[:M2], q, b)[m], out[m], equal_nan=True)
+
+
+def test_bad_inputs_are_refused_by_name():
+    rng = np.random.default_rng(0)
+    q = quant.quantize(rng.standard_normal((6, 40)).astype(np.float32), "int8")
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        nq.qlinear_forward(x[:, :39], q)
+    with pytest.raises(ValueError, match="bias"):
+        nq.qlinear_forward(x, q, np.zeros(5, np.float32))
+    with pytest.raises(TypeError, match="x as a float32"):
+        nq.qlinear_forward(x.astype(np.float64), q)
+    with pytest.raises(TypeError, match="QWeight"):
+        nq.qlinear_forward(x, np.zeros((6, 40), np.float32))
+    with pytest.raises(ValueError, match="scales of shape"):
+        nq.qlinear_forward(x, quant.QWeight("int8", q.data, q.scale[:, :1]))
+    with pytest.raises(ValueError, match="float16 data"):
+        nq.qlinear_forward(x, quant.QWeight("float16", q.data))
+    with pytest.raises(ValueError, match="unknown QWeight dtype"):
+        nq.qlinear_forward(x, quant.QWeight("int4", q.data))
+
+
+def test_read_only_weights_run():
+    """Weights memory-mapped from a file (a GGUF reader's) are read-only arrays."""
+    rng = np.random.default_rng(1)
+    q = quant.quantize(rng.standard_normal((5, 64)).astype(np.float32), "int8")
+    q.data.flags.writeable = False
+    q.scale.flags.writeable = False
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    check_against_reference(nq.qlinear_forward(x, q), x, q, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+@pytest.mark.parametrize("dtype", quant.DTYPES)
+@pytest.mark.parametrize("cfg", [TINY, ODD], ids=["tiny", "odd"])
+def test_quantized_model_on_numba_matches_the_reference_backend(cfg, dtype):
+    """Prompt with padding, then KV-cache decode steps, batch 3: the same quantized tree on
+    both backends."""
+    params = quant.quantize_params(tiny_params(cfg, seed=7), dtype)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.n_vocab, (3, 11))
+    mask = np.ones(ids.shape, bool)
+    mask[1, :4] = False
+    nb, rb = get_backend("numba"), get_backend("ref")
+    want = forward(params, ids, cfg, mask=mask, ops=rb)
+    got = forward(params, ids, cfg, mask=mask, ops=nb)
+    assert np.abs(got - want).max() <= LOGITS_RTOL * np.abs(want).max()
+    caches = [KVCache(cfg, 3, 20), KVCache(cfg, 3, 20)]
+    forward(params, ids[:, :6], cfg, cache=caches[0], mask=mask[:, :6], ops=rb)
+    forward(params, ids[:, :6], cfg, cache=caches[1], mask=mask[:, :6], ops=nb)
+    for t in range(6, 11):
+        want = forward(params, ids[:, t : t + 1], cfg, cache=caches[0], ops=rb)
+        got = forward(params, ids[:, t : t + 1], cfg, cache=caches[1], ops=nb)
+        assert np.abs(got - want).max() <= LOGITS_RTOL * np.abs(want).max()
+
+
+def test_a_sequence_decodes_to_the_same_bits_alone_or_in_a_batch():
+    """Decode steps of a batch of 5 against the same sequence alone, int8 and float32
+    QWeights: the linear layers are row-invariant, and so is every other op of a decode step
+    on numba (LayerNorm, GELU and attention work row by row)."""
+    cfg = ODD
+    for dtype in ("int8", "float32"):
+        params = quant.quantize_params(tiny_params(cfg, seed=5), dtype)
+        nb = get_backend("numba")
+        rng = np.random.default_rng(2)
+        ids = rng.integers(0, cfg.n_vocab, (5, 8))
+        batch, alone = KVCache(cfg, 5, 16), KVCache(cfg, 1, 16)
+        forward(params, ids[:, :1], cfg, cache=batch, ops=nb)
+        forward(params, ids[2:3, :1], cfg, cache=alone, ops=nb)
+        for t in range(1, 8):
+            got = forward(params, ids[:, t : t + 1], cfg, cache=batch, ops=nb)[2]
+            want = forward(params, ids[2:3, t : t + 1], cfg, cache=alone, ops=nb)[0]
+            assert np.array_equal(got, want), (dtype, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped model's held-out loss per dtype (issue 15's accuracy target)
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "models")
+LOSS_LIMIT = {"bfloat16": 1e-3, "float16": 1e-3, "int8": 5e-3}  # of float32's held-out loss
+
+
+@pytest.fixture(scope="module")
+def held_out_losses():
+    from test_shipped import held_out
+
+    import gpt2
+
+    text = held_out()
+    return {
+        dtype: gpt2.evaluate(gpt2.load("shakespeare", backend="numba", dtype=dtype), text).loss
+        for dtype in quant.DTYPES
+    }
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(SHIPPED, "shakespeare", "model.safetensors")),
+    reason="no shipped model",
+)
+@pytest.mark.parametrize("dtype", list(LOSS_LIMIT))
+def test_shipped_model_held_out_loss_per_dtype(held_out_losses, dtype):
+    """All 4,000 held-out lines (30k tokens). float32 is the README's 5.4906; a dtype may add
+    at most LOSS_LIMIT of it (the model's weights are float16 to begin with, so float16 is
+    exactly float32 here, and a loss is compared, not an absolute change: lower is fine)."""
+    f32 = held_out_losses["float32"]
+    assert abs(f32 - 5.4906) <= 1e-4
+    assert held_out_losses[dtype] <= f32 * (1 + LOSS_LIMIT[dtype]), held_out_losses

@@ -16,6 +16,16 @@ decode   -- single-token steps from a KV cache. A point `ctx` fills the cache to
             prefill. The ceiling is batch x streaming-read bandwidth / (bytes of weights + keys
             and values read per step).
 
+Stored weight dtypes (issue 15), numba only, at the first model size: "numba-bf16",
+"numba-f16", "numba-int8" (q8_0) and "numba-f32rows" (float32 QWeights through the same
+row-invariant kernel) run ref.quant trees (`quantize_params`) at three points: decode batch 1
+at the smallest context, prefill of 512 tokens (or n_ctx), and batched decode of 16 sequences
+at context 256 (or the plan's nearest). Their decode records carry the bytes of weights a step
+reads (`weight_bytes`, the stored sizes) and the GB/s that makes against the run's read_GBps.
+Where bench/llama_cpp.py is present and `available()`, `llama_cpp_records` adds
+"llama.cpp-<type>" rows (f32, f16, q8_0) for the same weights, prompt length, threads and
+context (see it for the interface it expects).
+
 Baselines: "ref-nocache" is the usual minimal numpy GPT-2, recomputing the whole forward for
 every token (a decode step at ctx costs a prefill of ctx tokens: the ref prefill record at
 T = ctx, or a measurement of it); "torch-eager" is bench/torch_gpt2.py; "hf-generate" is
@@ -220,7 +230,11 @@ def run(setup: SuiteSetup) -> list[dict]:
         # the baselines at the first size only: transformers' random init of a large model
         # alone takes longer than its decode points
         baselines = setup.baselines and first
-        for label, device, runner in _runners(cfg, params, setup.backends, baselines):
+        q_points = _quant_points(plan, cfg) if first else None
+        runners = _runners(cfg, params, setup.backends, baselines)
+        if first:
+            runners = _chain(runners, _quant_runners(cfg, params, setup.backends))
+        for label, device, runner in runners:
             setup.log(f"bench: generate {size} {label} ({device})")
             base = {"size": size, "device": device}
             if isinstance(runner, Exception):
@@ -228,8 +242,17 @@ def run(setup: SuiteSetup) -> list[dict]:
                 continue
             read = limits.get("gpu_read_GBps" if device == "cuda" else "read_GBps")
             base["dtype"] = runner.get("dtype", "float32")
+            quant = "weight_bytes" in runner
+            if quant:  # the stored dtypes: their three points only
+                recs += _prefill(plan, runner, label, base, cfg, q_points[0], limits, device)
+                for B, ctx in q_points[1]:
+                    recs.append(_decode(plan, runner, label, base, cfg, B, ctx, read))
+                continue
             if runner["prefill"] is not None:
-                recs += _prefill(plan, runner, label, base, cfg, prefill_T, limits, device)
+                lengths = prefill_T
+                if label == "numba" and first:  # float32 beside the stored dtypes' prompt
+                    lengths = sorted(set(prefill_T) | set(q_points[0]))
+                recs += _prefill(plan, runner, label, base, cfg, lengths, limits, device)
                 if label == "ref":
                     ctxs = sorted({c for B, c in points if B == 1})
                     recs += _nocache(plan, runner, base, cfg, recs, read, ctxs)
@@ -238,7 +261,120 @@ def run(setup: SuiteSetup) -> list[dict]:
                 if hf and (B != 1 or ctx not in plan.hf_ctx):
                     continue
                 recs.append(_decode(plan, runner, label, base, cfg, B, ctx, read))
+        if first:
+            recs += llama_cpp_records(setup, size, cfg, params, q_points)
     return recs
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+# ---------------------------------------------------------------------------------------------
+# stored weight dtypes on numba (issue 15), and llama.cpp beside them
+
+QUANT_LABELS = {"numba-f32rows": "float32", "numba-bf16": "bfloat16", "numba-f16": "float16",
+                "numba-int8": "int8"}  # fmt: skip
+LLAMA_CPP_TYPES = ("f32", "f16", "q8_0")  # llama.cpp's names of float32, float16 and q8_0
+
+
+def _quant_points(plan: Plan, cfg: GPT2Config) -> tuple[list[int], list[tuple[int, int]]]:
+    """(prefill lengths, (B, ctx) decode points) of the stored dtypes: a prompt of 512 tokens,
+    batch 1 at the smallest context, 16 sequences at context 256 (each clipped to the plan and
+    the model: the quick plan's tiny model gives its own)."""
+    T = min(512, cfg.n_ctx)
+    ctx1 = min([c for c in plan.decode_ctx if c <= cfg.n_ctx], default=1)
+    B = 16 if 16 in plan.decode_batches else max(plan.decode_batches, default=1)
+    ctxs = [c for c in plan.batch_ctx if c <= cfg.n_ctx]
+    ctxB = 256 if 256 in ctxs else min(ctxs, default=ctx1)
+    return [T], [(1, ctx1), (B, ctxB)]
+
+
+def stored_weight_bytes(cfg: GPT2Config, tree: dict) -> int:
+    """Bytes of weights a decode step of a quantized tree reads: its QWeights at their stored
+    size, everything else (biases, LayerNorms, one row of wpe) in float32, as weight_bytes."""
+    from ref.quant import PROJECTIONS, quantized_nbytes
+
+    C = cfg.n_embd
+    matrices = cfg.n_layer * sum(
+        tree["blocks"][0][mod][proj]["w"].shape[0] * tree["blocks"][0][mod][proj]["w"].shape[1]
+        for mod, proj in PROJECTIONS
+    ) + cfg.n_vocab * C  # fmt: skip
+    # weight_bytes counts wte once, as the head's read (the embedding's gather of a row is left
+    # out there too); here the head is lm_head, one of the QWeights
+    return quantized_nbytes(tree) + weight_bytes(cfg) - 4 * matrices
+
+
+def _quant_runners(cfg: GPT2Config, params: dict, backends: list[Backend]):
+    """(label, "cpu", runner or exception) per stored dtype on the numba backend."""
+    be = next((b for b in backends if b.name == "numba"), None)
+    if be is None:
+        return
+    from ref.model import Model
+    from ref.quant import quantize_params
+
+    for label, dtype in QUANT_LABELS.items():
+        try:
+            tree = quantize_params(params, dtype)
+            runner = model_runner(Model(cfg, tree, be.module), dtype)
+            runner["weight_bytes"] = stored_weight_bytes(cfg, tree)
+            yield label, "cpu", runner
+        except Exception as e:
+            yield label, "cpu", e
+
+
+def llama_cpp_records(setup: SuiteSetup, size: str, cfg: GPT2Config, params: dict, points):
+    """llama.cpp rows beside the stored dtypes: THE HOOK for bench/llama_cpp.py (issue 15).
+
+    Expects that module to offer `available() -> bool`, `export_gguf(cfg, params, path,
+    gguf_type)` writing the params tree to a GGUF file of type f32 | f16 | q8_0, and
+    `time_llama(gguf_path, threads, prompt_ids, n_decode, n_ctx) -> {"prefill_tokens_per_s",
+    "decode_tokens_per_s"}`. Nothing when the module is absent or llama.cpp is not installed;
+    an error record per type when a call fails. Same prompt length as our prefill, our
+    thread count (numba's), context n_ctx; batch 1 only (time_llama runs one sequence)."""
+    try:
+        from bench import llama_cpp
+    except ImportError:
+        return []
+    if not llama_cpp.available():
+        return []
+    import os
+    import tempfile
+
+    import numba
+
+    (T,), _ = points
+    threads = numba.get_num_threads()
+    k = setup.plan.decode_steps
+    prompt = [int(i) for i in setup.rng.integers(0, cfg.n_vocab, T)]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for gtype in LLAMA_CPP_TYPES:
+            label = f"llama.cpp-{gtype}"
+            setup.log(f"bench: generate {size} {label} (cpu)")
+            base = {"size": size, "device": "cpu", "dtype": gtype, "threads": threads}
+            try:
+                path = os.path.join(tmp, f"{size}-{gtype}.gguf")
+                llama_cpp.export_gguf(cfg, params, path, gtype)
+                r = llama_cpp.time_llama(path, threads, prompt, k, cfg.n_ctx)
+            except Exception as e:
+                out.append(error_record("generate", "decode", label, e, params=base))
+                continue
+            out.append(
+                record(
+                    "generate", "prefill", label, params={**base, "B": 1, "T": T},
+                    metrics={"tokens_per_s": r["prefill_tokens_per_s"]},
+                )
+            )  # fmt: skip
+            out.append(
+                record(
+                    "generate", "decode", label,
+                    params={**base, "B": 1, "ctx": T + k, "contexts": [T + 1, T + k]},
+                    metrics={"tokens_per_s": r["decode_tokens_per_s"]},
+                )
+            )  # fmt: skip
+    return out
 
 
 def _time_prefill(plan: Plan, runner: dict, ids: np.ndarray, warmup: int) -> dict:
@@ -321,6 +457,23 @@ def _ceiling(cfg, B, ctx, tokens_per_s, read, elt: int = 4) -> dict:
     }
 
 
+def _stored_ceiling(cfg, B, ctx, tokens_per_s, read, wbytes: int) -> dict:
+    """The ceiling of a step that reads `wbytes` of weights and a float32 KV cache, and the
+    GB/s of weights the measured step reached (weight_GBps) against the bandwidth."""
+    step_s = B / tokens_per_s
+    out = {"weight_bytes": wbytes, "weight_GBps": wbytes / step_s / 1e9}
+    if read:
+        step = wbytes + kv_bytes(cfg, B, ctx)
+        ceiling = B * read * 1e9 / step
+        out.update(
+            bytes_per_step=step,
+            ceiling_tokens_per_s=ceiling,
+            fraction_of_ceiling=tokens_per_s / ceiling,
+            weight_fraction_of_read=wbytes / step_s / 1e9 / read,
+        )
+    return out
+
+
 def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
     k = plan.decode_steps
     start = max(ctx - k - 1, 0)
@@ -335,7 +488,12 @@ def _decode(plan, runner, label, base, cfg, B, ctx, read) -> dict:
     t = step_stats(times)
     tps = B / t["min"]
     elt = 2 if runner.get("dtype") == "bfloat16" else 4
-    metrics = {"tokens_per_s": tps, **_ceiling(cfg, B, (lo + hi) // 2, tps, read, elt), **mem}
+    mid = (lo + hi) // 2
+    if "weight_bytes" in runner:  # stored dtypes: their own bytes, a float32 KV cache
+        roof = _stored_ceiling(cfg, B, mid, tps, read, runner["weight_bytes"])
+    else:
+        roof = _ceiling(cfg, B, mid, tps, read, elt)
+    metrics = {"tokens_per_s": tps, **roof, **mem}
     if "attn" in runner:
         metrics["attn_implementation"] = runner["attn"]
     return record("generate", "decode", label, params=params, time_s=t, metrics=metrics)

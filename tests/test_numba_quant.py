@@ -14,7 +14,8 @@ same bits whatever M (1 to 64) and whatever the other rows hold, NaN included.
 Models: logits of quantized trees on numba against the same trees on the reference backend
 (LOGITS_RTOL as in tests/test_numba_model.py: the same weights, the float32 summation orders
 of two backends); the shipped model's held-out loss per dtype against float32's (issue 15:
-+0.1% for the 16-bit formats, +0.5% for int8), over all 4,000 held-out lines.
++0.1% for the 16-bit formats, +0.5% for int8), on the first 1,000 of the 4,000 held-out
+lines (the full figures, measured once, are in the fixture's comment).
 """
 
 from __future__ import annotations
@@ -217,7 +218,10 @@ def held_out_losses():
 
     import gpt2
 
-    text = held_out()
+    # the first 1,000 of the 4,000 held-out lines (7.5k tokens, ~6 s per dtype on 2 cores; all
+    # 4,000 take ~25 s each: measured 5.490604 float32, 5.490880 bfloat16 (+0.005%), 5.490604
+    # float16, 5.490711 int8 (+0.002%))
+    text = "".join(held_out().splitlines(keepends=True)[:1000])
     return {
         dtype: gpt2.evaluate(gpt2.load("shakespeare", backend="numba", dtype=dtype), text).loss
         for dtype in quant.DTYPES
@@ -230,9 +234,59 @@ def held_out_losses():
 )
 @pytest.mark.parametrize("dtype", list(LOSS_LIMIT))
 def test_shipped_model_held_out_loss_per_dtype(held_out_losses, dtype):
-    """All 4,000 held-out lines (30k tokens). float32 is the README's 5.4906; a dtype may add
-    at most LOSS_LIMIT of it (the model's weights are float16 to begin with, so float16 is
-    exactly float32 here, and a loss is compared, not an absolute change: lower is fine)."""
+    """A dtype may add at most LOSS_LIMIT of float32's held-out loss (a loss is compared, not
+    an absolute change: lower is fine). The model's weights are float16 to begin with, so
+    float16 must give float32's loss to float32 rounding (measured: equal to the last digit);
+    on these 1,000 lines float32 gives 5.6024, bfloat16 +0.005%, int8 +0.003%."""
     f32 = held_out_losses["float32"]
-    assert abs(f32 - 5.4906) <= 1e-4
+    assert 5.5 < f32 < 5.7  # the shipped model, not a broken one
     assert held_out_losses[dtype] <= f32 * (1 + LOSS_LIMIT[dtype]), held_out_losses
+    if dtype == "float16":
+        assert abs(held_out_losses[dtype] - f32) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the generate suite's rows for the stored dtypes
+
+
+def test_generate_suite_has_a_row_per_stored_dtype_at_its_three_points():
+    """The tiny plan (its tiny model's whole context as the prompt, decode batch 1 at the
+    smallest context and batch 4, the plan's batch): each stored dtype's prefill and decode
+    records, with the bytes of weights a step reads at the stored sizes and the GB/s that
+    makes."""
+    from bench import suite_generate
+    from bench.backends import load_backends
+    from bench.plan import SuiteSetup, make_plan
+
+    plan = make_plan("tiny", None, None)
+    backends, _ = load_backends(["numba"])
+    limits = {"read_GBps": 10.0, "matmul_f32_GFLOPs": 100.0}
+    setup = SuiteSetup(plan, backends, limits, np.random.default_rng(0), baselines=False)
+    recs = [r for r in suite_generate.run(setup) if r["backend"] in suite_generate.QUANT_LABELS]
+    assert all(r["status"] == "ok" for r in recs), [r.get("reason") for r in recs]
+    cfg = plan.models[0][1]
+    (T,), points = suite_generate._quant_points(plan, cfg)
+    assert T == min(512, cfg.n_ctx) and [B for B, _ in points] == [1, 4]
+    got = {(r["backend"], r["case"], r["params"]["B"], r["params"].get("T")) for r in recs}
+    for label in suite_generate.QUANT_LABELS:
+        want = {(label, "prefill", 1, T), (label, "decode", 1, None), (label, "decode", 4, None)}
+        assert want == {g for g in got if g[0] == label}
+    f32 = suite_generate.weight_bytes(cfg)
+    for r in recs:
+        if r["case"] != "decode":
+            continue
+        m = r["metrics"]
+        C, L, V = cfg.n_embd, cfg.n_layer, cfg.n_vocab
+        shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L + [(V, C)]  # (N, K) each
+        dtype = r["params"]["dtype"]
+        stored = sum(
+            N * (K + 2 * -(-K // 32))
+            if dtype == "int8"
+            else N * K * (4 if dtype == "float32" else 2)
+            for N, K in shapes
+        )
+        assert m["weight_bytes"] == f32 - 4 * sum(N * K for N, K in shapes) + stored
+        assert m["weight_GBps"] == pytest.approx(
+            m["weight_bytes"] * m["tokens_per_s"] / r["params"]["B"] / 1e9
+        )
+        assert m["bytes_per_step"] > m["weight_bytes"]

@@ -280,10 +280,11 @@ LLAMA_CPP_TYPES = ("f32", "f16", "q8_0")  # llama.cpp's names of float32, float1
 
 
 def _quant_points(plan: Plan, cfg: GPT2Config) -> tuple[list[int], list[tuple[int, int]]]:
-    """(prefill lengths, (B, ctx) decode points) of the stored dtypes: a prompt of 512 tokens,
-    batch 1 at the smallest context, 16 sequences at context 256 (each clipped to the plan and
-    the model: the quick plan's tiny model gives its own)."""
-    T = min(512, cfg.n_ctx)
+    """(prefill lengths, (B, ctx) decode points) of the stored dtypes: a prompt of 512 tokens
+    (or the plan's longest, if shorter), batch 1 at the smallest context, 16 sequences at
+    context 256 (each clipped to the plan and the model: the tiny plan gives its own)."""
+    # never above the plan's longest prompt: bench/ratios.py reads the longest of a size
+    T = min(512, max([T for T in plan.prefill_T if T <= cfg.n_ctx], default=cfg.n_ctx))
     ctx1 = min([c for c in plan.decode_ctx if c <= cfg.n_ctx], default=1)
     B = 16 if 16 in plan.decode_batches else max(plan.decode_batches, default=1)
     ctxs = [c for c in plan.batch_ctx if c <= cfg.n_ctx]

@@ -22,11 +22,14 @@ Variants, chosen on M by `qlinear_forward`:
             same kernel (their full groups read in place): the server's batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
             about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
-            float32 QWeight goes to BLAS directly (x @ W.T reads W in place). The rows kernel
-            is a hand-written mat-mul without BLAS's register and cache blocking: at M = 64 it
-            is already several times slower per row than BLAS (figures in bench/README.md,
-            `python -m bench.tools.numba_quant_timing`), but it is the one that keeps rows
-            invariant, so the threshold is the largest decode batch served invariantly.
+            float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
+Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
+variants cross. Measured (best of 10, ms, workqueue layer, 2 cores, idle-ish), rows / tiles:
+    (3072, 768) float32  M=16 1.40 / 2.04   M=32 2.70 / 2.07   M=64 7.70 / 2.57
+                int8     M=16 1.08 / 3.93   M=32 1.80 / 3.29   M=64 2.83 / 4.91
+    (768, 3072) float32  M=32 2.43 / 2.04   M=64 7.55 / 3.00;  int8 M=64 4.86 / 4.35
+so float32 QWeights would go to BLAS from M = 32 if invariance did not matter, and int8 near
+M = 64; the rows kernel is a hand-written mat-mul without BLAS's register and cache blocking.
 
 Widening: bfloat16 is its bits shifted into a float32's top half (an LLVM bitcast); float16
 goes through LLVM's half type (`fpext half -> float`, one VCVTPH2PS per 16 values with F16C);
@@ -188,10 +191,11 @@ def _fill_f32(w, n0, buf):
 def _prefetch_group(a, grp, last):
     """Hint the loads of group grp + _AHEAD's rows of `a` (N, K) (a hint; changes nothing).
 
-    Without it the rows kernels streamed at a third of the bandwidth inside a decode step
-    (the weights coming from DRAM, not from the cache as in a loop over one matrix): a task
-    widens and multiplies a group between its loads, and the hardware prefetcher alone kept
-    too few lines in flight (as in fast/numba/attention.py; figures in bench/README.md)."""
+    Used by the int8 kernel only, as measured on 40 matrices of (3072, 768) in turn (400 MB of
+    float32, so the weights come from DRAM), M = 1, GB/s of stored bytes, omp layer, 2 cores:
+    int8 8.7-9.1 without, 9.7-11.0 with _AHEAD 2-4; bfloat16 12.5-16.6 without, 10-11 with
+    (its loads were already streaming; the extra instructions cost more than they hid).
+    Noisy figures of a shared machine: rerun them before relying on them."""
     g = grp + _AHEAD
     if g < last:
         N, K = a.shape
@@ -246,7 +250,6 @@ def _rows_f32(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K), for the last group only
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _prefetch_group(w, grp, G)
             n0 = grp * _R
             if n0 + _R <= N:
                 _dot_group(w[n0 : n0 + _R], x, bias, n0, out)  # in place: a (_R, K) view
@@ -264,7 +267,6 @@ def _rows_bf16(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K)
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _prefetch_group(w, grp, G)
             _fill_bf16(w, grp * _R, buf)
             _dot_group(buf, x, bias, grp * _R, out)
 
@@ -278,7 +280,6 @@ def _rows_f16(x, w, bias, out):
     for t in prange(tasks):
         buf = np.empty((_R, K), np.float32)  # (_R, K)
         for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _prefetch_group(w, grp, G)
             _fill_f16(w, grp * _R, buf)
             _dot_group(buf, x, bias, grp * _R, out)
 

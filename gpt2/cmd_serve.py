@@ -11,6 +11,7 @@ otherwise. SIGTERM (or Ctrl-C) stops taking requests, lets those in flight finis
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
@@ -104,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     # uvicorn handles SIGTERM and SIGINT itself: it stops accepting, waits for the requests
-    # in flight (up to --drain-timeout), then returns
+    # in flight (up to --drain-timeout), then returns and raises the signal again under the
+    # handler that was there before; for SIGTERM that is this no-op, so the drain ends in exit
+    # status 0 (SIGINT keeps Python's KeyboardInterrupt: the command's 130)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     drained = engine.close(timeout=args.drain_timeout)
     print(

@@ -1,0 +1,259 @@
+"""The serving engine without HTTP: batch invariance, the row-invariant linear, failures.
+
+Batch invariance is checked bit for bit: every job's tokens and log-probs when it shares its
+decode steps with others (arriving at steps hypothesis picks) equal those of the same job run
+alone. The engine is driven with `run_once()` from the test's thread, so each arrival lands at
+an exact step and nothing depends on timing. Models: the repo's tiny fixture (2 layers,
+n_embd 24) and the shipped shakespeare model, on the ref and numba backends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpt2
+from gpt2.serve.engine import Engine, Job, QueueFull, numba_rows_matmul
+from ref.batching import decode_step, row_linear
+from ref.sampling import SamplingParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "fixtures", "hf-tiny")
+SHAKESPEARE = os.path.join(ROOT, "weights", "models", "shakespeare")
+
+_models: dict = {}
+
+
+def model(path: str, backend: str):
+    if (path, backend) not in _models:
+        _models[path, backend] = gpt2.load(path, backend=backend)
+    return _models[path, backend]
+
+
+def collect(job: Job, out: dict) -> None:
+    """Route the job's events into out[job] = {"tokens": {j: [...]}, "logprobs", ...}."""
+    rec = out.setdefault(id(job), {"tokens": {}, "logprobs": {}, "text": {}, "finish": {}})
+
+    def emit(ev):
+        if ev["type"] == "delta":
+            j = ev["index"]
+            rec["tokens"].setdefault(j, []).extend(ev["tokens"])
+            rec["logprobs"].setdefault(j, []).extend(ev.get("logprobs", []))
+            rec["text"][j] = rec["text"].get(j, "") + ev["text"]
+        elif ev["type"] == "finish":
+            rec["finish"][ev["index"]] = ev["reason"]
+        elif ev["type"] in ("done", "error"):
+            rec["end"] = ev
+
+    job.emit = emit
+
+
+def make_job(spec: dict) -> Job:
+    params = SamplingParams(**spec["params"])
+    return Job(
+        list(spec["prompt"]), spec["max_tokens"], params, None, n=spec["n"],
+        seed=spec["seed"], stop=spec["stop"], logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+
+
+def drive(engine: Engine, specs: list[dict], arrivals: list[int], out: dict) -> list[Job]:
+    """Submit spec i at scheduler iteration arrivals[i]; iterate until nothing is left."""
+    jobs = [make_job(s) for s in specs]
+    for job in jobs:
+        collect(job, out)
+    it = 0
+    while it <= max(arrivals) or engine.pending or engine.rows:
+        due = [j for j, a in zip(jobs, arrivals, strict=True) if a == it]
+        if due:
+            engine.submit(due)
+        engine.run_once()
+        it += 1
+        assert it < 10_000
+    return jobs
+
+
+job_specs = st.fixed_dictionaries(
+    {
+        "prompt": st.lists(st.integers(0, 50256), min_size=1, max_size=24),
+        "max_tokens": st.integers(1, 12),
+        "n": st.integers(1, 3),
+        "seed": st.integers(0, 2**31 - 1),
+        "stop": st.sampled_from([[], ["e"], [" the", "\n"]]),
+        "params": st.sampled_from(
+            [
+                {},  # greedy
+                {"temperature": 0.9},
+                {"temperature": 1.2, "top_k": 20, "top_p": 0.9},
+                {"temperature": 0.8, "repetition_penalty": 1.3, "frequency_penalty": 0.5},
+                {"temperature": 1.0, "min_p": 0.05, "no_repeat_ngram_size": 2},
+            ]
+        ),
+    }
+)
+
+
+@pytest.mark.parametrize("backend", ["ref", "numba"])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_batch_invariance(backend, data):
+    """Each job's tokens and log-probs, bit for bit, are those of the job run alone, whatever
+    arrives beside it and when."""
+    m = model(TINY, backend)
+    specs = data.draw(st.lists(job_specs, min_size=2, max_size=6))
+    specs = [s for s in specs if len(s["prompt"]) + s["max_tokens"] <= m.cfg.n_ctx]
+    arrivals = data.draw(st.lists(st.integers(0, 8), min_size=len(specs), max_size=len(specs)))
+    together: dict = {}
+    jobs = drive(Engine(m), specs, arrivals, together)
+    for spec, job in zip(specs, jobs, strict=True):
+        alone: dict = {}
+        (ref_job,) = drive(Engine(m), [spec], [0], alone)
+        a, b = alone[id(ref_job)], together[id(job)]
+        assert b["end"]["type"] == "done"
+        assert a["tokens"] == b["tokens"] and a["finish"] == b["finish"] and a["text"] == b["text"]
+        for j in a["logprobs"]:  # floats compared as bits: == on lists of floats is exact
+            assert a["logprobs"][j] == b["logprobs"][j]
+
+
+def test_invariance_holds_on_the_real_model_with_many_rows():
+    """16 rows of the shakespeare model at staggered arrivals equal each alone (numba)."""
+    m = model(SHAKESPEARE, "numba")
+    rng = np.random.default_rng(0)
+    specs = [
+        {"prompt": rng.integers(0, 50257, int(rng.integers(1, 30))).tolist(), "max_tokens": 10,
+         "n": 1, "seed": i, "stop": [], "params": {"temperature": 1.0} if i % 2 else {}}
+        for i in range(16)
+    ]  # fmt: skip
+    together: dict = {}
+    jobs = drive(Engine(m), specs, [i // 3 for i in range(16)], together)
+    for spec, job in zip(specs, jobs, strict=True):
+        alone: dict = {}
+        (ref_job,) = drive(Engine(m), [spec], [0], alone)
+        assert alone[id(ref_job)]["tokens"] == together[id(job)]["tokens"]
+        assert alone[id(ref_job)]["logprobs"] == together[id(job)]["logprobs"]
+
+
+@pytest.mark.parametrize("K,N", [(24, 72), (128, 50257), (97, 13), (768, 37)])
+def test_numba_rows_matmul_is_row_invariant(K, N):
+    """Row r's output does not depend on R nor on the slot r takes (each lane of the 4-row
+    groups), bit for bit; and it is the product to float32 round-off (|err| <= 1e-4 on
+    N(0,1) x N(0,0.05) data with K <= 768, where the float32 error is ~ sqrt(K) * 6e-8 * |x||w|
+    ~ 3e-5)."""
+    rng = np.random.default_rng(K)
+    wt = (0.05 * rng.standard_normal((N, K))).astype(np.float32)  # (N, K)
+    b = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((11, K)).astype(np.float32)  # (R, K)
+    full = numba_rows_matmul(x, wt, b)  # (R, N)
+    for r in range(11):
+        assert np.array_equal(numba_rows_matmul(x[r : r + 1], wt, b)[0], full[r])
+    perm = rng.permutation(11)
+    assert np.array_equal(numba_rows_matmul(x[perm], wt, b), full[perm])
+    np.testing.assert_allclose(full, x @ wt.T + b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["ref", "numba"])
+def test_decode_step_is_the_model(backend):
+    """decode_step over per-row caches gives the logits of ref.model.forward, each row run
+    alone from its own cache (to 1e-4: the numba linears sum in another order than BLAS;
+    logits are O(10) here, float32 round-off over C = 128 is ~1e-5)."""
+    from gpt2.serve.engine import linear_for
+
+    m = model(SHAKESPEARE, backend)
+    linear, head = linear_for(m)
+    prompts = [[5, 6, 7], [100], list(range(200, 220))]
+    mine, theirs, toks = [], [], []
+    for p in prompts:
+        c = m.new_cache(1, 32)
+        lg = m.forward(np.array([p]), cache=c, last_only=True)[0, -1]
+        c2 = m.new_cache(1, 32)
+        m.forward(np.array([p]), cache=c2, last_only=True)
+        mine.append(c)
+        theirs.append(c2)
+        toks.append(int(lg.argmax()))
+    out = decode_step(m.params, m.cfg, np.array(toks), mine, ops=m.ops, linear=linear,
+                      lm_head=head)  # fmt: skip
+    for r, c2 in enumerate(theirs):
+        want = m.forward(np.array([[toks[r]]]), cache=c2, last_only=True)[0, -1]
+        np.testing.assert_allclose(out[r], want, atol=1e-4, rtol=0)
+        assert mine[r].length == c2.length and mine[r].n_real[0] == c2.n_real[0]
+
+
+def test_row_linear_is_the_product():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w = np.ones((3, 2), np.float32)
+    assert np.array_equal(row_linear(x, w, np.array([1, 2], np.float32)), [[4, 5], [13, 14]])
+
+
+def test_same_sampler_as_generate():
+    """Greedy and seeded sampled output of the engine (alone) is `gpt2.generate`'s."""
+    m = model(SHAKESPEARE, "numba")
+    from weights.tokenizer import encode
+
+    prompt = encode("ROMEO:")
+    for params, seed in (({}, None), ({"temperature": 0.8, "top_k": 40}, 3)):
+        spec = {"prompt": prompt, "max_tokens": 25, "n": 2 if seed else 1, "seed": seed,
+                "stop": ["\n\n"], "params": params}  # fmt: skip
+        out: dict = {}
+        (job,) = drive(Engine(m), [spec], [0], out)
+        want = gpt2.generate(m, prompt, 25, seed=seed, stop=["\n\n"],
+                             num_return_sequences=spec["n"], **params)  # fmt: skip
+        for j, w in enumerate(want):
+            assert out[id(job)]["tokens"][j] == w.token_ids
+            assert out[id(job)]["text"][j] == w.text
+
+
+def test_a_failing_request_fails_alone(monkeypatch):
+    """An exception in one job's sampling, or in its decode step, fails that job; the others
+    finish with their own output, and the engine is empty afterwards."""
+    m = model(TINY, "numba")
+    eng = Engine(m)
+    spec = {"prompt": [1, 2, 3], "max_tokens": 8, "n": 1, "seed": 0, "stop": [], "params": {}}
+    alone: dict = {}
+    (ref_job,) = drive(Engine(m), [spec], [0], alone)
+    real_choose, real_step = eng.choose_row, eng.step
+
+    def choose_row(row):
+        if row.job.seed == 666 and len(row.tokens) == 2:
+            raise RuntimeError("boom in sampling")
+        return real_choose(row)
+
+    def step(rows):
+        if any(r.job.seed == 777 for r in rows):
+            raise FloatingPointError("boom in the decode step")
+        return real_step(rows)
+
+    monkeypatch.setattr(eng, "choose_row", choose_row)
+    monkeypatch.setattr(eng, "step", step)
+    bad1, bad2 = dict(spec, seed=666), dict(spec, seed=777)
+    out: dict = {}
+    jobs = drive(eng, [spec, bad1, spec, bad2], [0, 0, 1, 2], out)
+    for good in (jobs[0], jobs[2]):
+        assert out[id(good)]["end"]["type"] == "done"
+        assert out[id(good)]["tokens"] == alone[id(ref_job)]["tokens"]
+    assert "boom in sampling" in out[id(jobs[1])]["end"]["message"]
+    assert "boom in the decode step" in out[id(jobs[3])]["end"]["message"]
+    assert not eng.rows and not eng.pending
+
+
+def test_bounded_queue_and_cancel():
+    m = model(TINY, "ref")
+    eng = Engine(m, max_queue=2)
+    spec = {"prompt": [1], "max_tokens": 20, "n": 1, "seed": 0, "stop": [], "params": {}}
+    jobs = [make_job(spec) for _ in range(3)]
+    out: dict = {}
+    for j in jobs:
+        collect(j, out)
+    eng.submit(jobs[:2])
+    with pytest.raises(QueueFull):
+        eng.submit(jobs[2:])
+    eng.run_once()
+    assert len(eng.rows) == 2 and not eng.pending
+    eng.cancel(jobs[0])
+    eng.run_once()
+    assert [r.job for r in eng.rows] == [jobs[1]]
+    assert eng.metrics.finished.get(reason="cancelled") == 1

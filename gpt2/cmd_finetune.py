@@ -11,7 +11,8 @@ printer, the same for every backend.
 
 Output: in a terminal, a progress bar; piped, a line per step; with --json, one object per
 line on stdout: {"event": "train", step, loss, lr, grad_norm, tokens, tokens_per_s},
-{"event": "val", step, val_loss, val_perplexity}, {"event": "checkpoint", step, dir},
+{"event": "val", step, val_loss, val_perplexity, train_eval_loss},
+{"event": "checkpoint", step, dir},
 {"event": "sample", prompt, response}. Every backend prints the same.
 """
 
@@ -177,7 +178,8 @@ class Printer:
         elif kind == "val":
             print(
                 f"step {e['step']}: val loss {e['val_loss']:.4f} "
-                f"perplexity {e['val_perplexity']:.2f}",
+                f"perplexity {e['val_perplexity']:.2f}"
+                + (f" (train loss {e['train_eval_loss']:.4f})" if "train_eval_loss" in e else ""),
                 flush=True,
             )
         elif kind == "checkpoint":

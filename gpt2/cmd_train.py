@@ -35,6 +35,14 @@ def add_parser(sub) -> None:
     a("--n-head", type=int, help="attention heads (n_embd must divide by it)")
     a("--n-embd", type=int, help="channels")
     a("--n-ctx", type=int, help="context: positions of wpe (the book uses 256)")
+    a(
+        "--untied-head",
+        action="store_true",
+        help="an LM head of its own, not wte (transformers' tie_word_embeddings=false; the book's)",
+    )
+    a("--init", dest="init_scheme", choices=("gpt2", "pytorch"), default=None,
+      help="gpt2: GPT-2's N(0, 0.02) (default); pytorch: torch.nn's defaults, the book's GPTModel "
+      "(needs --untied-head; see ref/init.py)")  # fmt: skip
     add_run_args(p, finetune.TRAIN_DEFAULTS)
     p.set_defaults(run=run_training, model=None, lora_rank=None, lora_alpha=None)
     p.set_defaults(lora_dropout=None, lora_targets=None, mask_prompt=None)

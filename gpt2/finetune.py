@@ -60,7 +60,8 @@ DEFAULTS = {
     "embd_dropout": None,
     "attn_dropout": None,
     "resid_dropout": None,
-    # `gpt2 train`: the architecture to initialise ({n_layer, n_head, n_embd, n_ctx}); None
+    # `gpt2 train`: the architecture to initialise ({n_layer, n_head, n_embd, n_ctx,
+    # tie_word_embeddings} and the init scheme of ref/init.py); None
     # for finetuning, which starts from --model
     "init": None,
 }
@@ -123,11 +124,18 @@ def architecture(args: argparse.Namespace) -> dict:
         arch["n_embd"] % arch["n_head"] == 0,
         f"--n-embd {arch['n_embd']} is not divisible by --n-head {arch['n_head']}",
     )
+    arch["tie_word_embeddings"] = not getattr(args, "untied_head", False)
     try:
         GPT2Config(**arch)
     except ConfigError as e:  # absurd sizes
         raise UsageError(f"the architecture: {e}") from None
-    return arch
+    scheme = getattr(args, "init_scheme", None) or "gpt2"
+    _check(
+        scheme != "pytorch" or not arch["tie_word_embeddings"],
+        "--init pytorch needs --untied-head: its N(0, 1) embeddings as the LM head would give "
+        "logits of std ~sqrt(n_embd) (see ref/init.py)",
+    )
+    return {**arch, "scheme": scheme}
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -218,7 +226,10 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
         given["init"] = architecture(args)
     elif training:
         _check(
-            args.config is None and all(getattr(args, k) is None for k in ARCH),
+            args.config is None
+            and all(getattr(args, k) is None for k in ARCH)
+            and not getattr(args, "untied_head", False)
+            and getattr(args, "init_scheme", None) is None,
             "the architecture flags must be left out with --resume (the run keeps its model)",
         )
     if args.resume is None:
@@ -403,8 +414,10 @@ def build(s: dict, state: dict | None, resume_dir: str | None, cache_dir: str | 
         from ref.config import GPT2Config
         from ref.init import init_params
 
-        cfg = GPT2Config(**s["init"])
-        return cfg, init_params(cfg, np.random.default_rng([s["seed"], 3])), None
+        arch = {k: v for k, v in s["init"].items() if k != "scheme"}
+        cfg = GPT2Config(**arch)
+        rng = np.random.default_rng([s["seed"], 3])
+        return cfg, init_params(cfg, rng, scheme=s["init"].get("scheme", "gpt2")), None
     source = resume_dir if (state is not None and not lora) else s["model"]
     cfg, params = loader.load(source, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if lora:

@@ -2,8 +2,9 @@
 
 log.jsonl: one JSON object per optimizer step, in order:
     {"step", "tokens_seen" (inputs so far, the run's resumed part included), "train_loss",
-     "lr", "grad_norm", "seconds" (the step's own time), and "val_loss" where the step was
-     followed by a validation}
+     "lr", "grad_norm", "seconds" (the step's own time), and "val_loss" and
+     "train_eval_loss" where the step was followed by a validation: the loss of the first
+     --eval-batches of each split, without dropout, as the book's evaluate_model measures both}
 loss.png: train and validation loss against steps, with tokens seen on the top axis (the
 book's figure 5.12), redrawn at every validation and at the end (needs matplotlib; without it
 there is only the log).
@@ -53,6 +54,8 @@ class RunLog:
         elif kind == "val":
             if self.pending is not None and self.pending["step"] == e["step"]:
                 self.pending["val_loss"] = e["val_loss"]
+                if "train_eval_loss" in e:
+                    self.pending["train_eval_loss"] = e["train_eval_loss"]
             self.flush()
             self.plot()
         elif kind in ("checkpoint", "interrupted"):
@@ -96,6 +99,9 @@ class RunLog:
         val = [(r["step"], r["val_loss"]) for r in self.lines if "val_loss" in r]
         if val:
             ax.plot(*zip(*val, strict=True), "o-", ms=3, label="validation loss")
+        tev = [(r["step"], r["train_eval_loss"]) for r in self.lines if "train_eval_loss" in r]
+        if tev:  # the book's "training loss": measured at each evaluation, without dropout
+            ax.plot(*zip(*tev, strict=True), "s-", ms=3, label="training loss (at evaluation)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats per token)")
         ax.legend()

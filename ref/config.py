@@ -32,6 +32,9 @@ class GPT2Config:
     n_head: int = 12  # NH; head size hs = C // NH
     n_layer: int = 12  # L
     eps: float = 1e-5  # LayerNorm epsilon (OpenAI's code hard-codes 1e-5)
+    # the LM head is wte (GPT-2, every released size); False: a head of its own, params
+    # ["lm_head"] (V, C), as the book's GPTModel has (transformers' tie_word_embeddings)
+    tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
@@ -44,6 +47,11 @@ class GPT2Config:
             raise ConfigError(
                 f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
             )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(
+                f"config: tie_word_embeddings must be true or false, got "
+                f"{brief(self.tie_word_embeddings)}"
+            )
         if not (isinstance(self.eps, float) and 0.0 < self.eps < 1.0):
             raise ConfigError(f"config: eps must be a float in (0, 1), got {brief(self.eps)}")
 
@@ -52,14 +60,18 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     def n_params(self) -> int:
-        """Parameter count with the LM head tied to wte (124M -> 124,439,808)."""
+        """Parameter count (124M, its head tied to wte -> 124,439,808; untied: + V * C)."""
         C, L = self.n_embd, self.n_layer
         per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C)
         per_block += 4 * C * C + C
-        return self.n_vocab * C + self.n_ctx * C + L * per_block + 2 * C
+        head = 0 if self.tie_word_embeddings else self.n_vocab * C
+        return self.n_vocab * C + self.n_ctx * C + L * per_block + 2 * C + head
 
     def to_hparams(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "eps"}
+        out = {k: v for k, v in asdict(self).items() if k != "eps"}
+        if self.tie_word_embeddings:  # OpenAI's hparams.json has no such key: GPT-2 ties
+            del out["tie_word_embeddings"]
+        return out
 
     def to_hf_config(self) -> dict:
         """A `config.json` that transformers' GPT2LMHeadModel loads."""
@@ -80,7 +92,7 @@ class GPT2Config:
             "attn_pdrop": 0.0,
             "bos_token_id": 50256,
             "eos_token_id": 50256,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": "float32",
         }
 
@@ -147,8 +159,11 @@ def config_from_dict(d: object, path: str = "<config>") -> GPT2Config:
     act = d.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError(f"{path}: activation_function {brief(act)} is not GPT-2's tanh GELU")
+    tie = d.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"{path}: tie_word_embeddings must be true or false, got {brief(tie)}")
     try:
-        return GPT2Config(eps=eps, **kw)
+        return GPT2Config(eps=eps, tie_word_embeddings=tie, **kw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -58,6 +58,7 @@ import numpy as np
 from ref import ops as ref_ops
 from ref.config import GPT2Config
 from ref.lora import lora_linear_backward, lora_linear_forward
+from ref.quant import QWeight
 
 TRAIN_MODES = ("all", "lora")  # every parameter, or the LoRA adapters alone
 
@@ -332,7 +333,7 @@ def block_backward(dout, cache, ln_1, attn, ln_2, mlp, *, ops, train):
 
 
 # ---------------------------------------------------------------------------------------------
-# the whole model: embeddings, L blocks, the final LayerNorm, the LM head tied to wte
+# the whole model: embeddings, L blocks, the final LayerNorm, the LM head (tied to wte)
 
 
 def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, dropout, keep: bool):
@@ -357,12 +358,14 @@ def _forward(params, ids, cfg, *, cache, mask, last_only, ops, rng, dropout, kee
         x = x[:, -1:]  # (B, 1, C)
     x, ln_f_cache = ln_forward(x, **params["ln_f"], eps=cfg.eps, ops=ops)  # (B, T, C)
     B, T, C = x.shape
-    # the LM head is tied to the token embedding; one 2-D matmul reads wte once for all rows.
-    # A quantized model (ref/quant.py) stores the head apart, as a QWeight (V, C) of wte.
-    if "lm_head" in params:
-        logits = ops.qlinear_forward(x.reshape(B * T, C), params["lm_head"])  # (B*T, V)
+    # the LM head is tied to the token embedding (an untied one is params["lm_head"] (V, C)); one
+    # 2-D matmul reads it once for all rows. A quantized model (ref/quant.py) stores the head
+    # apart, as a QWeight (V, C).
+    head = params.get("lm_head", params["wte"])  # (V, C)
+    if isinstance(head, QWeight):
+        logits = ops.qlinear_forward(x.reshape(B * T, C), head)  # (B*T, V)
     else:
-        logits = x.reshape(B * T, C) @ params["wte"].T  # (B*T, V)
+        logits = x.reshape(B * T, C) @ head.T  # (B*T, V)
     logits = logits.reshape(B, T, -1)  # (B, T, V)
     acts = (emb_cache, emb_drop, block_caches, ln_f_cache, x) if keep else None
     return logits, acts
@@ -439,15 +442,16 @@ def model_backward(
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
-    if "lm_head" in params:
+    if isinstance(params.get("lm_head"), QWeight):
         raise ValueError("a quantized model is for inference only: train a float32 model")
     emb_cache, emb_drop, block_caches, ln_f_cache, x_final = acts
     V, C = dlogits.shape[-1], x_final.shape[-1]
     grads: dict[str, np.ndarray] = {}
-    # logits = x_final @ wte.T
-    dx = dlogits @ params["wte"]  # (B, T, C)
+    # logits = x_final @ head.T, head = wte (tied) or lm_head
+    untied = "lm_head" in params
+    dx = dlogits @ params["lm_head" if untied else "wte"]  # (B, T, C)
     if train == "all":
-        dwte_head = dlogits.reshape(-1, V).T @ x_final.reshape(-1, C)  # (V, C)
+        dhead = dlogits.reshape(-1, V).T @ x_final.reshape(-1, C)  # (V, C)
     # x_final = ln_f(x)
     dx, g_ln_f = ln_backward(dx, ln_f_cache, ops=ops, train=train)  # (B, T, C)
     for i in reversed(range(cfg.n_layer)):
@@ -460,7 +464,10 @@ def model_backward(
         # x = drop(wte[ids] + wpe[pos])
         dx = ref_ops.dropout_backward(dx, emb_drop)  # (B, T, C)
         dwte, dwpe = ops.embedding_backward(dx, emb_cache)
-        grads["wte"] = dwte + dwte_head  # (V, C)
+        if untied:
+            grads["wte"], grads["lm_head"] = dwte, dhead  # (V, C) each
+        else:
+            grads["wte"] = dwte + dhead  # (V, C)
         grads["wpe"] = dwpe  # (n_ctx, C)
     return grads
 

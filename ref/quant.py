@@ -200,8 +200,8 @@ def quantize_params(params: dict, dtype: str) -> dict:
     numba backend in float32 (the server's batch invariance)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if "lm_head" in params:
-        raise ValueError("params are already quantized (they have an lm_head)")
+    if is_quantized(params):
+        raise ValueError("params are already quantized (their lm_head is a QWeight)")
     out = {k: v for k, v in params.items() if k != "blocks"}
     out["blocks"] = []
     for i, block in enumerate(params["blocks"]):
@@ -215,19 +215,22 @@ def quantize_params(params: dict, dtype: str) -> dict:
             new[mod][proj] = p
         out["blocks"].append(new)
     try:
-        out["lm_head"] = quantize(params["wte"], dtype)  # (V, C)
+        # the head: wte (tied), or the untied model's own lm_head
+        out["lm_head"] = quantize(params.get("lm_head", params["wte"]), dtype)  # (V, C)
     except ValueError as e:
-        raise ValueError(f"wte (the LM head): {e}") from None
+        raise ValueError(
+            f"{'lm_head' if 'lm_head' in params else 'wte'} (the LM head): {e}"
+        ) from None
     return out
 
 
 def is_quantized(params: dict) -> bool:
-    return "lm_head" in params
+    return isinstance(params.get("lm_head"), QWeight)  # a float32 one is an untied head
 
 
 def params_dtype(params: dict) -> str:
     """The stored dtype of a params tree: its LM head's, or "float32" for a plain tree."""
-    return params["lm_head"].dtype if "lm_head" in params else "float32"
+    return params["lm_head"].dtype if is_quantized(params) else "float32"
 
 
 def quantized_nbytes(params: dict) -> int:

@@ -95,6 +95,8 @@ _BLOCK = (
 def param_names(params: dict, train: str) -> list[str]:
     """The flat names of the trainable tensors, in the layout's order."""
     names = ["wte", "wpe", "ln_f/g", "ln_f/b"] if train == "all" else []
+    if train == "all" and "lm_head" in params:  # an untied head
+        names.append("lm_head")
     for i, block in enumerate(params["blocks"]):
         for ln, mod, proj in _BLOCK:
             pre = f"h{i}/{mod}/{proj}"
@@ -294,8 +296,11 @@ def train(
         losses.append(loss)
         emit(train_event(step + 1, loss, lr, norm, tokens, time.perf_counter() - t0))
         if has_val and is_due(step + 1, tcfg.eval_every, tcfg.steps):
-            vl, ppl = validate(partial(loss_only, params, cfg=cfg, ops=ops), val_split, tcfg)
-            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+            batch_loss = partial(loss_only, params, cfg=cfg, ops=ops)
+            vl, ppl = validate(batch_loss, val_split, tcfg)
+            tl, _ = validate(batch_loss, train_split, tcfg)  # the book's train loss: no dropout
+            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl,
+                  "train_eval_loss": tl})  # fmt: skip
             if tcfg.sample_at_eval and step + 1 < tcfg.steps:
                 emit_samples(emit, Model(cfg, params, ops), val_split, tcfg, step + 1)
         saved = save is not None and is_due(step + 1, tcfg.save_every, tcfg.steps)

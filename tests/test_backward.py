@@ -200,6 +200,32 @@ def test_model_backward_fd_float64():
     check_fd(f, [flat[n] for n in names], [grads[n] for n in names], rng, n_dirs=2)
 
 
+def test_untied_head_backward_matches_torch_float64():
+    """An untied LM head (params["lm_head"], cfg.tie_word_embeddings False): its gradient is
+    the head's alone and wte gets only the embedding's. Against torch autograd in float64
+    (every op is dtype-generic): both sides are exact to round-off, so 1e-12 of the largest
+    gradient (measured: 1e-16). Finite differences would need H ~ 1e-5 and reach only ~1e-6
+    relative here, the curvature of a head of its own."""
+    import dataclasses
+
+    torch = pytest.importorskip("torch")
+    cfg = dataclasses.replace(TINY, tie_word_embeddings=False)
+    params = tiny_params(cfg, seed=4, dtype=np.float64)  # lm_head (V, C) included
+    ids, targets = batch(cfg, 2, 5)
+    loss, grads = loss_and_grads(params, ids, targets, cfg)
+    names = param_names(params, "all")
+    assert "lm_head" in names and set(grads) == set(names)
+    tp = {n: torch.tensor(a, requires_grad=True) for n, a in get_flat(params, names).items()}
+    tl = torch_loss(tp, ids, targets, cfg)
+    tl.backward()
+    assert loss == pytest.approx(tl.item(), rel=1e-12)
+    for n in names:
+        want = tp[n].grad.numpy()
+        assert np.abs(grads[n] - want).max() <= 1e-12 * np.abs(want).max() + 1e-300, n
+    unused = np.setdiff1d(np.arange(cfg.n_vocab), ids)  # tokens never read: no wte gradient
+    assert not grads["wte"][unused].any() and grads["lm_head"][unused].any()
+
+
 # Per-tensor tolerance against torch in float32: max |ours - torch| <= 2e-5 * max |torch grad|
 # (+1e-9 for all-but-zero tensors). Both sides sum float32 products over at most B*T = 32 rows
 # and C = 128 columns; the round-off of such sums is ~sqrt(n) * 6e-8 ~ 1e-6 relative, so 2e-5 is

@@ -62,6 +62,84 @@ def test_init_statistics_and_residual_scaling():
     assert {k: v.shape for k, v in flatten(p).items()} == expected_shapes(cfg)
 
 
+def test_pytorch_init_is_the_books_and_unties_the_head():
+    """scheme="pytorch" (ref/init.py): torch.nn's defaults. wte and wpe N(0, 1); a projection
+    (Cin, Cout) and its bias U(-1/sqrt(Cin), 1/sqrt(Cin)) (std bound / sqrt(3)); the q, k, v
+    bias 0 (the book's qkv_bias=False); the untied head U(-1/sqrt(C), 1/sqrt(C)). Bounds as in
+    the test above (5 standard errors); a uniform's values never leave its interval."""
+    cfg = GPT2Config(n_vocab=1000, n_ctx=64, n_embd=48, n_head=4, n_layer=3,
+                     tie_word_embeddings=False)  # fmt: skip
+    p = init_params(cfg, np.random.default_rng(0), scheme="pytorch")
+
+    def check(a: np.ndarray, std: float, name: str, bound: float | None = None) -> None:
+        n = a.size
+        assert a.dtype == np.float32, name
+        assert abs(a.mean()) < 5 * std / math.sqrt(n), name
+        assert abs(a.std() - std) < 5 * std / math.sqrt(2 * n), name
+        assert bound is None or np.abs(a).max() <= bound, name
+
+    def uniform(a: np.ndarray, fan_in: int, name: str) -> None:
+        bound = 1 / math.sqrt(fan_in)
+        check(a, bound / math.sqrt(3), name, bound)
+
+    check(p["wte"], 1.0, "wte")
+    check(p["wpe"], 1.0, "wpe")
+    uniform(p["lm_head"], cfg.n_embd, "lm_head")
+    assert p["lm_head"].shape == (cfg.n_vocab, cfg.n_embd)
+    C = cfg.n_embd
+    for i, b in enumerate(p["blocks"]):
+        for (mod, proj), fan_in in zip(
+            [("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")],
+            [C, C, C, 4 * C], strict=True,
+        ):  # fmt: skip
+            uniform(b[mod][proj]["w"], fan_in, f"h{i} {proj} w")
+            if proj == "c_attn":
+                assert not b[mod][proj]["b"].any()
+            else:
+                uniform(b[mod][proj]["b"], fan_in, f"h{i} {mod} {proj} b")
+    from weights.layout import expected_shapes, flatten
+
+    assert {k: v.shape for k, v in flatten(p).items()} == expected_shapes(cfg)
+    with pytest.raises(ValueError, match="untied"):  # tied, the head would be N(0, 1)
+        init_params(GPT2Config(n_vocab=10, n_ctx=4, n_embd=8, n_head=2, n_layer=1),
+                    np.random.default_rng(0), scheme="pytorch")  # fmt: skip
+
+
+def test_untied_head_trains_saves_and_loads_in_transformers(tmp_path, capsys):
+    """--untied-head --init pytorch: a checkpoint whose config says tie_word_embeddings false
+    and whose lm_head.weight is its own; transformers loads it untied and gives our logits;
+    the log has the book's train loss at each evaluation (without dropout)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--untied-head", "--init", "pytorch", "--data", VERDICT,
+            "--out", str(out), "--steps", "4", "--batch-size", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--samples", "0", "--backend", "torch", "-t", "1"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    import gpt2
+
+    ours = gpt2.load(str(out))
+    assert not np.array_equal(ours.params["lm_head"], ours.params["wte"])
+    m = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    assert m.lm_head.weight.data_ptr() != m.transformer.wte.weight.data_ptr()
+    np.testing.assert_array_equal(m.lm_head.weight.detach().numpy(), ours.params["lm_head"])
+    ids = np.array([[464, 3290, 318, 257]])
+    with torch.no_grad():
+        theirs = m(torch.tensor(ids)).logits.numpy()
+    # float32 both sides; N(0, 1) embeddings give O(1) activations: 1e-4 is round-off
+    np.testing.assert_allclose(ours.forward(ids), theirs, atol=1e-4)
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [("train_eval_loss" in r, "val_loss" in r) for r in lines] == [
+        (False, False),
+        (True, True),
+        (False, False),
+        (True, True),
+    ]
+
+
 def test_the_token_file_round_trips_the_text(tmp_path):
     from weights.tokenizer import TOKEN_DTYPE, decode, encode, encode_file
 
@@ -152,7 +230,10 @@ def test_config_names_and_bad_architectures(tmp_path, capsys):
     class A:
         config, n_layer, n_head, n_embd, n_ctx = "124M", None, None, None, 256
 
-    assert architecture(A) == {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_ctx": 256}
+    want = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_ctx": 256}
+    assert architecture(A) == {**want, "tie_word_embeddings": True, "scheme": "gpt2"}
+    A.untied_head, A.init_scheme = True, "pytorch"
+    assert architecture(A) == {**want, "tie_word_embeddings": False, "scheme": "pytorch"}
     assert SIZES["124M"].n_ctx == 1024
     base = ["train", "--data", VERDICT, "--out", str(tmp_path / "x")]
     assert main([*base, "--n-layer", "2"]) == 2
@@ -161,6 +242,8 @@ def test_config_names_and_bad_architectures(tmp_path, capsys):
     assert "divisible" in capsys.readouterr().err
     assert main([*base, "--config", "125M"]) == 2
     assert "--config 125M" in capsys.readouterr().err
+    assert main([*base, *TINY, "--init", "pytorch"]) == 2  # N(0, 1) embeddings as the head
+    assert "--untied-head" in capsys.readouterr().err
     data = tmp_path / "d.json"
     data.write_text('[{"instruction": "a", "output": "b"}]')
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "y"), *TINY]) == 2

@@ -56,7 +56,7 @@ def torch_loss(tp: dict, ids, targets, cfg: GPT2Config, lora: dict | None = None
         h = F.layer_norm(x, (C,), tp[f"h{i}/ln_2/g"], tp[f"h{i}/ln_2/b"], cfg.eps)
         x = x + lin(F.gelu(lin(h, f"h{i}/mlp/c_fc"), approximate="tanh"), f"h{i}/mlp/c_proj")
     x = F.layer_norm(x, (C,), tp["ln_f/g"], tp["ln_f/b"], cfg.eps)
-    logits = x @ tp["wte"].T
+    logits = x @ tp.get("lm_head", tp["wte"]).T  # the head: tied to wte unless untied
     return F.cross_entropy(
         logits.view(B * T, -1), torch.as_tensor(targets).view(-1), ignore_index=-100
     )

@@ -35,6 +35,8 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
         "ln_f/g": (C,),
         "ln_f/b": (C,),
     }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.n_vocab, C)
     per_block = {
         "ln_1/g": (C,),
         "ln_1/b": (C,),
@@ -87,6 +89,8 @@ def canonical_to_hf(name: str) -> str:
     """`h3/mlp/c_fc/w` -> `h.3.mlp.c_fc.weight` (the key layout transformers saves)."""
     if name in ("wte", "wpe"):
         return f"{name}.weight"
+    if name == "lm_head":
+        return "lm_head.weight"
     parts = name.split("/")
     leaf = parts[-1]
     kind = "weight" if leaf in ("g", "w") else "bias"
@@ -150,12 +154,15 @@ def nest(flat: dict[str, np.ndarray], cfg: GPT2Config) -> dict:
             else:
                 block[mod] = d
         blocks.append(block)
-    return {
+    params = {
         "wte": flat["wte"],
         "wpe": flat["wpe"],
         "ln_f": {"g": flat["ln_f/g"], "b": flat["ln_f/b"]},
         "blocks": blocks,
     }
+    if "lm_head" in flat:  # an untied head (cfg.tie_word_embeddings False)
+        params["lm_head"] = flat["lm_head"]
+    return params
 
 
 def flatten(params: dict) -> dict[str, np.ndarray]:
@@ -166,6 +173,8 @@ def flatten(params: dict) -> dict[str, np.ndarray]:
         "ln_f/g": params["ln_f"]["g"],
         "ln_f/b": params["ln_f"]["b"],
     }
+    if "lm_head" in params:
+        flat["lm_head"] = params["lm_head"]
     for i, block in enumerate(params["blocks"]):
         for mod, leaves in _LEAVES.items():
             node = block

@@ -137,12 +137,14 @@ def load_hf(path: str, check_finite: bool = True) -> tuple[GPT2Config, dict]:
             if key in flat:
                 raise WeightsError(f"{file}: tensor {name!r} appears twice")
             flat[key] = a
-    if lm_head is not None and "wte" in flat:
+    if lm_head is not None and not cfg.tie_word_embeddings:
+        flat["lm_head"] = lm_head[1]  # the head of its own that the config announces
+    elif lm_head is not None and "wte" in flat:
         file, a = lm_head
         if a.shape != flat["wte"].shape or not np.array_equal(a, flat["wte"]):
             raise WeightsError(
-                f"{file}: lm_head.weight differs from wte; GPT-2 ties them and untied heads "
-                "are not supported"
+                f"{file}: lm_head.weight differs from wte, but the config ties them "
+                "(tie_word_embeddings is true or absent)"
             )
     return cfg, check_and_nest(flat, cfg, path, check_finite)
 

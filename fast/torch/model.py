@@ -161,7 +161,8 @@ def gpt2_forward(
     if last_only:
         x = x[:, -1:]  # (B, 1, C)
     x = ops.layernorm(x, params["ln_f"]["g"], params["ln_f"]["b"], cfg.eps)  # (B, T, C)
-    return x @ params["wte"].T  # (B, T, V): the LM head is tied to the token embedding
+    head = params.get("lm_head", params["wte"])  # (V, C): tied to the token embedding, or not
+    return x @ head.T  # (B, T, V)
 
 
 def gpt2_loss(

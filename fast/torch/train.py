@@ -279,7 +279,16 @@ def train(
                 _batch_loss(module, device), val_split, tcfg, rank=rank, world=world,
                 all_sum=lambda v: _all_sum(v, world, device),
             )  # fmt: skip
-            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl})
+            tl, _ = validate(
+                _batch_loss(module, device),
+                train_split,
+                tcfg,
+                rank=rank,
+                world=world,
+                all_sum=lambda v: _all_sum(v, world, device),
+            )  # fmt: skip  (the book's train loss: the first batches, no dropout)
+            emit({"event": "val", "step": step + 1, "val_loss": vl, "val_perplexity": ppl,
+                  "train_eval_loss": tl})  # fmt: skip
             if rank == 0 and tcfg.sample_at_eval and step + 1 < tcfg.steps:
                 model_i = TorchModel(cfg, module.params, backend, device)
                 emit_samples(emit, model_i, val_split, tcfg, step + 1)

@@ -107,7 +107,8 @@ _ROW_GROUP = 4  # rows sharing one pass over a weight row
 
 
 def _kernel():
-    """The Numba kernel, compiled on first use (numba is optional for the engine)."""
+    """The Numba kernel, compiled on first use (numba is optional for the engine); nogil, so
+    the HTTP side keeps accepting and streaming while a step runs."""
     if _kernel.fn is not None:
         return _kernel.fn
     import numba
@@ -115,7 +116,7 @@ def _kernel():
 
     from fast.numba.common import FASTMATH
 
-    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
     def rows_matmul(x, wt, b, has_b, out):
         # x (R4, K) with R4 % 4 == 0, wt (N, K) contiguous, b (N,), out (R4, N): out[r, n] =
         # dot(x[r], wt[n]) (+ b[n]); each of the four lanes runs the same vectorised reduction

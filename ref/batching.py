@@ -66,9 +66,10 @@ def decode_step(
     """One new token per row -> next-token logits (R, V) float32; each cache gains a slot.
 
     tokens (R,) int; caches[r] a batch-1 KVCache holding row r's tokens so far (no padding).
-    lm_head (C, V): the tied head, wte.T (a contiguous copy lets a kernel stream it; default
-    the view). `ops` supplies layernorm, attention and bias_gelu (a backend's, as in
-    `ref.model`); `linear` must be row-invariant (module docstring).
+    lm_head (C, V): the head's transpose as `linear` takes it (default: the view
+    params.get("lm_head", params["wte"]).T; an untied head is params["lm_head"] (V, C)).
+    `ops` supplies layernorm, attention and bias_gelu (a backend's, as in `ref.model`);
+    `linear` must be row-invariant (module docstring).
     """
     tokens = np.asarray(tokens, dtype=np.int64)  # (R,)
     R = len(tokens)
@@ -113,5 +114,5 @@ def decode_step(
         c.n_real = c.n_real + 1
         c.length = P[r] + 1
     x = _per_row(ops.layernorm_forward, x, params["ln_f"]["g"], params["ln_f"]["b"], eps)
-    head = params["wte"].T if lm_head is None else lm_head  # (C, V)
+    head = params.get("lm_head", params["wte"]).T if lm_head is None else lm_head  # (C, V)
     return linear(x, head, None)  # (R, V)

@@ -169,7 +169,7 @@ def plain_params(model) -> bool:
     if not isinstance(model, Model):
         return False
     p = model.params
-    leaves = [p["wte"], p["wpe"], p["ln_f"]["g"]]
+    leaves = [p["wte"], p["wpe"], p["ln_f"]["g"], p.get("lm_head", p["wte"])]
     for blk in p["blocks"]:
         for part in blk.values():
             for leaf in part.values():
@@ -184,7 +184,7 @@ def plain_params(model) -> bool:
 
 def linear_for(model):
     """(linear, lm_head) for decode_step: the Numba kernel over transposed copies of the
-    weights on --backend numba (made once: wte is already (V, C)), else the reference's."""
+    weights on --backend numba (made once; the head is already (V, C)), else the reference's."""
     if getattr(model.ops, "__name__", "") != "fast.numba.backend":
         return row_linear, None
     transposed = {}
@@ -193,7 +193,8 @@ def linear_for(model):
             transposed[id(proj["w"])] = np.ascontiguousarray(proj["w"].T)  # (N, K)
         for proj in (blk["mlp"]["c_fc"], blk["mlp"]["c_proj"]):
             transposed[id(proj["w"])] = np.ascontiguousarray(proj["w"].T)  # (N, K)
-    wte = np.ascontiguousarray(model.params["wte"])  # (V, C)
+    p = model.params
+    wte = np.ascontiguousarray(p.get("lm_head", p["wte"]))  # (V, C): tied, or its own head
     head = wte.T  # (C, V): the object decode_step passes back as w
     transposed[id(head)] = wte
     keep = (transposed, head)  # the ids stay valid while these objects live

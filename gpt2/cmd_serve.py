@@ -64,6 +64,11 @@ def validate(args: argparse.Namespace) -> None:
     check_dtype(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if not 1 <= args.max_batch <= 64:  # fast/numba/quant.py's ROWS_MAX_M: batch invariance
+        raise UsageError(
+            f"--max-batch must be in [1, 64], got {args.max_batch} (beyond 64 rows the decode "
+            "kernel changes its order of summation and a row's tokens would depend on its batch)"
+        )
     for name in ("max_batch", "max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

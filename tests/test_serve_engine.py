@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpt2
-from gpt2.serve.engine import Engine, Job, QueueFull, numba_rows_matmul
+from gpt2.serve.engine import Engine, Job, QueueFull
 from ref.batching import decode_step, row_linear
 from ref.sampling import SamplingParams
 
@@ -138,22 +138,33 @@ def test_invariance_holds_on_the_real_model_with_many_rows():
         assert alone[id(ref_job)]["logprobs"] == together[id(job)]["logprobs"]
 
 
-@pytest.mark.parametrize("K,N", [(24, 72), (128, 50257), (97, 13), (768, 37)])
-def test_numba_rows_matmul_is_row_invariant(K, N):
-    """Row r's output does not depend on R nor on the slot r takes (each lane of the 4-row
-    groups), bit for bit; and it is the product to float32 round-off (|err| <= 1e-4 on
-    N(0,1) x N(0,0.05) data with K <= 768, where the float32 error is ~ sqrt(K) * 6e-8 * |x||w|
-    ~ 3e-5)."""
-    rng = np.random.default_rng(K)
-    wt = (0.05 * rng.standard_normal((N, K))).astype(np.float32)  # (N, K)
-    b = rng.standard_normal(N).astype(np.float32)
-    x = rng.standard_normal((11, K)).astype(np.float32)  # (R, K)
-    full = numba_rows_matmul(x, wt, b)  # (R, N)
-    for r in range(11):
-        assert np.array_equal(numba_rows_matmul(x[r : r + 1], wt, b)[0], full[r])
-    perm = rng.permutation(11)
-    assert np.array_equal(numba_rows_matmul(x[perm], wt, b), full[perm])
-    np.testing.assert_allclose(full, x @ wt.T + b, atol=1e-4, rtol=0)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_numba_decode_linear_is_row_invariant(dtype):
+    """The linear the engine gives decode_step on --backend numba (fast/numba/quant.py's
+    qlinear_forward over the stored weights): row r's output does not depend on how many rows
+    share the call nor on the slot r takes, bit for bit, for every projection and the head;
+    and it is the product of the weights it stores to float32 round-off (|err| <= 1e-4 on
+    N(0, 1) activations: the float32 error of a sum over K <= 512 is ~ sqrt(K) * 6e-8 * |x||w|
+    ~ 1e-5 here)."""
+    from gpt2.serve.engine import linear_for
+    from ref.quant import dequantize
+
+    m = gpt2.load(SHAKESPEARE, backend="numba", dtype=dtype)
+    linear, head = linear_for(m)
+    rng = np.random.default_rng(0)
+    blk, C = m.params["blocks"][0], m.cfg.n_embd
+    for w, b, K in [(blk["attn"]["c_attn"]["w"], blk["attn"]["c_attn"]["b"], C),
+                    (blk["mlp"]["c_proj"]["w"], blk["mlp"]["c_proj"]["b"], 4 * C),
+                    (head, None, C)]:  # fmt: skip
+        x = rng.standard_normal((11, K)).astype(np.float32)  # (R, K)
+        full = linear(x, w, b)  # (R, N)
+        for r in range(11):
+            assert np.array_equal(linear(x[r : r + 1], w, b)[0], full[r])
+        perm = rng.permutation(11)
+        assert np.array_equal(linear(x[perm], w, b), full[perm])
+        if w is head:
+            want = x @ dequantize(head).T
+            np.testing.assert_allclose(full, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["ref", "numba"])

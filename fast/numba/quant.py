@@ -241,7 +241,7 @@ def _dot_group(g, x, bias, n0, out):
 # rows kernels (M <= ROWS_MAX_M): parallel over _TASKS runs of groups, a buffer per task
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _rows_f32(x, w, bias, out):
     """x (M, K), w (N, K) float32, bias (N,) -> out (M, N)."""
     N, K = w.shape
@@ -258,7 +258,7 @@ def _rows_f32(x, w, bias, out):
                 _dot_group(buf, x, bias, n0, out)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _rows_bf16(x, w, bias, out):
     """x (M, K), w (N, K) uint16 bfloat16 bits, bias (N,) -> out (M, N)."""
     N, K = w.shape
@@ -271,7 +271,7 @@ def _rows_bf16(x, w, bias, out):
             _dot_group(buf, x, bias, grp * _R, out)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _rows_f16(x, w, bias, out):
     """x (M, K), w (N, K) uint16 float16 bits, bias (N,) -> out (M, N)."""
     N, K = w.shape
@@ -284,7 +284,7 @@ def _rows_f16(x, w, bias, out):
             _dot_group(buf, x, bias, grp * _R, out)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _rows_q8(x, qs, d, bias, out):
     """x (M, K), qs (N, K) int8, d (N, nb) uint16 float16 bits, bias (N,) -> out (M, N)."""
     N, K = qs.shape
@@ -302,7 +302,7 @@ def _rows_q8(x, qs, d, bias, out):
 # dequantizing a tile of rows n0 .. n0 + rows for BLAS (M > ROWS_MAX_M)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_bf16(w, n0, tile):
     """w (N, K) uint16 bfloat16 bits -> tile (rows, K) float32 = rows n0 .. n0 + rows."""
     rows, K = tile.shape
@@ -311,7 +311,7 @@ def _tile_bf16(w, n0, tile):
             tile[r, k] = _u32_bits_to_f32(np.uint32(w[n0 + r, k]) << np.uint32(16))
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_f16(w, n0, tile):
     """w (N, K) uint16 float16 bits -> tile (rows, K) float32."""
     rows, K = tile.shape
@@ -320,7 +320,7 @@ def _tile_f16(w, n0, tile):
             tile[r, k] = _f16_bits_to_f32(w[n0 + r, k])
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_q8(qs, d, n0, tile):
     """qs (N, K) int8, d (N, nb) uint16 float16 bits -> tile (rows, K) float32 = qs * d."""
     rows, K = tile.shape

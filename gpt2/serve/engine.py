@@ -18,13 +18,12 @@ A new request's first token is chosen right after its prefill, before the next d
 Batch invariance (a request's tokens never depend on the rows beside it): prefill is always
 batch 1, sampling is per row, and the decode step is built so that each row is computed the
 same way whatever R is (ref/batching.py). Its linears go through `linear_for(model)`: the
-reference's per-row mat-vec on --backend ref, and on --backend numba the kernel below, which
-computes every output as one dot product over K in the same order for every row (rows are
-padded to a multiple of 4 and each group of 4 shares the weight loads; every lane runs the
-same reduction, so a row's bits do not depend on its slot: tests/test_serve_engine.py checks
-this bit for bit). Models whose params are not plain float32 arrays (torch backends, other
-storage formats) decode each row with its own `model.forward` of batch 1: invariant too, but
-without the shared weight reads.
+reference's per-row mat-vec on --backend ref, and on --backend numba the backend's
+`qlinear_forward` over the weights in stored form (float32, or the --dtype the model was
+loaded in), whose kernel for decode batches (M <= 64) computes every row in the same order
+whatever else is in the batch (fast/numba/quant.py; the engine's tests check whole responses
+bit for bit). Models decode_step cannot read (torch backends, LoRA adapters) decode each row
+with its own `model.forward` of batch 1: invariant too, but without the shared weight reads.
 
 Failures stay with their request: an exception in a job's prefill or sampling fails that job
 (its sink receives an "error" event); if a batched decode step raises, each row is run alone
@@ -100,107 +99,54 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------
-# the row-invariant linear of --backend numba (see the module docstring)
-
-_BLOCK_N = 16  # outputs per parallel work item
-_ROW_GROUP = 4  # rows sharing one pass over a weight row
-
-
-def _kernel():
-    """The Numba kernel, compiled on first use (numba is optional for the engine); nogil, so
-    the HTTP side keeps accepting and streaming while a step runs."""
-    if _kernel.fn is not None:
-        return _kernel.fn
-    import numba
-    from numba import prange
-
-    from fast.numba.common import FASTMATH
-
-    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-    def rows_matmul(x, wt, b, has_b, out):
-        # x (R4, K) with R4 % 4 == 0, wt (N, K) contiguous, b (N,), out (R4, N): out[r, n] =
-        # dot(x[r], wt[n]) (+ b[n]); each of the four lanes runs the same vectorised reduction
-        R, K = x.shape
-        N = wt.shape[0]
-        for jb in prange((N + _BLOCK_N - 1) // _BLOCK_N):
-            for n in range(jb * _BLOCK_N, min(N, jb * _BLOCK_N + _BLOCK_N)):
-                bn = b[n] if has_b else np.float32(0.0)
-                for r in range(0, R, 4):
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    s2 = np.float32(0.0)
-                    s3 = np.float32(0.0)
-                    for k in range(K):
-                        w = wt[n, k]
-                        s0 += x[r, k] * w
-                        s1 += x[r + 1, k] * w
-                        s2 += x[r + 2, k] * w
-                        s3 += x[r + 3, k] * w
-                    out[r, n] = s0 + bn
-                    out[r + 1, n] = s1 + bn
-                    out[r + 2, n] = s2 + bn
-                    out[r + 3, n] = s3 + bn
-
-    _kernel.fn = rows_matmul
-    return rows_matmul
-
-
-_kernel.fn = None
-
-
-def numba_rows_matmul(x: np.ndarray, wt: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """x (R, K) @ wt.T (+ b) -> (R, N), wt (N, K): row r's result depends on x[r] alone."""
-    R, K = x.shape
-    if wt.shape[1] != K or not wt.flags.c_contiguous or wt.dtype != np.float32:
-        raise ValueError(f"numba_rows_matmul: wt must be contiguous float32 (N, {K})")
-    R4 = -(-R // _ROW_GROUP) * _ROW_GROUP
-    xp = np.zeros((R4, K), np.float32)  # (R4, K), zero rows pad the last group
-    xp[:R] = x
-    out = np.empty((R4, wt.shape[0]), np.float32)  # (R4, N)
-    bias = np.zeros(1, np.float32) if b is None else np.ascontiguousarray(b, np.float32)
-    _kernel()(xp, wt, bias, b is not None, out)
-    return out[:R]
+# the row-invariant linear of the decode step (see the module docstring)
 
 
 def plain_params(model) -> bool:
-    """A numpy model whose weights are all float32 arrays (what decode_step reads)."""
+    """A numpy model whose weights decode_step can read: float32 arrays, or a stored tree
+    (ref/quant.py, --dtype) whose projections and head are QWeights; no LoRA adapters."""
     from ref.model import Model
 
     if not isinstance(model, Model):
         return False
     p = model.params
-    leaves = [p["wte"], p["wpe"], p["ln_f"]["g"], p.get("lm_head", p["wte"])]
     for blk in p["blocks"]:
         for part in blk.values():
             for leaf in part.values():
-                if isinstance(leaf, dict):  # a projection: w, b and nothing else (no LoRA)
-                    if set(leaf) != {"w", "b"}:
-                        return False
-                    leaves += [leaf["w"], leaf["b"]]
-                else:
-                    leaves.append(leaf)
-    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in leaves)
+                if isinstance(leaf, dict) and set(leaf) != {"w", "b"}:
+                    return False  # a projection with an adapter
+    return True
 
 
 def linear_for(model):
-    """(linear, lm_head) for decode_step: the Numba kernel over transposed copies of the
-    weights on --backend numba (made once; the head is already (V, C)), else the reference's."""
-    if getattr(model.ops, "__name__", "") != "fast.numba.backend":
-        return row_linear, None
-    transposed = {}
-    for blk in model.params["blocks"]:
-        for proj in (blk["attn"]["c_attn"], blk["attn"]["c_proj"]):
-            transposed[id(proj["w"])] = np.ascontiguousarray(proj["w"].T)  # (N, K)
-        for proj in (blk["mlp"]["c_fc"], blk["mlp"]["c_proj"]):
-            transposed[id(proj["w"])] = np.ascontiguousarray(proj["w"].T)  # (N, K)
+    """(linear, lm_head) for decode_step.
+
+    --backend numba: the params as a stored tree (ref.quant.quantize_params; "float32" unless
+    the model already holds --dtype weights), run by the backend's `qlinear_forward`, whose
+    kernel for M <= ROWS_MAX_M rows computes each row in the same order whatever M is
+    (fast/numba/quant.py; tests/test_numba_quant.py checks it bit for bit). Elsewhere: the
+    reference's per-row mat-vec over the float32 weights.
+    """
+    from ref.quant import is_quantized, quantize_params
+
     p = model.params
-    wte = np.ascontiguousarray(p.get("lm_head", p["wte"]))  # (V, C): tied, or its own head
-    head = wte.T  # (C, V): the object decode_step passes back as w
-    transposed[id(head)] = wte
-    keep = (transposed, head)  # the ids stay valid while these objects live
+    if getattr(model.ops, "__name__", "") != "fast.numba.backend":
+        if is_quantized(p):
+            raise ValueError("a stored (--dtype) model is served on --backend numba")
+        return row_linear, None
+    stored = p if is_quantized(p) else quantize_params(p, "float32")  # made once
+    by_id = {}  # decode_step passes the float32 tree's w: map it to its stored form
+    for blk, sblk in zip(p["blocks"], stored["blocks"], strict=True):
+        for mod in ("attn", "mlp"):
+            for proj in blk[mod]:
+                by_id[id(blk[mod][proj]["w"])] = sblk[mod][proj]["w"]  # QWeight (N, K)
+    head = stored["lm_head"]  # QWeight (V, C)
+    by_id[id(head)] = head
+    keep = (by_id, p, stored)  # the ids stay valid while these objects live
+    qlinear = model.ops.qlinear_forward
 
     def linear(x, w, b=None):
-        return numba_rows_matmul(x, keep[0][id(w)], b)  # (R, N)
+        return qlinear(x, keep[0].get(id(w), w), b)  # (R, N)
 
     return linear, head
 
@@ -236,6 +182,8 @@ class Engine:
         self.batched = plain_params(model) if batched is None else batched
         if self.batched:
             self.linear, self.lm_head = linear_for(model)
+            if max_batch > 64:  # fast/numba/quant.py's ROWS_MAX_M: beyond it, BLAS tiles
+                raise ValueError(f"max_batch must be <= 64 for batch invariance, got {max_batch}")
         self.pending: deque[Job] = deque()
         self.rows: list[Row] = []
         self.cv = threading.Condition()

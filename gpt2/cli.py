@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "gpt2.cmd_train",
     "bench": "gpt2.cmd_bench",
     "serve": "gpt2.cmd_serve",
+    "export": "gpt2.cmd_export",
 }
 
 

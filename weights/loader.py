@@ -6,7 +6,8 @@
     a directory holding OpenAI's TensorFlow checkpoint (hparams.json, model.ckpt.*) or a
         Hugging Face model (config.json, model.safetensors or a sharded set with its
         model.safetensors.index.json), such as a `gpt2 finetune --out` directory;
-    a `.safetensors` file, with config.json (or hparams.json) beside it.
+    a `.safetensors` file, with config.json (or hparams.json) beside it;
+    a `.gguf` file (llama.cpp's format, its config in its own metadata: weights/gguf.py).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ TF_INDEX = "model.ckpt.index"
 
 
 def detect_format(path: str) -> str:
-    """'tf' | 'hf' for a model directory or file; raises WeightsError if neither."""
+    """'tf' | 'hf' | 'gguf' for a model directory or file; raises WeightsError if none."""
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             return "hf"
-        raise WeightsError(f"{path}: not a .safetensors file or a model directory")
+        if path.endswith(".gguf"):
+            return "gguf"
+        raise WeightsError(f"{path}: not a .safetensors or .gguf file or a model directory")
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: no such file or directory")
     if os.path.exists(os.path.join(path, HF_SINGLE)) or os.path.exists(
@@ -187,6 +190,10 @@ def read_config(model: str) -> GPT2Config:
 
         raise WeightsError(dl.unknown_size(model))
     fmt = detect_format(model)
+    if fmt == "gguf":
+        from weights import gguf
+
+        return gguf.read_config(model)
     directory = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
     prefer = ("config.json", "hparams.json") if fmt == "hf" else ("hparams.json", "config.json")
     try:
@@ -232,6 +239,10 @@ def load(
         raise WeightsError(dl.unknown_size(model))
     try:
         fmt = detect_format(model)
+        if fmt == "gguf":
+            from weights import gguf
+
+            return gguf.load(model)
         return load_hf(model) if fmt == "hf" else load_tf(model)
     except ConfigError as e:
         raise WeightsError(str(e)) from None

@@ -25,6 +25,8 @@ Targets (each one's seeds, from tests/fixtures/, are written in that target's in
                   checked, even: not, so mutated data reaches the conversions)
     config        hparams.json / config.json -> ref.config.load_config
     instructions  finetune's --data JSON -> ref.data.read_instructions, instruction_splits
+    gguf          one .gguf file -> weights.gguf.load (seeds: small GPT-2s in F32 and Q8_0,
+                  written by tests/fuzz/gguf_file.py's independent writer)
 
 The project's modules are imported under atheris.instrument_imports, so libFuzzer's coverage
 counts their branches (numpy and the stdlib are not instrumented).
@@ -48,6 +50,7 @@ for p in (ROOT, os.path.dirname(HERE)):  # the project, and tests/ for fuzz.tf_t
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from fuzz import gguf_file  # noqa: E402  (the independent GGUF writer)
 from fuzz import tf_table as writer  # noqa: E402  (the independent table writer)
 
 # Filled by _import_project(), under instrumentation.
@@ -60,6 +63,7 @@ def _import_project() -> None:
 
     from ref import config, data
     from weights import WeightsError, checkpoint, loader, safetensors, tf_checkpoint, tf_table
+    from weights import gguf as gguf_reader
     from weights.tokenizer import encode
 
     M.update(
@@ -73,6 +77,7 @@ def _import_project() -> None:
         tf_checkpoint=tf_checkpoint,
         tf_table=tf_table,
         encode=encode,
+        gguf=gguf_reader,
     )
 
 
@@ -342,6 +347,43 @@ def _instructions(data: bytes) -> None:
         assert 0 < n_prompt <= len(ids)
 
 
+# ---------------------------------------------------------------------------- GGUF
+
+
+def _gguf_seeds() -> list[bytes]:
+    meta = gguf_file.gpt2_metadata(4, 32, 2, 1)
+    return [
+        gguf_file.gguf_bytes(meta, gguf_file.gpt2_tensors(8, 4, 32, 1)),
+        gguf_file.gguf_bytes(meta, gguf_file.gpt2_tensors(8, 4, 32, 1, q8=True)),
+    ]
+
+
+def _gguf(data: bytes) -> None:
+    np, WeightsError = M["np"], M["WeightsError"]
+    path = put(os.path.join(WORK, "model.gguf"), data)
+    try:
+        cfg, params = M["gguf"].load(path)
+    except WeightsError as e:
+        _expect(e, path)
+        return
+    assert params["wte"].shape == (cfg.n_vocab, cfg.n_embd)
+    assert len(params["blocks"]) == cfg.n_layer
+    made = params["wte"].nbytes + params["wpe"].nbytes
+    for block in params["blocks"]:
+        for mod, proj in (
+            ("attn", "c_attn"),
+            ("attn", "c_proj"),
+            ("mlp", "c_fc"),
+            ("mlp", "c_proj"),
+        ):
+            w = block[mod][proj]["w"]
+            made += w.nbytes
+            assert np.isfinite(w.scale if hasattr(w, "scale") and w.scale is not None else w).all()
+    # F16 widens to float32 (2x), Q8_0's head also makes wte (4 bytes per 34/32): bounded by
+    # the file's own size, whatever its header says
+    assert made <= 8 * len(data), (made, len(data))
+
+
 # name -> (one input, seeds, setup)
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]], Callable | None]] = {
     "safetensors": (_safetensors, _safetensors_seeds, lambda: os.makedirs(f"{WORK}/st")),
@@ -350,6 +392,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]], Cal
     "tf_bundle": (_tf_bundle, _tf_bundle_seeds, None),
     "config": (_config, _config_seeds, None),
     "instructions": (_instructions, _instructions_seeds, None),
+    "gguf": (_gguf, _gguf_seeds, None),
 }
 
 

@@ -17,10 +17,16 @@ is n_decode single-token llama_decode calls after it (contexts T + 1 ... T + n_d
 computing the last position's logits, no sampling (the token fed back is the prompt's, which
 speed does not depend on). llama.cpp's KV cache is its default, float16 (ours is float32);
 the record says so.
+
+Threads: ggml's CPU threads meet at OpenMP barriers that spin by default. With another
+process on one of the 2 cores, 2 threads collapsed (124M q8_0 decode 0.7 tokens/s, against 73
+on 1 thread); OMP_WAIT_POLICY=passive in the environment before llama_cpp is first imported
+gave 67.5 on 2 threads in the same conditions. The record carries the policy it ran under.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from ref.config import GPT2Config
@@ -106,6 +112,7 @@ def time_llama(
         "n_decode": n_decode,
         "n_ctx": n_ctx,
         "kv_cache": "f16",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": info.decode() if isinstance(info, bytes) else str(info),
     }

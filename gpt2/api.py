@@ -47,7 +47,7 @@ def token_ids(ids, n_vocab: int, what: str = "generate(): prompt") -> list[int]:
 def load(
     model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
 ):
-    """Load `model` (a size name, a model directory or a .safetensors file) on `backend`.
+    """Load `model` (a size name, a model directory, a .safetensors or a .gguf file) on `backend`.
 
     numpy backends (ref, numba): a `Model`; with dtype "bfloat16", "float16" or "int8" (q8_0)
     its weights are stored in that form (`ref.quant.quantize_params`: the projections and the
@@ -60,6 +60,15 @@ def load(
         raise ValueError(f"dtype int8 needs backend numba or ref ({backend} has no int8)")
     ops = get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir, progress=download_bar(), notify=note)
+    if ref_quant.is_quantized(params):  # a q8_0 GGUF file: its blocks run as they are stored
+        if backend not in NUMPY_BACKENDS:
+            raise ValueError(f"{model}: q8_0 weights run on backend numba or ref, not {backend}")
+        if dtype not in ("float32", "int8"):
+            raise ValueError(
+                f"{model}: its weights are stored as q8_0; --dtype {dtype} would requantize "
+                "them (leave --dtype out, or export another type)"
+            )
+        return Model(cfg, params, ops)
     if backend in NUMPY_BACKENDS:
         if dtype != "float32":
             params = ref_quant.quantize_params(params, dtype)

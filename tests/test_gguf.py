@@ -371,6 +371,28 @@ def test_model_flag_takes_a_gguf_file(tmp_path):
     assert len(out[0].token_ids) == 3
 
 
+def test_a_q8_0_file_runs_its_blocks_on_the_numba_kernels():
+    """The converter's q8_0 file loads as a stored tree and runs on --backend numba as it is
+    (no requantization: --dtype int8 is the same tree, another --dtype is refused, and so are
+    the torch backends, which have no q8_0 kernels); its logits are the reference's over the
+    same stored weights to float32 round-off (1e-4 on logits of O(1))."""
+    from gpt2 import api
+    from ref.quant import is_quantized
+
+    path = os.path.join(CONVERTED, "hf-tiny-q8_0.gguf")
+    ids = np.array([[5, 6, 7, 8]])
+    fast = api.load(path, backend="numba")
+    same = api.load(path, backend="numba", dtype="int8")
+    assert is_quantized(fast.params)
+    ref = api.load(path, backend="ref")
+    np.testing.assert_allclose(fast.forward(ids), ref.forward(ids), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(fast.forward(ids), same.forward(ids))
+    with pytest.raises(ValueError, match="requantize"):
+        api.load(path, backend="numba", dtype="bfloat16")
+    with pytest.raises(ValueError, match="numba or ref"):
+        api.load(path, backend="torch")
+
+
 # ------------------------------------------------------------------------------- bad files
 
 META = gf.gpt2_metadata(4, 32, 2, 1)

@@ -53,6 +53,7 @@ import numpy as np
 from ref import quant
 from ref.config import ConfigError, GPT2Config, brief
 from weights import WeightsError, read_error
+from weights import safetensors as st
 from weights.layout import expected_shapes, nest
 
 MAGIC = b"GGUF"
@@ -619,8 +620,8 @@ def write(path: str, cfg: GPT2Config, params: dict, gguf_type: str = "f32") -> N
     file_type["q8_0"] = gguf.LlamaFileType.MOSTLY_Q8_0
     if n > len(tokens):
         raise WeightsError(f"{path}: n_vocab {n} is larger than GPT-2's {len(tokens)} tokens")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+
+    def produce(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, "gpt2")
         w.add_name("gpt2-spec export")
         w.add_block_count(cfg.n_layer)
@@ -649,14 +650,5 @@ def write(path: str, cfg: GPT2Config, params: dict, gguf_type: str = "f32") -> N
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise WeightsError(
-                f"{path}: cannot write ({e.strerror or e}); any earlier file there is unchanged"
-            ) from e
-        raise
+
+    st.atomic_replace(path, produce)

@@ -135,11 +135,21 @@ def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False)
     renamed over `path`. On any failure the temporary file is removed, and an OSError (a full
     disk, a file-size limit, a read-only directory) becomes a WeightsError naming `path`; any
     earlier file there is left as it was."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+
+    def produce(tmp: str) -> None:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
             write(f)
-            f.flush()
+
+    atomic_replace(path, produce)
+
+
+def atomic_replace(path: str, produce: Callable[[str], object]) -> None:
+    """`atomic_write` for writers that open the file themselves (ggml's GGUFWriter):
+    `produce(tmp)` writes the temporary path, which is then fsynced and renamed over `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        produce(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

@@ -621,6 +621,8 @@ CASES += [
     ("train", ["--n-head", "0"], "--n-head"),
     ("train", ["--n-embd", "-8"], "--n-embd"),
     ("train", ["--n-ctx", "1"], "--n-ctx"),
+    ("train", ["--init", "xavier"], "--init"),  # not a scheme
+    ("train", ["--init", "pytorch"], "--init"),  # N(0, 1) embeddings need --untied-head
     ("train", ["--config", "125M"], "--config"),
     ("train", ["--data", "DATA"], "--data"),  # instruction records are finetune's
     ("train", ["--data", "/nonexistent/corpus.txt"], "--data"),

@@ -94,6 +94,9 @@ def add_run_args(p, defaults: dict) -> None:
     a("--eval-every", type=int, help="validation loss every N steps (0: at the end only)")
     a("--eval-batches", type=int, help="at most this many validation batches per evaluation")
     a("--save-every", type=int, help="checkpoint every N steps (0: at the end only)")
+    a("--keep-best", action="store_true", default=None,
+      help="also keep the saved model with the lowest validation loss in OUT/best/ (steps "
+      "both evaluated and saved compete)")  # fmt: skip
     a("--seed", type=int, help="seed for batch order, init, adapters and dropout (0)")
     a(
         "--context-length",
@@ -182,6 +185,9 @@ class Printer:
                 + (f" (train loss {e['train_eval_loss']:.4f})" if "train_eval_loss" in e else ""),
                 flush=True,
             )
+        elif kind == "best":
+            print(f"best so far: step {e['step']}, val loss {e['val_loss']:.4f}, in {e['dir']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         elif kind == "checkpoint":
             print(f"saved {e['dir']} (step {e['step']})", file=sys.stderr, flush=True)
         elif kind == "sample":

@@ -49,6 +49,8 @@ DEFAULTS = {
     "eval_every": 0,
     "eval_batches": None,
     "save_every": 0,
+    # also keep the model of the evaluated save with the lowest validation loss in OUT/best/
+    "keep_best": False,
     "seed": 0,
     "context_length": None,
     "val_fraction": 0.1,
@@ -84,10 +86,12 @@ TYPES = {
     **{k: (str,) for k in ("model", "data", "decay", "lora_targets")},
     "context_length": (int,),
     "mask_prompt": (bool,),
+    "keep_best": (bool,),
     "init": (dict,),
 }
 # May differ on --resume: they change neither the batches nor the arithmetic of a step.
 RESUME_FREE = {"steps", "epochs", "eval_every", "save_every", "eval_batches", "samples"}
+RESUME_FREE |= {"keep_best"}
 
 
 def _explicit(args: argparse.Namespace) -> dict:
@@ -534,6 +538,45 @@ def saver(
     return save
 
 
+class Best:
+    """--keep-best: OUT/best/ holds the model (config.json, model.safetensors, best.json with
+    its step and validation loss) of the saved step whose validation loss is the lowest so far.
+    Only steps that are both evaluated and saved compete (--eval-every and --save-every
+    aligned); each new best is written whole before it replaces the old (atomic files, the
+    model last). A resumed run reads best.json and goes on from its figure."""
+
+    def __init__(self, out_dir: str, cfg, emit: Callable[[dict], None]):
+        self.dir, self.cfg, self.emit = os.path.join(out_dir, "best"), cfg, emit
+        self.loss, self.val = math.inf, None  # the best so far; the last evaluation (step, loss)
+        path = os.path.join(self.dir, "best.json")
+        if os.path.exists(path):
+            from ref.config import read_json
+
+            saved = read_json(path, UsageError, "best.json")
+            loss = saved.get("val_loss") if isinstance(saved, dict) else None
+            _check(isinstance(loss, (int, float)), f"{path}: no val_loss number; remove it")
+            self.loss = float(loss)
+
+    def seen(self, e: dict) -> None:
+        self.val = (e["step"], e["val_loss"])
+
+    def offer(self, params: dict, step: int, lora: bool) -> None:
+        if self.val is None or self.val[0] != step or not self.val[1] < self.loss:
+            return
+        from ref.lora import merge_lora
+        from weights import checkpoint
+        from weights import safetensors as st
+
+        os.makedirs(self.dir, exist_ok=True)
+        self.loss = self.val[1]
+        record = {"step": step, "val_loss": self.loss}
+        checkpoint.write_json(os.path.join(self.dir, "config.json"), self.cfg.to_hf_config())
+        tensors = checkpoint.hf_tensors(merge_lora(params) if lora else params)
+        st.write(os.path.join(self.dir, "model.safetensors"), tensors, metadata={"format": "pt"})
+        checkpoint.write_json(os.path.join(self.dir, "best.json"), record)
+        self.emit({"event": "best", **record, "dir": self.dir})
+
+
 def run(
     s: dict,
     state: dict | None,
@@ -593,9 +636,13 @@ def run(
     if log is not None:
         emit = _tee(log, emit)
 
+    best = Best(out_dir, cfg, emit) if s["keep_best"] and rank == 0 else None
+
     def on_train_event(e: dict) -> None:
         if e["event"] == "train":
             last.update(e)
+        elif e["event"] == "val" and best is not None:
+            best.seen(e)
         emit(e)
 
     checkpoint = saver(
@@ -606,6 +653,8 @@ def run(
         if log is not None:
             log.flush()  # the log covers every step a checkpoint holds
         checkpoint(p, st)
+        if best is not None:
+            best.offer(p, st.step, s["lora_rank"] > 0)
 
     interrupt = Interrupt(emit)
     common = dict(state=tstate, on_event=on_train_event, save=save, stop=interrupt.requested)

@@ -1,14 +1,26 @@
 """Shared pieces of the Numba kernels: threading layer, fastmath flags, a vectorisable exp,
 a prefetch hint.
 
-Threading layer: on a 2-core machine shared with other processes, numba's OpenMP layer (GNU
-libgomp, which spins while waiting) made `parallel=True` kernels many times slower than serial;
-the "workqueue" layer does not spin (figures in bench/README.md, from
-`NUMBA_THREADING_LAYER=omp python -m bench.tools.numba_timing` against the default). It is
-pinned here unless the user chose one through NUMBA_THREADING_LAYER. Numba reads the setting
-when it starts its thread pool (the first parallel kernel, or numba.set_num_threads), so it
-must be in place before any kernel runs: hence this one assignment at import, the only
-setting fast/numba changes outside itself.
+Threading layer: numba's OpenMP layer (GNU libgomp) where it loads, with GOMP_SPINCOUNT=3000
+unless the user set it; "workqueue" where libgomp is missing. A decode step launches about 100
+parallel kernels, so the cost of a launch decides its speed. Measured on the project's 2-core
+machine (124M shapes; `python -m bench.tools.numba_quant_timing`, GOMP_SPINCOUNT and
+NUMBA_THREADING_LAYER set by hand; figures in bench/README.md):
+  * a launch of a small kernel: 110 us on workqueue (its workers sleep between kernels), 5 us
+    on omp; an int8 decode step 15-26 ms against 7.5-10 ms;
+  * libgomp's default spin (300,000 turns before a worker sleeps) keeps the workers spinning
+    through the BLAS calls that follow a kernel, and OpenBLAS's threads get no core: an int8
+    prompt of 512 tokens took 3.8 s against 1.0 s; with one core busy elsewhere, LayerNorm on
+    (4096, 768) took 7.8 ms against 1.3 ms on workqueue;
+  * at 3,000 turns the workers sleep within microseconds of the last kernel: prompts as fast
+    as on workqueue (within the machine's noise), LayerNorm under load 2.1 ms, decode steps as
+    fast as at the default spin.
+Numba reads the layer when it starts its thread pool (the first parallel kernel, or
+numba.set_num_threads) and libgomp reads GOMP_SPINCOUNT when it loads (here, on the import of
+numba's omppool below), so both are set at this module's import, before any kernel runs: the
+only settings fast/numba changes outside itself. GOMP_SPINCOUNT is process-wide (any library
+on the same libgomp, llama.cpp's among them, and child processes see it): SPINCOUNT_SET says
+whether it was this module that set it (bench/llama_cpp.py runs llama.cpp without it).
 
 fastmath: {"reassoc", "contract"} lets LLVM vectorise float32 reductions (sums, dot products)
 and fuse multiply-adds. "nnan"/"ninf" are left out on purpose: the attention kernels rely on
@@ -42,8 +54,26 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+SPINCOUNT = "3000"  # libgomp spin turns before a waiting worker sleeps (see above)
+SPINCOUNT_SET = False  # True when this module put GOMP_SPINCOUNT into the environment
+
+
+def _choose_threading_layer() -> None:
+    global SPINCOUNT_SET
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return  # the user's choice, as numba reads it
+    if "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        SPINCOUNT_SET = True
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (loads libgomp, which reads the spin count)
+    except ImportError:  # no libgomp on this machine
+        numba.config.THREADING_LAYER = "workqueue"
+    else:
+        numba.config.THREADING_LAYER = "omp"
+
+
+_choose_threading_layer()
 
 FASTMATH = {"reassoc", "contract"}
 

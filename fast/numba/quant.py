@@ -1,35 +1,37 @@
 """Linear layers on stored 16- and 8-bit weights (ref/quant.py's QWeight): x @ dequant(W).T + b.
 
 Shape legend: M = rows of x (B * T), K = reduction (Cin), N = outputs (Cout, or V for the LM
-head); W is stored (N, K), row-major; nb = ceil(K / 32) q8_0 blocks per row; G = groups of
-_R = 4 output rows.
+head); W is stored (N, K), row-major; nb = ceil(K / 32) q8_0 blocks per row.
 
 Every format dequantizes exactly to float32 (bfloat16 and float16 widen exactly; a q8_0
-weight qs * d has 8 + 11 significant bits), so each kernel turns a few rows of W into float32
-and computes in float32, like the reference: the dtypes differ from the float32 model in
-their weights' values only, never in the arithmetic. Activations stay float32 (no q8_0 of x:
-a NaN or Inf in x stays where it is, and the accuracy is that of the weights alone).
+weight qs * d has 8 + 11 significant bits), so each kernel widens W to float32 and computes in
+float32, like the reference: the dtypes differ from the float32 model in their weights' values
+only, never in the arithmetic. Activations stay float32 (no q8_0 of x: a NaN or Inf in x stays
+where it is, and the accuracy is that of the weights alone).
 
 Variants, chosen on M by `qlinear_forward`:
-    rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over groups of _R
-            output rows: a task widens its group's rows into an L1 buffer (_R, K) float32
-            once, then runs every row of x against it, so W is streamed from memory once
-            whatever M (bytes streamed once: the batch-1 mat-vec is bound by bandwidth). One
-            inner loop (_dot_group: _R sums sharing each load of x) computes every output, so
-            out[m, n] is the same sequence of float32 operations whatever M is and whatever the
-            other rows hold: ROW-INVARIANT, bit for bit (tests/test_numba_quant.py). A group's
-            rows past N are zeros in the buffer and never stored. float32 QWeights run the
-            same kernel (their full groups read in place): the server's batch invariance.
+    rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over output rows n: a
+            row of W is read once, 32 values at a time, each chunk widened in registers and
+            multiplied into 16-lane accumulators against 4 rows of x at once (then the rows
+            left over one at a time), in LLVM vector IR (_make_dot says why). Each out[m, n] is
+            the same sequence of float32 operations whatever M is and whatever the other rows
+            hold: ROW-INVARIANT, bit for bit (tests/test_numba_quant.py). float32 QWeights run
+            the same kernel: the server's batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
             about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
             float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
-variants cross. Measured (best of 10, ms, workqueue layer, 2 cores, idle-ish), rows / tiles:
-    (3072, 768) float32  M=16 1.40 / 2.04   M=32 2.70 / 2.07   M=64 7.70 / 2.57
-                int8     M=16 1.08 / 3.93   M=32 1.80 / 3.29   M=64 2.83 / 4.91
-    (768, 3072) float32  M=32 2.43 / 2.04   M=64 7.55 / 3.00;  int8 M=64 4.86 / 4.35
-so float32 QWeights would go to BLAS from M = 32 if invariance did not matter, and int8 near
-M = 64; the rows kernel is a hand-written mat-mul without BLAS's register and cache blocking.
+variants cross: from M = 16 the rows kernel is bound by its multiply-adds (45-75 GFLOP/s,
+`python -m bench.tools.numba_quant_timing --kernels`) where BLAS's blocked sgemm reaches more.
+
+Batch 1 (decode), measured on the 124M shapes with the weights coming from memory, omp layer,
+2 cores (the same tool; machine shared, best of 5): GB/s of stored bytes, the LM head (50257,
+768) / c_fc (3072, 768): float32 38.9 / 36.0, bfloat16 37.9 / -, float16 34.4 / 55.8 (c_fc
+partly in the 32 MB L3), int8 22.6 / 21.9 against a streaming read of 31 GB/s. int8 is bound by
+its instructions, not by memory: per 32 weights two sign-extensions, two int -> float
+conversions and the block's scale on top of the two multiply-adds the 16-bit formats need
+(about 42 GFLOP/s against float16's 52-58 with the weights in cache). An earlier design that
+widened groups of 4 rows into an L1 buffer first reached 8-13 GB/s.
 
 Widening: bfloat16 is its bits shifted into a float32's top half (an LLVM bitcast); float16
 goes through LLVM's half type (`fpext half -> float`, one VCVTPH2PS per 16 values with F16C);
@@ -45,15 +47,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fast.numba.common import FASTMATH, check_f32, prefetch
+from fast.numba.common import FASTMATH, check_f32
 from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
-_R = 4  # output rows per group: 4 sums share each load of x (and 4 x 16 lanes fit registers)
-_TASKS = 16  # parallel tasks of the rows kernel (each allocates its (_R, K) buffer once)
-_AHEAD = 4  # groups ahead whose rows are prefetched (16 rows: 12 KB of int8 at K = 768)
 _TILE_BYTES = 1 << 20  # float32 bytes of W per dequantized tile on the BLAS path (L2-sized)
 
 
@@ -126,176 +126,237 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 
 
 # ---------------------------------------------------------------------------------------------
-# filling a group's buffer: rows n0 .. n0 + _R of W as float32, zeros past N
+# the rows kernels' dot products, in LLVM vector IR
+#
+# One output row n of W against P rows of x: the full 32-wide chunks of K, each widened from
+# its stored form to two <16 x float> and multiplied into 16-lane accumulators with llvm.fma,
+# then a fixed tree of adds across the lanes. Written in IR rather than as a Numba loop so the
+# operations are these and no others: no fast-math flags, so LLVM may schedule but not
+# reassociate, and each (n, m) sum is the same sequence of float32 operations whether it runs
+# with P = 4 or P = 1, in whatever batch (ROW-INVARIANT). The P rows share each chunk's
+# widened weights (batched decode widens a chunk once for 4 rows of x).
+#   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
+#   int8 (q8_0, a chunk = a block): t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
+
+_L = 16  # lanes per accumulator (a zmm register; two ymm where LLVM splits them)
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V16F = ir.VectorType(_F32, _L)
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _fill_bf16(w, n0, buf):
-    """w (N, K) uint16 bfloat16 bits -> buf (_R, K) float32."""
-    N, K = w.shape
-    for r in range(_R):
-        n = n0 + r
-        if n < N:
-            for k in range(K):
-                buf[r, k] = _u32_bits_to_f32(np.uint32(w[n, k]) << np.uint32(16))
-        else:
-            buf[r, :] = 0.0
+def _lanes(builder, v, lo: int, hi: int):
+    """Lanes lo .. hi of vector v, as a vector."""
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, hi - lo), [*range(lo, hi)]))
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _fill_f16(w, n0, buf):
-    """w (N, K) uint16 float16 bits -> buf (_R, K) float32."""
-    N, K = w.shape
-    for r in range(_R):
-        n = n0 + r
-        if n < N:
-            for k in range(K):
-                buf[r, k] = _f16_bits_to_f32(w[n, k])
-        else:
-            buf[r, :] = 0.0
+def _sum_lanes(builder, v):
+    """The 16 lanes of v summed as a fixed tree: halves added until one lane is left."""
+    n = _L
+    while n > 1:
+        v = builder.fadd(_lanes(builder, v, 0, n // 2), _lanes(builder, v, n // 2, n))
+        n //= 2
+    return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _fill_q8(qs, d, n0, buf):
-    """qs (N, K) int8 and d (N, nb) uint16 float16 bits -> buf (_R, K) float32 = qs * d."""
-    N, K = qs.shape
-    full = K // QK
-    for r in range(_R):
-        n = n0 + r
-        if n < N:
-            qrow = qs[n]  # (K,)
-            brow = buf[r]  # (K,)
-            for j in range(full):
-                _q8_block_to_f32(qrow, j * QK, _f16_bits_to_f32(d[n, j]), brow, j * QK)
-            if full * QK < K:  # the short last block
-                scale = _f16_bits_to_f32(d[n, full])
-                for k in range(full * QK, K):
-                    buf[r, k] = np.float32(qs[n, k]) * scale
-        else:
-            buf[r, :] = 0.0
+def _fma16(builder, a, b, c):
+    """a * b + c lane by lane, rounded once (llvm.fma on <16 x float>)."""
+    fnty = ir.FunctionType(_V16F, [_V16F, _V16F, _V16F])
+    fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+    return builder.call(fma, [a, b, c])
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _fill_f32(w, n0, buf):
-    """w (N, K) float32 -> buf (_R, K): only for a last group that runs past N."""
-    N, K = w.shape
-    for r in range(_R):
-        n = n0 + r
-        if n < N:
-            buf[r, :] = w[n, :]
-        else:
-            buf[r, :] = 0.0
+def _load16(builder, ptr, bits: int, align: int):
+    """16 consecutive stored values of `bits` bits from ptr, as an integer or float vector."""
+    elt = _F32 if bits == 0 else ir.IntType(bits)
+    return builder.load(builder.bitcast(ptr, ir.VectorType(elt, _L).as_pointer()), align=align)
+
+
+def _widen16(dtype: str, builder, ptr):
+    """16 stored weights from ptr -> <16 x float>, exactly (each format widens exactly)."""
+    if dtype == "float32":
+        return _load16(builder, ptr, 0, 4)
+    if dtype == "int8":
+        return builder.sitofp(_load16(builder, ptr, 8, 1), _V16F)
+    v = _load16(builder, ptr, 16, 2)
+    if dtype == "float16":  # VCVTPH2PS
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), _L)), _V16F)
+    wide = builder.zext(v, ir.VectorType(_I32, _L))  # bfloat16: its bits in a float32's top half
+    sixteen = ir.Constant(ir.VectorType(_I32, _L), [16] * _L)
+    return builder.bitcast(builder.shl(wide, sixteen), _V16F)
+
+
+def _splat16(builder, f):
+    lane = builder.insert_element(ir.Constant(_V16F, ir.Undefined), f, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, _L), [0] * _L)
+    return builder.shuffle_vector(lane, ir.Constant(_V16F, ir.Undefined), mask)
+
+
+def _make_dot(dtype: str, P: int):
+    """An intrinsic dot(w, d, n, x, m0) -> P float32: sum over the full 32-chunks of K of
+    W[n, k] x[m0 + p, k], p < P. w (N, K) C-contiguous stored data, d (N, nb) uint16 float16
+    scales for int8 (any array otherwise, unread), x (M, K) float32 C-contiguous; the caller
+    keeps n < N and m0 + P <= M."""
+
+    @intrinsic
+    def dot(typingctx, w, d, n, x, m0):
+        sig = types.UniTuple(types.float32, P)(w, d, n, x, m0)
+
+        def codegen(context, builder, signature, args):
+            w_a = context.make_array(signature.args[0])(context, builder, args[0])
+            x_a = context.make_array(signature.args[3])(context, builder, args[3])
+            K = cgutils.unpack_tuple(builder, w_a.shape, 2)[1]
+            n_v, m0_v = args[2], args[4]
+            halves = 1 if dtype == "int8" else 2  # accumulators per row of x
+            acc = [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
+            for slot in (s for row in acc for s in row):
+                builder.store(ir.Constant(_V16F, None), slot)
+            if dtype == "int8":
+                d_a = context.make_array(signature.args[1])(context, builder, args[1])
+                d_row = builder.mul(n_v, cgutils.unpack_tuple(builder, d_a.shape, 2)[1])
+            w_row = builder.mul(n_v, K)
+            x_rows = [builder.mul(builder.add(m0_v, ir.Constant(_I64, p)), K) for p in range(P)]
+            chunks = builder.udiv(K, ir.Constant(_I64, QK))
+            with cgutils.for_range(builder, chunks) as loop:
+                k0 = builder.mul(loop.index, ir.Constant(_I64, QK))
+
+                def at(data, row, h):
+                    i = builder.add(builder.add(row, k0), ir.Constant(_I64, _L * h))
+                    return builder.gep(data, [i])
+
+                ws = [_widen16(dtype, builder, at(w_a.data, w_row, h)) for h in range(2)]
+                if dtype == "int8":
+                    half = builder.load(builder.gep(d_a.data, [builder.add(d_row, loop.index)]))
+                    d_f = builder.fpext(builder.bitcast(half, ir.HalfType()), _F32)
+                    scale = _splat16(builder, d_f)
+                for p in range(P):
+                    xs = [_load16(builder, at(x_a.data, x_rows[p], h), 0, 4) for h in range(2)]
+                    if dtype == "int8":
+                        t = _fma16(builder, ws[1], xs[1], builder.fmul(ws[0], xs[0]))
+                        builder.store(_fma16(builder, t, scale, builder.load(acc[p][0])), acc[p][0])
+                    else:
+                        for h in range(2):
+                            a = acc[p][h]
+                            builder.store(_fma16(builder, ws[h], xs[h], builder.load(a)), a)
+            sums = []
+            for p in range(P):
+                v = builder.load(acc[p][0])
+                if halves == 2:
+                    v = builder.fadd(v, builder.load(acc[p][1]))
+                sums.append(_sum_lanes(builder, v))
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, codegen
+
+    return dot
+
+
+_P = 4  # rows of x per dot call in batched decode (4 + 4 accumulators, a chunk widened once)
+_dot_f32_1, _dot_f32_p = _make_dot("float32", 1), _make_dot("float32", _P)
+_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1), _make_dot("bfloat16", _P)
+_dot_f16_1, _dot_f16_p = _make_dot("float16", 1), _make_dot("float16", _P)
+_dot_q8_1, _dot_q8_p = _make_dot("int8", 1), _make_dot("int8", _P)
+
+
+# the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
 
 
 @numba.njit(inline="always", cache=True)
-def _prefetch_group(a, grp, last):
-    """Hint the loads of group grp + _AHEAD's rows of `a` (N, K) (a hint; changes nothing).
-
-    Used by the int8 kernel only, as measured on 40 matrices of (3072, 768) in turn (400 MB of
-    float32, so the weights come from DRAM), M = 1, GB/s of stored bytes, omp layer, 2 cores:
-    int8 8.7-9.1 without, 9.7-11.0 with _AHEAD 2-4; bfloat16 12.5-16.6 without, 10-11 with
-    (its loads were already streaming; the extra instructions cost more than they hid).
-    Noisy figures of a shared machine: rerun them before relying on them."""
-    g = grp + _AHEAD
-    if g < last:
-        N, K = a.shape
-        step = 64 // a.itemsize  # elements per cache line
-        n1 = min(N, (g + 1) * _R)
-        for i in range(g * _R * K, n1 * K, step):
-            prefetch(a, i)
+def _tail_f32(w, n, x, m, k0):
+    s = np.float32(0.0)
+    for k in range(k0, w.shape[1]):
+        s += w[n, k] * x[m, k]
+    return s
 
 
-# ---------------------------------------------------------------------------------------------
-# the one inner loop of the rows kernels
+@numba.njit(inline="always", cache=True)
+def _tail_bf16(w, n, x, m, k0):
+    s = np.float32(0.0)
+    for k in range(k0, w.shape[1]):
+        s += _u32_bits_to_f32(np.uint32(w[n, k]) << np.uint32(16)) * x[m, k]
+    return s
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def _dot_group(g, x, bias, n0, out):
-    """out[m, n0 + r] = sum_k g[r, k] x[m, k] + bias[n0 + r] for every m and the r < N - n0.
+@numba.njit(inline="always", cache=True)
+def _tail_f16(w, n, x, m, k0):
+    s = np.float32(0.0)
+    for k in range(k0, w.shape[1]):
+        s += _f16_bits_to_f32(w[n, k]) * x[m, k]
+    return s
 
-    g (_R, K) float32, x (M, K), bias (N,), out (M, N). The m loop is outside the k loop and
-    each sum depends on its own row of x alone: the same operations for every M."""
-    M, K = x.shape
-    N = out.shape[1]
-    for m in range(M):
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for k in range(K):
-            xv = x[m, k]
-            s0 += g[0, k] * xv
-            s1 += g[1, k] * xv
-            s2 += g[2, k] * xv
-            s3 += g[3, k] * xv
-        out[m, n0] = s0 + bias[n0]
-        if n0 + 1 < N:
-            out[m, n0 + 1] = s1 + bias[n0 + 1]
-        if n0 + 2 < N:
-            out[m, n0 + 2] = s2 + bias[n0 + 2]
-        if n0 + 3 < N:
-            out[m, n0 + 3] = s3 + bias[n0 + 3]
+
+@numba.njit(inline="always", cache=True)
+def _tail_q8(qs, d, n, x, m, k0):
+    """The short last block: its scale times the sum of its quants times x."""
+    s = np.float32(0.0)
+    for k in range(k0, qs.shape[1]):
+        s += np.float32(qs[n, k]) * x[m, k]
+    return s * _f16_bits_to_f32(d[n, k0 // QK])
 
 
 # ---------------------------------------------------------------------------------------------
-# rows kernels (M <= ROWS_MAX_M): parallel over _TASKS runs of groups, a buffer per task
+# rows kernels (M <= ROWS_MAX_M): parallel over output rows n; one row of W against every row
+# of x, 4 rows of x at a time (a row's bytes are read from memory once, whatever M)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rows_f32(x, w, bias, out):
     """x (M, K), w (N, K) float32, bias (N,) -> out (M, N)."""
     N, K = w.shape
-    G = (N + _R - 1) // _R
-    tasks = min(G, _TASKS)
-    for t in prange(tasks):
-        buf = np.empty((_R, K), np.float32)  # (_R, K), for the last group only
-        for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            n0 = grp * _R
-            if n0 + _R <= N:
-                _dot_group(w[n0 : n0 + _R], x, bias, n0, out)  # in place: a (_R, K) view
-            else:
-                _fill_f32(w, n0, buf)
-                _dot_group(buf, x, bias, n0, out)
+    M = x.shape[0]
+    k0 = K // QK * QK
+    for n in prange(N):
+        for m0 in range(0, M // _P * _P, _P):
+            s = _dot_f32_p(w, w, n, x, m0)
+            for p in range(_P):
+                out[m0 + p, n] = (s[p] + _tail_f32(w, n, x, m0 + p, k0)) + bias[n]
+        for m in range(M // _P * _P, M):
+            out[m, n] = (_dot_f32_1(w, w, n, x, m)[0] + _tail_f32(w, n, x, m, k0)) + bias[n]
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rows_bf16(x, w, bias, out):
     """x (M, K), w (N, K) uint16 bfloat16 bits, bias (N,) -> out (M, N)."""
     N, K = w.shape
-    G = (N + _R - 1) // _R
-    tasks = min(G, _TASKS)
-    for t in prange(tasks):
-        buf = np.empty((_R, K), np.float32)  # (_R, K)
-        for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _fill_bf16(w, grp * _R, buf)
-            _dot_group(buf, x, bias, grp * _R, out)
+    M = x.shape[0]
+    k0 = K // QK * QK
+    for n in prange(N):
+        for m0 in range(0, M // _P * _P, _P):
+            s = _dot_bf16_p(w, w, n, x, m0)
+            for p in range(_P):
+                out[m0 + p, n] = (s[p] + _tail_bf16(w, n, x, m0 + p, k0)) + bias[n]
+        for m in range(M // _P * _P, M):
+            out[m, n] = (_dot_bf16_1(w, w, n, x, m)[0] + _tail_bf16(w, n, x, m, k0)) + bias[n]
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rows_f16(x, w, bias, out):
     """x (M, K), w (N, K) uint16 float16 bits, bias (N,) -> out (M, N)."""
     N, K = w.shape
-    G = (N + _R - 1) // _R
-    tasks = min(G, _TASKS)
-    for t in prange(tasks):
-        buf = np.empty((_R, K), np.float32)  # (_R, K)
-        for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _fill_f16(w, grp * _R, buf)
-            _dot_group(buf, x, bias, grp * _R, out)
+    M = x.shape[0]
+    k0 = K // QK * QK
+    for n in prange(N):
+        for m0 in range(0, M // _P * _P, _P):
+            s = _dot_f16_p(w, w, n, x, m0)
+            for p in range(_P):
+                out[m0 + p, n] = (s[p] + _tail_f16(w, n, x, m0 + p, k0)) + bias[n]
+        for m in range(M // _P * _P, M):
+            out[m, n] = (_dot_f16_1(w, w, n, x, m)[0] + _tail_f16(w, n, x, m, k0)) + bias[n]
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rows_q8(x, qs, d, bias, out):
     """x (M, K), qs (N, K) int8, d (N, nb) uint16 float16 bits, bias (N,) -> out (M, N)."""
     N, K = qs.shape
-    G = (N + _R - 1) // _R
-    tasks = min(G, _TASKS)
-    for t in prange(tasks):
-        buf = np.empty((_R, K), np.float32)  # (_R, K)
-        for grp in range(G * t // tasks, G * (t + 1) // tasks):
-            _prefetch_group(qs, grp, G)
-            _fill_q8(qs, d, grp * _R, buf)
-            _dot_group(buf, x, bias, grp * _R, out)
+    M = x.shape[0]
+    k0 = K // QK * QK
+    for n in prange(N):
+        for m0 in range(0, M // _P * _P, _P):
+            s = _dot_q8_p(qs, d, n, x, m0)
+            for p in range(_P):
+                out[m0 + p, n] = (s[p] + _tail_q8(qs, d, n, x, m0 + p, k0)) + bias[n]
+        for m in range(M // _P * _P, M):
+            out[m, n] = (_dot_q8_1(qs, d, n, x, m)[0] + _tail_q8(qs, d, n, x, m, k0)) + bias[n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +463,7 @@ def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.nda
         out = x2 @ data.T  # (M, N)
     else:
         out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
-        rows = max(_R, min(N, _TILE_BYTES // (4 * K)))
+        rows = max(1, min(N, _TILE_BYTES // (4 * K)))
         tile = np.empty((rows, K), np.float32)  # (rows, K), reused
         for n0 in range(0, N, rows):
             t = tile[: min(rows, N - n0)]  # (rows', K)

@@ -483,6 +483,38 @@ def _generate_ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+# issue 15's targets: (ours, llama.cpp's) per weight type, decode B=1 and the longest prefill
+VS_LLAMA_CPP = {
+    "decode": [("numba", "llama.cpp-f32"), ("numba-f32rows", "llama.cpp-f32"),
+               ("numba-bf16", "llama.cpp-f16"), ("numba-f16", "llama.cpp-f16"),
+               ("numba-int8", "llama.cpp-q8_0")],
+    "prefill": [("numba", "llama.cpp-f32"), ("numba-int8", "llama.cpp-f32")],
+}  # fmt: skip
+
+
+def _llama_cpp_ratios(results: list[dict]) -> list[dict]:
+    """Our tokens/s over llama.cpp's, at the same size, batch 1, the same prompt length
+    (prefill) or decode contexts (bench/suite_generate.llama_cpp_records matches them)."""
+    out = []
+    for case, pairs in VS_LLAMA_CPP.items():
+        recs = [r for r in measured(results, "generate", case) if r["params"].get("B", 1) == 1]
+        for ours, theirs in pairs:
+            for t in [r for r in recs if r["backend"] == theirs]:
+                size = t["params"]["size"]
+                at = ("T",) if case == "prefill" else ("contexts",)
+                for r in recs:
+                    if r["backend"] == ours and r["params"]["size"] == size:
+                        if _at(r, *at) == _at(t, *at):
+                            where = (
+                                f"T={t['params']['T']}"
+                                if case == "prefill"
+                                else (f"contexts {t['params']['contexts']}")
+                            )
+                            name = f"{case} B=1 {where} ({size}): {ours} / {theirs}"
+                            out.append(_tokens_ratio(name, r, t))
+    return out
+
+
 def _vs_autograd(recs: list[dict], prefix, cpu_baseline: bool) -> list[dict]:
     """tokens/s of each trainer's step record over torch-autograd's with the same params but
     the device: autograd on the trainer's device, and with `cpu_baseline` on the CPU too.
@@ -528,6 +560,7 @@ def _is_key(name: str, top_ctx: int) -> bool:
         ("numba" in name and name.startswith(("layernorm", "gelu", "attention")))
         or name.startswith(("gelu forward: ref GB/s", "GPU ", "prefill ", "finetune ", "train "))
         or "/ hf-generate" in name
+        or "/ llama.cpp-" in name
         or ("/ B=1 at ctx=" in name and name.startswith("decode B=16"))
         or (ctx_top and ("bandwidth ceiling" in name or "ref-nocache" in name))
     )
@@ -540,6 +573,7 @@ def compute_ratios(doc: dict) -> list[dict]:
         _ops_ratios(results, limits)
         + _gpu_op_targets(results, limits)
         + _generate_ratios(results)
+        + _llama_cpp_ratios(results)
         + _finetune_ratios(results)
         + _train_ratios(results)
         + _gpu_end_to_end(results)

@@ -333,7 +333,8 @@ def llama_cpp_records(setup: SuiteSetup, size: str, cfg: GPT2Config, params: dic
     `time_llama(gguf_path, threads, prompt_ids, n_decode, n_ctx) -> {"prefill_tokens_per_s",
     "decode_tokens_per_s"}`. Nothing when the module is absent or llama.cpp is not installed;
     an error record per type when a call fails. Same prompt length as our prefill, our
-    thread count (numba's), context n_ctx; batch 1 only (time_llama runs one sequence)."""
+    thread count (numba's), decode steps at the contexts of our batch-1 point, each step timed
+    (the best step's rate, as ours); batch 1 only (time_llama runs one sequence)."""
     try:
         from bench import llama_cpp
     except ImportError:
@@ -350,8 +351,11 @@ def llama_cpp_records(setup: SuiteSetup, size: str, cfg: GPT2Config, params: dic
     except ImportError:
         threads = os.cpu_count() or 1
 
-    (T,), _ = points
+    (T,), decode_points = points
     k = setup.plan.decode_steps
+    ctx1 = decode_points[0][1]  # our batch-1 point: the same contexts as _decode's
+    start = max(ctx1 - k - 1, 0) + 1  # ours time steps start + 2 ... start + k + 1
+    start = min(start, T)
     prompt = [int(i) for i in setup.rng.integers(0, cfg.n_vocab, T)]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -362,7 +366,7 @@ def llama_cpp_records(setup: SuiteSetup, size: str, cfg: GPT2Config, params: dic
             try:
                 path = os.path.join(tmp, f"{size}-{gtype}.gguf")
                 llama_cpp.export_gguf(cfg, params, path, gtype)
-                r = llama_cpp.time_llama(path, threads, prompt, k, cfg.n_ctx)
+                r = llama_cpp.time_llama(path, threads, prompt, k, cfg.n_ctx, decode_start=start)
             except Exception as e:
                 out.append(error_record("generate", "decode", label, e, params=base))
                 continue
@@ -375,8 +379,10 @@ def llama_cpp_records(setup: SuiteSetup, size: str, cfg: GPT2Config, params: dic
             out.append(
                 record(
                     "generate", "decode", label,
-                    params={**base, "B": 1, "ctx": T + k, "contexts": [T + 1, T + k]},
-                    metrics={"tokens_per_s": r["decode_tokens_per_s"]},
+                    params={**base, "B": 1, "ctx": ctx1, "contexts": r["decode_contexts"]},
+                    metrics={"tokens_per_s": r["decode_tokens_per_s"],
+                             "median_tokens_per_s": r["decode_median_tokens_per_s"],
+                             "gomp_spincount": r["gomp_spincount"]},
                 )
             )  # fmt: skip
     return out

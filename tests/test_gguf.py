@@ -320,8 +320,13 @@ def test_time_llama_reports_rates(tmp_path):
     r = llama.time_llama(path, 1, list(range(8)), 4, 16, repeats=1)
     assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
     assert r["prompt_tokens"] == 8 and r["n_decode"] == 4 and r["threads"] == 1
+    assert r["decode_median_tokens_per_s"] <= r["decode_tokens_per_s"]
+    r = llama.time_llama(path, 1, list(range(8)), 4, 16, repeats=1, decode_start=8)
+    assert r["decode_contexts"] == [9, 12]
     with pytest.raises(ValueError, match="n_ctx"):
-        llama.time_llama(path, 1, list(range(8)), 10, 16)
+        llama.time_llama(path, 1, list(range(8)), 10, 16, decode_start=8)
+    with pytest.raises(ValueError, match="n_ctx"):
+        llama.time_llama(path, 1, list(range(20)), 1, 16)
 
 
 # ------------------------------------------------------------------------------ gpt2 export

@@ -131,6 +131,33 @@ def test_rows_are_invariant_to_the_batch_bit_for_bit(case, data):
     assert np.array_equal(nq.qlinear_forward(bigger[:M2], q, b)[m], out[m], equal_nan=True)
 
 
+@pytest.mark.parametrize("K", [32, 96, 100])
+def test_kernels_read_nothing_past_their_arrays(K):
+    """Weights, scales and x each end where NaN bits begin (a C-contiguous view of a larger
+    buffer): a kernel that read one element past an array (say the scale of a short last
+    block that does not exist when K is a multiple of 32) would turn its output to NaN."""
+    rng = np.random.default_rng(K)
+    N, M = 7, 6  # M = 6: the 4-row and the 1-row dot products
+
+    def fenced(a: np.ndarray, nan_bits) -> np.ndarray:
+        buf = np.full(a.size + 64, nan_bits, a.dtype)
+        buf[: a.size] = a.ravel()
+        return buf[: a.size].reshape(a.shape)  # C-contiguous, NaN right after its end
+
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    xf = fenced(x, np.float32(np.nan))
+    for dtype in quant.DTYPES:
+        q = quant.quantize((0.1 * rng.standard_normal((N, K))).astype(np.float32), dtype)
+        nan = {"float32": np.float32(np.nan), "float16": np.float16(np.nan)}.get(dtype, 0x7FC0)
+        data = fenced(q.data, nan if dtype != "int8" else q.data.dtype.type(-128))
+        scale = None if q.scale is None else fenced(q.scale, np.float16(np.nan))
+        fq = quant.QWeight(dtype, data, scale)
+        b = np.zeros(N, np.float32)
+        got = nq.rows_forward(xf, fq, b)
+        assert not np.isnan(got).any(), dtype
+        check_against_reference(got, x, q, None)
+
+
 def test_bad_inputs_are_refused_by_name():
     rng = np.random.default_rng(0)
     q = quant.quantize(rng.standard_normal((6, 40)).astype(np.float32), "int8")

@@ -287,7 +287,10 @@ def _tail_f16(w, n, x, m, k0):
 
 @numba.njit(inline="always", cache=True)
 def _tail_q8(qs, d, n, x, m, k0):
-    """The short last block: its scale times the sum of its quants times x."""
+    """The short last block: its scale times the sum of its quants times x (0 when K is a
+    multiple of 32: there is no such block, and no scale to read)."""
+    if k0 == qs.shape[1]:
+        return np.float32(0.0)
     s = np.float32(0.0)
     for k in range(k0, qs.shape[1]):
         s += np.float32(qs[n, k]) * x[m, k]

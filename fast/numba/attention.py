@@ -63,14 +63,24 @@ import numpy as np
 from numba import prange
 from numpy.lib.stride_tricks import as_strided
 
-from fast.numba.common import FASTMATH, check_attention, check_attention_dout, exp32, prefetch
+from fast.numba.common import (
+    FASTMATH,
+    THREADING_LAYER,
+    check_attention,
+    check_attention_dout,
+    exp32,
+    prefetch,
+)
 
 _BLOCK = 64  # K: scores of one block of keys, four 512-bit registers, stays in L1
 _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 did as well)
 # below this much work (B * NH * Tq * Tk * hs multiply-adds, twice) the forward runs on the
-# calling thread: a parallel launch costs 30-50 us (more when the other core is busy), and a
-# decode step of one sequence (NH = 12, hs = 64, Tk <= 1024: 0.8M) takes 60-170 us serially
-_SERIAL_BELOW = 2**20
+# calling thread. On the workqueue layer a parallel launch costs 30-110 us (more when the other
+# core is busy), and a decode step of one sequence (NH = 12, hs = 64, Tk <= 1024: 0.8M) takes
+# 60-170 us serially. On omp (fast/numba/common.py) a launch costs about 5 us: a decode step
+# of one sequence, median of 200 calls, serial / parallel: Tk = 8 6.0 / 5.4 us, 64 22.5 /
+# 15.4, 256 78 / 46, 1024 274 / 148 (2 cores).
+_SERIAL_BELOW = 2**13 if THREADING_LAYER == "omp" else 2**20
 _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)

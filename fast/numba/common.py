@@ -74,6 +74,7 @@ def _choose_threading_layer() -> None:
 
 
 _choose_threading_layer()
+THREADING_LAYER = numba.config.THREADING_LAYER  # what kernels may assume a launch costs
 
 FASTMATH = {"reassoc", "contract"}
 

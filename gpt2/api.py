@@ -51,7 +51,8 @@ def load(
 
     numpy backends (ref, numba): a `Model`; with dtype "bfloat16", "float16" or "int8" (q8_0)
     its weights are stored in that form (`ref.quant.quantize_params`: the projections and the
-    LM head) and computed in float32, the KV cache float32 too. torch and triton: a
+    LM head) and computed in float32, the KV cache float32 too; on numba float32 weights are
+    stored that way as well (float32 QWeights, for its row kernel). torch and triton: a
     `fast.torch.model.TorchModel` whose weights and KV cache take `dtype` ("float32",
     "bfloat16" or "float16"). The logits are float32 whatever the dtype."""
     if dtype not in ref_quant.DTYPES:
@@ -70,7 +71,12 @@ def load(
             )
         return Model(cfg, params, ops)
     if backend in NUMPY_BACKENDS:
-        if dtype != "float32":
+        # numba stores float32 weights as a float32 tree of QWeights too, (Cout, Cin): its
+        # decode steps run on fast/numba/quant.py's row kernel, which reads each weight once at
+        # memory speed without BLAS's thread pool (1.0-1.2x llama.cpp's f32 decode where the
+        # plain tree through BLAS made 0.7-0.76x: `python -m bench.tools.vs_llama_cpp`);
+        # prompts still go to BLAS. The float32 values are the same.
+        if dtype != "float32" or backend == "numba":
             params = ref_quant.quantize_params(params, dtype)
         return Model(cfg, params, ops)
     import torch

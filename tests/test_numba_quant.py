@@ -241,6 +241,26 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "m
 LOSS_LIMIT = {"bfloat16": 1e-3, "float16": 1e-3, "int8": 5e-3}  # of float32's held-out loss
 
 
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(SHIPPED, "shakespeare", "model.safetensors")),
+    reason="no shipped model",
+)
+def test_numba_loads_float32_as_a_stored_tree_with_the_references_logits():
+    """gpt2.load(backend="numba") keeps float32 weights as float32 QWeights (the row kernel's
+    layout); its logits are the plain tree's on the reference backend (LOGITS_RTOL), the
+    values being the same float32 weights."""
+    import gpt2
+
+    fast = gpt2.load("shakespeare", backend="numba")
+    ref = gpt2.load("shakespeare", backend="ref")
+    assert quant.is_quantized(fast.params) and quant.params_dtype(fast.params) == "float32"
+    assert not quant.is_quantized(ref.params)
+    ids = np.array([[5, 17, 30, 2, 9, 11]])
+    want = ref.forward(ids)
+    got = fast.forward(ids)
+    assert np.abs(got - want).max() <= LOGITS_RTOL * np.abs(want).max()
+
+
 @pytest.fixture(scope="module")
 def held_out_losses():
     from test_shipped import held_out

@@ -1,0 +1,210 @@
+"""Ours against llama.cpp on the same weights, interleaved round by round (issue 15's targets).
+
+    python -m bench.tools.vs_llama_cpp [--rounds 5] [--steps 16] [--prompt 512] [--out F.json]
+
+GPT-2 124M random weights (speed does not depend on the values), exported to GGUF f32, f16
+and q8_0 (weights/gguf.py) for llama.cpp (llama-cpp-python, a child process per timing, its
+own OpenMP settings: bench/llama_cpp.time_llama). Each round times every row once, ours and
+llama.cpp's one after the other, so a slow minute of a shared machine falls on both: decode,
+batch 1, `steps` single-token steps at contexts 2 .. steps + 1 (each step timed); a prefill of
+`prompt` tokens for the prefill targets. A row's figure is its best step (its best prefill)
+over all rounds, the median beside it; the ratios are of the best figures. Threads: numba's
+count, llama.cpp the same.
+
+`gpt2 bench --suite generate` has the same rows in its report (one pass, not interleaved);
+this tool is for the README's table, where the machine's noise needs the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# (our row, its weights' dtype on numba, the llama.cpp type it is held against)
+DECODE_ROWS = [
+    ("numba", "float32", "f32"),  # what gpt2.load(backend="numba") runs: float32 QWeights
+    ("numba-blas", "float32-plain", "f32"),  # the plain float32 tree, linears through BLAS
+    ("numba-bf16", "bfloat16", "f16"),
+    ("numba-f16", "float16", "f16"),
+    ("numba-int8", "int8", "q8_0"),
+]
+PREFILL_ROWS = [("numba", "float32", "f32"), ("numba-int8", "int8", "f32")]
+TARGETS = {  # issue 15: ours / llama.cpp at least this
+    ("decode", "numba"): 1.0,
+    ("decode", "numba-bf16"): 1.0,
+    ("decode", "numba-f16"): 1.0,
+    ("decode", "numba-int8"): 1.0,
+    ("prefill", "numba"): 1.2,
+    ("prefill", "numba-int8"): 1.2,
+}
+
+
+def _models(cfg, params: dict) -> dict:
+    from fast import get_backend
+    from ref.model import Model
+    from ref.quant import quantize_params
+
+    nb = get_backend("numba")
+    out = {}
+    for _, dtype, _ in DECODE_ROWS:
+        tree = params if dtype == "float32-plain" else quantize_params(params, dtype)
+        out[dtype] = Model(cfg, tree, nb)
+    return out
+
+
+def _our_decode(model, steps: int) -> list[float]:
+    """Times of `steps` single-token steps after one untimed step (contexts 2 .. steps + 1)."""
+    cache = model.new_cache(1, steps + 2)
+    tok = np.zeros((1, 1), np.int64)
+    model.forward(tok, cache=cache, last_only=True)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model.forward(tok, cache=cache, last_only=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _our_prefill(model, ids: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    model.forward(ids, last_only=True)
+    return time.perf_counter() - t0
+
+
+def _summary(step_times: list[float], tokens: int = 1) -> dict:
+    return {
+        "tokens_per_s": tokens / min(step_times),
+        "median_tokens_per_s": tokens / statistics.median(step_times),
+        "n": len(step_times),
+    }
+
+
+def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
+    import numba
+
+    from bench import llama_cpp
+    from bench.harness import environment, thread_settings
+    from bench.workload import random_params
+    from ref.config import SIZES
+
+    if not llama_cpp.available():
+        raise SystemExit("vs_llama_cpp: llama-cpp-python is not installed (pip install "
+                         '"llama-cpp-python>=0.3", CMAKE_ARGS="-DGGML_NATIVE=ON")')  # fmt: skip
+    cfg = SIZES["124M"]
+    rng = np.random.default_rng(0)
+    params = random_params(cfg, rng)
+    prompt = [int(i) for i in rng.integers(0, cfg.n_vocab, prompt_len)]
+    ids = np.array([prompt])
+    models = _models(cfg, params)
+    # only now: numba's pool starts on this call, and fast/numba/common.py (imported by
+    # _models) must have chosen its layer and libgomp's spin count first
+    threads = numba.get_num_threads()
+    ours_dec = {row: [] for row, _, _ in DECODE_ROWS}
+    ours_pre = {row: [] for row, _, _ in PREFILL_ROWS}
+    theirs_dec = {t: [] for t in ("f32", "f16", "q8_0")}
+    theirs_pre = {t: [] for t in ("f32", "f16", "q8_0")}
+    info = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for t in theirs_dec:
+            paths[t] = os.path.join(tmp, f"124M-{t}.gguf")
+            llama_cpp.export(params, cfg, paths[t], t)
+        for _row, dtype, _ in DECODE_ROWS:  # warm-up: compile or load every kernel once
+            _our_decode(models[dtype], 2)
+        for _row, dtype, _ in PREFILL_ROWS:
+            _our_prefill(models[dtype], ids)
+        for r in range(rounds):
+            log(f"vs_llama_cpp: round {r + 1}/{rounds}")
+            for row, dtype, _ in PREFILL_ROWS:
+                ours_pre[row].append(_our_prefill(models[dtype], ids))
+            for row, dtype, _ in DECODE_ROWS:
+                ours_dec[row] += _our_decode(models[dtype], steps)
+            for t, path in paths.items():
+                res = llama_cpp.time_llama(
+                    path, threads, prompt, steps, cfg.n_ctx, repeats=1, decode_start=1
+                )
+                theirs_dec[t] += res["decode_step_s"]
+                theirs_pre[t].append(res["prefill_s"])
+                info = {k: res[k] for k in ("llama_cpp_python", "system_info", "gomp_spincount")}
+                info["omp_wait_policy"] = res["omp_wait_policy"]
+    rows = {"decode": {}, "prefill": {}}
+    for row in ours_dec:
+        rows["decode"][row] = _summary(ours_dec[row])
+    for t in theirs_dec:
+        rows["decode"][f"llama.cpp-{t}"] = _summary(theirs_dec[t])
+        rows["prefill"][f"llama.cpp-{t}"] = _summary(theirs_pre[t], prompt_len)
+    for row in ours_pre:
+        rows["prefill"][row] = _summary(ours_pre[row], prompt_len)
+    ratios = []
+    for case, table in (("decode", DECODE_ROWS), ("prefill", PREFILL_ROWS)):
+        for row, _, t in table:
+            value = rows[case][row]["tokens_per_s"] / rows[case][f"llama.cpp-{t}"]["tokens_per_s"]
+            target = TARGETS.get((case, row))
+            ratios.append({
+                "case": case, "ours": row, "theirs": f"llama.cpp-{t}", "value": value,
+                "target": target, "met": None if target is None else value >= target,
+            })  # fmt: skip
+    env = environment()
+    return {
+        "command": "python -m bench.tools.vs_llama_cpp " + " ".join(sys.argv[1:]),
+        "commit": env["git_commit"],
+        "machine": f"{env['cpu_model']}, {env['cpu_count']} CPUs",
+        "environment": env,
+        "threads": threads,
+        "thread_settings": thread_settings(),
+        "gomp_spincount_ours": os.environ.get("GOMP_SPINCOUNT"),
+        "rounds": rounds,
+        "steps": steps,
+        "prompt": prompt_len,
+        "decode_contexts": [2, steps + 1],
+        "llama_cpp": info,
+        "rows": rows,
+        "ratios": ratios,
+    }
+
+
+def render(doc: dict) -> str:
+    lines = [
+        f"{'row':<16} {'decode best':>12} {'median':>8} {'prefill best':>13} {'median':>8}",
+    ]
+    names = list(doc["rows"]["decode"])
+    for name in names:
+        d = doc["rows"]["decode"][name]
+        p = doc["rows"]["prefill"].get(name)
+        pre = f"{p['tokens_per_s']:13.1f} {p['median_tokens_per_s']:8.1f}" if p else ""
+        lines.append(f"{name:<16} {d['tokens_per_s']:12.1f} {d['median_tokens_per_s']:8.1f} {pre}")
+    lines.append("")
+    for r in doc["ratios"]:
+        mark = "" if r["target"] is None else f"  (target {r['target']}: "
+        mark += "" if r["target"] is None else ("met)" if r["met"] else "not met)")
+        lines.append(f"{r['case']:<8} {r['ours']:<14} / {r['theirs']:<15} {r['value']:6.2f}{mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tools.vs_llama_cpp", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per round (16)")
+    p.add_argument("--prompt", type=int, default=512, help="prefill length (512)")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or not 1 <= args.prompt <= 1024 - args.steps - 2:
+        p.error("need --rounds >= 1, --steps >= 1 and 1 <= --prompt <= 1022 - --steps")
+    doc = run(args.rounds, args.steps, args.prompt, log=lambda m: print(m, file=sys.stderr))
+    print(render(doc))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

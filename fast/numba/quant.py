@@ -192,29 +192,35 @@ def _splat16(builder, f):
     return builder.shuffle_vector(lane, ir.Constant(_V16F, ir.Undefined), mask)
 
 
-def _make_dot(dtype: str, P: int):
-    """An intrinsic dot(w, d, n, x, m0) -> P float32: sum over the full 32-chunks of K of
-    W[n, k] x[m0 + p, k], p < P. w (N, K) C-contiguous stored data, d (N, nb) uint16 float16
-    scales for int8 (any array otherwise, unread), x (M, K) float32 C-contiguous; the caller
-    keeps n < N and m0 + P <= M."""
+def _make_dot(dtype: str, R: int, P: int):
+    """An intrinsic dot(w, d, n0, x, m0) -> R * P float32, index r * P + p: the sum over the
+    full 32-chunks of K of W[n0 + r, k] x[m0 + p, k]. w (N, K) C-contiguous stored data, d
+    (N, nb) uint16 float16 scales for int8 (any array otherwise, unread), x (M, K) float32
+    C-contiguous; the caller keeps n0 + R <= N and m0 + P <= M. Each (r, p) has accumulators
+    of its own, updated in the same order whatever R and P: the same bits for every shape."""
 
     @intrinsic
-    def dot(typingctx, w, d, n, x, m0):
-        sig = types.UniTuple(types.float32, P)(w, d, n, x, m0)
+    def dot(typingctx, w, d, n0, x, m0):
+        sig = types.UniTuple(types.float32, R * P)(w, d, n0, x, m0)
 
         def codegen(context, builder, signature, args):
             w_a = context.make_array(signature.args[0])(context, builder, args[0])
             x_a = context.make_array(signature.args[3])(context, builder, args[3])
             K = cgutils.unpack_tuple(builder, w_a.shape, 2)[1]
-            n_v, m0_v = args[2], args[4]
-            halves = 1 if dtype == "int8" else 2  # accumulators per row of x
-            acc = [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
-            for slot in (s for row in acc for s in row):
+            n0_v, m0_v = args[2], args[4]
+            halves = 1 if dtype == "int8" else 2  # accumulators per (row of W, row of x)
+            acc = [
+                [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
+                for _ in range(R)
+            ]
+            for slot in (s for rows in acc for row in rows for s in row):
                 builder.store(ir.Constant(_V16F, None), slot)
+            n_v = [builder.add(n0_v, ir.Constant(_I64, r)) for r in range(R)]
             if dtype == "int8":
                 d_a = context.make_array(signature.args[1])(context, builder, args[1])
-                d_row = builder.mul(n_v, cgutils.unpack_tuple(builder, d_a.shape, 2)[1])
-            w_row = builder.mul(n_v, K)
+                nb = cgutils.unpack_tuple(builder, d_a.shape, 2)[1]
+                d_rows = [builder.mul(n, nb) for n in n_v]
+            w_rows = [builder.mul(n, K) for n in n_v]
             x_rows = [builder.mul(builder.add(m0_v, ir.Constant(_I64, p)), K) for p in range(P)]
             chunks = builder.udiv(K, ir.Constant(_I64, QK))
             with cgutils.for_range(builder, chunks) as loop:
@@ -224,26 +230,33 @@ def _make_dot(dtype: str, P: int):
                     i = builder.add(builder.add(row, k0), ir.Constant(_I64, _L * h))
                     return builder.gep(data, [i])
 
-                ws = [_widen16(dtype, builder, at(w_a.data, w_row, h)) for h in range(2)]
-                if dtype == "int8":
-                    half = builder.load(builder.gep(d_a.data, [builder.add(d_row, loop.index)]))
-                    d_f = builder.fpext(builder.bitcast(half, ir.HalfType()), _F32)
-                    scale = _splat16(builder, d_f)
-                for p in range(P):
-                    xs = [_load16(builder, at(x_a.data, x_rows[p], h), 0, 4) for h in range(2)]
+                xs = [
+                    [_load16(builder, at(x_a.data, xr, h), 0, 4) for h in range(2)] for xr in x_rows
+                ]
+                for r in range(R):
+                    ws = [_widen16(dtype, builder, at(w_a.data, w_rows[r], h)) for h in range(2)]
                     if dtype == "int8":
-                        t = _fma16(builder, ws[1], xs[1], builder.fmul(ws[0], xs[0]))
-                        builder.store(_fma16(builder, t, scale, builder.load(acc[p][0])), acc[p][0])
-                    else:
-                        for h in range(2):
-                            a = acc[p][h]
-                            builder.store(_fma16(builder, ws[h], xs[h], builder.load(a)), a)
+                        i = builder.add(d_rows[r], loop.index)
+                        half = builder.load(builder.gep(d_a.data, [i]))
+                        scale = _splat16(
+                            builder, builder.fpext(builder.bitcast(half, ir.HalfType()), _F32)
+                        )
+                    for p in range(P):
+                        if dtype == "int8":
+                            t = _fma16(builder, ws[1], xs[p][1], builder.fmul(ws[0], xs[p][0]))
+                            a = acc[r][p][0]
+                            builder.store(_fma16(builder, t, scale, builder.load(a)), a)
+                        else:
+                            for h in range(2):
+                                a = acc[r][p][h]
+                                builder.store(_fma16(builder, ws[h], xs[p][h], builder.load(a)), a)
             sums = []
-            for p in range(P):
-                v = builder.load(acc[p][0])
-                if halves == 2:
-                    v = builder.fadd(v, builder.load(acc[p][1]))
-                sums.append(_sum_lanes(builder, v))
+            for r in range(R):
+                for p in range(P):
+                    v = builder.load(acc[r][p][0])
+                    if halves == 2:
+                        v = builder.fadd(v, builder.load(acc[r][p][1]))
+                    sums.append(_sum_lanes(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
@@ -251,18 +264,23 @@ def _make_dot(dtype: str, P: int):
     return dot
 
 
-_P = 4  # rows of x per dot call in batched decode (4 + 4 accumulators, a chunk widened once)
-_dot_f32_1, _dot_f32_p = _make_dot("float32", 1), _make_dot("float32", _P)
-_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1), _make_dot("bfloat16", _P)
-_dot_f16_1, _dot_f16_p = _make_dot("float16", 1), _make_dot("float16", _P)
-_dot_q8_1, _dot_q8_p = _make_dot("int8", 1), _make_dot("int8", _P)
+_P = 4  # rows of x per dot call in batched decode
+_R = 2  # rows of W per dot call in batched decode: 2 x 4 x 2 accumulators fit the registers
+_dot_f32_1, _dot_f32_p = _make_dot("float32", 1, 1), _make_dot("float32", _R, _P)
+_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1, 1), _make_dot("bfloat16", _R, _P)
+_dot_f16_1, _dot_f16_p = _make_dot("float16", 1, 1), _make_dot("float16", _R, _P)
+_dot_q8_1, _dot_q8_p = _make_dot("int8", 1, 1), _make_dot("int8", _R, _P)
+_dot_f32_rp1, _dot_bf16_rp1 = _make_dot("float32", _R, 1), _make_dot("bfloat16", _R, 1)
+_dot_f16_rp1, _dot_q8_rp1 = _make_dot("float16", _R, 1), _make_dot("int8", _R, 1)
+_dot_f32_1p, _dot_bf16_1p = _make_dot("float32", 1, _P), _make_dot("bfloat16", 1, _P)
+_dot_f16_1p, _dot_q8_1p = _make_dot("float16", 1, _P), _make_dot("int8", 1, _P)
 
 
 # the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
 
 
 @numba.njit(inline="always", cache=True)
-def _tail_f32(w, n, x, m, k0):
+def _tail_f32(w, d, n, x, m, k0):
     s = np.float32(0.0)
     for k in range(k0, w.shape[1]):
         s += w[n, k] * x[m, k]
@@ -270,7 +288,7 @@ def _tail_f32(w, n, x, m, k0):
 
 
 @numba.njit(inline="always", cache=True)
-def _tail_bf16(w, n, x, m, k0):
+def _tail_bf16(w, d, n, x, m, k0):
     s = np.float32(0.0)
     for k in range(k0, w.shape[1]):
         s += _u32_bits_to_f32(np.uint32(w[n, k]) << np.uint32(16)) * x[m, k]
@@ -278,7 +296,7 @@ def _tail_bf16(w, n, x, m, k0):
 
 
 @numba.njit(inline="always", cache=True)
-def _tail_f16(w, n, x, m, k0):
+def _tail_f16(w, d, n, x, m, k0):
     s = np.float32(0.0)
     for k in range(k0, w.shape[1]):
         s += _f16_bits_to_f32(w[n, k]) * x[m, k]
@@ -302,64 +320,161 @@ def _tail_q8(qs, d, n, x, m, k0):
 # of x, 4 rows of x at a time (a row's bytes are read from memory once, whatever M)
 
 
+# One kernel per storage format, each spelled out: numba caches a function by its module and
+# line, so kernels made by a factory would share one cache entry and recompile in every process.
+# M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over pairs
+# of rows of W against _P rows of x at a time, the rows of x left over one at a time, a last
+# odd row of W alone. Every out[m, n] is the same operations on every path (_make_dot).
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_f32(x, w, bias, out):
-    """x (M, K), w (N, K) float32, bias (N,) -> out (M, N)."""
+def _rows_f32(x, w, d, bias, out):
+    """x (M, K), w (N, K) float32, d unused (w again), bias (N,) -> out (M, N)."""
     N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
-    for n in prange(N):
-        for m0 in range(0, M // _P * _P, _P):
-            s = _dot_f32_p(w, w, n, x, m0)
-            for p in range(_P):
-                out[m0 + p, n] = (s[p] + _tail_f32(w, n, x, m0 + p, k0)) + bias[n]
-        for m in range(M // _P * _P, M):
-            out[m, n] = (_dot_f32_1(w, w, n, x, m)[0] + _tail_f32(w, n, x, m, k0)) + bias[n]
+    Mp = M // _P * _P
+    if Mp == 0:
+        for n in prange(N):
+            for m in range(M):
+                out[m, n] = (_dot_f32_1(w, d, n, x, m)[0] + _tail_f32(w, d, n, x, m, k0)) + bias[n]
+        return
+    for g in prange((N + _R - 1) // _R):
+        n0 = g * _R
+        if n0 + _R <= N:
+            for m0 in range(0, Mp, _P):
+                s = _dot_f32_p(w, d, n0, x, m0)
+                for r in range(_R):
+                    for p in range(_P):
+                        t = _tail_f32(w, d, n0 + r, x, m0 + p, k0)
+                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
+            for m in range(Mp, M):
+                s = _dot_f32_rp1(w, d, n0, x, m)
+                for r in range(_R):
+                    out[m, n0 + r] = (s[r] + _tail_f32(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
+        else:
+            for n in range(n0, N):
+                for m0 in range(0, Mp, _P):
+                    s = _dot_f32_1p(w, d, n, x, m0)
+                    for p in range(_P):
+                        out[m0 + p, n] = (s[p] + _tail_f32(w, d, n, x, m0 + p, k0)) + bias[n]
+                for m in range(Mp, M):
+                    out[m, n] = (
+                        _dot_f32_1(w, d, n, x, m)[0] + _tail_f32(w, d, n, x, m, k0)
+                    ) + bias[n]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_bf16(x, w, bias, out):
-    """x (M, K), w (N, K) uint16 bfloat16 bits, bias (N,) -> out (M, N)."""
+def _rows_bf16(x, w, d, bias, out):
+    """x (M, K), w (N, K) uint16 bfloat16 bits, d unused -> out (M, N)."""
     N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
-    for n in prange(N):
-        for m0 in range(0, M // _P * _P, _P):
-            s = _dot_bf16_p(w, w, n, x, m0)
-            for p in range(_P):
-                out[m0 + p, n] = (s[p] + _tail_bf16(w, n, x, m0 + p, k0)) + bias[n]
-        for m in range(M // _P * _P, M):
-            out[m, n] = (_dot_bf16_1(w, w, n, x, m)[0] + _tail_bf16(w, n, x, m, k0)) + bias[n]
+    Mp = M // _P * _P
+    if Mp == 0:
+        for n in prange(N):
+            for m in range(M):
+                out[m, n] = (_dot_bf16_1(w, d, n, x, m)[0] + _tail_bf16(w, d, n, x, m, k0)) + bias[
+                    n
+                ]
+        return
+    for g in prange((N + _R - 1) // _R):
+        n0 = g * _R
+        if n0 + _R <= N:
+            for m0 in range(0, Mp, _P):
+                s = _dot_bf16_p(w, d, n0, x, m0)
+                for r in range(_R):
+                    for p in range(_P):
+                        t = _tail_bf16(w, d, n0 + r, x, m0 + p, k0)
+                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
+            for m in range(Mp, M):
+                s = _dot_bf16_rp1(w, d, n0, x, m)
+                for r in range(_R):
+                    out[m, n0 + r] = (s[r] + _tail_bf16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
+        else:
+            for n in range(n0, N):
+                for m0 in range(0, Mp, _P):
+                    s = _dot_bf16_1p(w, d, n, x, m0)
+                    for p in range(_P):
+                        out[m0 + p, n] = (s[p] + _tail_bf16(w, d, n, x, m0 + p, k0)) + bias[n]
+                for m in range(Mp, M):
+                    out[m, n] = (
+                        _dot_bf16_1(w, d, n, x, m)[0] + _tail_bf16(w, d, n, x, m, k0)
+                    ) + bias[n]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_f16(x, w, bias, out):
-    """x (M, K), w (N, K) uint16 float16 bits, bias (N,) -> out (M, N)."""
+def _rows_f16(x, w, d, bias, out):
+    """x (M, K), w (N, K) uint16 float16 bits, d unused -> out (M, N)."""
     N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
-    for n in prange(N):
-        for m0 in range(0, M // _P * _P, _P):
-            s = _dot_f16_p(w, w, n, x, m0)
-            for p in range(_P):
-                out[m0 + p, n] = (s[p] + _tail_f16(w, n, x, m0 + p, k0)) + bias[n]
-        for m in range(M // _P * _P, M):
-            out[m, n] = (_dot_f16_1(w, w, n, x, m)[0] + _tail_f16(w, n, x, m, k0)) + bias[n]
+    Mp = M // _P * _P
+    if Mp == 0:
+        for n in prange(N):
+            for m in range(M):
+                out[m, n] = (_dot_f16_1(w, d, n, x, m)[0] + _tail_f16(w, d, n, x, m, k0)) + bias[n]
+        return
+    for g in prange((N + _R - 1) // _R):
+        n0 = g * _R
+        if n0 + _R <= N:
+            for m0 in range(0, Mp, _P):
+                s = _dot_f16_p(w, d, n0, x, m0)
+                for r in range(_R):
+                    for p in range(_P):
+                        t = _tail_f16(w, d, n0 + r, x, m0 + p, k0)
+                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
+            for m in range(Mp, M):
+                s = _dot_f16_rp1(w, d, n0, x, m)
+                for r in range(_R):
+                    out[m, n0 + r] = (s[r] + _tail_f16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
+        else:
+            for n in range(n0, N):
+                for m0 in range(0, Mp, _P):
+                    s = _dot_f16_1p(w, d, n, x, m0)
+                    for p in range(_P):
+                        out[m0 + p, n] = (s[p] + _tail_f16(w, d, n, x, m0 + p, k0)) + bias[n]
+                for m in range(Mp, M):
+                    out[m, n] = (
+                        _dot_f16_1(w, d, n, x, m)[0] + _tail_f16(w, d, n, x, m, k0)
+                    ) + bias[n]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_q8(x, qs, d, bias, out):
-    """x (M, K), qs (N, K) int8, d (N, nb) uint16 float16 bits, bias (N,) -> out (M, N)."""
-    N, K = qs.shape
+def _rows_q8(x, w, d, bias, out):
+    """x (M, K), w = qs (N, K) int8, d (N, nb) uint16 float16 bits -> out."""
+    N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
-    for n in prange(N):
-        for m0 in range(0, M // _P * _P, _P):
-            s = _dot_q8_p(qs, d, n, x, m0)
-            for p in range(_P):
-                out[m0 + p, n] = (s[p] + _tail_q8(qs, d, n, x, m0 + p, k0)) + bias[n]
-        for m in range(M // _P * _P, M):
-            out[m, n] = (_dot_q8_1(qs, d, n, x, m)[0] + _tail_q8(qs, d, n, x, m, k0)) + bias[n]
+    Mp = M // _P * _P
+    if Mp == 0:
+        for n in prange(N):
+            for m in range(M):
+                out[m, n] = (_dot_q8_1(w, d, n, x, m)[0] + _tail_q8(w, d, n, x, m, k0)) + bias[n]
+        return
+    for g in prange((N + _R - 1) // _R):
+        n0 = g * _R
+        if n0 + _R <= N:
+            for m0 in range(0, Mp, _P):
+                s = _dot_q8_p(w, d, n0, x, m0)
+                for r in range(_R):
+                    for p in range(_P):
+                        t = _tail_q8(w, d, n0 + r, x, m0 + p, k0)
+                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
+            for m in range(Mp, M):
+                s = _dot_q8_rp1(w, d, n0, x, m)
+                for r in range(_R):
+                    out[m, n0 + r] = (s[r] + _tail_q8(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
+        else:
+            for n in range(n0, N):
+                for m0 in range(0, Mp, _P):
+                    s = _dot_q8_1p(w, d, n, x, m0)
+                    for p in range(_P):
+                        out[m0 + p, n] = (s[p] + _tail_q8(w, d, n, x, m0 + p, k0)) + bias[n]
+                for m in range(Mp, M):
+                    out[m, n] = (_dot_q8_1(w, d, n, x, m)[0] + _tail_q8(w, d, n, x, m, k0)) + bias[
+                        n
+                    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,11 +563,11 @@ def rows_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray) -> np.ndarray:
     data, scale = _stored(q)
     out = np.empty((x2.shape[0], data.shape[0]), np.float32)  # (M, N)
     if q.dtype == "float32":
-        _rows_f32(x2, data, bias, out)
+        _rows_f32(x2, data, data, bias, out)
     elif q.dtype == "bfloat16":
-        _rows_bf16(x2, data, bias, out)
+        _rows_bf16(x2, data, data, bias, out)
     elif q.dtype == "float16":
-        _rows_f16(x2, data, bias, out)
+        _rows_f16(x2, data, data, bias, out)
     else:
         _rows_q8(x2, data, scale, bias, out)
     return out

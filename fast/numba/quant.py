@@ -12,8 +12,9 @@ where it is, and the accuracy is that of the weights alone).
 Variants, chosen on M by `qlinear_forward`:
     rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over output rows n: a
             row of W is read once, 32 values at a time, each chunk widened in registers and
-            multiplied into 16-lane accumulators against 4 rows of x at once (then the rows
-            left over one at a time), in LLVM vector IR (_make_dot says why). Each out[m, n] is
+            multiplied into 16-lane accumulators (from M = 4: pairs of rows of W against 4
+            rows of x at once, then the rows left over), in LLVM vector IR (_make_dot says
+            why). Each out[m, n] is
             the same sequence of float32 operations whatever M is and whatever the other rows
             hold: ROW-INVARIANT, bit for bit (tests/test_numba_quant.py). float32 QWeights run
             the same kernel: the server's batch invariance.
@@ -21,8 +22,9 @@ Variants, chosen on M by `qlinear_forward`:
             about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
             float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
-variants cross: from M = 16 the rows kernel is bound by its multiply-adds (45-75 GFLOP/s,
-`python -m bench.tools.numba_quant_timing --kernels`) where BLAS's blocked sgemm reaches more.
+variants cross: from M = 16 the rows kernel is bound by its multiply-adds (90-150 GFLOP/s at
+M = 16 with pairs of rows of W against 4 rows of x, 45-75 with one row of W; `python -m
+bench.tools.numba_quant_timing --kernels`) where BLAS's blocked sgemm reaches more.
 
 Batch 1 (decode), measured on the 124M shapes with the weights coming from memory, omp layer,
 2 cores (the same tool; machine shared, best of 5): GB/s of stored bytes, the LM head (50257,

@@ -8,10 +8,13 @@ greedy with <|endoftext|> banned (logit_bias -100), so each stream runs its full
 
     generate    `gpt2 generate --json` on the same model and backend: its decode tokens/s
     single      one streaming client: decode tokens/s, from its first token to its last
-    ttft_idle   time to the first token of a short prompt on an idle server (best of 3)
+    ttft_idle   time to the first token of a short prompt on an idle server (median of 5)
     aggregate   --clients concurrent streams: (tokens after each stream's first) / (first
                 first-token to last last-token)
     ttft_load   time to the first token of a short prompt while --clients - 1 others decode
+                (median of 5 probes, one after the other, each after a seeded random pause of
+                0-0.2 s: a request waits for the step in flight, so one probe's figure
+                depends on where in that step it lands)
 
 Targets: aggregate >= 4 x single; ttft_load <= 3 x ttft_idle; single >= 0.9 x generate.
 Prints one JSON object with the figures, the ratios and the machine's load average before and
@@ -27,7 +30,9 @@ import argparse
 import http.client
 import json
 import os
+import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +50,9 @@ PROMPT = "The meaning of life is"
 NO_EOT = {"50256": -100}
 
 
+PROBES = 5  # time-to-first-token probes, idle and under load
+
+
 def write_model(directory: str) -> None:
     cfg = SIZES["124M"]
     params = random_params(cfg, np.random.default_rng(0))
@@ -54,7 +62,8 @@ def write_model(directory: str) -> None:
 
 
 def stream(port: int, prompt: str, tokens: int) -> dict:
-    """One streaming completion: {"start", "first", "last", "n"} (perf_counter seconds)."""
+    """One streaming completion: {"start", "first", "last", "n", "first_s"} (perf_counter
+    seconds; first_s = first - start, the time to the first token)."""
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "logit_bias": NO_EOT}  # fmt: skip
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -73,7 +82,7 @@ def stream(port: int, prompt: str, tokens: int) -> dict:
             last = now
             n += 1
     c.close()
-    return {"start": t0, "first": first, "last": last, "n": n}
+    return {"start": t0, "first": first, "last": last, "n": n, "first_s": first - t0}
 
 
 def health(port: int) -> dict:
@@ -124,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.5)
             single = stream(port, PROMPT, args.tokens)
             out["single_tok_s"] = decode_rate(single)
-            idle = [stream(port, "Hi", 2) for _ in range(3)]
-            out["ttft_idle_s"] = min(s["first"] - s["start"] for s in idle)
+            idle = [stream(port, "Hi", 2)["first_s"] for _ in range(PROBES)]
+            out["ttft_idle_s"] = statistics.median(idle)
+            out["ttft_idle_all_s"] = idle
             results: list = [None] * args.clients
 
             def client(i: int) -> None:
@@ -150,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.time() + 300
             while health(port)["batch"] < len(busy) and time.time() < deadline:
                 time.sleep(0.05)  # wait until all the others are decoding
-            probe = stream(port, "Hi", 2)
-            out["ttft_load_s"] = probe["first"] - probe["start"]
+            probes = []
+            wait = random.Random(0)
+            for _ in range(PROBES):  # at seeded random phases of the step in flight
+                if health(port)["batch"] < len(busy):
+                    break  # the others are finishing: no longer under load
+                time.sleep(wait.uniform(0.0, 0.2))
+                probes.append(stream(port, "Hi", 2)["first_s"])
+            out["ttft_load_s"] = statistics.median(probes)
+            out["ttft_load_all_s"] = probes
             for t in threads:
                 t.join()
         finally:

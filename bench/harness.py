@@ -231,6 +231,9 @@ ENV_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "NUMBA_NUM_THREADS",
+    "NUMBA_THREADING_LAYER",
+    "GOMP_SPINCOUNT",
+    "OMP_WAIT_POLICY",
     "CUDA_VISIBLE_DEVICES",
 )
 LIBRARIES = ("numpy", "numba", "torch", "triton", "transformers", "threadpoolctl", "matplotlib")

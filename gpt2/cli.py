@@ -144,11 +144,32 @@ def set_threads(n: int, backend: str | None) -> None:
     if backend == "numba":
         import numba
 
+        import fast.numba.common  # noqa: F401  (its threading layer and spin count first: the
+        # call below starts numba's pool, which takes whatever is set by then)
+
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     if backend in TORCH_BACKENDS:
         import torch
 
         torch.set_num_threads(n)
+
+
+# libgomp's spin count for training (fast/numba/common.py sets 3000 for everything else): a
+# training step interleaves numba kernels with BLAS matmuls, and workers spinning 3000 turns
+# after each kernel take the core BLAS's second thread needs. `python -m bench --suite train
+# --quick --backends numba`, 2 cores, tokens/s: 878 at 3000, 1740 at 300, 1621 on workqueue;
+# an int8 decode step's median 9.1 ms at 3000, 13.7 ms at 300 (so not for generation).
+TRAIN_SPINCOUNT = "300"
+
+
+def _spin_for(command: str) -> None:
+    """GOMP_SPINCOUNT for `gpt2 train` and `gpt2 finetune`, unless the user set one or numba's
+    kernels are already loaded (libgomp reads it once, when fast/numba loads it)."""
+    import os
+
+    if command in ("train", "finetune") and "GOMP_SPINCOUNT" not in os.environ:
+        if "fast.numba.common" not in sys.modules:
+            os.environ["GOMP_SPINCOUNT"] = TRAIN_SPINCOUNT
 
 
 def version() -> str:
@@ -186,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.choices[args.command]
         p.error(f"unrecognized arguments: {' '.join(extra)}{hint(extra[0], p)}")
     try:
+        _spin_for(args.command)
         if getattr(args, "threads", None) is not None:
             set_threads(args.threads, getattr(args, "backend", None))
         return int(args.run(args) or 0)

@@ -240,3 +240,33 @@ def test_each_kernel_compiles_one_signature():
     assert len(kernels) == 14
     for k in kernels:
         assert len(k.signatures) <= 1, (k.__name__, k.signatures)
+
+
+def test_the_command_sets_libgomp_spin_before_numba_loads_it():
+    """fast/numba/common.py sets GOMP_SPINCOUNT=3000 and the omp layer when it loads (libgomp
+    reads the count once, at load); `gpt2 train`/`finetune` ask for 300 first (gpt2/cli.py:
+    training interleaves kernels with BLAS); -t N imports fast/numba before starting numba's
+    pool. Each in a fresh process: the count is read once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; import gpt2.cli as c; c._spin_for(sys.argv[1]);"
+        "c.set_threads(1, 'numba'); import numba;"
+        "print(os.environ.get('GOMP_SPINCOUNT'), numba.threading_layer())"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER")
+    }
+    got = {}
+    for command in ("train", "finetune", "generate"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, command],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        got[command] = out.stdout.split()
+    assert got["train"] == got["finetune"] == ["300", "omp"], got
+    assert got["generate"] == ["3000", "omp"], got

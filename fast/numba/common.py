@@ -14,7 +14,9 @@ NUMBA_THREADING_LAYER set by hand; figures in bench/README.md):
     (4096, 768) took 7.8 ms against 1.3 ms on workqueue;
   * at 3,000 turns the workers sleep within microseconds of the last kernel: prompts as fast
     as on workqueue (within the machine's noise), LayerNorm under load 2.1 ms, decode steps as
-    fast as at the default spin.
+    fast as at the default spin. Training, whose steps alternate kernels and BLAS far more
+    often, still lost half its speed at 3,000 (878 against 1,621 tokens/s on workqueue, 1,740
+    at 300): `gpt2 train` and `gpt2 finetune` set 300 before this module loads (gpt2/cli.py).
 Numba reads the layer when it starts its thread pool (the first parallel kernel, or
 numba.set_num_threads) and libgomp reads GOMP_SPINCOUNT when it loads (here, on the import of
 numba's omppool below), so both are set at this module's import, before any kernel runs: the

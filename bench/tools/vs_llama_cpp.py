@@ -60,21 +60,18 @@ def _models(cfg, params: dict) -> dict:
 
 
 def _our_decode(model, steps: int) -> list[float]:
-    """Times of `steps` single-token steps after one untimed step (contexts 2 .. steps + 1)."""
-    cache = model.new_cache(1, steps + 2)
-    tok = np.zeros((1, 1), np.int64)
-    model.forward(tok, cache=cache, last_only=True)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        model.forward(tok, cache=cache, last_only=True)
-        times.append(time.perf_counter() - t0)
-    return times
+    """Times of `steps` single-token steps after one untimed step (contexts 2 .. steps + 1),
+    as bench/suite_generate's runner takes them."""
+    from bench.suite_generate import model_runner
+
+    return model_runner(model)["decode"](1, 0, steps + 1)[1:]
 
 
 def _our_prefill(model, ids: np.ndarray) -> float:
+    from bench.suite_generate import model_runner
+
     t0 = time.perf_counter()
-    model.forward(ids, last_only=True)
+    model_runner(model)["prefill"](ids)
     return time.perf_counter() - t0
 
 

@@ -59,6 +59,11 @@ from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
 _TILE_BYTES = 1 << 20  # float32 bytes of W per dequantized tile on the BLAS path (L2-sized)
+_L = 16  # lanes per accumulator (a zmm register; two ymm where LLVM splits them)
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V16F = ir.VectorType(_F32, _L)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +121,7 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
         src = builder.bitcast(builder.gep(src_a.data, [args[1]]), vi8.as_pointer())
         dst = builder.bitcast(builder.gep(dst_a.data, [args[4]]), vf32.as_pointer())
         w = builder.sitofp(builder.load(src, align=1), vf32)
-        zero = ir.Constant(ir.IntType(32), 0)
-        lane = builder.insert_element(ir.Constant(vf32, ir.Undefined), args[2], zero)
-        splat = builder.shuffle_vector(
-            lane,
-            ir.Constant(vf32, ir.Undefined),
-            ir.Constant(ir.VectorType(ir.IntType(32), QK), [0] * QK),
-        )
-        builder.store(builder.fmul(w, splat), dst, align=4)
+        builder.store(builder.fmul(w, _splat(builder, args[2], QK)), dst, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -132,21 +130,15 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 # ---------------------------------------------------------------------------------------------
 # the rows kernels' dot products, in LLVM vector IR
 #
-# One output row n of W against P rows of x: the full 32-wide chunks of K, each widened from
-# its stored form to two <16 x float> and multiplied into 16-lane accumulators with llvm.fma,
-# then a fixed tree of adds across the lanes. Written in IR rather than as a Numba loop so the
-# operations are these and no others: no fast-math flags, so LLVM may schedule but not
-# reassociate, and each (n, m) sum is the same sequence of float32 operations whether it runs
-# with P = 4 or P = 1, in whatever batch (ROW-INVARIANT). The P rows share each chunk's
-# widened weights (batched decode widens a chunk once for 4 rows of x).
+# R rows of W against P rows of x: the full 32-wide chunks of K, each widened from its stored
+# form to two <16 x float> and multiplied into 16-lane accumulators with llvm.fma, then a fixed
+# tree of adds across the lanes. Written in IR rather than as a Numba loop so the operations
+# are these and no others: no fast-math flags, so LLVM may schedule but not reassociate, and
+# each (n, m) sum is the same sequence of float32 operations whatever R, P and the batch are
+# (ROW-INVARIANT). The P rows of x share each chunk's widened weights, the R rows of W each
+# chunk of x.
 #   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
 #   int8 (q8_0, a chunk = a block): t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
-
-_L = 16  # lanes per accumulator (a zmm register; two ymm where LLVM splits them)
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V16F = ir.VectorType(_F32, _L)
 
 
 def _lanes(builder, v, lo: int, hi: int):
@@ -190,10 +182,12 @@ def _widen16(dtype: str, builder, ptr):
     return builder.bitcast(builder.shl(wide, sixteen), _V16F)
 
 
-def _splat16(builder, f):
-    lane = builder.insert_element(ir.Constant(_V16F, ir.Undefined), f, ir.Constant(_I32, 0))
-    mask = ir.Constant(ir.VectorType(_I32, _L), [0] * _L)
-    return builder.shuffle_vector(lane, ir.Constant(_V16F, ir.Undefined), mask)
+def _splat(builder, f, n: int = _L):
+    """<n x float> of n copies of the float32 f."""
+    vty = ir.VectorType(_F32, n)
+    lane = builder.insert_element(ir.Constant(vty, ir.Undefined), f, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, n), [0] * n)
+    return builder.shuffle_vector(lane, ir.Constant(vty, ir.Undefined), mask)
 
 
 def _make_dot(dtype: str, R: int, P: int):
@@ -242,7 +236,7 @@ def _make_dot(dtype: str, R: int, P: int):
                     if dtype == "int8":
                         i = builder.add(d_rows[r], loop.index)
                         half = builder.load(builder.gep(d_a.data, [i]))
-                        scale = _splat16(
+                        scale = _splat(
                             builder, builder.fpext(builder.bitcast(half, ir.HalfType()), _F32)
                         )
                     for p in range(P):
@@ -320,10 +314,7 @@ def _tail_q8(qs, d, n, x, m, k0):
 
 
 # ---------------------------------------------------------------------------------------------
-# rows kernels (M <= ROWS_MAX_M): parallel over output rows n; one row of W against every row
-# of x, 4 rows of x at a time (a row's bytes are read from memory once, whatever M)
-
-
+# rows kernels (M <= ROWS_MAX_M): each row of W is read from memory once, whatever M.
 # One kernel per storage format, each spelled out: numba caches a function by its module and
 # line, so kernels made by a factory would share one cache entry and recompile in every process.
 # M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over pairs

@@ -201,7 +201,7 @@ def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
         _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh)
 
 
-@numba.njit(fastmath=FASTMATH, cache=True)
+@numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _attention_forward_serial_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
     # the same on the calling thread, for calls too small to pay a parallel launch
     for bh in range(q.shape[0] * q.shape[1]):

@@ -79,6 +79,10 @@ _choose_threading_layer()
 THREADING_LAYER = numba.config.THREADING_LAYER  # what kernels may assume a launch costs
 
 FASTMATH = {"reassoc", "contract"}
+# Kernels that run outside a prange say error_model="numpy": numba's default ("python") tests
+# every float division for zero to raise ZeroDivisionError, and that branch keeps LLVM from
+# vectorising the loop around it (prange bodies already compile with the numpy model). The bias +
+# GELU of a (16, 3072) decode batch on one thread: 213 us with the test, 26 us without.
 
 _LOG2E = np.float32(1.0 / math.log(2.0))
 # ln 2 split in two so that n * _LN2_HI is exact for |n| <= 127 (Cody and Waite's reduction):

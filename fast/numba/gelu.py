@@ -62,7 +62,7 @@ def _gelu_forward_kernel(x, out):
         out[i] = _gelu(x[i])
 
 
-@numba.njit(fastmath=FASTMATH, cache=True)
+@numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _gelu_forward_serial_kernel(x, out):
     # the same on the calling thread (small inputs)
     for i in range(x.shape[0]):
@@ -85,7 +85,7 @@ def _bias_gelu_forward_kernel(x, b, out):
             out[n, d] = _gelu(x[n, d] + b[d])
 
 
-@numba.njit(fastmath=FASTMATH, cache=True)
+@numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _bias_gelu_forward_serial_kernel(x, b, out):
     # the same on the calling thread (small inputs)
     N, D = x.shape

@@ -64,7 +64,7 @@ def _layernorm_forward_kernel(x, g, b, eps, out, mean, rstd):
         _layernorm_row(x, g, b, eps, out, mean, rstd, n)
 
 
-@numba.njit(fastmath=FASTMATH, cache=True)
+@numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _layernorm_forward_serial_kernel(x, g, b, eps, out, mean, rstd):
     # the same rows on the calling thread (small inputs)
     for n in range(x.shape[0]):

@@ -13,7 +13,9 @@ So here:
     offsets whatever else runs, and its attention is computed on that cache alone;
   * every op that is not a linear (LayerNorm, attention, bias + GELU) is called on one row at
     a time, with the shapes the row has when it runs alone (a kernel's vectorised body and
-    remainder loop split a row the same way every time);
+    remainder loop split a row the same way every time), unless the backend says its kernel
+    is row-invariant: `ROW_INVARIANT` names such ops (one call on all the rows), and
+    `attention_rows_forward` runs every row's attention on its own cache in one launch;
   * the linears go through `linear(x (R, K), w (K, N), b (N,) | None) -> (R, N)`, which must
     be row-invariant: out[r] depends on x[r], w and b only, bit for bit, for every R.
     `row_linear` below is the reference one (a mat-vec per row); gpt2/serve/engine.py has a
@@ -44,12 +46,33 @@ def row_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.
     return out
 
 
-def _per_row(fn, x: np.ndarray, *args) -> np.ndarray:
-    """fn(x[r:r+1], *args)[0] for each row: the op sees a batch of one, as when run alone."""
+def _per_row(ops, name: str, x: np.ndarray, *args) -> np.ndarray:
+    """ops.<name>(x[r:r+1], *args)[0] for each row: the op sees a batch of one, as when run
+    alone; one call on all the rows where the backend lists the op in ROW_INVARIANT (its
+    kernel computes each row the same way whatever the others, which its tests check)."""
+    fn = getattr(ops, name)
+    if name in getattr(ops, "ROW_INVARIANT", ()):
+        return fn(x, *args)[0]
     out = np.empty_like(x)  # (R, ...)
     for r in range(x.shape[0]):
         y, _ = fn(x[r : r + 1], *args)
         out[r] = y[0]
+    return out
+
+
+def attention_rows(ops, q: np.ndarray, ks: list, vs: list, n: list[int]) -> np.ndarray:
+    """Each row's query against its own cache: q (R, NH, hs), ks[r], vs[r] (NH, cap_r, hs),
+    the first n[r] keys visible -> (R, NH, hs). The backend's `attention_rows_forward` (one
+    launch for all the rows; it must be row-invariant) where it has one, else
+    ops.attention_forward on each row alone."""
+    if hasattr(ops, "attention_rows_forward"):
+        return ops.attention_rows_forward(q, ks, vs, n)
+    out = np.empty(q.shape, np.float32)  # (R, NH, hs)
+    for r in range(q.shape[0]):
+        y, _ = ops.attention_forward(
+            q[r][None, :, None], ks[r][None, :, : n[r]], vs[r][None, :, : n[r]], None
+        )  # (1, NH, 1, hs)
+        out[r] = y[0, :, 0]
     return out
 
 
@@ -86,33 +109,29 @@ def decode_step(
             )
     check_ids(tokens, cfg.n_vocab)
     P = [c.length for c in caches]  # slots filled per row
+    n = [p + 1 for p in P]  # keys each row's query sees: its own tokens, this one included
     pos = np.array([c.n_real[0] for c in caches], dtype=np.int64)  # (R,) no padding: = P
     x = params["wte"][tokens] + params["wpe"][pos]  # (R, C)
     eps = cfg.eps
     for layer, blk in enumerate(params["blocks"]):
         attn, mlp = blk["attn"], blk["mlp"]
-        h = _per_row(ops.layernorm_forward, x, blk["ln_1"]["g"], blk["ln_1"]["b"], eps)  # (R, C)
-        qkv = linear(h, attn["c_attn"]["w"], attn["c_attn"]["b"])  # (R, 3C)
-        y = np.empty((R, C), np.float32)  # (R, C)
-        for r, c in enumerate(caches):
-            q, k, v = qkv[r].reshape(3, NH, hs)  # each (NH, hs)
-            kc, vc = c.k[layer], c.v[layer]  # (1, NH, cap, hs)
-            kc[0, :, P[r]] = k
-            vc[0, :, P[r]] = v
-            n = P[r] + 1
-            out, _ = ops.attention_forward(
-                q[None, :, None], kc[:, :, :n], vc[:, :, :n], None
-            )  # (1, NH, 1, hs)
-            y[r] = out.reshape(C)
+        h = _per_row(ops, "layernorm_forward", x, blk["ln_1"]["g"], blk["ln_1"]["b"], eps)
+        qkv = linear(h, attn["c_attn"]["w"], attn["c_attn"]["b"]).reshape(R, 3, NH, hs)
+        ks = [c.k[layer, 0] for c in caches]  # each (NH, cap, hs)
+        vs = [c.v[layer, 0] for c in caches]
+        for r in range(R):
+            ks[r][:, P[r]] = qkv[r, 1]
+            vs[r][:, P[r]] = qkv[r, 2]
+        y = attention_rows(ops, qkv[:, 0], ks, vs, n).reshape(R, C)  # (R, C)
         x = x + linear(y, attn["c_proj"]["w"], attn["c_proj"]["b"])  # (R, C)
-        h = _per_row(ops.layernorm_forward, x, blk["ln_2"]["g"], blk["ln_2"]["b"], eps)  # (R, C)
+        h = _per_row(ops, "layernorm_forward", x, blk["ln_2"]["g"], blk["ln_2"]["b"], eps)
         f = linear(h, mlp["c_fc"]["w"], None)  # (R, 4C)
-        f = _per_row(ops.bias_gelu_forward, f, mlp["c_fc"]["b"])  # (R, 4C)
+        f = _per_row(ops, "bias_gelu_forward", f, mlp["c_fc"]["b"])  # (R, 4C)
         x = x + linear(f, mlp["c_proj"]["w"], mlp["c_proj"]["b"])  # (R, C)
     for r, c in enumerate(caches):  # commit, as ref.model.commit_step does for a real token
         c.mask[0, P[r]] = True
         c.n_real = c.n_real + 1
         c.length = P[r] + 1
-    x = _per_row(ops.layernorm_forward, x, params["ln_f"]["g"], params["ln_f"]["b"], eps)
+    x = _per_row(ops, "layernorm_forward", x, params["ln_f"]["g"], params["ln_f"]["b"], eps)
     head = params.get("lm_head", params["wte"]).T if lm_head is None else lm_head  # (C, V)
     return linear(x, head, None)  # (R, V)

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gpt2
@@ -192,6 +192,84 @@ def test_decode_step_is_the_model(backend):
         want = m.forward(np.array([[toks[r]]]), cache=c2, last_only=True)[0, -1]
         np.testing.assert_allclose(out[r], want, atol=1e-4, rtol=0)
         assert mine[r].length == c2.length and mine[r].n_real[0] == c2.n_real[0]
+
+
+# the numba ops decode_step calls on all its rows at once (ROW_INVARIANT, attention_rows_forward)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    R=st.integers(1, 64),
+    D=st.sampled_from([1, 7, 24, 33, 768, 3072]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(R=64, D=3072, seed=0)  # past the bias + GELU kernel switch
+@example(R=42, D=3072, seed=1)  # just below it
+def test_numba_row_invariant_ops(R, D, seed):
+    """Each op the numba backend lists in ROW_INVARIANT gives row r of an R-row call the bits
+    of row r called alone, and rows in another order the same rows (R up to the serving
+    batch's 64: bias + GELU changes kernel at 2**17 elements, R = 43 at D = 3072)."""
+    nb = pytest.importorskip("fast.numba.backend")
+    assert nb.ROW_INVARIANT == {"layernorm_forward", "bias_gelu_forward"}
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal((R, D))).astype(np.float32)  # (R, D)
+    x[rng.random((R, D)) < 0.01] = np.nan
+    g, b = rng.standard_normal((2, D)).astype(np.float32)  # (D,) each
+    calls = {"layernorm_forward": lambda a: nb.layernorm_forward(a, g, b, 1e-5)[0],
+             "bias_gelu_forward": lambda a: nb.bias_gelu_forward(a, b)[0]}  # fmt: skip
+    perm = rng.permutation(R)
+    for name in nb.ROW_INVARIANT:
+        full = calls[name](x)  # (R, D)
+        for r in {0, R - 1, int(rng.integers(R))}:
+            assert np.array_equal(calls[name](x[r : r + 1])[0], full[r], equal_nan=True), name
+        assert np.array_equal(calls[name](x[perm]), full[perm], equal_nan=True), name
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_numba_attention_rows_is_each_row_alone(data):
+    """attention_rows_forward (R rows, a cache each, one launch) gives each row the bits of
+    numba's attention_forward on that row alone, and of itself called on that row alone; a
+    NaN in one row's keys stays in that row."""
+    nat = pytest.importorskip("fast.numba.attention")
+    R = data.draw(st.integers(1, 20))
+    NH, hs = data.draw(st.sampled_from([(1, 1), (2, 3), (12, 64), (3, 17)]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    caps = [int(c) for c in rng.integers(1, 90, R)]
+    n = [int(rng.integers(1, c + 1)) for c in caps]
+    ks = [rng.standard_normal((NH, c, hs)).astype(np.float32) for c in caps]
+    vs = [rng.standard_normal((NH, c, hs)).astype(np.float32) for c in caps]
+    q = rng.standard_normal((R, NH, hs)).astype(np.float32)  # (R, NH, hs)
+    bad = int(rng.integers(R))
+    ks[bad][0, n[bad] - 1, 0] = np.nan
+    out = nat.attention_rows_forward(q, ks, vs, n)  # (R, NH, hs)
+    assert out.shape == (R, NH, hs)
+    for r in range(R):
+        one, _ = nat.attention_forward(
+            q[r][None, :, None], ks[r][None, :, : n[r]], vs[r][None, :, : n[r]], None
+        )  # (1, NH, 1, hs)
+        assert np.array_equal(one[0, :, 0], out[r], equal_nan=True)
+        alone = nat.attention_rows_forward(q[r : r + 1], ks[r : r + 1], vs[r : r + 1], n[r : r + 1])
+        assert np.array_equal(alone[0], out[r], equal_nan=True)
+        assert np.isnan(out[r, 0]).all() == (r == bad)
+
+
+def test_numba_attention_rows_refuses_what_it_cannot_read():
+    """Each row's arrays are read through their addresses, so every one is checked first."""
+    nat = pytest.importorskip("fast.numba.attention")
+    q = np.zeros((2, 2, 4), np.float32)  # (R, NH, hs)
+    k = np.zeros((2, 5, 4), np.float32)  # (NH, cap, hs)
+    for ks, vs, n, msg in [
+        ([k, k], [k, k], [5, 6], "row 1: n = 6"),
+        ([k, k], [k, k], [0, 1], "row 0: n = 0"),
+        ([k, k[:, :, :2]], [k, k], [1, 1], r"ks\[1\] must be"),
+        ([k, k], [k, k[:, ::2]], [1, 1], r"vs\[1\] must be"),
+        ([k, k.astype(np.float64)], [k, k], [1, 1], r"ks\[1\] must be"),
+        ([k], [k, k], [1, 1], "2 rows"),
+        ([k, k], [k, np.zeros((2, 4, 4), np.float32)], [1, 1], "row 1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            nat.attention_rows_forward(q, ks, vs, n)
 
 
 def test_row_linear_is_the_product():

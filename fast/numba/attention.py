@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 from numpy.lib.stride_tricks import as_strided
 
 from fast.numba.common import (
@@ -68,6 +70,7 @@ from fast.numba.common import (
     THREADING_LAYER,
     check_attention,
     check_attention_dout,
+    check_f32,
     exp32,
     prefetch,
 )
@@ -342,6 +345,83 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
         kernel = _attention_forward_serial_kernel if small else _attention_forward_kernel
         kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
     return out, (q, k, v, mask, out, lse)
+
+
+@intrinsic
+def _f32_ptr(typingctx, addr):
+    """An int64 address -> a float32 pointer (for numba.carray); see attention_rows_forward."""
+    if not isinstance(addr, types.Integer):
+        return None
+    sig = types.CPointer(types.float32)(addr)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.FloatType()))
+
+    return sig, codegen
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _attention_rows_kernel(q, kaddr, vaddr, caps, n, mask, out, lse):
+    # q (R, NH, 1, hs); kaddr, vaddr (R,) addresses of (NH, caps[r], hs) C-contiguous float32
+    # arrays; n (R,) keys per row; mask (1, max n) all True -> writes out (R, NH, 1, hs), lse
+    R, NH, _, hs = q.shape
+    for rh in prange(R * NH):
+        r = rh // NH
+        h = rh - r * NH
+        cap = caps[r]
+        kr = numba.carray(_f32_ptr(kaddr[r]), (NH * cap, hs))  # (NH * cap, hs) row r's keys
+        vr = numba.carray(_f32_ptr(vaddr[r]), (NH * cap, hs))
+        steps = (0, cap, 1)  # key j of head h at row h * cap + j
+        _forward_head(q[r : r + 1], kr, steps, vr, steps, n[r], mask, out[r : r + 1],
+                      lse[r : r + 1], h)  # fmt: skip
+
+
+def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
+    """One decode step of R sequences, each over a KV cache of its own (ref/batching.py):
+    q (R, NH, hs); ks[r], vs[r] (NH, cap_r, hs) C-contiguous float32 (a batch-1 cache's layer,
+    `cache.k[layer, 0]`); n (R,) keys per row, 1 <= n[r] <= cap_r, all visible -> (R, NH, hs).
+
+    One parallel launch over the R * NH (row, head) pairs instead of R calls of
+    `attention_forward`. Each pair runs `_forward_head`, the kernel's own code for one head
+    and one query, on its own row's keys only: out[r] depends on q[r], ks[r] and vs[r] alone,
+    the same bits whatever R and the other rows (ROW-INVARIANT; tests/test_numba_model.py).
+    The caches differ in capacity, so the kernel gets each row's arrays as an address
+    (numba.carray over it): every array is checked here for dtype, shape, layout and n first,
+    and the lists keep them alive for the call.
+    """
+    q = check_f32("attention_rows", "q", q)
+    if q.ndim != 3:
+        raise ValueError(f"attention_rows: q must be (R, NH, hs), got {q.shape}")
+    R, NH, hs = q.shape
+    n = np.asarray(n, dtype=np.int64)  # (R,)
+    if len(ks) != R or len(vs) != R or n.shape != (R,):
+        raise ValueError(
+            f"attention_rows: q has {R} rows but ks, vs, n have {len(ks)}, {len(vs)}, {n.shape}"
+        )
+    kaddr = np.empty(R, np.int64)  # (R,)
+    vaddr = np.empty(R, np.int64)  # (R,)
+    caps = np.empty(R, np.int64)  # (R,)
+    for r in range(R):
+        for name, a, addr in (("ks", ks[r], kaddr), ("vs", vs[r], vaddr)):
+            ok = isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 3
+            if not (ok and a.flags.c_contiguous and a.shape[0] == NH and a.shape[2] == hs):
+                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(
+                    f"attention_rows: {name}[{r}] must be C-contiguous float32 "
+                    f"({NH}, cap, {hs}), got {got}"
+                )
+            addr[r] = a.ctypes.data
+        caps[r] = ks[r].shape[1]
+        if vs[r].shape != ks[r].shape or not 1 <= n[r] <= caps[r]:
+            raise ValueError(
+                f"attention_rows: row {r}: n = {n[r]} keys, ks {ks[r].shape}, vs {vs[r].shape}"
+            )
+    out = np.empty((R, NH, 1, hs), np.float32)  # (R, NH, 1, hs)
+    lse = np.empty((R, NH, 1), np.float32)  # (R, NH, 1)
+    if R:
+        mask = np.ones((1, int(n.max())), dtype=bool)  # (1, max n)
+        _attention_rows_kernel(q[:, :, None], kaddr, vaddr, caps, n, mask, out, lse)
+    return out[:, :, 0]
 
 
 def attention_backward(dout: np.ndarray, cache):

@@ -15,6 +15,8 @@ numba_flash's fixed cost per call dominates; `python -m bench.tools.numba_flash_
 `dropout` (one numpy draw and multiply; ref/model.py calls the reference's on every backend).
 `qlinear` (a quantized model's linear layers and LM head, ref/quant.py) is fast/numba/quant.py:
 the row-invariant kernel for up to 64 rows, dequantized tiles and BLAS beyond.
+`attention_rows_forward` (the server's decode step, ref/batching.py): R sequences, each over a
+KV cache of its own, in one launch (fast/numba/attention.py).
 Dropout on the attention probabilities: the fused kernels have none (their softmax never
 materialises att), so `attention_forward` with dropout > 0 and an rng runs the reference's
 attention (ref.ops), masks drawn as it draws them; without dropout it is the kernels'.
@@ -32,6 +34,7 @@ from fast.numba import crossentropy as numba_crossentropy
 from fast.numba import flash as numba_flash
 from fast.numba import gelu as numba_gelu
 from fast.numba import layernorm as numba_layernorm
+from fast.numba.attention import attention_rows_forward
 from fast.numba.common import single_threaded
 from fast.numba.crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
@@ -48,9 +51,11 @@ from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
 )
 
 __all__ = [
+    "ROW_INVARIANT",
     "VARIANTS",
     "attention_backward",
     "attention_forward",
+    "attention_rows_forward",
     "bias_gelu_backward",
     "bias_gelu_forward",
     "crossentropy_backward",
@@ -68,6 +73,12 @@ __all__ = [
     "qlinear_forward",
 ]
 
+
+# Ops whose output row r, called on R rows, is the same bits as when row r is called alone:
+# their kernels loop over rows with one body per row (LayerNorm, bias + GELU), for every R up
+# to the serving batch's 64 (tests/test_numba_model.py). ref/batching.py's decode step calls
+# them once on all its rows instead of once per row.
+ROW_INVARIANT = frozenset({"layernorm_forward", "bias_gelu_forward"})
 
 # numba_flash for prompts and training; numba_attention for decode steps and tiny prompts
 _FLASH_MIN_TQ = 16

@@ -12,22 +12,24 @@ where it is, and the accuracy is that of the weights alone).
 Variants, chosen on M by `qlinear_forward`:
     rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over output rows n: a
             row of W is read once, 32 values at a time, each chunk widened in registers and
-            multiplied into 16-lane accumulators (from M = 4: pairs of rows of W against 4
-            rows of x at once, then the rows left over), in LLVM vector IR (_make_dot says
-            why). Each out[m, n] is
-            the same sequence of float32 operations whatever M is and whatever the other rows
-            hold: ROW-INVARIANT, bit for bit (tests/test_numba_quant.py). float32 QWeights run
-            the same kernel: the server's batch invariance. From M = 4 a pair's first pass over
-            x prefetches the next pair of rows of W (the passes after it find theirs in L1):
-            the LM head at M = 16, weights from memory, float32 15.9 -> 14.2 ms, int8 11.1 ->
-            10.4 (interleaved runs; in-cache shapes lose ~3%).
+            multiplied into one 16-lane accumulator per (n, m), in LLVM vector IR (_make_dot
+            says why). M < 4: each row of W against each row of x. From M = 4: groups of 4
+            rows of W against 4 rows of x at once (16 accumulators; each widened chunk of W
+            serves 4 rows of x, each chunk of x 4 rows of W), then the rows left over; a
+            group's first pass prefetches the next group's rows of W (the passes after it find
+            theirs in L1). Each out[m, n] is the same sequence of float32 operations whatever
+            M is and whatever the other rows hold: ROW-INVARIANT, bit for bit
+            (tests/test_numba_quant.py). float32 QWeights run the same kernel: the server's
+            batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
             about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
             float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
-variants cross: from M = 16 the rows kernel is bound by its multiply-adds (90-150 GFLOP/s at
-M = 16 with pairs of rows of W against 4 rows of x, 45-75 with one row of W; `python -m
-bench.tools.numba_quant_timing --kernels`) where BLAS's blocked sgemm reaches more.
+variants cross. At M = 16 (`python -m bench.tools.numba_quant_timing --kernels`; one run, best
+of 7, the weights in the L3 except the LM head's): float32 138-148 GFLOP/s, bfloat16 188-200,
+int8 116-129, the LM head from memory 101 / 130 / 116; BLAS's sgemm reaches 70-76 at this M
+and 187 on large squares. The earlier blocking (pairs of rows of W against 4 rows of x, two
+accumulators per (n, m): 12 loads per 16 multiply-adds against 8 now) gave 80-135.
 
 Batch 1 (decode), measured on the 124M shapes with the weights coming from memory, omp layer,
 2 cores (the same tool; machine shared, best of 5): GB/s of stored bytes, the LM head (50257,
@@ -134,13 +136,14 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 # the rows kernels' dot products, in LLVM vector IR
 #
 # R rows of W against P rows of x: the full 32-wide chunks of K, each widened from its stored
-# form to two <16 x float> and multiplied into 16-lane accumulators with llvm.fma, then a fixed
-# tree of adds across the lanes. Written in IR rather than as a Numba loop so the operations
-# are these and no others: no fast-math flags, so LLVM may schedule but not reassociate, and
-# each (n, m) sum is the same sequence of float32 operations whatever R, P and the batch are
-# (ROW-INVARIANT). The P rows of x share each chunk's widened weights, the R rows of W each
-# chunk of x.
-#   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
+# form to two <16 x float> and multiplied into one 16-lane accumulator per (r, p) with
+# llvm.fma, then a fixed tree of adds across the lanes. Written in IR rather than as a Numba
+# loop so the operations are these and no others: no fast-math flags, so LLVM may schedule
+# but not reassociate, and each (n, m) sum is the same sequence of float32 operations whatever
+# R, P and the batch are (ROW-INVARIANT). The P rows of x share each chunk's widened weights,
+# the R rows of W each chunk of x.
+#   float32 / bfloat16 / float16: acc = fma(w_0, x_0, acc); acc = fma(w_1, x_1, acc) for the
+#     two halves of a chunk
 #   int8 (q8_0, a chunk = a block): t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
 
 
@@ -208,7 +211,7 @@ def _make_dot(dtype: str, R: int, P: int):
     (N, nb) uint16 float16 scales for int8 (any array otherwise, unread), x (M, K) float32
     C-contiguous; the caller keeps n0 + R <= N and m0 + P <= M. pf >= 0: prefetch rows
     pf .. pf + R - 1 of W, chunk by chunk (the caller keeps pf + R <= N); pf < 0: none.
-    Each (r, p) has accumulators of its own, updated in the same order whatever R and P: the
+    Each (r, p) has an accumulator of its own, updated in the same order whatever R and P: the
     same bits for every shape."""
 
     @intrinsic
@@ -223,12 +226,8 @@ def _make_dot(dtype: str, R: int, P: int):
             pf_on = builder.icmp_signed(">=", pf_v, ir.Constant(_I64, 0))
             pf_rows = [builder.mul(builder.add(pf_v, ir.Constant(_I64, r)), K) for r in range(R)]
             itemsize = {"float32": 4, "int8": 1}.get(dtype, 2)
-            halves = 1 if dtype == "int8" else 2  # accumulators per (row of W, row of x)
-            acc = [
-                [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
-                for _ in range(R)
-            ]
-            for slot in (s for rows in acc for row in rows for s in row):
+            acc = [[cgutils.alloca_once(builder, _V16F) for _ in range(P)] for _ in range(R)]
+            for slot in (s for row in acc for s in row):
                 builder.store(ir.Constant(_V16F, None), slot)
             n_v = [builder.add(n0_v, ir.Constant(_I64, r)) for r in range(R)]
             if dtype == "int8":
@@ -245,37 +244,40 @@ def _make_dot(dtype: str, R: int, P: int):
                     i = builder.add(builder.add(row, k0), ir.Constant(_I64, _L * h))
                     return builder.gep(data, [i])
 
+                def fma_into(r, p, a, b):  # acc[r][p] = fma(a, b, acc[r][p])
+                    slot = acc[r][p]
+                    builder.store(_fma16(builder, a, b, builder.load(slot)), slot)
+
                 with builder.if_then(pf_on):  # the next rows of W, while these compute
                     for pr in pf_rows:
                         for line in range(0, QK * itemsize, 64):
                             _prefetch(builder, at(w_a.data, pr, 0), line)
-                xs = [
-                    [_load16(builder, at(x_a.data, xr, h), 0, 4) for h in range(2)] for xr in x_rows
-                ]
-                for r in range(R):
-                    ws = [_widen16(dtype, builder, at(w_a.data, w_rows[r], h)) for h in range(2)]
-                    if dtype == "int8":
+                if dtype == "int8":  # t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
+                    scales = []  # each row's float16 scale of this block, splatted
+                    for r in range(R):
                         i = builder.add(d_rows[r], loop.index)
-                        half = builder.load(builder.gep(d_a.data, [i]))
-                        scale = _splat(
-                            builder, builder.fpext(builder.bitcast(half, ir.HalfType()), _F32)
-                        )
+                        bits = builder.load(builder.gep(d_a.data, [i]))
+                        scale = builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+                        scales.append(_splat(builder, scale))
+                    ws = [
+                        [_widen16(dtype, builder, at(w_a.data, wr, h)) for h in range(2)]
+                        for wr in w_rows
+                    ]
                     for p in range(P):
-                        if dtype == "int8":
-                            t = _fma16(builder, ws[1], xs[p][1], builder.fmul(ws[0], xs[p][0]))
-                            a = acc[r][p][0]
-                            builder.store(_fma16(builder, t, scale, builder.load(a)), a)
-                        else:
-                            for h in range(2):
-                                a = acc[r][p][h]
-                                builder.store(_fma16(builder, ws[h], xs[p][h], builder.load(a)), a)
-            sums = []
-            for r in range(R):
-                for p in range(P):
-                    v = builder.load(acc[r][p][0])
-                    if halves == 2:
-                        v = builder.fadd(v, builder.load(acc[r][p][1]))
-                    sums.append(_sum_lanes(builder, v))
+                        xs = [_load16(builder, at(x_a.data, x_rows[p], h), 0, 4) for h in range(2)]
+                        for r in range(R):
+                            t = _fma16(builder, ws[r][1], xs[1], builder.fmul(ws[r][0], xs[0]))
+                            fma_into(r, p, t, scales[r])
+                else:  # acc = fma(w_0, x_0, acc); acc = fma(w_1, x_1, acc)
+                    for h in range(2):
+                        xs = [_load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
+                        for r in range(R):
+                            wv = _widen16(dtype, builder, at(w_a.data, w_rows[r], h))
+                            for p in range(P):
+                                fma_into(r, p, wv, xs[p])
+            sums = [
+                _sum_lanes(builder, builder.load(acc[r][p])) for r in range(R) for p in range(P)
+            ]
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
@@ -284,7 +286,7 @@ def _make_dot(dtype: str, R: int, P: int):
 
 
 _P = 4  # rows of x per dot call in batched decode
-_R = 2  # rows of W per dot call in batched decode: 2 x 4 x 2 accumulators fit the registers
+_R = 4  # rows of W per dot call in batched decode: 4 x 4 accumulators, 16 of 32 registers
 _dot_f32_1, _dot_f32_p = _make_dot("float32", 1, 1), _make_dot("float32", _R, _P)
 _dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1, 1), _make_dot("bfloat16", _R, _P)
 _dot_f16_1, _dot_f16_p = _make_dot("float16", 1, 1), _make_dot("float16", _R, _P)
@@ -338,9 +340,9 @@ def _tail_q8(qs, d, n, x, m, k0):
 # rows kernels (M <= ROWS_MAX_M): each row of W is read from memory once, whatever M.
 # One kernel per storage format, each spelled out: numba caches a function by its module and
 # line, so kernels made by a factory would share one cache entry and recompile in every process.
-# M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over pairs
-# of rows of W against _P rows of x at a time, the rows of x left over one at a time, a last
-# odd row of W alone. Every out[m, n] is the same operations on every path (_make_dot).
+# M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over groups
+# of _R rows of W against _P rows of x at a time, the rows of x left over one at a time, the
+# last N % _R rows of W alone. Every out[m, n] is the same operations on every path (_make_dot).
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -361,7 +363,7 @@ def _rows_f32(x, w, d, bias, out):
         n0 = g * _R
         if n0 + _R <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next pair, first pass
+                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
                 s = _dot_f32_p(w, d, n0, x, m0, pf)
                 for r in range(_R):
                     for p in range(_P):
@@ -401,7 +403,7 @@ def _rows_bf16(x, w, d, bias, out):
         n0 = g * _R
         if n0 + _R <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next pair, first pass
+                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
                 s = _dot_bf16_p(w, d, n0, x, m0, pf)
                 for r in range(_R):
                     for p in range(_P):
@@ -441,7 +443,7 @@ def _rows_f16(x, w, d, bias, out):
         n0 = g * _R
         if n0 + _R <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next pair, first pass
+                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
                 s = _dot_f16_p(w, d, n0, x, m0, pf)
                 for r in range(_R):
                     for p in range(_P):
@@ -481,7 +483,7 @@ def _rows_q8(x, w, d, bias, out):
         n0 = g * _R
         if n0 + _R <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next pair, first pass
+                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
                 s = _dot_q8_p(w, d, n0, x, m0, pf)
                 for r in range(_R):
                     for p in range(_P):

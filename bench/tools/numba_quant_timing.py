@@ -11,7 +11,9 @@ median of `repeat` timed calls after a warm-up:
   * a decode step, batch 1 at context 16: tokens/s, the weight bytes it reads (the
     QWeights; "float32" is the plain tree through BLAS, "float32-rows" the QWeight float32
     tree through the row-invariant kernel) and the GB/s that makes against the bandwidth;
-  * a decode step, 16 sequences at context 256: tokens/s and the ratio to batch 1;
+  * a decode step, 16 sequences at context 256: tokens/s and the ratio to batch 1, beside a
+    floor for that step in float32 arithmetic from this run's sgemm rate and bandwidth
+    (`_floor_ms`) and the ratio the floor allows;
   * a prefill of 512 tokens (LM head on the last position): tokens/s and GFLOP/s.
 Not the benchmark (`gpt2 bench --suite generate` has these rows beside the other backends);
 on a shared machine the medians show how much the other processes took.
@@ -81,6 +83,30 @@ def _kernels(repeat: int, dtypes: list[str]) -> None:
                 )
 
 
+def _sgemm_gflops(repeat: int, n: int = 1024) -> float:
+    """The machine's float32 multiply-add rate in this run: numpy's BLAS on (n, n) @ (n, n)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, n, n), dtype=np.float32)  # (n, n) each
+    best, med = _times_ms(lambda: a @ b, max(repeat, 3))
+    gf = 2 * n**3 / best / 1e6
+    print(
+        f"sgemm {n}^3 (BLAS)          best {best:7.2f} ms  median {med:7.2f} ms  -> "
+        f"{gf:.0f} GFLOP/s"
+    )
+    return gf
+
+
+def _floor_ms(cfg, wb: int, sgemm: float, gbs: float, B: int = 16, ctx: int = 256) -> float:
+    """A lower bound on a B-row decode step at context ctx when every product is float32
+    (weights widened, activations float32): its linears' multiply-adds at the machine's sgemm
+    rate, or its bytes (the stored weights once, the float32 KV cache) at the streaming-read
+    rate, whichever takes longer (the two overlapping perfectly)."""
+    from bench.workload import forward_flops, kv_bytes
+
+    flops = forward_flops(cfg, B, 1, ctx, head_rows=1)  # linears, head, attention
+    return max(flops / sgemm / 1e6, (wb + kv_bytes(cfg, B, ctx + 1)) / gbs / 1e6)
+
+
 def _decode_step(model, B: int, context: int, rng) -> callable:
     cache = model.new_cache(B, context + 1)
     cache.mask[:, :context] = True  # keys are zeros: speed does not depend on them
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     from ref.model import Model
 
     gbs = _stream_gbs(args.repeat)
+    sgemm = _sgemm_gflops(args.repeat)
     if args.kernels:
         _kernels(args.repeat, args.dtypes)
     cfg = SIZES["124M"]
@@ -137,9 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_batch:
             best, med = _times_ms(_decode_step(model, 16, 256, rng), args.repeat)
             tps = 16e3 / best
+            floor = _floor_ms(cfg, wb, sgemm, gbs)
             print(
                 f"{label:<12} decode B=16 ctx=256  best {best:7.2f} ms  median {med:7.2f} ms  "
-                f"{tps:6.1f} tokens/s  ({tps / tps1:.1f}x batch 1)"
+                f"{tps:6.1f} tokens/s  ({tps / tps1:.1f}x batch 1; floor {floor:.1f} ms: at "
+                f"most {16e3 / floor / tps1:.1f}x in float32 arithmetic)"
             )
         if not args.no_prefill:
             ids = rng.integers(0, cfg.n_vocab, (1, 512))  # (1, 512)

@@ -12,13 +12,14 @@ where it is, and the accuracy is that of the weights alone).
 Variants, chosen on M by `qlinear_forward`:
     rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over output rows n: a
             row of W is read once, 32 values at a time, each chunk widened in registers and
-            multiplied into one 16-lane accumulator per (n, m), in LLVM vector IR (_make_dot
-            says why). M < 4: each row of W against each row of x. From M = 4: groups of 4
-            rows of W against 4 rows of x at once (16 accumulators; each widened chunk of W
-            serves 4 rows of x, each chunk of x 4 rows of W), then the rows left over; a
-            group's first pass prefetches the next group's rows of W (the passes after it find
-            theirs in L1). Each out[m, n] is the same sequence of float32 operations whatever
-            M is and whatever the other rows hold: ROW-INVARIANT, bit for bit
+            multiplied into 16-lane accumulators (two per (n, m) for float32 and the 16-bit
+            formats, one for int8), in LLVM vector IR (_make_dot says why). M < 4: each row of
+            W against each row of x. From M = 4: groups of 3 rows of W (int8: 4) against 4
+            rows of x at once (24 or 16 accumulators; each widened chunk of W serves 4 rows of
+            x, each chunk of x 3 or 4 rows of W), then the rows left over; a group's first pass
+            prefetches the next group's rows of W (the passes after it find theirs in L1).
+            Each out[m, n] is the same sequence of float32 operations whatever M is and
+            whatever the other rows hold: ROW-INVARIANT, bit for bit
             (tests/test_numba_quant.py). float32 QWeights run the same kernel: the server's
             batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
@@ -26,10 +27,14 @@ Variants, chosen on M by `qlinear_forward`:
             float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
 variants cross. At M = 16 (`python -m bench.tools.numba_quant_timing --kernels`; one run, best
-of 7, the weights in the L3 except the LM head's): float32 138-148 GFLOP/s, bfloat16 188-200,
-int8 116-129, the LM head from memory 101 / 130 / 116; BLAS's sgemm reaches 70-76 at this M
-and 187 on large squares. The earlier blocking (pairs of rows of W against 4 rows of x, two
-accumulators per (n, m): 12 loads per 16 multiply-adds against 8 now) gave 80-135.
+of 7, the weights in the L3 except the LM head's): float32 127 GFLOP/s, bfloat16 166-174,
+int8 124-134, the LM head from memory 85 / 118 / 120; BLAS's sgemm reaches 70-76 at this M and
+187 on large squares. Pairs of rows of W against 4 rows of x (12 loads per 16 multiply-adds
+against 9 now) gave 80-135. One accumulator per (n, m) for every format reached 138-200 in
+groups of 4 x 4, but a single accumulator chain per row made float32 and float16 batch-1
+decode 10-25% slower (fewer loads in flight), and interleaving rows of W at batch 1 halved the
+streaming rate of weights from memory (measured, interleaved runs): batch 1 reads one row at a
+time with two accumulators, and the groups keep that arithmetic.
 
 Batch 1 (decode), measured on the 124M shapes with the weights coming from memory, omp layer,
 2 cores (the same tool; machine shared, best of 5): GB/s of stored bytes, the LM head (50257,
@@ -136,14 +141,14 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 # the rows kernels' dot products, in LLVM vector IR
 #
 # R rows of W against P rows of x: the full 32-wide chunks of K, each widened from its stored
-# form to two <16 x float> and multiplied into one 16-lane accumulator per (r, p) with
-# llvm.fma, then a fixed tree of adds across the lanes. Written in IR rather than as a Numba
+# form to two <16 x float> and multiplied into 16-lane accumulators of (r, p) with llvm.fma,
+# then a fixed tree of adds across the lanes. Written in IR rather than as a Numba
 # loop so the operations are these and no others: no fast-math flags, so LLVM may schedule
 # but not reassociate, and each (n, m) sum is the same sequence of float32 operations whatever
 # R, P and the batch are (ROW-INVARIANT). The P rows of x share each chunk's widened weights,
 # the R rows of W each chunk of x.
-#   float32 / bfloat16 / float16: acc = fma(w_0, x_0, acc); acc = fma(w_1, x_1, acc) for the
-#     two halves of a chunk
+#   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
+#     (two accumulators: a batch-1 row keeps two chains of multiply-adds in flight)
 #   int8 (q8_0, a chunk = a block): t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
 
 
@@ -211,7 +216,7 @@ def _make_dot(dtype: str, R: int, P: int):
     (N, nb) uint16 float16 scales for int8 (any array otherwise, unread), x (M, K) float32
     C-contiguous; the caller keeps n0 + R <= N and m0 + P <= M. pf >= 0: prefetch rows
     pf .. pf + R - 1 of W, chunk by chunk (the caller keeps pf + R <= N); pf < 0: none.
-    Each (r, p) has an accumulator of its own, updated in the same order whatever R and P: the
+    Each (r, p) has accumulators of its own, updated in the same order whatever R and P: the
     same bits for every shape."""
 
     @intrinsic
@@ -226,8 +231,12 @@ def _make_dot(dtype: str, R: int, P: int):
             pf_on = builder.icmp_signed(">=", pf_v, ir.Constant(_I64, 0))
             pf_rows = [builder.mul(builder.add(pf_v, ir.Constant(_I64, r)), K) for r in range(R)]
             itemsize = {"float32": 4, "int8": 1}.get(dtype, 2)
-            acc = [[cgutils.alloca_once(builder, _V16F) for _ in range(P)] for _ in range(R)]
-            for slot in (s for row in acc for s in row):
+            halves = 1 if dtype == "int8" else 2  # accumulators per (row of W, row of x)
+            acc = [
+                [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
+                for _ in range(R)
+            ]
+            for slot in (s for rows in acc for row in rows for s in row):
                 builder.store(ir.Constant(_V16F, None), slot)
             n_v = [builder.add(n0_v, ir.Constant(_I64, r)) for r in range(R)]
             if dtype == "int8":
@@ -244,8 +253,8 @@ def _make_dot(dtype: str, R: int, P: int):
                     i = builder.add(builder.add(row, k0), ir.Constant(_I64, _L * h))
                     return builder.gep(data, [i])
 
-                def fma_into(r, p, a, b):  # acc[r][p] = fma(a, b, acc[r][p])
-                    slot = acc[r][p]
+                def fma_into(r, p, h, a, b):  # acc[r][p][h] = fma(a, b, acc[r][p][h])
+                    slot = acc[r][p][h]
                     builder.store(_fma16(builder, a, b, builder.load(slot)), slot)
 
                 with builder.if_then(pf_on):  # the next rows of W, while these compute
@@ -267,17 +276,21 @@ def _make_dot(dtype: str, R: int, P: int):
                         xs = [_load16(builder, at(x_a.data, x_rows[p], h), 0, 4) for h in range(2)]
                         for r in range(R):
                             t = _fma16(builder, ws[r][1], xs[1], builder.fmul(ws[r][0], xs[0]))
-                            fma_into(r, p, t, scales[r])
-                else:  # acc = fma(w_0, x_0, acc); acc = fma(w_1, x_1, acc)
+                            fma_into(r, p, 0, t, scales[r])
+                else:  # acc_h = fma(w_h, x_h, acc_h) for the two halves h of the chunk
                     for h in range(2):
                         xs = [_load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
                         for r in range(R):
                             wv = _widen16(dtype, builder, at(w_a.data, w_rows[r], h))
                             for p in range(P):
-                                fma_into(r, p, wv, xs[p])
-            sums = [
-                _sum_lanes(builder, builder.load(acc[r][p])) for r in range(R) for p in range(P)
-            ]
+                                fma_into(r, p, h, wv, xs[p])
+            sums = []
+            for r in range(R):
+                for p in range(P):
+                    v = builder.load(acc[r][p][0])
+                    if halves == 2:
+                        v = builder.fadd(v, builder.load(acc[r][p][1]))
+                    sums.append(_sum_lanes(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
@@ -286,13 +299,17 @@ def _make_dot(dtype: str, R: int, P: int):
 
 
 _P = 4  # rows of x per dot call in batched decode
-_R = 4  # rows of W per dot call in batched decode: 4 x 4 accumulators, 16 of 32 registers
-_dot_f32_1, _dot_f32_p = _make_dot("float32", 1, 1), _make_dot("float32", _R, _P)
-_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1, 1), _make_dot("bfloat16", _R, _P)
-_dot_f16_1, _dot_f16_p = _make_dot("float16", 1, 1), _make_dot("float16", _R, _P)
-_dot_q8_1, _dot_q8_p = _make_dot("int8", 1, 1), _make_dot("int8", _R, _P)
-_dot_f32_rp1, _dot_bf16_rp1 = _make_dot("float32", _R, 1), _make_dot("bfloat16", _R, 1)
-_dot_f16_rp1, _dot_q8_rp1 = _make_dot("float16", _R, 1), _make_dot("int8", _R, 1)
+# rows of W per dot call in batched decode: float32 and 16-bit formats 3 (3 x 4 x 2 = 24
+# accumulators of the 32 registers), int8 4 (one accumulator per (n, m): 4 x 4)
+_RF = 3
+_RQ = 4
+_AHEAD = 2  # int8 at batch 1: rows of W between the one prefetched and the one read
+_dot_f32_1, _dot_f32_p = _make_dot("float32", 1, 1), _make_dot("float32", _RF, _P)
+_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1, 1), _make_dot("bfloat16", _RF, _P)
+_dot_f16_1, _dot_f16_p = _make_dot("float16", 1, 1), _make_dot("float16", _RF, _P)
+_dot_q8_1, _dot_q8_p = _make_dot("int8", 1, 1), _make_dot("int8", _RQ, _P)
+_dot_f32_rp1, _dot_bf16_rp1 = _make_dot("float32", _RF, 1), _make_dot("bfloat16", _RF, 1)
+_dot_f16_rp1, _dot_q8_rp1 = _make_dot("float16", _RF, 1), _make_dot("int8", _RQ, 1)
 _dot_f32_1p, _dot_bf16_1p = _make_dot("float32", 1, _P), _make_dot("bfloat16", 1, _P)
 _dot_f16_1p, _dot_q8_1p = _make_dot("float16", 1, _P), _make_dot("int8", 1, _P)
 
@@ -341,8 +358,9 @@ def _tail_q8(qs, d, n, x, m, k0):
 # One kernel per storage format, each spelled out: numba caches a function by its module and
 # line, so kernels made by a factory would share one cache entry and recompile in every process.
 # M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over groups
-# of _R rows of W against _P rows of x at a time, the rows of x left over one at a time, the
-# last N % _R rows of W alone. Every out[m, n] is the same operations on every path (_make_dot).
+# of _RF (int8: _RQ) rows of W against _P rows of x at a time, the rows of x left over one at a
+# time, the last rows of W (N modulo the group) alone. Every out[m, n] is the same operations
+# on every path (_make_dot).
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -352,26 +370,29 @@ def _rows_f32(x, w, d, bias, out):
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
+    if M == 1:  # batch 1: a row of W, then the next
+        for n in prange(N):
+            out[0, n] = (_dot_f32_1(w, d, n, x, 0, -1)[0] + _tail_f32(w, d, n, x, 0, k0)) + bias[n]
+        return
     if Mp == 0:
         for n in prange(N):
             for m in range(M):
-                out[m, n] = (
-                    _dot_f32_1(w, d, n, x, m, -1)[0] + _tail_f32(w, d, n, x, m, k0)
-                ) + bias[n]
+                s1 = _dot_f32_1(w, d, n, x, m, -1)[0] + _tail_f32(w, d, n, x, m, k0)
+                out[m, n] = s1 + bias[n]
         return
-    for g in prange((N + _R - 1) // _R):
-        n0 = g * _R
-        if n0 + _R <= N:
+    for g in prange((N + _RF - 1) // _RF):
+        n0 = g * _RF
+        if n0 + _RF <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
+                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
                 s = _dot_f32_p(w, d, n0, x, m0, pf)
-                for r in range(_R):
+                for r in range(_RF):
                     for p in range(_P):
                         t = _tail_f32(w, d, n0 + r, x, m0 + p, k0)
                         out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
             for m in range(Mp, M):
                 s = _dot_f32_rp1(w, d, n0, x, m, -1)
-                for r in range(_R):
+                for r in range(_RF):
                     out[m, n0 + r] = (s[r] + _tail_f32(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
         else:
             for n in range(n0, N):
@@ -392,26 +413,31 @@ def _rows_bf16(x, w, d, bias, out):
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
+    if M == 1:  # batch 1: a row of W, then the next
+        for n in prange(N):
+            out[0, n] = (_dot_bf16_1(w, d, n, x, 0, -1)[0] + _tail_bf16(w, d, n, x, 0, k0)) + bias[
+                n
+            ]
+        return
     if Mp == 0:
         for n in prange(N):
             for m in range(M):
-                out[m, n] = (
-                    _dot_bf16_1(w, d, n, x, m, -1)[0] + _tail_bf16(w, d, n, x, m, k0)
-                ) + bias[n]
+                s1 = _dot_bf16_1(w, d, n, x, m, -1)[0] + _tail_bf16(w, d, n, x, m, k0)
+                out[m, n] = s1 + bias[n]
         return
-    for g in prange((N + _R - 1) // _R):
-        n0 = g * _R
-        if n0 + _R <= N:
+    for g in prange((N + _RF - 1) // _RF):
+        n0 = g * _RF
+        if n0 + _RF <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
+                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
                 s = _dot_bf16_p(w, d, n0, x, m0, pf)
-                for r in range(_R):
+                for r in range(_RF):
                     for p in range(_P):
                         t = _tail_bf16(w, d, n0 + r, x, m0 + p, k0)
                         out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
             for m in range(Mp, M):
                 s = _dot_bf16_rp1(w, d, n0, x, m, -1)
-                for r in range(_R):
+                for r in range(_RF):
                     out[m, n0 + r] = (s[r] + _tail_bf16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
         else:
             for n in range(n0, N):
@@ -432,26 +458,29 @@ def _rows_f16(x, w, d, bias, out):
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
+    if M == 1:  # batch 1: a row of W, then the next
+        for n in prange(N):
+            out[0, n] = (_dot_f16_1(w, d, n, x, 0, -1)[0] + _tail_f16(w, d, n, x, 0, k0)) + bias[n]
+        return
     if Mp == 0:
         for n in prange(N):
             for m in range(M):
-                out[m, n] = (
-                    _dot_f16_1(w, d, n, x, m, -1)[0] + _tail_f16(w, d, n, x, m, k0)
-                ) + bias[n]
+                s1 = _dot_f16_1(w, d, n, x, m, -1)[0] + _tail_f16(w, d, n, x, m, k0)
+                out[m, n] = s1 + bias[n]
         return
-    for g in prange((N + _R - 1) // _R):
-        n0 = g * _R
-        if n0 + _R <= N:
+    for g in prange((N + _RF - 1) // _RF):
+        n0 = g * _RF
+        if n0 + _RF <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
+                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
                 s = _dot_f16_p(w, d, n0, x, m0, pf)
-                for r in range(_R):
+                for r in range(_RF):
                     for p in range(_P):
                         t = _tail_f16(w, d, n0 + r, x, m0 + p, k0)
                         out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
             for m in range(Mp, M):
                 s = _dot_f16_rp1(w, d, n0, x, m, -1)
-                for r in range(_R):
+                for r in range(_RF):
                     out[m, n0 + r] = (s[r] + _tail_f16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
         else:
             for n in range(n0, N):
@@ -472,26 +501,30 @@ def _rows_q8(x, w, d, bias, out):
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
+    if M == 1:  # batch 1: a row of W, then the next
+        for n in prange(N):
+            pf = n + _AHEAD if n + _AHEAD < N else -1  # int8: the row _AHEAD on
+            out[0, n] = (_dot_q8_1(w, d, n, x, 0, pf)[0] + _tail_q8(w, d, n, x, 0, k0)) + bias[n]
+        return
     if Mp == 0:
         for n in prange(N):
             for m in range(M):
-                out[m, n] = (_dot_q8_1(w, d, n, x, m, -1)[0] + _tail_q8(w, d, n, x, m, k0)) + bias[
-                    n
-                ]
+                s1 = _dot_q8_1(w, d, n, x, m, -1)[0] + _tail_q8(w, d, n, x, m, k0)
+                out[m, n] = s1 + bias[n]
         return
-    for g in prange((N + _R - 1) // _R):
-        n0 = g * _R
-        if n0 + _R <= N:
+    for g in prange((N + _RQ - 1) // _RQ):
+        n0 = g * _RQ
+        if n0 + _RQ <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _R if m0 == 0 and n0 + 2 * _R <= N else -1  # next group, first pass
+                pf = n0 + _RQ if m0 == 0 and n0 + 2 * _RQ <= N else -1  # next group, first pass
                 s = _dot_q8_p(w, d, n0, x, m0, pf)
-                for r in range(_R):
+                for r in range(_RQ):
                     for p in range(_P):
                         t = _tail_q8(w, d, n0 + r, x, m0 + p, k0)
                         out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
             for m in range(Mp, M):
                 s = _dot_q8_rp1(w, d, n0, x, m, -1)
-                for r in range(_R):
+                for r in range(_RQ):
                     out[m, n0 + r] = (s[r] + _tail_q8(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
         else:
             for n in range(n0, N):

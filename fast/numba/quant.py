@@ -55,6 +55,7 @@ Limits: W (N, K) with N, K >= 1; x (..., K) float32. Inference only (no backward
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numba
@@ -68,7 +69,12 @@ from fast.numba.common import FASTMATH, check_f32
 from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
-_TILE_BYTES = 1 << 20  # float32 bytes of W per dequantized tile on the BLAS path (L2-sized)
+# float32 bytes of W per dequantized tile on the BLAS path: every block matrix of 124M-355M in
+# one tile, so BLAS multiplies it whole (a 512-token int8 prefill: 1 MB tiles 912 ms, 4 MB 827,
+# 16 MB 794, float32 weights 805; interleaved runs). The buffer is kept per thread (_TILE):
+# 16 MB of fresh pages on every call would cost their page faults each time.
+_TILE_BYTES = 1 << 24
+_TILE = threading.local()
 _L = 16  # lanes per accumulator (a zmm register; two ymm where LLVM splits them)
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -663,7 +669,10 @@ def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.nda
     else:
         out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
         rows = max(1, min(N, _TILE_BYTES // (4 * K)))
-        tile = np.empty((rows, K), np.float32)  # (rows, K), reused
+        buf = getattr(_TILE, "buf", None)
+        if buf is None or buf.size < rows * K:
+            buf = _TILE.buf = np.empty(max(rows * K, _TILE_BYTES // 4), np.float32)
+        tile = buf[: rows * K].reshape(rows, K)  # (rows, K), reused
         for n0 in range(0, N, rows):
             t = tile[: min(rows, N - n0)]  # (rows', K)
             if q.dtype == "bfloat16":

@@ -53,6 +53,12 @@ its O(Tq Tk hs) work.
 A row with lse = -inf saw no key and gets no gradient. dk_j, dv_j of one (b, h) are summed in
 a thread-private buffer in a fixed order, so gradients are bit-identical from run to run.
 
+`attention_rows_forward` is the server's decode step (ref/batching.py): R sequences, one query
+each, every one over a KV cache of its own (their capacities differ, so each row's arrays reach
+the kernel as checked addresses), in one launch over the R * NH (row, head) pairs of
+`_forward_head`: 16 rows at context 70, 270 us against 477 us for 16 calls of
+attention_forward (one run, caches in L3).
+
 Variants: "numba". Limits: float32.
 """
 

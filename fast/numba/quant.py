@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -310,14 +311,6 @@ _P = 4  # rows of x per dot call in batched decode
 _RF = 3
 _RQ = 4
 _AHEAD = 2  # int8 at batch 1: rows of W between the one prefetched and the one read
-_dot_f32_1, _dot_f32_p = _make_dot("float32", 1, 1), _make_dot("float32", _RF, _P)
-_dot_bf16_1, _dot_bf16_p = _make_dot("bfloat16", 1, 1), _make_dot("bfloat16", _RF, _P)
-_dot_f16_1, _dot_f16_p = _make_dot("float16", 1, 1), _make_dot("float16", _RF, _P)
-_dot_q8_1, _dot_q8_p = _make_dot("int8", 1, 1), _make_dot("int8", _RQ, _P)
-_dot_f32_rp1, _dot_bf16_rp1 = _make_dot("float32", _RF, 1), _make_dot("bfloat16", _RF, 1)
-_dot_f16_rp1, _dot_q8_rp1 = _make_dot("float16", _RF, 1), _make_dot("int8", _RQ, 1)
-_dot_f32_1p, _dot_bf16_1p = _make_dot("float32", 1, _P), _make_dot("bfloat16", 1, _P)
-_dot_f16_1p, _dot_q8_1p = _make_dot("float16", 1, _P), _make_dot("int8", 1, _P)
 
 
 # the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
@@ -361,187 +354,91 @@ def _tail_q8(qs, d, n, x, m, k0):
 
 # ---------------------------------------------------------------------------------------------
 # rows kernels (M <= ROWS_MAX_M): each row of W is read from memory once, whatever M.
-# One kernel per storage format, each spelled out: numba caches a function by its module and
-# line, so kernels made by a factory would share one cache entry and recompile in every process.
-# M < _P: parallel over rows n of W, each against every row of x. M >= _P: parallel over groups
-# of _RF (int8: _RQ) rows of W against _P rows of x at a time, the rows of x left over one at a
-# time, the last rows of W (N modulo the group) alone. Every out[m, n] is the same operations
-# on every path (_make_dot).
+# M == 1: parallel over rows n of W, one after the other (int8 prefetching _AHEAD rows on).
+# M < _P: each row n of W against every row of x. M >= _P: parallel over groups of _G rows of W
+# (_RF; int8 _RQ) against _P rows of x at a time, the rows of x left over one at a time, the
+# last rows of W (N modulo the group) alone. Every out[m, n] is the same operations on every
+# path (_make_dot).
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_f32(x, w, d, bias, out):
-    """x (M, K), w (N, K) float32, d unused (w again), bias (N,) -> out (M, N)."""
+# the names _rows reads that _make_rows binds for each format (never called as these)
+_dot_1 = _dot_p = _dot_r1 = _dot_1p = _tail = None
+_G = 0
+_PF1 = False
+
+
+def _rows(x, w, d, bias, out):
+    """x (M, K) float32, w (N, K) stored data, d (N, nb) uint16 float16 scale bits for int8 (w
+    again otherwise, unread), bias (N,) -> out (M, N). A template: _make_rows binds _dot_1,
+    _dot_p, _dot_r1, _dot_1p, _tail, _G and _PF1 for one storage format."""
     N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
     if M == 1:  # batch 1: a row of W, then the next
         for n in prange(N):
-            out[0, n] = (_dot_f32_1(w, d, n, x, 0, -1)[0] + _tail_f32(w, d, n, x, 0, k0)) + bias[n]
+            pf = n + _AHEAD if _PF1 and n + _AHEAD < N else -1
+            out[0, n] = (_dot_1(w, d, n, x, 0, pf)[0] + _tail(w, d, n, x, 0, k0)) + bias[n]
         return
     if Mp == 0:
         for n in prange(N):
             for m in range(M):
-                s1 = _dot_f32_1(w, d, n, x, m, -1)[0] + _tail_f32(w, d, n, x, m, k0)
+                s1 = _dot_1(w, d, n, x, m, -1)[0] + _tail(w, d, n, x, m, k0)
                 out[m, n] = s1 + bias[n]
         return
-    for g in prange((N + _RF - 1) // _RF):
-        n0 = g * _RF
-        if n0 + _RF <= N:
+    for g in prange((N + _G - 1) // _G):
+        n0 = g * _G
+        if n0 + _G <= N:
             for m0 in range(0, Mp, _P):
-                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
-                s = _dot_f32_p(w, d, n0, x, m0, pf)
-                for r in range(_RF):
+                pf = n0 + _G if m0 == 0 and n0 + 2 * _G <= N else -1  # next group, first pass
+                s = _dot_p(w, d, n0, x, m0, pf)
+                for r in range(_G):
                     for p in range(_P):
-                        t = _tail_f32(w, d, n0 + r, x, m0 + p, k0)
+                        t = _tail(w, d, n0 + r, x, m0 + p, k0)
                         out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
             for m in range(Mp, M):
-                s = _dot_f32_rp1(w, d, n0, x, m, -1)
-                for r in range(_RF):
-                    out[m, n0 + r] = (s[r] + _tail_f32(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
+                s = _dot_r1(w, d, n0, x, m, -1)
+                for r in range(_G):
+                    out[m, n0 + r] = (s[r] + _tail(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
         else:
             for n in range(n0, N):
                 for m0 in range(0, Mp, _P):
-                    s = _dot_f32_1p(w, d, n, x, m0, -1)
+                    s = _dot_1p(w, d, n, x, m0, -1)
                     for p in range(_P):
-                        out[m0 + p, n] = (s[p] + _tail_f32(w, d, n, x, m0 + p, k0)) + bias[n]
+                        out[m0 + p, n] = (s[p] + _tail(w, d, n, x, m0 + p, k0)) + bias[n]
                 for m in range(Mp, M):
-                    out[m, n] = (
-                        _dot_f32_1(w, d, n, x, m, -1)[0] + _tail_f32(w, d, n, x, m, k0)
-                    ) + bias[n]
+                    s1 = _dot_1(w, d, n, x, m, -1)[0] + _tail(w, d, n, x, m, k0)
+                    out[m, n] = s1 + bias[n]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_bf16(x, w, d, bias, out):
-    """x (M, K), w (N, K) uint16 bfloat16 bits, d unused -> out (M, N)."""
-    N, K = w.shape
-    M = x.shape[0]
-    k0 = K // QK * QK
-    Mp = M // _P * _P
-    if M == 1:  # batch 1: a row of W, then the next
-        for n in prange(N):
-            out[0, n] = (_dot_bf16_1(w, d, n, x, 0, -1)[0] + _tail_bf16(w, d, n, x, 0, k0)) + bias[
-                n
-            ]
-        return
-    if Mp == 0:
-        for n in prange(N):
-            for m in range(M):
-                s1 = _dot_bf16_1(w, d, n, x, m, -1)[0] + _tail_bf16(w, d, n, x, m, k0)
-                out[m, n] = s1 + bias[n]
-        return
-    for g in prange((N + _RF - 1) // _RF):
-        n0 = g * _RF
-        if n0 + _RF <= N:
-            for m0 in range(0, Mp, _P):
-                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
-                s = _dot_bf16_p(w, d, n0, x, m0, pf)
-                for r in range(_RF):
-                    for p in range(_P):
-                        t = _tail_bf16(w, d, n0 + r, x, m0 + p, k0)
-                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
-            for m in range(Mp, M):
-                s = _dot_bf16_rp1(w, d, n0, x, m, -1)
-                for r in range(_RF):
-                    out[m, n0 + r] = (s[r] + _tail_bf16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
-        else:
-            for n in range(n0, N):
-                for m0 in range(0, Mp, _P):
-                    s = _dot_bf16_1p(w, d, n, x, m0, -1)
-                    for p in range(_P):
-                        out[m0 + p, n] = (s[p] + _tail_bf16(w, d, n, x, m0 + p, k0)) + bias[n]
-                for m in range(Mp, M):
-                    out[m, n] = (
-                        _dot_bf16_1(w, d, n, x, m, -1)[0] + _tail_bf16(w, d, n, x, m, k0)
-                    ) + bias[n]
+def _make_rows(dtype: str, tail, G: int, prefetch_batch1: bool):
+    """The rows kernel of one storage format: `_rows` compiled with that format's dot products,
+    tail and group size as its globals. A new function over _rows's code with globals of its
+    own, named per format, rather than a closure: numba's cache keys a closure by its pickled
+    cells, which differ from process to process (every process recompiled, 6 s), and files an
+    entry under the function's qualified name (one name per format keeps them apart)."""
+    name = f"_rows_{dtype}"
+    bound = dict(
+        globals(),
+        _dot_1=_make_dot(dtype, 1, 1),
+        _dot_p=_make_dot(dtype, G, _P),
+        _dot_r1=_make_dot(dtype, G, 1),
+        _dot_1p=_make_dot(dtype, 1, _P),
+        _tail=tail,
+        _G=G,
+        _PF1=prefetch_batch1,
+    )
+    fn = FunctionType(_rows.__code__, bound, name)
+    fn.__qualname__ = name
+    return numba.njit(parallel=True, cache=True, nogil=True)(fn)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_f16(x, w, d, bias, out):
-    """x (M, K), w (N, K) uint16 float16 bits, d unused -> out (M, N)."""
-    N, K = w.shape
-    M = x.shape[0]
-    k0 = K // QK * QK
-    Mp = M // _P * _P
-    if M == 1:  # batch 1: a row of W, then the next
-        for n in prange(N):
-            out[0, n] = (_dot_f16_1(w, d, n, x, 0, -1)[0] + _tail_f16(w, d, n, x, 0, k0)) + bias[n]
-        return
-    if Mp == 0:
-        for n in prange(N):
-            for m in range(M):
-                s1 = _dot_f16_1(w, d, n, x, m, -1)[0] + _tail_f16(w, d, n, x, m, k0)
-                out[m, n] = s1 + bias[n]
-        return
-    for g in prange((N + _RF - 1) // _RF):
-        n0 = g * _RF
-        if n0 + _RF <= N:
-            for m0 in range(0, Mp, _P):
-                pf = n0 + _RF if m0 == 0 and n0 + 2 * _RF <= N else -1  # next group, first pass
-                s = _dot_f16_p(w, d, n0, x, m0, pf)
-                for r in range(_RF):
-                    for p in range(_P):
-                        t = _tail_f16(w, d, n0 + r, x, m0 + p, k0)
-                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
-            for m in range(Mp, M):
-                s = _dot_f16_rp1(w, d, n0, x, m, -1)
-                for r in range(_RF):
-                    out[m, n0 + r] = (s[r] + _tail_f16(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
-        else:
-            for n in range(n0, N):
-                for m0 in range(0, Mp, _P):
-                    s = _dot_f16_1p(w, d, n, x, m0, -1)
-                    for p in range(_P):
-                        out[m0 + p, n] = (s[p] + _tail_f16(w, d, n, x, m0 + p, k0)) + bias[n]
-                for m in range(Mp, M):
-                    out[m, n] = (
-                        _dot_f16_1(w, d, n, x, m, -1)[0] + _tail_f16(w, d, n, x, m, k0)
-                    ) + bias[n]
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_q8(x, w, d, bias, out):
-    """x (M, K), w = qs (N, K) int8, d (N, nb) uint16 float16 bits -> out."""
-    N, K = w.shape
-    M = x.shape[0]
-    k0 = K // QK * QK
-    Mp = M // _P * _P
-    if M == 1:  # batch 1: a row of W, then the next
-        for n in prange(N):
-            pf = n + _AHEAD if n + _AHEAD < N else -1  # int8: the row _AHEAD on
-            out[0, n] = (_dot_q8_1(w, d, n, x, 0, pf)[0] + _tail_q8(w, d, n, x, 0, k0)) + bias[n]
-        return
-    if Mp == 0:
-        for n in prange(N):
-            for m in range(M):
-                s1 = _dot_q8_1(w, d, n, x, m, -1)[0] + _tail_q8(w, d, n, x, m, k0)
-                out[m, n] = s1 + bias[n]
-        return
-    for g in prange((N + _RQ - 1) // _RQ):
-        n0 = g * _RQ
-        if n0 + _RQ <= N:
-            for m0 in range(0, Mp, _P):
-                pf = n0 + _RQ if m0 == 0 and n0 + 2 * _RQ <= N else -1  # next group, first pass
-                s = _dot_q8_p(w, d, n0, x, m0, pf)
-                for r in range(_RQ):
-                    for p in range(_P):
-                        t = _tail_q8(w, d, n0 + r, x, m0 + p, k0)
-                        out[m0 + p, n0 + r] = (s[r * _P + p] + t) + bias[n0 + r]
-            for m in range(Mp, M):
-                s = _dot_q8_rp1(w, d, n0, x, m, -1)
-                for r in range(_RQ):
-                    out[m, n0 + r] = (s[r] + _tail_q8(w, d, n0 + r, x, m, k0)) + bias[n0 + r]
-        else:
-            for n in range(n0, N):
-                for m0 in range(0, Mp, _P):
-                    s = _dot_q8_1p(w, d, n, x, m0, -1)
-                    for p in range(_P):
-                        out[m0 + p, n] = (s[p] + _tail_q8(w, d, n, x, m0 + p, k0)) + bias[n]
-                for m in range(Mp, M):
-                    out[m, n] = (
-                        _dot_q8_1(w, d, n, x, m, -1)[0] + _tail_q8(w, d, n, x, m, k0)
-                    ) + bias[n]
+_ROWS = {
+    "float32": _make_rows("float32", _tail_f32, _RF, False),
+    "bfloat16": _make_rows("bfloat16", _tail_bf16, _RF, False),
+    "float16": _make_rows("float16", _tail_f16, _RF, False),
+    "int8": _make_rows("int8", _tail_q8, _RQ, True),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,14 +546,7 @@ def rows_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray) -> np.ndarray:
     """The rows variant at any M: x2 (M, K) float32, bias (N,) -> (M, N)."""
     data, scale = _stored(q)
     out = np.empty((x2.shape[0], data.shape[0]), np.float32)  # (M, N)
-    if q.dtype == "float32":
-        _rows_f32(x2, data, data, bias, out)
-    elif q.dtype == "bfloat16":
-        _rows_bf16(x2, data, data, bias, out)
-    elif q.dtype == "float16":
-        _rows_f16(x2, data, data, bias, out)
-    else:
-        _rows_q8(x2, data, scale, bias, out)
+    _ROWS[q.dtype](x2, data, data if scale is None else scale, bias, out)
     return out
 
 

@@ -390,7 +390,7 @@ def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     One parallel launch over the R * NH (row, head) pairs instead of R calls of
     `attention_forward`. Each pair runs `_forward_head`, the kernel's own code for one head
     and one query, on its own row's keys only: out[r] depends on q[r], ks[r] and vs[r] alone,
-    the same bits whatever R and the other rows (ROW-INVARIANT; tests/test_numba_model.py).
+    the same bits whatever R and the other rows (ROW-INVARIANT; tests/test_serve_engine.py).
     The caches differ in capacity, so the kernel gets each row's arrays as an address
     (numba.carray over it): every array is checked here for dtype, shape, layout and n first,
     and the lists keep them alive for the call.

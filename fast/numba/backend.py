@@ -76,7 +76,7 @@ __all__ = [
 
 # Ops whose output row r, called on R rows, is the same bits as when row r is called alone:
 # their kernels loop over rows with one body per row (LayerNorm, bias + GELU), for every R up
-# to the serving batch's 64 (tests/test_numba_model.py). ref/batching.py's decode step calls
+# to the serving batch's 64 (tests/test_serve_engine.py). ref/batching.py's decode step calls
 # them once on all its rows instead of once per row.
 ROW_INVARIANT = frozenset({"layernorm_forward", "bias_gelu_forward"})
 

@@ -3,7 +3,8 @@
 The spec computes in float32. These formats store a weight in fewer bytes and are turned back
 into float32 to compute: a batch-1 decode step reads every weight once, so its speed is bound
 by the bytes it reads (fast/numba/quant.py has the kernels; this file is what they are tested
-against). Activations, accumulation and the KV cache stay float32.
+against). Accumulation and the KV cache stay float32; activations too, except for int8, which
+rounds them to q8_0 blocks of their own (below).
 
 Layout: a quantized weight is stored as (N, K) = (outputs, reduction), row-major, so the blocks
 of the int8 format run along the reduction, as llama.cpp's q8_0 does (and as GGUF stores a
@@ -33,6 +34,14 @@ float16 stores |w| <= 65504 (larger is refused, not turned into inf); bfloat16 h
 range, and rounds to 8 significant bits (relative error <= 2^-8, half a unit of the last
 place); float16 to 11 (2^-11) in its normal range (|w| >= 2^-14), and to within 2^-25
 absolutely below it.
+
+int8 x int8: the int8 linear layer also rounds its input x to q8_0 blocks, per row, as
+llama.cpp's q8_0 matmul does (`q8_0_activations`; NaN or Inf in a row makes that row NaN):
+out = dequant(q8_0(x)) @ dequant(W).T. Each term is then an integer (two quants) times two
+float16 scales, so a kernel can sum a block's 32 products exactly in integers and scale once
+(fast/numba/quant.py: 64 multiply-adds per AVX-512 VNNI instruction against 16 float32 ones).
+The cost is x's rounding, at most d_x / 2 per element, as for the weights; the accuracy is
+measured on a trained model in tests/test_numba_quant.py.
 
 A quantized model (`quantize_params`): the params tree of ref/model.py with every linear
 weight `w` (Cin, Cout) replaced by a QWeight of w.T, (N, K) = (Cout, Cin), and the tied LM
@@ -177,10 +186,27 @@ def dequantize(q: QWeight) -> np.ndarray:
     raise ValueError(f"unknown stored dtype {q.dtype!r}")
 
 
+def q8_0_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Activations x (M, K) float32 -> q8_0 blocks of each row, (qs int8 (M, K), d float16
+    (M, nb)), as q8_0_from_f32 makes a weight's. A row holding NaN or Inf, or a value a float16
+    scale cannot cover (|x| > 127 * 65504), gets quants 0 and scales NaN: every output of its row
+    is NaN, as a NaN in x gives in float32 (there Inf gives +-Inf or NaN)."""
+    x = np.asarray(x, np.float32)
+    bad = ~(np.abs(x) <= _Q8_MAX).all(axis=1)  # (M,) NaN fails the comparison
+    qs, d = q8_0_from_f32(np.where(bad[:, None], np.float32(0), x))
+    d[bad] = np.nan
+    return qs, d
+
+
 def qlinear_forward(x: np.ndarray, q: QWeight, b: np.ndarray | None = None) -> np.ndarray:
     """The reference of a quantized linear layer: x (..., K) -> x @ dequantize(q).T + b,
-    (..., N); float32 throughout (inference only: no cache, no backward)."""
-    out = x.reshape(-1, x.shape[-1]) @ dequantize(q).T  # (rows, N)
+    (..., N); float32 throughout (inference only: no cache, no backward). int8 rounds x to
+    q8_0 blocks first (q8_0_activations), as llama.cpp's q8_0 product does: the product of the
+    two dequantized operands, whose every term is an integer times two float16 scales."""
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, K)
+    if q.dtype == "int8":
+        x2 = f32_from_q8_0(*q8_0_activations(x2))
+    out = x2 @ dequantize(q).T  # (rows, N)
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], q.shape[0])

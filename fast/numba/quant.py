@@ -3,23 +3,22 @@
 Shape legend: M = rows of x (B * T), K = reduction (Cin), N = outputs (Cout, or V for the LM
 head); W is stored (N, K), row-major; nb = ceil(K / 32) q8_0 blocks per row.
 
-Every format dequantizes exactly to float32 (bfloat16 and float16 widen exactly; a q8_0
-weight qs * d has 8 + 11 significant bits), so each kernel widens W to float32 and computes in
-float32, like the reference: the dtypes differ from the float32 model in their weights' values
-only, never in the arithmetic. Activations stay float32 (no q8_0 of x: a NaN or Inf in x stays
-where it is, and the accuracy is that of the weights alone).
+float32, bfloat16, float16: every format dequantizes exactly to float32 (the 16-bit ones widen
+exactly), so the kernels widen W to float32 and compute in float32, like the reference: these
+dtypes differ from the float32 model in their weights' values only. Activations stay float32.
+int8: q8_0 weights times q8_0 activations, in integers, as the reference defines it (x rounded
+to q8_0 blocks per row, ref.quant.q8_0_activations): the kernel below "int8".
 
-Variants, chosen on M by `qlinear_forward`:
+Variants for the float formats, chosen on M by `qlinear_forward`:
     rows    M <= ROWS_MAX_M (64): decode steps, batch 1 to 64. Parallel over output rows n: a
             row of W is read once, 32 values at a time, each chunk widened in registers and
-            multiplied into 16-lane accumulators (two per (n, m) for float32 and the 16-bit
-            formats, one for int8), in LLVM vector IR (_make_dot says why). M < 4: each row of
-            W against each row of x. From M = 4: groups of 3 rows of W (int8: 4) against 4
-            rows of x at once (24 or 16 accumulators; each widened chunk of W serves 4 rows of
-            x, each chunk of x 3 or 4 rows of W), then the rows left over; a group's first pass
-            prefetches the next group's rows of W (the passes after it find theirs in L1).
-            Each out[m, n] is the same sequence of float32 operations whatever M is and
-            whatever the other rows hold: ROW-INVARIANT, bit for bit
+            multiplied into two 16-lane accumulators per (n, m), in LLVM vector IR (_make_dot
+            says why). M < 4: each row of W against each row of x. From M = 4: groups of 3
+            rows of W against 4 rows of x at once (24 accumulators; each widened chunk of W
+            serves 4 rows of x, each chunk of x 3 rows of W), then the rows left over; a
+            group's first pass prefetches the next group's rows of W (the passes after it find
+            theirs in L1). Each out[m, n] is the same sequence of float32 operations whatever
+            M is and whatever the other rows hold: ROW-INVARIANT, bit for bit
             (tests/test_numba_quant.py). float32 QWeights run the same kernel: the server's
             batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
@@ -27,27 +26,40 @@ Variants, chosen on M by `qlinear_forward`:
             float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
 variants cross. At M = 16 (`python -m bench.tools.numba_quant_timing --kernels`; one run, best
-of 7, the weights in the L3 except the LM head's): float32 127 GFLOP/s, bfloat16 166-174,
-int8 124-134, the LM head from memory 85 / 118 / 120; BLAS's sgemm reaches 70-76 at this M and
-187 on large squares. Pairs of rows of W against 4 rows of x (12 loads per 16 multiply-adds
-against 9 now) gave 80-135. One accumulator per (n, m) for every format reached 138-200 in
-groups of 4 x 4, but a single accumulator chain per row made float32 and float16 batch-1
-decode 10-25% slower (fewer loads in flight), and interleaving rows of W at batch 1 halved the
-streaming rate of weights from memory (measured, interleaved runs): batch 1 reads one row at a
-time with two accumulators, and the groups keep that arithmetic.
+of 7, the weights in the L3 except the LM head's): float32 127 GFLOP/s, bfloat16 166-174, the
+LM head from memory 85 / 118; BLAS's sgemm reaches 70-76 at this M and 187 on large squares.
+Pairs of rows of W against 4 rows of x (12 loads per 16 multiply-adds against 9 now) gave
+80-135. One accumulator per (n, m) reached 138-200 in groups of 4 x 4, but a single
+accumulator chain per row made float32 and float16 batch-1 decode 10-25% slower (fewer loads
+in flight), and interleaving rows of W at batch 1 halved the streaming rate of weights from
+memory (measured, interleaved runs): batch 1 reads one row at a time with two accumulators,
+and the groups keep that arithmetic.
 
 Batch 1 (decode), measured on the 124M shapes with the weights coming from memory, omp layer,
 2 cores (the same tool; machine shared, best of 5): GB/s of stored bytes, the LM head (50257,
 768) / c_fc (3072, 768): float32 38.9 / 36.0, bfloat16 37.9 / -, float16 34.4 / 55.8 (c_fc
-partly in the 32 MB L3), int8 22.6 / 21.9 against a streaming read of 31 GB/s. int8 is bound by
-its instructions, not by memory: per 32 weights two sign-extensions, two int -> float
-conversions and the block's scale on top of the two multiply-adds the 16-bit formats need
-(about 42 GFLOP/s against float16's 52-58 with the weights in cache). An earlier design that
-widened groups of 4 rows into an L1 buffer first reached 8-13 GB/s.
+partly in the 32 MB L3), against a streaming read of 31 GB/s. An earlier design that widened
+groups of 4 rows into an L1 buffer first reached 8-13 GB/s.
+
+int8 (every M, one kernel, `q8_forward`; the section "int8" below has the layout): 16 rows of
+W in the 16 lanes of AVX-512 VNNI's VPDPBUSD, 64 integer multiply-adds per instruction, each
+block's sum exact, then one conversion and one fma per block. `python -m
+bench.tools.numba_quant_timing --kernels` (one run, best of 7, 2 cores, the quantization of x
+included): M = 16, the 124M block shapes 480-533 GOP/s (float32 rows kernel in the same run:
+148-162) and the LM head from memory 526 (109); M = 64 on c_fc 648 GOP/s, against BLAS's
+sgemm at 345 GFLOP/s on (1024, 1024) squares; M = 1 from cache 163-180 GOP/s, the LM head
+from memory 53 GB/s. In a decode step the weights come from memory and the workers wake for
+each call, so the 16-row step's linears take 13-16 ms where the kernel alone takes 7.
+Tried and measured: software prefetch of the next group's rows, 1 to 16 groups ahead,
+changed nothing; 16 rows of x per pass (16 accumulators) spilled and was slower than 8.
+A prompt on int8 runs after the tiled attention's BLAS calls, whose OpenBLAS threads spin for
+a while after each and take turns with the kernel's: with OpenBLAS at one thread
+(OPENBLAS_NUM_THREADS=1) a 512-token int8 prompt took 330 ms against 578 (one run each).
 
 Widening: bfloat16 is its bits shifted into a float32's top half (an LLVM bitcast); float16
 goes through LLVM's half type (`fpext half -> float`, one VCVTPH2PS per 16 values with F16C);
-q8_0 is int8 -> float32 times the block's float16 scale, a block at a time in LLVM vector IR
+q8_0 (the tiles variant, kept for tests: the int8 kernel is faster at every M) is int8 ->
+float32 times the block's float16 scale, a block at a time in LLVM vector IR
 (_q8_block_to_f32 says why).
 
 Limits: W (N, K) with N, K >= 1; x (..., K) float32. Inference only (no backward).
@@ -59,6 +71,7 @@ import threading
 import weakref
 from types import FunctionType
 
+import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
@@ -156,7 +169,6 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 # the R rows of W each chunk of x.
 #   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
 #     (two accumulators: a batch-1 row keeps two chains of multiply-adds in flight)
-#   int8 (q8_0, a chunk = a block): t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
 
 
 def _lanes(builder, v, lo: int, hi: int):
@@ -190,8 +202,6 @@ def _widen16(dtype: str, builder, ptr):
     """16 stored weights from ptr -> <16 x float>, exactly (each format widens exactly)."""
     if dtype == "float32":
         return _load16(builder, ptr, 0, 4)
-    if dtype == "int8":
-        return builder.sitofp(_load16(builder, ptr, 8, 1), _V16F)
     v = _load16(builder, ptr, 16, 2)
     if dtype == "float16":  # VCVTPH2PS
         return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), _L)), _V16F)
@@ -220,9 +230,9 @@ def _prefetch(builder, ptr, offset: int):
 def _make_dot(dtype: str, R: int, P: int):
     """An intrinsic dot(w, d, n0, x, m0) -> R * P float32, index r * P + p: the sum over the
     full 32-chunks of K of W[n0 + r, k] x[m0 + p, k]. w (N, K) C-contiguous stored data, d
-    (N, nb) uint16 float16 scales for int8 (any array otherwise, unread), x (M, K) float32
-    C-contiguous; the caller keeps n0 + R <= N and m0 + P <= M. pf >= 0: prefetch rows
-    pf .. pf + R - 1 of W, chunk by chunk (the caller keeps pf + R <= N); pf < 0: none.
+    any array (unread: the template's signature), x (M, K) float32 C-contiguous; the caller
+    keeps n0 + R <= N and m0 + P <= M. pf >= 0: prefetch rows pf .. pf + R - 1 of W, chunk by
+    chunk (the caller keeps pf + R <= N); pf < 0: none.
     Each (r, p) has accumulators of its own, updated in the same order whatever R and P: the
     same bits for every shape."""
 
@@ -237,19 +247,14 @@ def _make_dot(dtype: str, R: int, P: int):
             n0_v, m0_v, pf_v = args[2], args[4], args[5]
             pf_on = builder.icmp_signed(">=", pf_v, ir.Constant(_I64, 0))
             pf_rows = [builder.mul(builder.add(pf_v, ir.Constant(_I64, r)), K) for r in range(R)]
-            itemsize = {"float32": 4, "int8": 1}.get(dtype, 2)
-            halves = 1 if dtype == "int8" else 2  # accumulators per (row of W, row of x)
+            itemsize = 4 if dtype == "float32" else 2
             acc = [
-                [[cgutils.alloca_once(builder, _V16F) for _ in range(halves)] for _ in range(P)]
+                [[cgutils.alloca_once(builder, _V16F) for _ in range(2)] for _ in range(P)]
                 for _ in range(R)
             ]
             for slot in (s for rows in acc for row in rows for s in row):
                 builder.store(ir.Constant(_V16F, None), slot)
             n_v = [builder.add(n0_v, ir.Constant(_I64, r)) for r in range(R)]
-            if dtype == "int8":
-                d_a = context.make_array(signature.args[1])(context, builder, args[1])
-                nb = cgutils.unpack_tuple(builder, d_a.shape, 2)[1]
-                d_rows = [builder.mul(n, nb) for n in n_v]
             w_rows = [builder.mul(n, K) for n in n_v]
             x_rows = [builder.mul(builder.add(m0_v, ir.Constant(_I64, p)), K) for p in range(P)]
             chunks = builder.udiv(K, ir.Constant(_I64, QK))
@@ -268,35 +273,16 @@ def _make_dot(dtype: str, R: int, P: int):
                     for pr in pf_rows:
                         for line in range(0, QK * itemsize, 64):
                             _prefetch(builder, at(w_a.data, pr, 0), line)
-                if dtype == "int8":  # t = w_0 x_0; t = fma(w_1, x_1, t); acc = fma(t, d, acc)
-                    scales = []  # each row's float16 scale of this block, splatted
+                for h in range(2):  # acc_h = fma(w_h, x_h, acc_h) for the two halves of a chunk
+                    xs = [_load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
                     for r in range(R):
-                        i = builder.add(d_rows[r], loop.index)
-                        bits = builder.load(builder.gep(d_a.data, [i]))
-                        scale = builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
-                        scales.append(_splat(builder, scale))
-                    ws = [
-                        [_widen16(dtype, builder, at(w_a.data, wr, h)) for h in range(2)]
-                        for wr in w_rows
-                    ]
-                    for p in range(P):
-                        xs = [_load16(builder, at(x_a.data, x_rows[p], h), 0, 4) for h in range(2)]
-                        for r in range(R):
-                            t = _fma16(builder, ws[r][1], xs[1], builder.fmul(ws[r][0], xs[0]))
-                            fma_into(r, p, 0, t, scales[r])
-                else:  # acc_h = fma(w_h, x_h, acc_h) for the two halves h of the chunk
-                    for h in range(2):
-                        xs = [_load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
-                        for r in range(R):
-                            wv = _widen16(dtype, builder, at(w_a.data, w_rows[r], h))
-                            for p in range(P):
-                                fma_into(r, p, h, wv, xs[p])
+                        wv = _widen16(dtype, builder, at(w_a.data, w_rows[r], h))
+                        for p in range(P):
+                            fma_into(r, p, h, wv, xs[p])
             sums = []
             for r in range(R):
                 for p in range(P):
-                    v = builder.load(acc[r][p][0])
-                    if halves == 2:
-                        v = builder.fadd(v, builder.load(acc[r][p][1]))
+                    v = builder.fadd(builder.load(acc[r][p][0]), builder.load(acc[r][p][1]))
                     sums.append(_sum_lanes(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
 
@@ -306,11 +292,7 @@ def _make_dot(dtype: str, R: int, P: int):
 
 
 _P = 4  # rows of x per dot call in batched decode
-# rows of W per dot call in batched decode: float32 and 16-bit formats 3 (3 x 4 x 2 = 24
-# accumulators of the 32 registers), int8 4 (one accumulator per (n, m): 4 x 4)
-_RF = 3
-_RQ = 4
-_AHEAD = 2  # int8 at batch 1: rows of W between the one prefetched and the one read
+_RF = 3  # rows of W per dot call in batched decode: 3 x 4 x 2 = 24 accumulators of the 32
 
 
 # the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
@@ -340,23 +322,11 @@ def _tail_f16(w, d, n, x, m, k0):
     return s
 
 
-@numba.njit(inline="always", cache=True)
-def _tail_q8(qs, d, n, x, m, k0):
-    """The short last block: its scale times the sum of its quants times x (0 when K is a
-    multiple of 32: there is no such block, and no scale to read)."""
-    if k0 == qs.shape[1]:
-        return np.float32(0.0)
-    s = np.float32(0.0)
-    for k in range(k0, qs.shape[1]):
-        s += np.float32(qs[n, k]) * x[m, k]
-    return s * _f16_bits_to_f32(d[n, k0 // QK])
-
-
 # ---------------------------------------------------------------------------------------------
 # rows kernels (M <= ROWS_MAX_M): each row of W is read from memory once, whatever M.
-# M == 1: parallel over rows n of W, one after the other (int8 prefetching _AHEAD rows on).
-# M < _P: each row n of W against every row of x. M >= _P: parallel over groups of _G rows of W
-# (_RF; int8 _RQ) against _P rows of x at a time, the rows of x left over one at a time, the
+# M == 1: parallel over rows n of W, one after the other.
+# M < _P: each row n of W against every row of x. M >= _P: parallel over groups of _G = _RF rows
+# of W against _P rows of x at a time, the rows of x left over one at a time, the
 # last rows of W (N modulo the group) alone. Every out[m, n] is the same operations on every
 # path (_make_dot).
 
@@ -364,21 +334,19 @@ def _tail_q8(qs, d, n, x, m, k0):
 # the names _rows reads that _make_rows binds for each format (never called as these)
 _dot_1 = _dot_p = _dot_r1 = _dot_1p = _tail = None
 _G = 0
-_PF1 = False
 
 
 def _rows(x, w, d, bias, out):
-    """x (M, K) float32, w (N, K) stored data, d (N, nb) uint16 float16 scale bits for int8 (w
-    again otherwise, unread), bias (N,) -> out (M, N). A template: _make_rows binds _dot_1,
-    _dot_p, _dot_r1, _dot_1p, _tail, _G and _PF1 for one storage format."""
+    """x (M, K) float32, w (N, K) stored data (d: unread, w again), bias (N,) -> out (M, N).
+    A template: _make_rows binds _dot_1, _dot_p, _dot_r1, _dot_1p, _tail and _G for one
+    storage format."""
     N, K = w.shape
     M = x.shape[0]
     k0 = K // QK * QK
     Mp = M // _P * _P
     if M == 1:  # batch 1: a row of W, then the next
         for n in prange(N):
-            pf = n + _AHEAD if _PF1 and n + _AHEAD < N else -1
-            out[0, n] = (_dot_1(w, d, n, x, 0, pf)[0] + _tail(w, d, n, x, 0, k0)) + bias[n]
+            out[0, n] = (_dot_1(w, d, n, x, 0, -1)[0] + _tail(w, d, n, x, 0, k0)) + bias[n]
         return
     if Mp == 0:
         for n in prange(N):
@@ -411,7 +379,7 @@ def _rows(x, w, d, bias, out):
                     out[m, n] = s1 + bias[n]
 
 
-def _make_rows(dtype: str, tail, G: int, prefetch_batch1: bool):
+def _make_rows(dtype: str, tail, G: int):
     """The rows kernel of one storage format: `_rows` compiled with that format's dot products,
     tail and group size as its globals. A new function over _rows's code with globals of its
     own, named per format, rather than a closure: numba's cache keys a closure by its pickled
@@ -426,7 +394,6 @@ def _make_rows(dtype: str, tail, G: int, prefetch_batch1: bool):
         _dot_1p=_make_dot(dtype, 1, _P),
         _tail=tail,
         _G=G,
-        _PF1=prefetch_batch1,
     )
     fn = FunctionType(_rows.__code__, bound, name)
     fn.__qualname__ = name
@@ -434,11 +401,241 @@ def _make_rows(dtype: str, tail, G: int, prefetch_batch1: bool):
 
 
 _ROWS = {
-    "float32": _make_rows("float32", _tail_f32, _RF, False),
-    "bfloat16": _make_rows("bfloat16", _tail_bf16, _RF, False),
-    "float16": _make_rows("float16", _tail_f16, _RF, False),
-    "int8": _make_rows("int8", _tail_q8, _RQ, True),
+    "float32": _make_rows("float32", _tail_f32, _RF),
+    "bfloat16": _make_rows("bfloat16", _tail_bf16, _RF),
+    "float16": _make_rows("float16", _tail_f16, _RF),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: q8_0 weights times q8_0 activations in integers (every M)
+#
+# ref.quant.qlinear_forward's int8 product is deq(q8_0(x)) @ deq(W).T: x rounded to q8_0 blocks
+# of its own (quantize_x_q8), then per block b of 32 along K the integer dot product
+# I_b = sum_k qx[m, k] qs[n, k] (exact in int32), scaled by d_w[n, b] d_x[m, b] (two float16
+# scales: their product is exact in float32) and summed over the blocks in float32:
+#     out[m, n] = fma(float(I_b), d_w[n, b] d_x[m, b], out[m, n]) for b = 0, 1, ... ; + bias[n]
+# Each out[m, n] is that sequence whatever M and whatever the other rows hold: ROW-INVARIANT.
+#
+# VPDPBUSD (AVX-512 VNNI) adds to each 32-bit lane the four products of an unsigned byte of
+# one operand and a signed byte of the other: 64 multiply-adds per instruction against 16 for
+# a float32 FMA. The lanes are 16 rows of W (_LANES), so no sum across lanes is ever needed:
+#   * the weights are kept as qs + 128, unsigned (an XOR of the sign bit), interleaved once per
+#     QWeight (_prepare_q8) as (groups of 16 rows, nb, 8, 16, 4): each 64-byte load is four
+#     consecutive k of 16 rows, and a group's bytes are contiguous (one stream per thread);
+#   * each 4 bytes of a row of qx are broadcast to the 16 lanes;
+#   * sum_k (qs + 128) qx = I + 128 sum_k qx: the lanes start the block at -cx[m, b] =
+#     -128 sum_k qx[m, k] (quantize_x_q8 computes it), so they hold I_b exactly;
+#   * then one int -> float conversion and one fma per block and (16 rows x a row of x).
+# Rows of x go 4 at a time (each load of W serves four), then one at a time. K is padded to a
+# multiple of 32 with zero weights and zero quants (the short last block needs no code of its
+# own), N to a multiple of 16 (the kernel writes a padded (M, Np) output).
+# Without VNNI (a CPU without AVX-512 VNNI) the same lanes are computed by widening to 32-bit
+# multiplies (_vnni_lanes): the same integers, so the same bits, only slower.
+
+_Q8_SERIAL_X = 1 << 14  # elements of x up to which the kernel quantizes x on one thread
+_LANES = 16  # rows of W per group: the 16 int32 / float32 lanes of a zmm register
+_V16I = ir.VectorType(_I32, _LANES)
+_V64B = ir.VectorType(ir.IntType(8), 64)
+_V16H = ir.VectorType(ir.IntType(16), _LANES)  # 16 float16 scales, as bits
+_HOST = llvmlite.binding.get_host_cpu_features()
+VNNI = bool(_HOST.get("avx512vnni")) and bool(_HOST.get("avx512bw"))
+
+
+def _splat_int(builder, v, vty):
+    """<n x iN> of n copies of the integer v."""
+    lane = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(lane, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _vnni_lanes(builder, acc, a, b, vnni: bool):
+    """acc + for each of 16 int32 lanes l the sum over j < 4 of a[4l + j] (unsigned byte) times
+    b[4l + j] (signed byte): one VPDPBUSD, or the same integers by widening without it."""
+    if vnni:
+        fnty = ir.FunctionType(_V16I, [_V16I, _V64B, _V64B])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, a, b])
+    wide = ir.VectorType(_I32, 64)
+    prod = builder.mul(builder.zext(a, wide), builder.sext(b, wide))
+    for j in range(4):
+        pick = ir.Constant(_V16I, [4 * lane + j for lane in range(_LANES)])
+        acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
+    return acc
+
+
+def _make_q8_tile(P: int, vnni: bool):
+    """An intrinsic tile(wu, dws, g, qx, dx, cx, m0, out): out[m0 + p, 16 g : 16 g + 16] for
+    p < P, as the sums above (no bias). wu (G, nb, 8, 16, 4) uint8 and dws (G, nb, 16) uint16
+    (float16 bits) from _prepare_q8; qx (M, nb * 32) int8, dx (M, nb) float32, cx (M, nb)
+    int32 from quantize_x_q8; out (M, 16 G) float32; all C-contiguous, the caller keeps
+    g < G and m0 + P <= M."""
+
+    @intrinsic
+    def tile(typingctx, wu, dws, g, qx, dx, cx, m0, out):
+        sig = types.void(wu, dws, g, qx, dx, cx, m0, out)
+
+        def codegen(context, builder, signature, args):
+            def array(i):
+                return context.make_array(signature.args[i])(context, builder, args[i])
+
+            wu_a, dws_a, qx_a, dx_a, cx_a, out_a = (array(i) for i in (0, 1, 3, 4, 5, 7))
+            g_v, m0_v = args[2], args[6]
+
+            def const(v):
+                return ir.Constant(_I64, v)
+
+            nb = cgutils.unpack_tuple(builder, dx_a.shape, 2)[1]
+            kp4 = builder.udiv(cgutils.unpack_tuple(builder, qx_a.shape, 2)[1], const(4))
+            Np = cgutils.unpack_tuple(builder, out_a.shape, 2)[1]
+            acc = [cgutils.alloca_once(builder, _V16F) for _ in range(P)]
+            for slot in acc:
+                builder.store(ir.Constant(_V16F, None), slot)
+            m_v = [builder.add(m0_v, const(p)) for p in range(P)]
+            gb = builder.mul(g_v, nb)  # blocks of the groups before g
+            qx32 = builder.bitcast(qx_a.data, _I32.as_pointer())  # 4 quants per int32
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                w0 = builder.mul(builder.add(gb, b), const(8 * 64))  # byte of (g, b) in wu
+                wv = []  # the block's 8 x 64 bytes of W: four k at a time, for every row of x
+                for k4 in range(8):
+                    wp = builder.gep(wu_a.data, [builder.add(w0, const(64 * k4))])
+                    wv.append(builder.load(builder.bitcast(wp, _V64B.as_pointer()), align=1))
+                sp = builder.gep(dws_a.data, [builder.mul(builder.add(gb, b), const(_LANES))])
+                bits = builder.load(builder.bitcast(sp, _V16H.as_pointer()), align=2)
+                dw = builder.fpext(
+                    builder.bitcast(bits, ir.VectorType(ir.HalfType(), _LANES)), _V16F
+                )
+                for c0 in range(0, P, 4):  # rows of x four at a time (16 lanes each in flight)
+                    rows = range(c0, min(P, c0 + 4))
+                    mb = {p: builder.add(builder.mul(m_v[p], nb), b) for p in rows}  # in dx, cx
+                    lanes = {}  # each row of x: its 16 lanes, from -cx[m, b]
+                    for p in rows:
+                        cx_mb = builder.load(builder.gep(cx_a.data, [mb[p]]))
+                        lanes[p] = _splat_int(builder, builder.neg(cx_mb), _V16I)
+                    x0 = {
+                        p: builder.add(builder.mul(m_v[p], kp4), builder.mul(b, const(8)))
+                        for p in rows
+                    }
+                    for k4 in range(8):  # 64 bytes of W against 4 bytes of each row of x
+                        for p in rows:
+                            xq = builder.load(builder.gep(qx32, [builder.add(x0[p], const(k4))]))
+                            xv = builder.bitcast(_splat_int(builder, xq, _V16I), _V64B)
+                            lanes[p] = _vnni_lanes(builder, lanes[p], wv[k4], xv, vnni)
+                    for p in rows:
+                        d_x = builder.load(builder.gep(dx_a.data, [mb[p]]))
+                        scale = builder.fmul(dw, _splat(builder, d_x))  # exact: two float16s
+                        total = builder.sitofp(lanes[p], _V16F)
+                        builder.store(_fma16(builder, total, scale, builder.load(acc[p])), acc[p])
+            n0 = builder.mul(g_v, const(_LANES))
+            for p in range(P):
+                at = builder.gep(out_a.data, [builder.add(builder.mul(m_v[p], Np), n0)])
+                builder.store(
+                    builder.load(acc[p]), builder.bitcast(at, _V16F.as_pointer()), align=4
+                )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+@intrinsic
+def _round_f16(typingctx, f):
+    """float32 -> the nearest float16 (ties to even; overflow to inf), widened back exactly:
+    numpy's astype(float16).astype(float32) (LLVM fptrunc, fpext)."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32)
+
+    return types.float32(f), codegen
+
+
+_Q8_X_MAX = np.float32(127.0 * 65504.0)  # |x| beyond this: a block scale float16 cannot hold
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _quantize_row(x, qx, dx, cx, m):
+    """Row m of x (M, K) float32 -> qx[m] (nb * 32,) int8 (zeros past K), dx[m] (nb,) float32,
+    cx[m] (nb,) int32: ref.quant.q8_0_activations bit for bit (d = float16(absmax / 127),
+    q = round(x / d) clipped to +-127; a row holding NaN, Inf or |x| > 127 * 65504 gets quants 0
+    and dx NaN), and cx = 128 * the sum of each block's quants (the kernel's offset)."""
+    K = x.shape[1]
+    nb = dx.shape[1]
+    bad = False
+    for k in range(K):
+        bad |= not abs(x[m, k]) <= _Q8_X_MAX  # NaN fails every comparison
+    for b in range(nb):
+        lo = b * QK
+        hi = min(K, lo + QK)
+        amax = np.float32(0.0)
+        for k in range(lo, hi):
+            amax = max(amax, abs(x[m, k]))
+        d = _round_f16(amax / np.float32(127.0))
+        inv = np.float32(1.0) / d if d != 0 and not bad else np.float32(0.0)
+        total = 0
+        for k in range(lo, hi):
+            q = 0 if bad else int(min(max(np.rint(x[m, k] * inv), -127.0), 127.0))
+            qx[m, k] = q
+            total += q
+        for k in range(hi, lo + QK):
+            qx[m, k] = 0
+        dx[m, b] = np.float32(np.nan) if bad else d
+        cx[m, b] = 128 * total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def quantize_x_q8(x, qx, dx, cx):
+    """x (M, K) float32 -> qx (M, nb * 32) int8, dx (M, nb) float32, cx (M, nb) int32, row by
+    row as _quantize_row."""
+    for m in prange(x.shape[0]):
+        _quantize_row(x, qx, dx, cx, m)
+
+
+_q8_tile_8 = _q8_tile_4 = _q8_tile_1 = None  # the names _rows_q8 reads; _make_rows_q8 binds
+
+
+def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
+    """The int8 kernel: x (M, K) float32 quantized into qx, dx, cx (_quantize_row), then out
+    (M, 16 G) = the tiles above, + bias (N,) on the first N columns. A template: _make_rows_q8
+    binds _q8_tile_p (4 rows of x) and _q8_tile_1. Small x is quantized on the calling thread
+    (a parallel region more would cost a wake-up of the workers, 30-50 us, against ~10 us)."""
+    G = wu.shape[0]
+    M, K = x.shape
+    N = bias.shape[0]
+    M8 = M // 8 * 8
+    M4 = M // 4 * 4
+    if M * K <= _Q8_SERIAL_X:
+        for m in range(M):
+            _quantize_row(x, qx, dx, cx, m)
+    else:
+        for m in prange(M):
+            _quantize_row(x, qx, dx, cx, m)
+    for g in prange(G):
+        for m0 in range(0, M8, 8):
+            _q8_tile_8(wu, dws, g, qx, dx, cx, m0, out)
+        for m0 in range(M8, M4, 4):
+            _q8_tile_4(wu, dws, g, qx, dx, cx, m0, out)
+        for m in range(M4, M):
+            _q8_tile_1(wu, dws, g, qx, dx, cx, m, out)
+        for m in range(M):
+            for n in range(g * _LANES, min(N, (g + 1) * _LANES)):
+                out[m, n] += bias[n]
+
+
+def _make_rows_q8(vnni: bool):
+    """_rows_q8 compiled with VPDPBUSD (vnni) or without (as _make_rows does, one name each)."""
+    name = "_rows_q8_vnni" if vnni else "_rows_q8_wide"
+    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, vnni) for P in (8, 4, 1)}
+    bound = dict(globals(), **tiles)
+    fn = FunctionType(_rows_q8.__code__, bound, name)
+    fn.__qualname__ = name
+    return numba.njit(parallel=True, cache=True, nogil=True)(fn)
+
+
+ROWS_Q8 = {True: _make_rows_q8(True), False: _make_rows_q8(False)}  # by VNNI; tests use both
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +687,18 @@ def _tile_q8(qs, d, n0, tile):
 # (the float32 LM head: 154 MB per token, 55 ms of a 70 ms decode step). An entry goes when its
 # QWeight is collected.
 _PREPARED: dict[int, tuple] = {}
+_INTERLEAVED: dict[int, tuple] = {}  # the same for the int8 kernel's layout (_prepare_q8)
+
+
+def _once(table: dict, q: QWeight, make) -> tuple:
+    """make(q), kept in `table` while q lives."""
+    hit = table.get(id(q))
+    if hit is not None and hit[0]() is q:
+        return hit[1]
+    arrays = make(q)
+    key = id(q)
+    table[key] = (weakref.ref(q, lambda _, key=key: table.pop(key, None)), arrays)
+    return arrays
 
 
 def _stored(q: QWeight) -> tuple[np.ndarray, np.ndarray | None]:
@@ -497,13 +706,30 @@ def _stored(q: QWeight) -> tuple[np.ndarray, np.ndarray | None]:
     float16 data and scales as their uint16 bits (one compiled signature, LLVM's half);
     C-contiguous and writeable (numba types read-only arrays apart: one signature), copied once
     per QWeight where they are not (_PREPARED)."""
-    hit = _PREPARED.get(id(q))
-    if hit is not None and hit[0]() is q:
-        return hit[1], hit[2]
-    data, scale = _prepare(q)
-    key = id(q)
-    _PREPARED[key] = (weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None)), data, scale)
-    return data, scale
+    return _once(_PREPARED, q, _prepare)
+
+
+def _stored_q8(q: QWeight) -> tuple[np.ndarray, np.ndarray]:
+    """An int8 QWeight in the int8 kernel's layout, made once per QWeight: (wu, dws)."""
+    return _once(_INTERLEAVED, q, lambda q: _prepare_q8(*_stored(q)))
+
+
+def _prepare_q8(qs: np.ndarray, dbits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """qs (N, K) int8, dbits (N, nb) uint16 -> wu (G, nb, 8, 16, 4) uint8 = qs + 128 (rows
+    padded to 16 G and K to 32 nb with zero weights), dws (G, nb, 16) uint16 (padded rows:
+    scale 0): a group's 16 rows side by side, four k at a time (the kernel's 64-byte loads).
+    A second copy of the weights, as bytes: 1.06 bytes per weight more while the QWeight lives."""
+    N, K = qs.shape
+    nb = dbits.shape[1]
+    G = -(-N // _LANES)
+    w = np.zeros((G * _LANES, nb * QK), np.int8)  # (Np, Kp)
+    w[:N, :K] = qs
+    wu = w.view(np.uint8) ^ np.uint8(0x80)  # qs + 128, as unsigned bytes
+    wu = np.ascontiguousarray(wu.reshape(G, _LANES, nb, 8, 4).transpose(0, 2, 3, 1, 4))
+    d = np.zeros((G * _LANES, nb), np.uint16)  # (Np, nb)
+    d[:N] = dbits
+    dws = np.ascontiguousarray(d.reshape(G, _LANES, nb).transpose(0, 2, 1))
+    return wu, dws
 
 
 def _prepare(q: QWeight) -> tuple[np.ndarray, np.ndarray | None]:
@@ -544,16 +770,35 @@ def _prepare(q: QWeight) -> tuple[np.ndarray, np.ndarray | None]:
 
 def rows_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray) -> np.ndarray:
     """The rows variant at any M: x2 (M, K) float32, bias (N,) -> (M, N)."""
+    if q.dtype == "int8":
+        return q8_forward(x2, q, bias)
     data, scale = _stored(q)
     out = np.empty((x2.shape[0], data.shape[0]), np.float32)  # (M, N)
     _ROWS[q.dtype](x2, data, data if scale is None else scale, bias, out)
     return out
 
 
+def q8_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray, vnni: bool = VNNI) -> np.ndarray:
+    """The int8 kernel: x2 (M, K) float32, an int8 QWeight (N, K), bias (N,) -> (M, N)."""
+    wu, dws = _stored_q8(q)
+    M, K = x2.shape
+    N = q.data.shape[0]
+    nb = dws.shape[1]
+    qx = np.empty((M, nb * QK), np.int8)  # (M, Kp)
+    dx = np.empty((M, nb), np.float32)  # (M, nb)
+    cx = np.empty((M, nb), np.int32)  # (M, nb)
+    out = np.empty((M, wu.shape[0] * _LANES), np.float32)  # (M, Np)
+    ROWS_Q8[vnni](x2, wu, dws, qx, dx, cx, bias, out)
+    return out if out.shape[1] == N else np.ascontiguousarray(out[:, :N])
+
+
 def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.ndarray:
-    """The tiles variant at any M: x2 (M, K) float32 -> (M, N) through BLAS."""
+    """The tiles variant at any M: x2 (M, K) float32 -> (M, N) through BLAS (int8: x rounded to
+    its q8_0 blocks first, as the reference; the int8 kernel is faster at every M)."""
     data, scale = _stored(q)
     N, K = data.shape
+    if q.dtype == "int8":
+        x2 = dequantize_x_q8(x2)
     if q.dtype == "float32":
         out = x2 @ data.T  # (M, N)
     else:
@@ -577,6 +822,18 @@ def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.nda
     return out
 
 
+def dequantize_x_q8(x2: np.ndarray) -> np.ndarray:
+    """x2 (M, K) float32 -> its q8_0 rounding (M, K) float32, exactly (quants of 8 bits times
+    float16 scales): ref.quant.q8_0_activations dequantized."""
+    M, K = x2.shape
+    nb = n_blocks(K)
+    qx = np.empty((M, nb * QK), np.int8)  # (M, Kp)
+    dx = np.empty((M, nb), np.float32)  # (M, nb)
+    quantize_x_q8(x2, qx, dx, np.empty((M, nb), np.int32))
+    xq = qx.reshape(M, nb, QK).astype(np.float32) * dx[:, :, None]  # (M, nb, 32)
+    return np.ascontiguousarray(xq.reshape(M, nb * QK)[:, :K])
+
+
 def qlinear_forward(x: np.ndarray, q: QWeight, b: np.ndarray | None = None) -> np.ndarray:
     """x (..., K) float32, q a QWeight (N, K), b (N,) or None -> (..., N) float32; the backend's
     version of ref.quant.qlinear_forward. Rows kernel for M <= ROWS_MAX_M, tiles beyond."""
@@ -594,7 +851,7 @@ def qlinear_forward(x: np.ndarray, q: QWeight, b: np.ndarray | None = None) -> n
         if b.shape != (N,):
             raise ValueError(f"numba backend: qlinear: bias {b.shape} must be ({N},)")
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if x2.shape[0] <= ROWS_MAX_M:
+    if x2.shape[0] <= ROWS_MAX_M or q.dtype == "int8":
         bias = np.zeros(N, np.float32) if b is None else b  # (N,)
         out = rows_forward(x2, q, bias)
     else:

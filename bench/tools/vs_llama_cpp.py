@@ -93,7 +93,7 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
 
     if not llama_cpp.available():
         raise SystemExit("vs_llama_cpp: llama-cpp-python is not installed (pip install "
-                         '"llama-cpp-python>=0.3", CMAKE_ARGS="-DGGML_NATIVE=ON")')  # fmt: skip
+                         '"llama-cpp-python>=0.3" with the CMAKE_ARGS of .ci/run)')  # fmt: skip
     cfg = SIZES["124M"]
     rng = np.random.default_rng(0)
     params = random_params(cfg, rng)

@@ -8,12 +8,13 @@ median of `repeat` timed calls after a warm-up:
   * the streaming-read bandwidth (bench/tools/numba_decode_timing's parallel sum, 512 MB);
   * with --kernels: qlinear alone at the shapes of a 124M decode step (c_attn, c_fc,
     mlp c_proj, the LM head), M = 1, 16, 64 rows: ms, GB/s of the weights, GFLOP/s;
-  * a decode step, batch 1 at context 16: tokens/s, the weight bytes it reads (the
+  * a decode step, batch 1 at context 16 and at 256: tokens/s, the weight bytes it reads (the
     QWeights; "float32" is the plain tree through BLAS, "float32-rows" the QWeight float32
     tree through the row-invariant kernel) and the GB/s that makes against the bandwidth;
-  * a decode step, 16 sequences at context 256: tokens/s and the ratio to batch 1, beside a
-    floor for that step in float32 arithmetic from this run's sgemm rate and bandwidth
-    (`_floor_ms`) and the ratio the floor allows;
+  * a decode step, 16 sequences at context 256: tokens/s and the ratio to batch 1 at the same
+    context (and at 16), beside a floor for that step (`_floor_ms`: its multiply-adds at this
+    run's sgemm rate, int8's at this run's rate of the int8 kernel with its operands in cache,
+    or its bytes at the streaming rate) and the ratio the floor allows;
   * a prefill of 512 tokens (LM head on the last position): tokens/s and GFLOP/s.
 Not the benchmark (`gpt2 bench --suite generate` has these rows beside the other backends);
 on a shared machine the medians show how much the other processes took.
@@ -96,15 +97,33 @@ def _sgemm_gflops(repeat: int, n: int = 1024) -> float:
     return gf
 
 
-def _floor_ms(cfg, wb: int, sgemm: float, gbs: float, B: int = 16, ctx: int = 256) -> float:
-    """A lower bound on a B-row decode step at context ctx when every product is float32
-    (weights widened, activations float32): its linears' multiply-adds at the machine's sgemm
-    rate, or its bytes (the stored weights once, the float32 KV cache) at the streaming-read
+def _q8_gops(repeat: int) -> float:
+    """The int8 kernel's rate in this run with its operands in cache: c_fc's shape (3072, 768)
+    at M = 64, GOP/s (two per multiply-add)."""
+    from fast.numba import quant as nq
+    from ref import quant
+
+    rng = np.random.default_rng(0)
+    q = quant.quantize((0.02 * rng.standard_normal((3072, 768))).astype(np.float32), "int8")
+    x = rng.standard_normal((64, 768), dtype=np.float32)  # (64, 768)
+    best, med = _times_ms(lambda: nq.qlinear_forward(x, q), max(repeat, 5))
+    gops = 2 * 64 * 3072 * 768 / best / 1e6
+    print(
+        f"int8 kernel (64, 768) x (3072, 768) best {best:7.3f} ms  median {med:7.3f} ms  -> "
+        f"{gops:.0f} GOP/s"
+    )
+    return gops
+
+
+def _floor_ms(cfg, wb: int, rate: float, gbs: float, B: int = 16, ctx: int = 256) -> float:
+    """A lower bound on a B-row decode step at context ctx: its multiply-adds at `rate`
+    (GFLOP/s: the machine's sgemm where the products are float32, the int8 kernel's own for
+    int8), or its bytes (the stored weights once, the float32 KV cache) at the streaming-read
     rate, whichever takes longer (the two overlapping perfectly)."""
     from bench.workload import forward_flops, kv_bytes
 
     flops = forward_flops(cfg, B, 1, ctx, head_rows=1)  # linears, head, attention
-    return max(flops / sgemm / 1e6, (wb + kv_bytes(cfg, B, ctx + 1)) / gbs / 1e6)
+    return max(flops / rate / 1e6, (wb + kv_bytes(cfg, B, ctx + 1)) / gbs / 1e6)
 
 
 def _decode_step(model, B: int, context: int, rng) -> callable:
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
     gbs = _stream_gbs(args.repeat)
     sgemm = _sgemm_gflops(args.repeat)
+    q8 = _q8_gops(args.repeat) if "int8" in args.dtypes else 0.0
     if args.kernels:
         _kernels(args.repeat, args.dtypes)
     cfg = SIZES["124M"]
@@ -162,13 +182,20 @@ def main(argv: list[str] | None = None) -> None:
             "tokens/s)"
         )
         if not args.no_batch:
+            best, med = _times_ms(_decode_step(model, 1, 256, rng), args.repeat)
+            tps256 = 1e3 / best
+            print(
+                f"{label:<12} decode B=1 ctx=256   best {best:7.2f} ms  median {med:7.2f} ms  "
+                f"{tps256:6.1f} tokens/s"
+            )
             best, med = _times_ms(_decode_step(model, 16, 256, rng), args.repeat)
             tps = 16e3 / best
-            floor = _floor_ms(cfg, wb, sgemm, gbs)
+            floor = _floor_ms(cfg, wb, q8 if label == "int8" else sgemm, gbs)
             print(
                 f"{label:<12} decode B=16 ctx=256  best {best:7.2f} ms  median {med:7.2f} ms  "
-                f"{tps:6.1f} tokens/s  ({tps / tps1:.1f}x batch 1; floor {floor:.1f} ms: at "
-                f"most {16e3 / floor / tps1:.1f}x in float32 arithmetic)"
+                f"{tps:6.1f} tokens/s  ({tps / tps256:.1f}x batch 1 at ctx 256, "
+                f"{tps / tps1:.1f}x at ctx 16; floor {floor:.1f} ms: at most "
+                f"{16e3 / floor / tps256:.1f}x at ctx 256)"
             )
         if not args.no_prefill:
             ids = rng.integers(0, cfg.n_vocab, (1, 512))  # (1, 512)

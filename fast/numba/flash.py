@@ -15,10 +15,15 @@ tiles of all B * NH heads at once (numpy's OpenBLAS, one gemm per head per tile,
 (128, 64) x (64, 256)), and the elementwise work between them is a `parallel=True` Numba kernel
 over the heads. The Python loop runs over tile pairs only (20 in the forward at T = 1024), so
 its overhead is tens of microseconds against milliseconds of arithmetic.
-Threads: OpenBLAS keeps its two threads (numpy's default here): capping it at one
-(threadpoolctl) made the forward slower. Numba's threads and OpenBLAS's take turns rather
-than nest; OpenBLAS's threads spin for a while after each gemm, so the Numba kernels gain
-little from their second thread, but lose nothing either.
+Threads: the forward's gemms run with OpenBLAS capped at one thread (FORWARD_BLAS_THREADS,
+through threadpoolctl where it is installed), the backward's with its two. OpenBLAS's threads
+spin for a while after each gemm, and the kernels that follow a forward took turns with them:
+on the project's machine (`python -m bench.tools.numba_flash_timing`, and a 512-token prompt
+of GPT-2 124M timed by op, one run each) the cap makes the forward alone 10-20% slower (T =
+1024: 22.6 against 25.0 ms; B = 4, T = 256: 8.6 against 10.4) but leaves a float32 prompt
+where it was (478 against 475 ms: its linears are BLAS calls that find the threads asleep
+either way) and makes an int8 prompt, whose linears are Numba kernels, 1.7x faster (328
+against 563 ms). The backward keeps both threads: capped, it took 1.4x longer.
 k and v are read in place when their rows of hs floats have unit stride (the model's slices
 of qkv, row stride 3C): copying them first made the forward slower, not faster.
 Figures for both in bench/README.md (`python -m bench.tools.numba_flash_timing --blas-threads 1`
@@ -59,6 +64,7 @@ figures in bench/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numba
@@ -66,6 +72,24 @@ import numpy as np
 from numba import prange
 
 from fast.numba.common import FASTMATH, check_attention, check_attention_dout, exp32
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # optional: without it the forward leaves BLAS's threads as they are
+    ThreadpoolController = None
+
+FORWARD_BLAS_THREADS = 1  # OpenBLAS threads for the forward's gemms (None: as configured)
+_POOLS = []  # the ThreadpoolController, made on first use
+
+
+def _blas_threads(n: int | None):
+    """A context capping BLAS at n threads (threadpoolctl), or doing nothing."""
+    if n is None or ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if not _POOLS:
+        _POOLS.append(ThreadpoolController())
+    return _POOLS[0].limit(limits=n, user_api="blas")
+
 
 _BQ = 128  # queries per tile
 _BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12
@@ -233,18 +257,26 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     out = np.empty((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs)
     lse = np.empty((B, NH, Tq), np.float32)  # (B, NH, Tq)
     if q.size:
-        kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk) a view: gemm reads k transposed
-        sbuf = np.empty(B * NH * min(_BQ, Tq) * min(_BK, Tk), np.float32)  # scores, then p
-        pvbuf = np.empty(B * NH * min(_BQ, Tq) * hs, np.float32)  # p v of one tile
-        for q0, q1, k0, k1 in _tiles(Tq, Tk, _BQ, _BK):
-            s = _tile(sbuf, (B, NH, q1 - q0, k1 - k0))  # (B, NH, bq, bk)
-            np.matmul(qs[:, :, q0:q1], kt[:, :, :, k0:k1], out=s)
-            _forward_tile(s, bias, q0, k0, off, m, l, acc)
-            pv = _tile(pvbuf, (B, NH, q1 - q0, hs))  # (B, NH, bq, hs)
-            np.matmul(s, v[:, :, k0:k1], out=pv)
-            acc[:, :, q0:q1] += pv
+        with _blas_threads(FORWARD_BLAS_THREADS):
+            _forward_tiles(qs, k, v, bias, off, m, l, acc)
         _forward_finish(acc, m, l, out, lse)
     return out, (qs, k, v, bias, out, lse)
+
+
+def _forward_tiles(qs, k, v, bias, off, m, l, acc) -> None:
+    """The forward's tile pairs: m, l and acc updated in place (see the module docstring)."""
+    B, NH, Tq, hs = qs.shape
+    Tk = k.shape[2]
+    kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk) a view: gemm reads k transposed
+    sbuf = np.empty(B * NH * min(_BQ, Tq) * min(_BK, Tk), np.float32)  # scores, then p
+    pvbuf = np.empty(B * NH * min(_BQ, Tq) * hs, np.float32)  # p v of one tile
+    for q0, q1, k0, k1 in _tiles(Tq, Tk, _BQ, _BK):
+        s = _tile(sbuf, (B, NH, q1 - q0, k1 - k0))  # (B, NH, bq, bk)
+        np.matmul(qs[:, :, q0:q1], kt[:, :, :, k0:k1], out=s)
+        _forward_tile(s, bias, q0, k0, off, m, l, acc)
+        pv = _tile(pvbuf, (B, NH, q1 - q0, hs))  # (B, NH, bq, hs)
+        np.matmul(s, v[:, :, k0:k1], out=pv)
+        acc[:, :, q0:q1] += pv
 
 
 def attention_backward(dout: np.ndarray, cache):

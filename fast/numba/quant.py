@@ -53,8 +53,8 @@ each call, so the 16-row step's linears take 13-16 ms where the kernel alone tak
 Tried and measured: software prefetch of the next group's rows, 1 to 16 groups ahead,
 changed nothing; 16 rows of x per pass (16 accumulators) spilled and was slower than 8.
 A prompt on int8 runs after the tiled attention's BLAS calls, whose OpenBLAS threads spin for
-a while after each and take turns with the kernel's: with OpenBLAS at one thread
-(OPENBLAS_NUM_THREADS=1) a 512-token int8 prompt took 330 ms against 578 (one run each).
+a while after each and took turns with the kernel's (a 512-token int8 prompt 578 ms against
+330 with OpenBLAS at one thread): fast/numba/flash.py's forward now caps BLAS at one thread.
 
 Widening: bfloat16 is its bits shifted into a float32's top half (an LLVM bitcast); float16
 goes through LLVM's half type (`fpext half -> float`, one VCVTPH2PS per 16 values with F16C);

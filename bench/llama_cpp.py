@@ -1,8 +1,8 @@
 """llama.cpp as a baseline: the same weights exported to GGUF (weights/gguf.py) and run by
 llama-cpp-python (`pip install llama-cpp-python` with the CMAKE_ARGS of .ci/run: built from
-source for AVX-512 with VNNI and BF16; GGML_NATIVE also builds AMX code, which kills the process
-on a VM that advertises AMX without enabling it), at the same thread count, prompt and
-context as ours.
+source for the instruction sets /proc/cpuinfo lists; GGML_NATIVE also builds AMX code, which
+kills the process on a VM that advertises AMX without enabling it), at the same thread count,
+prompt and context as ours.
 
     available()                       llama_cpp importable
     export(params, cfg, path, type)   the params tree as GGUF f32 | f16 | q8_0 (export_gguf:

@@ -170,18 +170,40 @@ def test_the_x_quantizer_is_the_references_bit_for_bit(x):
     assert np.array_equal(cx, 128 * qx.reshape(M, nb, quant.QK).astype(np.int32).sum(axis=2))
 
 
+# the int8 kernel's instruction sets this CPU runs: its own (nq.ISA) and those after it
+HOST_ISAS = nq.ISAS[nq.ISAS.index(nq.ISA) :]
+
+
 @settings(max_examples=40, deadline=None)
 @given(cases(dtypes=("int8",)))
-def test_int8_kernel_is_the_same_bits_with_and_without_vnni(case):
-    """VPDPBUSD and the widened 32-bit products compute the same integers, so the same outputs
-    (the kernel of a CPU without AVX-512 VNNI is this one's, only slower); both match the
-    reference."""
+def test_int8_kernel_is_the_same_bits_on_every_instruction_set(case):
+    """VPDPBUSD, AVX2's sign trick and the widened 32-bit products compute the same integers,
+    so the same outputs; each matches the reference."""
     x, q, b = case
     bias = np.zeros(q.shape[0], np.float32) if b is None else b
-    wide = nq.q8_forward(x, q, bias, vnni=False)
+    wide = nq.q8_forward(x, q, bias, isa="wide")
     check_against_reference(wide, x, q, b)
-    if nq.VNNI:
-        assert np.array_equal(nq.q8_forward(x, q, bias, vnni=True), wide, equal_nan=True)
+    for isa in HOST_ISAS:
+        assert np.array_equal(nq.q8_forward(x, q, bias, isa=isa), wide, equal_nan=True), isa
+
+
+@pytest.mark.parametrize("isa", HOST_ISAS)
+def test_int8_kernel_exact_at_the_extreme_quants(isa):
+    """Quants at the ends of their range, where a 16-bit pair sum could overflow (AVX2's
+    VPMADDUBSW saturates): weights -128 (a GGUF file may hold them; our quantizer stops at
+    -127) and +127 against activations quantized to +-127 (each row of x is +-1 times a
+    constant). Against the reference and the widened products, bit for bit."""
+    rng = np.random.default_rng(7)
+    N, K, M = 37, 96, 6
+    qs = rng.choice(np.array([-128, -127, 127, 126, 0], np.int8), size=(N, K))  # (N, K)
+    d = np.full((N, quant.n_blocks(K)), 0.5, np.float16)  # (N, nb)
+    q = quant.QWeight("int8", qs, d)
+    x = rng.choice(np.array([-3.0, 3.0], np.float32), size=(M, K))  # (M, K)
+    assert (np.abs(quant.q8_0_activations(x)[0]) == 127).all()
+    bias = np.zeros(N, np.float32)
+    got = nq.q8_forward(x, q, bias, isa=isa)
+    check_against_reference(got, x, q, None)
+    assert np.array_equal(got, nq.q8_forward(x, q, bias, isa="wide"))
 
 
 @pytest.mark.parametrize("K", [32, 96, 100])

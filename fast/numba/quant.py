@@ -15,7 +15,8 @@ Variants for the float formats, chosen on M by `qlinear_forward`:
             multiplied into two 16-lane accumulators per (n, m), in LLVM vector IR (_make_dot
             says why). M < 4: each row of W against each row of x. From M = 4: groups of 3
             rows of W against 4 rows of x at once (24 accumulators; each widened chunk of W
-            serves 4 rows of x, each chunk of x 3 rows of W), then the rows left over; a
+            serves 4 rows of x, each chunk of x 3 rows of W; on a CPU without AVX-512, 2 x 2
+            from M = 2, its 16 registers holding fewer), then the rows left over; a
             group's first pass prefetches the next group's rows of W (the passes after it find
             theirs in L1). Each out[m, n] is the same sequence of float32 operations whatever
             M is and whatever the other rows hold: ROW-INVARIANT, bit for bit
@@ -43,11 +44,14 @@ groups of 4 rows into an L1 buffer first reached 8-13 GB/s.
 
 int8 (every M, one kernel, `q8_forward`; the section "int8" below has the layout): 16 rows of
 W in the 16 lanes of AVX-512 VNNI's VPDPBUSD, 64 integer multiply-adds per instruction, each
-block's sum exact, then one conversion and one fma per block. `python -m
-bench.tools.numba_quant_timing --kernels` (one run, best of 7, 2 cores, the quantization of x
-included): M = 16, the 124M block shapes 480-533 GOP/s (float32 rows kernel in the same run:
-148-162) and the LM head from memory 526 (109); M = 64 on c_fc 648 GOP/s, against BLAS's
-sgemm at 345 GFLOP/s on (1024, 1024) squares; M = 1 from cache 163-180 GOP/s, the LM head
+block's sum exact, then one conversion and one fma per block; on AVX2 without VNNI the same
+integers from VPMADDUBSW and VPMADDWD (AMD Zen 3: 100-146 GOP/s at M = 16 and 64 on c_fc
+against 13-15 for the widened 32-bit products it replaced, BLAS's sgemm 123 GFLOP/s there).
+AVX-512 VNNI, `python -m bench.tools.numba_quant_timing --kernels` on Sapphire Rapids (one
+run, best of 7, 2 cores, the quantization of x included): M = 16, the 124M block shapes
+480-533 GOP/s (float32 rows kernel in the same run: 148-162) and the LM head from memory 526
+(109); M = 64 on c_fc 648 GOP/s, against BLAS's sgemm at 345 GFLOP/s on (1024, 1024)
+squares; M = 1 from cache 163-180 GOP/s, the LM head
 from memory 53 GB/s. In a decode step the weights come from memory and the workers wake for
 each call, so the 16-row step's linears take 13-16 ms where the kernel alone takes 7.
 Tried and measured: software prefetch of the next group's rows, 1 to 16 groups ahead,
@@ -291,8 +295,14 @@ def _make_dot(dtype: str, R: int, P: int):
     return dot
 
 
-_P = 4  # rows of x per dot call in batched decode
-_RF = 3  # rows of W per dot call in batched decode: 3 x 4 x 2 = 24 accumulators of the 32
+_HOST = llvmlite.binding.get_host_cpu_features()
+_AVX512 = bool(_HOST.get("avx512f"))
+# rows of W (_RF) and of x (_P) per dot call in batched decode, by the host's vector registers:
+# AVX-512, 3 x 4 x 2 = 24 accumulators of the 32 zmm; AVX2 (16 ymm, each accumulator two of
+# them), 2 x 2: rows_forward at M = 16 on c_fc (3072, 768), AMD Zen 3, best of 40 calls in
+# three runs alternated, float32 55-67 GFLOP/s against 35-51 with 3 x 4, bfloat16 64-84
+# against 39-58
+_RF, _P = (3, 4) if _AVX512 else (2, 2)
 
 
 # the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
@@ -430,16 +440,25 @@ _ROWS = {
 # Rows of x go 4 at a time (each load of W serves four), then one at a time. K is padded to a
 # multiple of 32 with zero weights and zero quants (the short last block needs no code of its
 # own), N to a multiple of 16 (the kernel writes a padded (M, Np) output).
-# Without VNNI (a CPU without AVX-512 VNNI) the same lanes are computed by widening to 32-bit
-# multiplies (_vnni_lanes): the same integers, so the same bits, only slower.
+# AVX2 without VNNI (AMD Zen 2 and 3, most laptops before 2021) has VPMADDUBSW: the two
+# products of adjacent unsigned x signed bytes summed into 16 bits, saturating, so qs + 128
+# (up to 255 x 127, twice) would overflow. There the sign trick of llama.cpp's AVX2 dot
+# products keeps every pair within 16 bits: |qs| (unsigned, <= 128) times qx with qs's sign
+# (VPSIGNB; |qx| <= 127 so negating it is exact), 2 x 128 x 127 < 2^15, then VPMADDWD by ones
+# into the 32-bit lanes: they hold I_b itself and start the block at 0. Rows of x go 2 at a
+# time there (AVX2 has 16 ymm registers; 4 rows' lanes and their operands would spill).
+# Elsewhere (no AVX2) the same lanes are computed by widening to 32-bit multiplies
+# (_vnni_lanes "wide"). All three compute the same integers, so the same bits.
 
 _Q8_SERIAL_X = 1 << 14  # elements of x up to which the kernel quantizes x on one thread
 _LANES = 16  # rows of W per group: the 16 int32 / float32 lanes of a zmm register
 _V16I = ir.VectorType(_I32, _LANES)
 _V64B = ir.VectorType(ir.IntType(8), 64)
 _V16H = ir.VectorType(ir.IntType(16), _LANES)  # 16 float16 scales, as bits
-_HOST = llvmlite.binding.get_host_cpu_features()
 VNNI = bool(_HOST.get("avx512vnni")) and bool(_HOST.get("avx512bw"))
+ISA = "vnni" if VNNI else "avx2" if _HOST.get("avx2") else "wide"  # the int8 kernel's here
+ISAS = ("vnni", "avx2", "wide")
+_ISA_ROWS = {"vnni": 4, "avx2": 2, "wide": 4}  # rows of x whose lanes are in flight at once
 
 
 def _splat_int(builder, v, vty):
@@ -449,13 +468,41 @@ def _splat_int(builder, v, vty):
     return builder.shuffle_vector(lane, ir.Constant(vty, ir.Undefined), mask)
 
 
-def _vnni_lanes(builder, acc, a, b, vnni: bool):
-    """acc + for each of 16 int32 lanes l the sum over j < 4 of a[4l + j] (unsigned byte) times
-    b[4l + j] (signed byte): one VPDPBUSD, or the same integers by widening without it."""
-    if vnni:
-        fnty = ir.FunctionType(_V16I, [_V16I, _V64B, _V64B])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, a, b])
+def _x86(builder, name: str, ret, *args):
+    """A call of the x86 intrinsic `name` (its LLVM name) on args, returning type ret."""
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
+
+
+def _half(builder, v, h: int):
+    """Bytes 32 h .. 32 h + 31 of a <64 x i8> (a ymm's worth)."""
+    return builder.shuffle_vector(
+        v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+    )
+
+
+def _vnni_lanes(builder, acc, a, b, isa: str):
+    """acc + for each of 16 int32 lanes l the sum over j < 4 of a[4l + j] times b[4l + j]
+    (b signed bytes): isa "vnni" one VPDPBUSD, a unsigned (qs + 128); "wide" the same integers
+    by widening; "avx2" a the signed weights' bytes (qs), VPSIGNB, VPMADDUBSW, VPMADDWD."""
+    if isa == "vnni":
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, acc, a, b)
+    if isa == "avx2":
+        v32b = ir.VectorType(ir.IntType(8), 32)
+        v16s = ir.VectorType(ir.IntType(16), 16)
+        ones = ir.Constant(v16s, [1] * 16)
+        zero = ir.Constant(v32b, [0] * 32)
+        halves = []
+        for h in range(2):  # rows 8 h .. 8 h + 7 of the group: 8 lanes of a ymm
+            w, x = _half(builder, a, h), _half(builder, b, h)
+            aw = builder.select(builder.icmp_signed("<", w, zero), builder.neg(w), w)  # |qs|
+            sx = _x86(builder, "llvm.x86.avx2.psign.b", v32b, x, w)  # qx with the sign of qs
+            pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", v16s, aw, sx)  # |pair| < 2^15
+            halves.append(
+                _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, ones)
+            )
+        both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I, list(range(16))))
+        return builder.add(acc, both)
     wide = ir.VectorType(_I32, 64)
     prod = builder.mul(builder.zext(a, wide), builder.sext(b, wide))
     for j in range(4):
@@ -464,12 +511,13 @@ def _vnni_lanes(builder, acc, a, b, vnni: bool):
     return acc
 
 
-def _make_q8_tile(P: int, vnni: bool):
+def _make_q8_tile(P: int, isa: str):
     """An intrinsic tile(wu, dws, g, qx, dx, cx, m0, out): out[m0 + p, 16 g : 16 g + 16] for
     p < P, as the sums above (no bias). wu (G, nb, 8, 16, 4) uint8 and dws (G, nb, 16) uint16
     (float16 bits) from _prepare_q8; qx (M, nb * 32) int8, dx (M, nb) float32, cx (M, nb)
     int32 from quantize_x_q8; out (M, 16 G) float32; all C-contiguous, the caller keeps
-    g < G and m0 + P <= M."""
+    g < G and m0 + P <= M. isa: the instructions of _vnni_lanes."""
+    chunk = _ISA_ROWS[isa]
 
     @intrinsic
     def tile(typingctx, wu, dws, g, qx, dx, cx, m0, out):
@@ -493,6 +541,7 @@ def _make_q8_tile(P: int, vnni: bool):
                 builder.store(ir.Constant(_V16F, None), slot)
             m_v = [builder.add(m0_v, const(p)) for p in range(P)]
             gb = builder.mul(g_v, nb)  # blocks of the groups before g
+            sign = ir.Constant(_V64B, [0x80] * 64)
             qx32 = builder.bitcast(qx_a.data, _I32.as_pointer())  # 4 quants per int32
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
@@ -500,17 +549,21 @@ def _make_q8_tile(P: int, vnni: bool):
                 wv = []  # the block's 8 x 64 bytes of W: four k at a time, for every row of x
                 for k4 in range(8):
                     wp = builder.gep(wu_a.data, [builder.add(w0, const(64 * k4))])
-                    wv.append(builder.load(builder.bitcast(wp, _V64B.as_pointer()), align=1))
+                    v = builder.load(builder.bitcast(wp, _V64B.as_pointer()), align=1)
+                    wv.append(builder.xor(v, sign) if isa == "avx2" else v)  # avx2: qs itself
                 sp = builder.gep(dws_a.data, [builder.mul(builder.add(gb, b), const(_LANES))])
                 bits = builder.load(builder.bitcast(sp, _V16H.as_pointer()), align=2)
                 dw = builder.fpext(
                     builder.bitcast(bits, ir.VectorType(ir.HalfType(), _LANES)), _V16F
                 )
-                for c0 in range(0, P, 4):  # rows of x four at a time (16 lanes each in flight)
-                    rows = range(c0, min(P, c0 + 4))
+                for c0 in range(0, P, chunk):  # rows of x `chunk` at a time (16 lanes each)
+                    rows = range(c0, min(P, c0 + chunk))
                     mb = {p: builder.add(builder.mul(m_v[p], nb), b) for p in rows}  # in dx, cx
-                    lanes = {}  # each row of x: its 16 lanes, from -cx[m, b]
+                    lanes = {}  # each row of x: its 16 lanes, from -cx[m, b] (avx2: from 0)
                     for p in rows:
+                        if isa == "avx2":
+                            lanes[p] = ir.Constant(_V16I, [0] * _LANES)
+                            continue
                         cx_mb = builder.load(builder.gep(cx_a.data, [mb[p]]))
                         lanes[p] = _splat_int(builder, builder.neg(cx_mb), _V16I)
                     x0 = {
@@ -521,7 +574,7 @@ def _make_q8_tile(P: int, vnni: bool):
                         for p in rows:
                             xq = builder.load(builder.gep(qx32, [builder.add(x0[p], const(k4))]))
                             xv = builder.bitcast(_splat_int(builder, xq, _V16I), _V64B)
-                            lanes[p] = _vnni_lanes(builder, lanes[p], wv[k4], xv, vnni)
+                            lanes[p] = _vnni_lanes(builder, lanes[p], wv[k4], xv, isa)
                     for p in rows:
                         d_x = builder.load(builder.gep(dx_a.data, [mb[p]]))
                         scale = builder.fmul(dw, _splat(builder, d_x))  # exact: two float16s
@@ -625,17 +678,18 @@ def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
                 out[m, n] += bias[n]
 
 
-def _make_rows_q8(vnni: bool):
-    """_rows_q8 compiled with VPDPBUSD (vnni) or without (as _make_rows does, one name each)."""
-    name = "_rows_q8_vnni" if vnni else "_rows_q8_wide"
-    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, vnni) for P in (8, 4, 1)}
+def _make_rows_q8(isa: str):
+    """_rows_q8 compiled for one of ISAS (as _make_rows does, one name each)."""
+    name = f"_rows_q8_{isa}"
+    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa) for P in (8, 4, 1)}
     bound = dict(globals(), **tiles)
     fn = FunctionType(_rows_q8.__code__, bound, name)
     fn.__qualname__ = name
     return numba.njit(parallel=True, cache=True, nogil=True)(fn)
 
 
-ROWS_Q8 = {True: _make_rows_q8(True), False: _make_rows_q8(False)}  # by VNNI; tests use both
+# by ISAS, compiled on first call; tests run each the host has (ISA and below)
+ROWS_Q8 = {isa: _make_rows_q8(isa) for isa in ISAS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,8 +832,9 @@ def rows_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray) -> np.ndarray:
     return out
 
 
-def q8_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray, vnni: bool = VNNI) -> np.ndarray:
-    """The int8 kernel: x2 (M, K) float32, an int8 QWeight (N, K), bias (N,) -> (M, N)."""
+def q8_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray, isa: str = ISA) -> np.ndarray:
+    """The int8 kernel: x2 (M, K) float32, an int8 QWeight (N, K), bias (N,) -> (M, N); isa one
+    of ISAS that this CPU has (the default: the fastest it has)."""
     wu, dws = _stored_q8(q)
     M, K = x2.shape
     N = q.data.shape[0]
@@ -788,7 +843,7 @@ def q8_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray, vnni: bool = VNNI) 
     dx = np.empty((M, nb), np.float32)  # (M, nb)
     cx = np.empty((M, nb), np.int32)  # (M, nb)
     out = np.empty((M, wu.shape[0] * _LANES), np.float32)  # (M, Np)
-    ROWS_Q8[vnni](x2, wu, dws, qx, dx, cx, bias, out)
+    ROWS_Q8[isa](x2, wu, dws, qx, dx, cx, bias, out)
     return out if out.shape[1] == N else np.ascontiguousarray(out[:, :N])
 
 

@@ -191,8 +191,8 @@ def test_int8_kernel_is_the_same_bits_on_every_instruction_set(case):
 def test_int8_kernel_exact_at_the_extreme_quants(isa):
     """Quants at the ends of their range, where a 16-bit pair sum could overflow (AVX2's
     VPMADDUBSW saturates): weights -128 (a GGUF file may hold them; our quantizer stops at
-    -127) and +127 against activations quantized to +-127 (each row of x is +-1 times a
-    constant). Against the reference and the widened products, bit for bit."""
+    -127) and +127 against activations quantized to +-127 (every element of x is +-3, so
+    every block's absmax is 3). Against the reference, and the widened products bit for bit."""
     rng = np.random.default_rng(7)
     N, K, M = 37, 96, 6
     qs = rng.choice(np.array([-128, -127, 127, 126, 0], np.int8), size=(N, K))  # (N, K)

@@ -45,8 +45,8 @@ groups of 4 rows into an L1 buffer first reached 8-13 GB/s.
 int8 (every M, one kernel, `q8_forward`; the section "int8" below has the layout): 16 rows of
 W in the 16 lanes of AVX-512 VNNI's VPDPBUSD, 64 integer multiply-adds per instruction, each
 block's sum exact, then one conversion and one fma per block; on AVX2 without VNNI the same
-integers from VPMADDUBSW and VPMADDWD (AMD Zen 3: 100-146 GOP/s at M = 16 and 64 on c_fc
-against 13-15 for the widened 32-bit products it replaced, BLAS's sgemm 123 GFLOP/s there).
+integers from VPMADDUBSW and VPMADDWD (AMD Zen 3: 93-146 GOP/s at M = 16 and 64 on c_fc,
+best of 30 calls, against 13-15 for the widened 32-bit products it replaced; sgemm 123-131).
 AVX-512 VNNI, `python -m bench.tools.numba_quant_timing --kernels` on Sapphire Rapids (one
 run, best of 7, 2 cores, the quantization of x included): M = 16, the 124M block shapes
 480-533 GOP/s (float32 rows kernel in the same run: 148-162) and the LM head from memory 526

@@ -17,7 +17,7 @@ from ref import beam as ref_beam
 from ref import evaluate as ref_evaluate
 from ref import generate as ref_generate
 from ref import quant as ref_quant
-from ref.model import Model, check_ids
+from ref.model import KV_DTYPES, Model, check_ids
 from ref.prompts import INSTRUCTION_STOP, alpaca_prompt
 from ref.sampling import SamplingParams
 from weights import loader
@@ -45,20 +45,32 @@ def token_ids(ids, n_vocab: int, what: str = "generate(): prompt") -> list[int]:
 
 
 def load(
-    model: str = "124M", backend: str = "ref", cache_dir: str | None = None, dtype: str = "float32"
+    model: str = "124M",
+    backend: str = "ref",
+    cache_dir: str | None = None,
+    dtype: str = "float32",
+    kv_dtype: str = "float32",
 ):
     """Load `model` (a size name, a model directory, a .safetensors or a .gguf file) on `backend`.
 
     numpy backends (ref, numba): a `Model`; with dtype "bfloat16", "float16" or "int8" (q8_0)
     its weights are stored in that form (`ref.quant.quantize_params`: the projections and the
-    LM head) and computed in float32, the KV cache float32 too; on numba float32 weights are
-    stored that way as well (float32 QWeights, for its row kernel). torch and triton: a
+    LM head) and computed in float32; on numba float32 weights are stored that way as well
+    (float32 QWeights, for its row kernel). Its KV caches store keys and values as `kv_dtype`
+    ("float32", or "float16": half the bytes, `ref.model.KVCache`). torch and triton: a
     `fast.torch.model.TorchModel` whose weights and KV cache take `dtype` ("float32",
     "bfloat16" or "float16"). The logits are float32 whatever the dtype."""
     if dtype not in ref_quant.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(ref_quant.DTYPES)}, got {dtype!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     if dtype == "int8" and backend not in NUMPY_BACKENDS:
         raise ValueError(f"dtype int8 needs backend numba or ref ({backend} has no int8)")
+    if kv_dtype != "float32" and backend not in NUMPY_BACKENDS:
+        raise ValueError(
+            f"kv_dtype {kv_dtype} needs backend numba or ref ({backend} keeps its KV cache in "
+            "the model's dtype)"
+        )
     ops = get_backend(backend)  # fail on a missing library before reading gigabytes
     cfg, params = loader.load(model, cache_dir=cache_dir, progress=download_bar(), notify=note)
     if ref_quant.is_quantized(params):  # a q8_0 GGUF file: its blocks run as they are stored
@@ -69,7 +81,7 @@ def load(
                 f"{model}: its weights are stored as q8_0; --dtype {dtype} would requantize "
                 "them (leave --dtype out, or export another type)"
             )
-        return Model(cfg, params, ops)
+        return Model(cfg, params, ops, kv_dtype)
     if backend in NUMPY_BACKENDS:
         # numba stores float32 weights as a float32 tree of QWeights too, (Cout, Cin): its
         # decode steps run on fast/numba/quant.py's row kernel, which reads each weight once at
@@ -78,7 +90,7 @@ def load(
         # prompts still go to BLAS. The float32 values are the same.
         if dtype != "float32" or backend == "numba":
             params = ref_quant.quantize_params(params, dtype)
-        return Model(cfg, params, ops)
+        return Model(cfg, params, ops, kv_dtype)
     import torch
 
     from fast.torch.model import TorchModel

@@ -69,6 +69,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+KV_DTYPES = ("float32", "float16")  # ref.model.KV_DTYPES (cli imports no model code)
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -81,15 +82,29 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
         "--backend torch|triton, weights only on ref|numba (which compute in float32); int8: "
         "q8_0 weights (blocks of 32 with a float16 scale) on --backend ref|numba",
     )
+    p.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=KV_DTYPES,
+        help="float32 (default) or float16: how --backend ref|numba store the KV cache's keys "
+        "and values (float16: half the memory and of the bytes a decode step reads, rounded "
+        "when stored, computed in float32; llama.cpp's default, --cache-type-k/v f16). "
+        "--backend torch|triton keep it in --dtype",
+    )
 
 
 def check_dtype(args: argparse.Namespace) -> None:
-    """int8 needs a numpy backend (the torch models have no q8_0 kernels); raise UsageError
-    naming the flag otherwise."""
+    """int8 and --kv-dtype need a numpy backend (the torch models have no q8_0 kernels and
+    keep the cache in the model's dtype); raise UsageError naming the flag otherwise."""
     if args.dtype == "int8" and args.backend in TORCH_BACKENDS:
         raise UsageError(
             f"--dtype int8 needs --backend numba or ref (--backend {args.backend} runs "
             "float32, bfloat16 or float16)"
+        )
+    if args.kv_dtype != "float32" and args.backend in TORCH_BACKENDS:
+        raise UsageError(
+            f"--kv-dtype {args.kv_dtype} needs --backend numba or ref (--backend "
+            f"{args.backend} keeps the KV cache in --dtype)"
         )
 
 
@@ -110,6 +125,10 @@ HINTS = {
     "--beams": "--num-beams",
     "--num-return": "--num-return-sequences",
     "--random-seed": "-s/--seed",
+    "--cache-type-k": "--kv-dtype (keys and values together)",
+    "--cache-type-v": "--kv-dtype (keys and values together)",
+    "-ctk": "--kv-dtype (keys and values together)",
+    "-ctv": "--kv-dtype (keys and values together)",
 }
 
 

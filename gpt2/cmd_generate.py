@@ -351,7 +351,13 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"gpt2 generate: seed {seed} (pass -s {seed} to repeat this run)", file=sys.stderr
             )
-    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
+    model = gpt2.load(
+        args.model,
+        backend=args.backend,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
+    )
     instruct = args.instruction is not None
     stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
     n = args.num_return_sequences
@@ -401,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
             "num_return_sequences": n,
             "stop": stop,
             "dtype": args.dtype,
+            "kv_dtype": args.kv_dtype,
         }
         for prompt, ids, rs in zip(prompts, prompt_ids, results, strict=True):
             completions = []

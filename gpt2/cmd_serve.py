@@ -91,7 +91,13 @@ def run(args: argparse.Namespace) -> int:
     import gpt2
     from gpt2.serve.engine import Engine
 
-    model = gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir, dtype=args.dtype)
+    model = gpt2.load(
+        args.model,
+        backend=args.backend,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
+    )
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
     name = args.served_model_name or args.model
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)

@@ -51,7 +51,10 @@ def evaluate(
     stride: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Cross-entropy of `ids` under `model` (see `ref.generate` for the model interface)."""
+    """Cross-entropy of `ids` under `model` (see `ref.generate` for the model interface).
+
+    A model whose KV cache is not float32 (`kv_dtype`, ref.model.KVCache) runs each window
+    through a fresh cache, so the keys it attends to are rounded as they are in generation."""
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to evaluate, got {len(ids)}")
@@ -59,7 +62,12 @@ def evaluate(
     stride = n_ctx if stride is None else stride
     total = 0.0
     for start, end, first in windows(len(ids), n_ctx, stride):
-        logits = model.forward(ids[None, start:end])[0]  # (end - start, V)
+        cache = (
+            None
+            if getattr(model, "kv_dtype", "float32") == "float32"
+            else model.new_cache(1, end - start)
+        )
+        logits = model.forward(ids[None, start:end], cache=cache)[0]  # (end - start, V)
         # logits[i] predicts ids[start + i + 1]; score targets first..end-1
         logp = log_softmax(logits[first - start - 1 : end - start - 1])  # (n, V) float64
         tgt = ids[first:end]  # (n,)

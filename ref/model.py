@@ -88,19 +88,33 @@ class ContextLengthError(ValueError):
 # the KV cache, and where each new token sits
 
 
+KV_DTYPES = ("float32", "float16")  # what a KVCache can store its keys and values as
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far.
 
     k, v: (L, B, NH, capacity, hs); mask: (B, capacity) bool, False on padding;
     n_real: (B,) real tokens per row, which gives the next position of each row.
+    dtype "float16" stores k and v in half the bytes (llama.cpp's default cache type): each
+    key and value is rounded to the nearest float16 when it is stored (numpy's cast, ties to
+    even; beyond +-65504 it becomes inf, and the attention then gives NaN) and read back as
+    that value exactly, so the attention still computes in float32, on the rounded keys and
+    values (relative error at most 2^-11 per element). Only the cache rounds: a forward
+    without one sees float32 keys. Accuracy against float32: tests/test_kv_cache.py.
     The bookkeeping (mask, n_real, length) is numpy for every backend; a backend's cache
     (fast/torch/model.py) overrides `_zeros` and `_take` to keep k and v on its device.
     """
 
-    def __init__(self, cfg: GPT2Config, batch: int, capacity: int | None = None):
+    def __init__(
+        self, cfg: GPT2Config, batch: int, capacity: int | None = None, dtype: str = "float32"
+    ):
         capacity = cfg.n_ctx if capacity is None else capacity
         if not 1 <= capacity <= cfg.n_ctx:
             raise ContextLengthError(f"KV cache capacity {capacity} must be in [1, {cfg.n_ctx}]")
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        self.kv_dtype = dtype
         shape = (cfg.n_layer, batch, cfg.n_head, capacity, cfg.head_size)
         self.k = self._zeros(shape)
         self.v = self._zeros(shape)
@@ -109,7 +123,7 @@ class KVCache:
         self.length = 0  # P: slots filled (the same for every row)
 
     def _zeros(self, shape: tuple) -> np.ndarray:
-        return np.zeros(shape, np.float32)
+        return np.zeros(shape, self.kv_dtype)
 
     def _take(self, kv: np.ndarray, rows: np.ndarray) -> np.ndarray:
         # fancy indexing copies, so repeated rows never share memory; on axis 1 it also leaves
@@ -226,7 +240,7 @@ def attn_forward(
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs)
     if kv is not None:
         k_cache, v_cache, P = kv
-        k_cache[:, :, P : P + T] = k
+        k_cache[:, :, P : P + T] = k  # a float16 cache rounds them here (KVCache)
         v_cache[:, :, P : P + T] = v
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
     if rng is not None and dropout.attn > 0.0:
@@ -538,21 +552,24 @@ class Model:
     `ref.generate`, `ref.evaluate`, the trainers' samples and the benchmarks all take it.
     """
 
-    def __init__(self, cfg: GPT2Config, params: dict, ops=ref_ops):
+    def __init__(self, cfg: GPT2Config, params: dict, ops=ref_ops, kv_dtype: str = "float32"):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.cfg = cfg
         self.params = params
         self.ops = ops
+        self.kv_dtype = kv_dtype  # what new_cache stores keys and values as (KVCache)
 
     def __repr__(self) -> str:
         c = self.cfg
         return (
             f"Model({c.n_params() / 1e6:.1f}M parameters: n_layer={c.n_layer}, "
             f"n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx}, n_vocab={c.n_vocab}; "
-            f"ops {getattr(self.ops, '__name__', self.ops)})"
+            f"ops {getattr(self.ops, '__name__', self.ops)}; KV cache {self.kv_dtype})"
         )
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, capacity)
+        return KVCache(self.cfg, batch, capacity, self.kv_dtype)
 
     def forward(
         self,

@@ -213,7 +213,8 @@ def attention_forward(
     rng: np.random.Generator | None = None,
 ):
     """q (B, NH, Tq, hs), k and v (B, NH, Tk, hs), key_mask (B, Tk) bool or None
-    -> out (B, NH, Tq, hs).
+    -> out (B, NH, Tq, hs). k and v may be float16 (a 16-bit KV cache, ref.model.KVCache):
+    they are widened to float32 exactly and the attention computed in float32.
 
     dropout, rng: dropout on the probabilities att (after the softmax, before att @ v), only
     when rng is given and dropout > 0; its mask is one `dropout_forward` draw of att's shape
@@ -223,6 +224,7 @@ def attention_forward(
     Tk = k.shape[-2]
     assert Tk >= Tq, f"attention: Tk={Tk} must be >= Tq={Tq}"
     scale = 1.0 / math.sqrt(hs)
+    k, v = k.astype(np.float32, copy=False), v.astype(np.float32, copy=False)  # (B, NH, Tk, hs)
     visible = causal_mask(Tq, Tk)  # (Tq, Tk)
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :]  # (B, 1, Tq, Tk)

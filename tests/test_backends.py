@@ -241,13 +241,16 @@ def check_attention(impl, q, k, v, key_mask, dout):
     Tq=st.sampled_from([1, 2, 5, 13, 67]),
     extra=st.sampled_from([0, 1, 3, 70]),
     masking=st.sampled_from(["none", "all", "left", "random"]),
+    kv_dtype=st.sampled_from(["float32", "float16"]),
     seed=seeds,
 )
-def test_attention_matches_reference(impl, B, NH, hs, Tq, extra, masking, seed):
+def test_attention_matches_reference(impl, B, NH, hs, Tq, extra, masking, kv_dtype, seed):
+    """float16 k and v: a 16-bit KV cache (ref.model.KVCache). The reference widens them
+    exactly, so the tolerances are float32's."""
     rng = np.random.default_rng(seed)
     Tk = Tq + extra  # extra > 0: a KV cache in front of the new queries
     q = f32(rng.standard_normal((B, NH, Tq, hs)))
-    k, v = (f32(rng.standard_normal((B, NH, Tk, hs))) for _ in range(2))
+    k, v = (rng.standard_normal((B, NH, Tk, hs)).astype(kv_dtype) for _ in range(2))
     if masking == "none":
         key_mask = None
     elif masking == "all":
@@ -315,13 +318,15 @@ def test_attention_layouts_that_need_a_copy(impl):
 
 @pytest.mark.parametrize("impl", [p for p in variants("attention") if "numba" in p.id])
 @pytest.mark.parametrize("B", [1, 3])  # the serial kernel (small calls), the parallel one
-def test_numba_decode_step_reads_the_cache_in_place(impl, B):
-    """No copy of k, v: the numpy allocations of a decode step (q, mask, out) stay far below
-    the size of k (2 MB per sequence here; a copy of k and v would be twice that)."""
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_numba_decode_step_reads_the_cache_in_place(impl, B, kv_dtype):
+    """No copy of k, v (nor a widened one of a float16 cache): the numpy allocations of a
+    decode step (q, mask, out) stay far below the size of k (1-2 MB per sequence here; a copy
+    of k and v would be twice that)."""
     fwd = impl[0]
     rng = np.random.default_rng(9)
     NH, capacity, hs, Tk = 8, 1024, 64, 1001
-    cache = f32(rng.standard_normal((2, B, NH, capacity, hs)))
+    cache = rng.standard_normal((2, B, NH, capacity, hs)).astype(kv_dtype)
     k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]  # (B, NH, Tk, hs) views
     q = f32(rng.standard_normal((B, NH, 1, hs)))
     key_mask = np.ones((B, Tk), bool)

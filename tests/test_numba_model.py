@@ -238,8 +238,13 @@ def test_each_kernel_compiles_one_signature():
     # forward and backward of five ops, the serial forwards of attention, LayerNorm, GELU
     # and bias + GELU (small calls), and attention over per-row caches (the server's step)
     assert len(kernels) == 15
+    # the attention forwards read KV caches of two dtypes: one signature each (float32, and
+    # uint16, the bits of a float16 cache)
+    kv_kernels = {"_attention_forward_kernel", "_attention_forward_serial_kernel",
+                  "_attention_rows_kernel"}  # fmt: skip
     for k in kernels:
-        assert len(k.signatures) <= 1, (k.__name__, k.signatures)
+        most = 2 if k.__name__ in kv_kernels else 1
+        assert len(k.signatures) <= most, (k.__name__, k.signatures)
 
 
 def test_the_command_sets_libgomp_spin_before_numba_loads_it():

@@ -9,6 +9,7 @@ n_embd 24) and the shipped shakespeare model, on the ref and numba backends.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 import gpt2
 from gpt2.serve.engine import Engine, Job, QueueFull
+from ref import ops as ref_ops
 from ref.batching import decode_step, row_linear
 from ref.sampling import SamplingParams
 
@@ -168,13 +170,16 @@ def test_the_numba_decode_linear_is_row_invariant(dtype):
 
 
 @pytest.mark.parametrize("backend", ["ref", "numba"])
-def test_decode_step_is_the_model(backend):
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_decode_step_is_the_model(backend, kv_dtype):
     """decode_step over per-row caches gives the logits of ref.model.forward, each row run
     alone from its own cache (to 1e-4: the numba linears sum in another order than BLAS;
-    logits are O(10) here, float32 round-off over C = 128 is ~1e-5)."""
+    logits are O(10) here, float32 round-off over C = 128 is ~1e-5), on caches of either
+    dtype (the new keys go into a float16 cache rounded, as the model's forward stores them)."""
     from gpt2.serve.engine import linear_for
 
-    m = model(SHAKESPEARE, backend)
+    m = copy.copy(model(SHAKESPEARE, backend))  # the shared model keeps its float32 cache
+    m.kv_dtype = kv_dtype  # what gpt2.load(kv_dtype=...) sets; new_cache reads it
     linear, head = linear_for(m)
     prompts = [[5, 6, 7], [100], list(range(200, 220))]
     mine, theirs, toks = [], [], []
@@ -189,6 +194,7 @@ def test_decode_step_is_the_model(backend):
     out = decode_step(m.params, m.cfg, np.array(toks), mine, ops=m.ops, linear=linear,
                       lm_head=head)  # fmt: skip
     for r, c2 in enumerate(theirs):
+        assert mine[r].k.dtype == np.dtype(kv_dtype)
         want = m.forward(np.array([[toks[r]]]), cache=c2, last_only=True)[0, -1]
         np.testing.assert_allclose(out[r], want, atol=1e-4, rtol=0)
         assert mine[r].length == c2.length and mine[r].n_real[0] == c2.n_real[0]
@@ -230,15 +236,17 @@ def test_numba_row_invariant_ops(R, D, seed):
 def test_numba_attention_rows_is_each_row_alone(data):
     """attention_rows_forward (R rows, a cache each, one launch) gives each row the bits of
     numba's attention_forward on that row alone, and of itself called on that row alone; a
-    NaN in one row's keys stays in that row."""
+    NaN in one row's keys stays in that row. Caches of float32 or of float16 (a 16-bit KV
+    cache, then also within float32's rounding of the reference on the same float16 values)."""
     nat = pytest.importorskip("fast.numba.attention")
     R = data.draw(st.integers(1, 20))
     NH, hs = data.draw(st.sampled_from([(1, 1), (2, 3), (12, 64), (3, 17)]))
+    kv_dtype = data.draw(st.sampled_from(["float32", "float16"]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
     caps = [int(c) for c in rng.integers(1, 90, R)]
     n = [int(rng.integers(1, c + 1)) for c in caps]
-    ks = [rng.standard_normal((NH, c, hs)).astype(np.float32) for c in caps]
-    vs = [rng.standard_normal((NH, c, hs)).astype(np.float32) for c in caps]
+    ks = [rng.standard_normal((NH, c, hs)).astype(kv_dtype) for c in caps]
+    vs = [rng.standard_normal((NH, c, hs)).astype(kv_dtype) for c in caps]
     q = rng.standard_normal((R, NH, hs)).astype(np.float32)  # (R, NH, hs)
     bad = int(rng.integers(R))
     ks[bad][0, n[bad] - 1, 0] = np.nan
@@ -252,6 +260,12 @@ def test_numba_attention_rows_is_each_row_alone(data):
         alone = nat.attention_rows_forward(q[r : r + 1], ks[r : r + 1], vs[r : r + 1], n[r : r + 1])
         assert np.array_equal(alone[0], out[r], equal_nan=True)
         assert np.isnan(out[r, 0]).all() == (r == bad)
+        if r != bad:  # the reference on the same stored values: tests/test_backends.py's bound
+            want, _ = ref_ops.attention_forward(
+                q[r][None, :, None], ks[r][None, :, : n[r]], vs[r][None, :, : n[r]]
+            )
+            atol = 4 * (hs + n[r]) * 2.0**-23 * float(np.abs(vs[r]).max())
+            np.testing.assert_allclose(out[r], want[0, :, 0], rtol=1e-5, atol=atol)
 
 
 def test_numba_attention_rows_refuses_what_it_cannot_read():
@@ -265,6 +279,8 @@ def test_numba_attention_rows_refuses_what_it_cannot_read():
         ([k, k[:, :, :2]], [k, k], [1, 1], r"ks\[1\] must be"),
         ([k, k], [k, k[:, ::2]], [1, 1], r"vs\[1\] must be"),
         ([k, k.astype(np.float64)], [k, k], [1, 1], r"ks\[1\] must be"),
+        ([k, k.astype(np.float16)], [k, k], [1, 1], r"ks\[1\] must be .*float32"),
+        ([k, k], [k, k.astype(np.float16)], [1, 1], r"vs\[1\] must be .*float32"),
         ([k], [k, k], [1, 1], "2 rows"),
         ([k, k], [k, np.zeros((2, 4, 4), np.float32)], [1, 1], "row 1"),
     ]:

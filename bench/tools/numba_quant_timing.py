@@ -1,7 +1,7 @@
 """Quick timings of GPT-2 124M on the Numba backend per stored weight dtype (issue 15).
 
     python -m bench.tools.numba_quant_timing [--repeat 5] [--dtypes float32 int8 ...] \
-        [--no-prefill] [--no-batch] [--kernels]
+        [--no-prefill] [--no-batch] [--kernels] [--kv-dtype float32|float16]
 
 Random weights at the real shapes (speed does not depend on the values). Prints, best and
 median of `repeat` timed calls after a warm-up:
@@ -16,6 +16,7 @@ median of `repeat` timed calls after a warm-up:
     run's sgemm rate, int8's at this run's rate of the int8 kernel with its operands in cache,
     or its bytes at the streaming rate) and the ratio the floor allows;
   * a prefill of 512 tokens (LM head on the last position): tokens/s and GFLOP/s.
+--kv-dtype float16 runs every step on a 16-bit KV cache (ref.model.KVCache), half the bytes.
 Not the benchmark (`gpt2 bench --suite generate` has these rows beside the other backends);
 on a shared machine the medians show how much the other processes took.
 """
@@ -115,15 +116,17 @@ def _q8_gops(repeat: int) -> float:
     return gops
 
 
-def _floor_ms(cfg, wb: int, rate: float, gbs: float, B: int = 16, ctx: int = 256) -> float:
+def _floor_ms(
+    cfg, wb: int, rate: float, gbs: float, B: int = 16, ctx: int = 256, kv_elt: int = 4
+) -> float:
     """A lower bound on a B-row decode step at context ctx: its multiply-adds at `rate`
     (GFLOP/s: the machine's sgemm where the products are float32, the int8 kernel's own for
-    int8), or its bytes (the stored weights once, the float32 KV cache) at the streaming-read
-    rate, whichever takes longer (the two overlapping perfectly)."""
+    int8), or its bytes (the stored weights once, the KV cache at kv_elt bytes a value) at the
+    streaming-read rate, whichever takes longer (the two overlapping perfectly)."""
     from bench.workload import forward_flops, kv_bytes
 
     flops = forward_flops(cfg, B, 1, ctx, head_rows=1)  # linears, head, attention
-    return max(flops / rate / 1e6, (wb + kv_bytes(cfg, B, ctx + 1)) / gbs / 1e6)
+    return max(flops / rate / 1e6, (wb + kv_bytes(cfg, B, ctx + 1, kv_elt)) / gbs / 1e6)
 
 
 def _decode_step(model, B: int, context: int, rng) -> callable:
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prefill", action="store_true", help="skip the 512-token prefill")
     p.add_argument("--no-batch", action="store_true", help="skip the 16-sequence decode")
     p.add_argument("--kernels", action="store_true", help="time qlinear alone too")
+    p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"])
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     nb = get_backend("numba")
     for label in args.dtypes:
         tree = _tree(params, label)
-        model = Model(cfg, tree, nb)
+        model = Model(cfg, tree, nb, args.kv_dtype)
         wb = _weight_bytes(cfg, tree)
         best, med = _times_ms(_decode_step(model, 1, 16, rng), args.repeat)
         tps1 = 1e3 / best
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             best, med = _times_ms(_decode_step(model, 16, 256, rng), args.repeat)
             tps = 16e3 / best
-            floor = _floor_ms(cfg, wb, q8 if label == "int8" else sgemm, gbs)
+            kv_elt = 2 if args.kv_dtype == "float16" else 4
+            floor = _floor_ms(cfg, wb, q8 if label == "int8" else sgemm, gbs, kv_elt=kv_elt)
             print(
                 f"{label:<12} decode B=16 ctx=256  best {best:7.2f} ms  median {med:7.2f} ms  "
                 f"{tps:6.1f} tokens/s  ({tps / tps256:.1f}x batch 1 at ctx 256, "

@@ -59,14 +59,14 @@ the kernel as checked addresses), in one launch over the R * NH (row, head) pair
 `_forward_head`: 16 rows at context 70, 270 us against 477 us for 16 calls of
 attention_forward (one run, caches in L3).
 
-Variants: "numba". Limits: float32.
+Variants: "numba". Limits: float32 q; k and v float32, or float16 (a 16-bit KV cache) in the
+forward.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 from numpy.lib.stride_tricks import as_strided
@@ -74,6 +74,7 @@ from numpy.lib.stride_tricks import as_strided
 from fast.numba.common import (
     FASTMATH,
     THREADING_LAYER,
+    as_f32,
     check_attention,
     check_attention_dout,
     check_f32,
@@ -97,17 +98,17 @@ _ONE = np.float32(1.0)
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def _dot4(x, a, r0, r1, r2, r3):
-    # x (hs,), a (N, hs) rows -> (x . a[r0], x . a[r1], x . a[r2], x . a[r3])
+    # x (hs,), a (N, hs) rows, float32 or float16 bits -> (x . a[r0], ..., x . a[r3]) float32
     s0 = _ZERO
     s1 = _ZERO
     s2 = _ZERO
     s3 = _ZERO
     for c in range(x.shape[0]):
         xc = x[c]
-        s0 += xc * a[r0, c]
-        s1 += xc * a[r1, c]
-        s2 += xc * a[r2, c]
-        s3 += xc * a[r3, c]
+        s0 += xc * as_f32(a[r0, c])
+        s1 += xc * as_f32(a[r1, c])
+        s2 += xc * as_f32(a[r2, c])
+        s3 += xc * as_f32(a[r3, c])
     return s0, s1, s2, s3
 
 
@@ -187,7 +188,8 @@ def _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh):
                 p2 = s[jj + 2]
                 p3 = s[jj + 3]
                 for c in range(hs):
-                    acc[c] += p0 * vr[r0, c] + p1 * vr[r1, c] + p2 * vr[r2, c] + p3 * vr[r3, c]
+                    acc[c] += (p0 * as_f32(vr[r0, c]) + p1 * as_f32(vr[r1, c])
+                               + p2 * as_f32(vr[r2, c]) + p3 * as_f32(vr[r3, c]))  # fmt: skip
             m = m_new
         if has_nan:
             out[b, h, i, :] = np.nan  # as the reference: NaN in, NaN out
@@ -329,6 +331,12 @@ def _check(q, k, v, key_mask):
     return q, k.shape[2], mask
 
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    """float16 k or v -> its uint16 bits (a view; numba's CPU targets have no float16 arrays),
+    which `as_f32` widens; float32 as it is."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
 def _padded(a: np.ndarray, Tk4: int) -> np.ndarray:
     """a (B, NH, Tk, ...) -> (B, NH, Tk4, ...), a copy with zeros past Tk."""
     a4 = np.zeros((*a.shape[:2], Tk4, *a.shape[3:]), a.dtype)  # (B, NH, Tk4, ...)
@@ -341,12 +349,14 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
 
     k and v are read in place when the keys of a head are adjacent rows of hs floats (the KV
     cache's prefix views, contiguous arrays), copied once otherwise (the model's slices of qkv).
+    float16 k and v (a 16-bit KV cache) go to the kernel as their bits (uint16 views) and are
+    widened exactly as they are read (`as_f32`), each key and value once per query.
     """
     q, Tk, mask = _check(q, k, v, key_mask)
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
     if q.size:
-        (kr, ks), (vr, vs) = _rows(k), _rows(v)
+        (kr, ks), (vr, vs) = _rows(_bits(k)), _rows(_bits(v))
         small = q.size * Tk < _SERIAL_BELOW
         kernel = _attention_forward_serial_kernel if small else _attention_forward_kernel
         kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
@@ -354,29 +364,31 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
 
 
 @intrinsic
-def _f32_ptr(typingctx, addr):
-    """An int64 address -> a float32 pointer (for numba.carray); see attention_rows_forward."""
-    if not isinstance(addr, types.Integer):
+def _ptr_like(typingctx, addr, like):
+    """An int64 address -> a pointer to `like`'s dtype (for numba.carray); see
+    attention_rows_forward."""
+    if not (isinstance(addr, types.Integer) and isinstance(like, types.Array)):
         return None
-    sig = types.CPointer(types.float32)(addr)
+    sig = types.CPointer(like.dtype)(addr, like)
 
     def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], ir.PointerType(ir.FloatType()))
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_rows_kernel(q, kaddr, vaddr, caps, n, mask, out, lse):
-    # q (R, NH, 1, hs); kaddr, vaddr (R,) addresses of (NH, caps[r], hs) C-contiguous float32
-    # arrays; n (R,) keys per row; mask (1, max n) all True -> writes out (R, NH, 1, hs), lse
+def _attention_rows_kernel(q, kaddr, vaddr, like, caps, n, mask, out, lse):
+    # q (R, NH, 1, hs); kaddr, vaddr (R,) addresses of (NH, caps[r], hs) C-contiguous arrays
+    # of like's dtype (float32, or uint16: float16 bits); n (R,) keys per row; mask (1, max n)
+    # all True -> writes out (R, NH, 1, hs), lse
     R, NH, _, hs = q.shape
     for rh in prange(R * NH):
         r = rh // NH
         h = rh - r * NH
         cap = caps[r]
-        kr = numba.carray(_f32_ptr(kaddr[r]), (NH * cap, hs))  # (NH * cap, hs) row r's keys
-        vr = numba.carray(_f32_ptr(vaddr[r]), (NH * cap, hs))
+        kr = numba.carray(_ptr_like(kaddr[r], like), (NH * cap, hs))  # (NH * cap, hs) row r's keys
+        vr = numba.carray(_ptr_like(vaddr[r], like), (NH * cap, hs))
         steps = (0, cap, 1)  # key j of head h at row h * cap + j
         _forward_head(q[r : r + 1], kr, steps, vr, steps, n[r], mask, out[r : r + 1],
                       lse[r : r + 1], h)  # fmt: skip
@@ -384,8 +396,9 @@ def _attention_rows_kernel(q, kaddr, vaddr, caps, n, mask, out, lse):
 
 def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     """One decode step of R sequences, each over a KV cache of its own (ref/batching.py):
-    q (R, NH, hs); ks[r], vs[r] (NH, cap_r, hs) C-contiguous float32 (a batch-1 cache's layer,
-    `cache.k[layer, 0]`); n (R,) keys per row, 1 <= n[r] <= cap_r, all visible -> (R, NH, hs).
+    q (R, NH, hs); ks[r], vs[r] (NH, cap_r, hs) C-contiguous, all float32 or all float16 (a
+    batch-1 cache's layer, `cache.k[layer, 0]`); n (R,) keys per row, 1 <= n[r] <= cap_r, all
+    visible -> (R, NH, hs).
 
     One parallel launch over the R * NH (row, head) pairs instead of R calls of
     `attention_forward`. Each pair runs `_forward_head`, the kernel's own code for one head
@@ -407,14 +420,16 @@ def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     kaddr = np.empty(R, np.int64)  # (R,)
     vaddr = np.empty(R, np.int64)  # (R,)
     caps = np.empty(R, np.int64)  # (R,)
+    dtype = ks[0].dtype if R and isinstance(ks[0], np.ndarray) else np.dtype(np.float32)
+    dtype = dtype if dtype in (np.float32, np.float16) else np.dtype(np.float32)
     for r in range(R):
         for name, a, addr in (("ks", ks[r], kaddr), ("vs", vs[r], vaddr)):
-            ok = isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 3
+            ok = isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 3
             if not (ok and a.flags.c_contiguous and a.shape[0] == NH and a.shape[2] == hs):
                 got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
                 raise ValueError(
-                    f"attention_rows: {name}[{r}] must be C-contiguous float32 "
-                    f"({NH}, cap, {hs}), got {got}"
+                    f"attention_rows: {name}[{r}] must be C-contiguous {dtype} "
+                    f"({NH}, cap, {hs}) like ks[0], got {got}"
                 )
             addr[r] = a.ctypes.data
         caps[r] = ks[r].shape[1]
@@ -426,7 +441,8 @@ def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     lse = np.empty((R, NH, 1), np.float32)  # (R, NH, 1)
     if R:
         mask = np.ones((1, int(n.max())), dtype=bool)  # (1, max n)
-        _attention_rows_kernel(q[:, :, None], kaddr, vaddr, caps, n, mask, out, lse)
+        like = np.empty(0, np.uint16 if dtype == np.float16 else np.float32)  # the kernel's dtype
+        _attention_rows_kernel(q[:, :, None], kaddr, vaddr, like, caps, n, mask, out, lse)
     return out[:, :, 0]
 
 
@@ -434,6 +450,7 @@ def attention_backward(dout: np.ndarray, cache):
     """dout (B, NH, Tq, hs) -> dq (B, NH, Tq, hs), dk, dv (B, NH, Tk, hs)."""
     q, k, v, mask, out, lse = cache
     dout = check_attention_dout(dout, q)
+    k, v = k.astype(np.float32, copy=False), v.astype(np.float32, copy=False)  # (B, NH, Tk, hs)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
     dq = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)

@@ -113,6 +113,29 @@ def _int32_bits_as_float32(typingctx, i):
 
 
 @intrinsic
+def as_f32(typingctx, x):
+    """A stored float -> float32, exactly: a float32 as it is; a uint16 as the IEEE half its bits
+    encode (LLVM fpext: NaN, Inf and subnormals kept; one VCVTPH2PS per 8 or 16 values where
+    the loop vectorises on a CPU with F16C). The float16 weights and KV caches are stored as
+    uint16 views, numba's CPU targets having no float16 arrays."""
+    if x == types.float32:
+        sig = types.float32(x)
+
+        def codegen(context, builder, signature, args):
+            return args[0]
+
+        return sig, codegen
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        sig = types.float32(x)
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return sig, codegen
+    return None
+
+
+@intrinsic
 def prefetch(typingctx, a, i):
     """Hint a load of the cache line holding element i of C-contiguous `a` (flat index).
 
@@ -202,11 +225,13 @@ def single_threaded(fn):
 
 def check_attention(q, k, v, key_mask) -> tuple[np.ndarray, np.ndarray]:
     """The attention kernels' shared checks: float32 q (B, NH, Tq, hs), k and v (B, NH, Tk, hs)
-    with Tk >= Tq, key_mask (B, Tk) bool or None. Returns q as check_f32 makes it and the mask as
-    a writeable C-contiguous (B, Tk) bool array (all True for None): one compiled signature."""
+    with Tk >= Tq, both float32 or both float16 (a 16-bit KV cache), key_mask (B, Tk) bool or
+    None. Returns q as check_f32 makes it and the mask as a writeable C-contiguous (B, Tk) bool
+    array (all True for None): one compiled signature."""
     q = check_f32("attention", "q", q)
     for name, a in (("k", k), ("v", v)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        kv16 = isinstance(a, np.ndarray) and a.dtype == np.float16 and k.dtype == v.dtype
+        if not (kv16 or (isinstance(a, np.ndarray) and a.dtype == np.float32)):
             check_f32("attention", name, a)  # raises, naming the tensor
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(

@@ -211,9 +211,11 @@ def _tile(buf: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def _check(q, k, v, key_mask):
-    """Validate; q C-contiguous; k, v float32 with unit stride along hs (else copied);
-    mask (B, Tk) bool."""
+    """Validate; q C-contiguous; k, v float32 with unit stride along hs (else copied; float16
+    ones, of a 16-bit KV cache, widened to float32 copies, O(Tk hs) per head against the
+    O(Tq Tk hs) of the tiles); mask (B, Tk) bool."""
     q, mask = check_attention(q, k, v, key_mask)
+    k, v = k.astype(np.float32, copy=False), v.astype(np.float32, copy=False)  # (B, NH, Tk, hs)
     if hs_strided(k):
         k = np.ascontiguousarray(k)  # gemm reads rows of hs floats with any row stride
     if hs_strided(v):

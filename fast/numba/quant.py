@@ -83,7 +83,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fast.numba.common import FASTMATH, check_f32
+from fast.numba.common import FASTMATH, as_f32, check_f32
 from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
@@ -102,19 +102,6 @@ _V16F = ir.VectorType(_F32, _L)
 
 # ---------------------------------------------------------------------------------------------
 # widening one stored value to float32
-
-
-@intrinsic
-def _f16_bits_to_f32(typingctx, h):
-    """uint16 bits of an IEEE half -> float32, exactly (LLVM fpext; NaN, Inf, subnormals)."""
-    if not isinstance(h, types.Integer) or h.bitwidth != 16:
-        return None
-    sig = types.float32(h)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
 
 
 @intrinsic
@@ -328,7 +315,7 @@ def _tail_bf16(w, d, n, x, m, k0):
 def _tail_f16(w, d, n, x, m, k0):
     s = np.float32(0.0)
     for k in range(k0, w.shape[1]):
-        s += _f16_bits_to_f32(w[n, k]) * x[m, k]
+        s += as_f32(w[n, k]) * x[m, k]
     return s
 
 
@@ -711,7 +698,7 @@ def _tile_f16(w, n0, tile):
     rows, K = tile.shape
     for r in prange(rows):
         for k in range(K):
-            tile[r, k] = _f16_bits_to_f32(w[n0 + r, k])
+            tile[r, k] = as_f32(w[n0 + r, k])
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
@@ -724,9 +711,9 @@ def _tile_q8(qs, d, n0, tile):
         qrow = qs[n]  # (K,)
         trow = tile[r]  # (K,)
         for j in range(full):
-            _q8_block_to_f32(qrow, j * QK, _f16_bits_to_f32(d[n, j]), trow, j * QK)
+            _q8_block_to_f32(qrow, j * QK, as_f32(d[n, j]), trow, j * QK)
         if full * QK < K:
-            scale = _f16_bits_to_f32(d[n, full])
+            scale = as_f32(d[n, full])
             for k in range(full * QK, K):
                 tile[r, k] = np.float32(qs[n, k]) * scale
 

@@ -54,11 +54,12 @@ class TorchKVCache(KVCache):
     """`ref.model.KVCache` with k and v (L, B, NH, capacity, hs) as tensors on `device`."""
 
     def __init__(self, cfg: GPT2Config, batch: int, capacity: int | None, device, dtype):
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.torch_dtype = torch.device(device), dtype
         super().__init__(cfg, batch, capacity)
+        self.kv_dtype = str(dtype).removeprefix("torch.")  # the model's dtype, not KV_DTYPES'
 
     def _zeros(self, shape: tuple) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return torch.zeros(shape, dtype=self.torch_dtype, device=self.device)
 
     def _take(self, kv: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(rows, dtype=torch.int64, device=kv.device)

@@ -61,12 +61,9 @@ def evaluate(
     n_ctx = model.cfg.n_ctx
     stride = n_ctx if stride is None else stride
     total = 0.0
+    rounding_cache = getattr(model, "kv_dtype", "float32") != "float32"
     for start, end, first in windows(len(ids), n_ctx, stride):
-        cache = (
-            None
-            if getattr(model, "kv_dtype", "float32") == "float32"
-            else model.new_cache(1, end - start)
-        )
+        cache = model.new_cache(1, end - start) if rounding_cache else None
         logits = model.forward(ids[None, start:end], cache=cache)[0]  # (end - start, V)
         # logits[i] predicts ids[start + i + 1]; score targets first..end-1
         logp = log_softmax(logits[first - start - 1 : end - start - 1])  # (n, V) float64

@@ -108,6 +108,14 @@ def check_dtype(args: argparse.Namespace) -> None:
         )
 
 
+def load_model(args: argparse.Namespace):
+    """gpt2.load with the flags of add_model_args, add_backend_args and add_dtype_arg."""
+    import gpt2
+
+    return gpt2.load(args.model, backend=args.backend, cache_dir=args.cache_dir,
+                     dtype=args.dtype, kv_dtype=args.kv_dtype)  # fmt: skip
+
+
 # Spellings users bring from llama.cpp and transformers, and what they are called here.
 HINTS = {
     "--n-predict": "-n/--max-new-tokens",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
+from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype, load_model
 
 
 def add_parser(sub) -> None:
@@ -57,13 +57,7 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = read_config(args.model).n_ctx  # checked before any weights are read
     if args.stride is not None and args.stride > n_ctx:
         raise UsageError(f"--stride must be in [1, {n_ctx}], got {args.stride}")
-    model = gpt2.load(
-        args.model,
-        backend=args.backend,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        kv_dtype=args.kv_dtype,
-    )
+    model = load_model(args)
     bar = Progress(len(ids) - 1, desc="eval", unit=" tok")
     res = gpt2.evaluate(model, ids, stride=args.stride, progress=lambda n, t: bar.set(n))
     bar.close()

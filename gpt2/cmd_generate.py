@@ -21,7 +21,7 @@ import json
 import math
 import sys
 
-from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
+from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype, load_model
 
 N_VOCAB = 50257  # GPT-2's tokenizer; a model's own n_vocab is checked once it is loaded
 
@@ -319,7 +319,6 @@ class StreamPrinter:
 
 
 def run(args: argparse.Namespace) -> int:
-    import gpt2
     from gpt2.api import Timing, draw_seed, generate_batch
     from ref.prompts import INSTRUCTION_STOP
     from ref.sampling import SamplingError, check_params
@@ -351,13 +350,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"gpt2 generate: seed {seed} (pass -s {seed} to repeat this run)", file=sys.stderr
             )
-    model = gpt2.load(
-        args.model,
-        backend=args.backend,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        kv_dtype=args.kv_dtype,
-    )
+    model = load_model(args)
     instruct = args.instruction is not None
     stop = ([INSTRUCTION_STOP] if instruct else []) + list(args.stop)
     n = args.num_return_sequences

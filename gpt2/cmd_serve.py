@@ -14,7 +14,7 @@ import argparse
 import signal
 import sys
 
-from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype
+from gpt2.cli import UsageError, add_dtype_arg, add_model_args, check_dtype, load_model
 
 
 def add_parser(sub) -> None:
@@ -88,16 +88,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"gpt2 serve needs {e.name}, which is not installed; pip install 'gpt2-spec[serve]'"
         ) from None
-    import gpt2
     from gpt2.serve.engine import Engine
 
-    model = gpt2.load(
-        args.model,
-        backend=args.backend,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        kv_dtype=args.kv_dtype,
-    )
+    model = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
     name = args.served_model_name or args.model
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)

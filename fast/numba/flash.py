@@ -11,13 +11,21 @@ that sees no key outputs 0 (and gets no gradient). NaN in the inputs gives NaN o
 Where the time goes: the products q k^T and p v are 4 Tq Tk hs flops per head against ~Tq Tk
 exponentials, so at hs = 64 the products must run at BLAS speed. Numba's own `np.dot` needs
 SciPy's BLAS, which the project does not depend on, so the products are numpy `matmul` on
-tiles of all B * NH heads at once (numpy's OpenBLAS, one gemm per head per tile, e.g.
-(128, 64) x (64, 256)), and the elementwise work between them is a `parallel=True` Numba kernel
-over the heads. The Python loop runs over tile pairs only (20 in the forward at T = 1024), so
-its overhead is tens of microseconds against milliseconds of arithmetic.
+tiles of many heads at once (numpy's OpenBLAS, one gemm per head per tile, e.g.
+(128, 64) x (64, 256)), and the elementwise work between them is a Numba kernel over those
+heads. The Python loop runs over tile pairs only (20 in the forward at T = 1024), so its
+overhead is tens of microseconds against milliseconds of arithmetic.
 Threads: the forward's gemms run with OpenBLAS capped at one thread (FORWARD_BLAS_THREADS,
-through threadpoolctl where it is installed), the backward's with its two. OpenBLAS's threads
-spin for a while after each gemm, and the kernels that follow a forward took turns with them:
+through threadpoolctl where it is installed), and the heads are split among numba's thread
+count of Python threads (`_forward_tiles` on each share: its gemms and a serial tile kernel
+that runs without the GIL, as matmul does), so every core multiplies; each head is computed
+by one worker in the one-thread order, so the bits do not depend on the thread count. Before
+(one Python thread: single-threaded gemms, the tile kernel parallel over the heads), the
+forward alone took 9.7 / 33.4 / 12.9 ms at T = 512, T = 1024 and B = 4 x T = 256; split,
+5.8 / 18.8 / 7.8 (2-core AMD Zen 3, processes alternated 4 times, best of 15 calls each).
+The backward runs with OpenBLAS's two threads and its tile kernel parallel over the heads.
+Why the cap: OpenBLAS's threads spin for a while after each gemm, and the kernels that follow
+a forward took turns with them:
 on the project's machine (`python -m bench.tools.numba_flash_timing`, and a 512-token prompt
 of GPT-2 124M timed by op, one run each) the cap makes the forward alone 10-20% slower (T =
 1024: 22.6 against 25.0 ms; B = 4, T = 256: 8.6 against 10.4) but leaves a float32 prompt
@@ -66,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -120,13 +129,14 @@ def _row_max(row, brow, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _forward_tile(s, bias, q0, k0, off, m, l, acc):
     # s (B, NH, bq, bk) scores of query rows q0.. against keys k0.., overwritten by p;
-    # bias (B, Tk) 0 or -inf (padding); updates m, l (B, NH, Tq), acc (B, NH, Tq, hs)
+    # bias (B, Tk) 0 or -inf (padding); updates m, l (B, NH, Tq), acc (B, NH, Tq, hs).
+    # Serial, without the GIL: each worker of _forward_tiles runs it on its own heads.
     B, NH, bq, bk = s.shape
     hs = acc.shape[3]
-    for bh in prange(B * NH):
+    for bh in range(B * NH):
         b = bh // NH
         h = bh - b * NH
         for r in range(bq):
@@ -259,14 +269,44 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     out = np.empty((B, NH, Tq, hs), np.float32)  # (B, NH, Tq, hs)
     lse = np.empty((B, NH, Tq), np.float32)  # (B, NH, Tq)
     if q.size:
+        workers = min(numba.get_num_threads(), NH)
+        heads = [slice(NH * i // workers, NH * (i + 1) // workers) for i in range(workers)]
         with _blas_threads(FORWARD_BLAS_THREADS):
-            _forward_tiles(qs, k, v, bias, off, m, l, acc)
+            if workers == 1:
+                _forward_tiles(qs, k, v, bias, off, m, l, acc)
+            else:  # each worker its own heads: views of every array, written in place
+                jobs = [
+                    _pool(workers).submit(
+                        _forward_tiles,
+                        qs[:, h],
+                        k[:, h],
+                        v[:, h],
+                        bias,
+                        off,
+                        m[:, h],
+                        l[:, h],
+                        acc[:, h],
+                    )  # fmt: skip
+                    for h in heads
+                ]
+                for job in jobs:
+                    job.result()  # raises what a worker raised
         _forward_finish(acc, m, l, out, lse)
     return out, (qs, k, v, bias, out, lse)
 
 
+_POOL: list = []  # [ThreadPoolExecutor], made on first use, grown to the workers asked for
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if not _POOL or _POOL[0]._max_workers < workers:
+        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="numba_flash")]
+    return _POOL[0]
+
+
 def _forward_tiles(qs, k, v, bias, off, m, l, acc) -> None:
-    """The forward's tile pairs: m, l and acc updated in place (see the module docstring)."""
+    """The forward's tile pairs for the heads of the arrays given (all of them, or one
+    worker's share): m, l and acc updated in place (see the module docstring)."""
     B, NH, Tq, hs = qs.shape
     Tk = k.shape[2]
     kt = k.swapaxes(-1, -2)  # (B, NH, hs, Tk) a view: gemm reads k transposed

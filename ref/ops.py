@@ -224,7 +224,8 @@ def attention_forward(
     Tk = k.shape[-2]
     assert Tk >= Tq, f"attention: Tk={Tk} must be >= Tq={Tq}"
     scale = 1.0 / math.sqrt(hs)
-    k, v = k.astype(np.float32, copy=False), v.astype(np.float32, copy=False)  # (B, NH, Tk, hs)
+    if k.dtype == np.float16:  # a 16-bit KV cache: its values widened exactly
+        k, v = k.astype(np.float32), v.astype(np.float32)  # (B, NH, Tk, hs)
     visible = causal_mask(Tq, Tk)  # (Tq, Tk)
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :]  # (B, 1, Tq, Tk)

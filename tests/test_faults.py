@@ -549,6 +549,10 @@ CASES = [
     ("eval", ["--dtype", "int8", "--backend", "torch"], "--dtype"),  # int8: numpy backends
     ("generate", ["--dtype", "fp8"], "--dtype"),
     ("generate", ["--dtype", "int8", "--backend", "triton"], "--dtype"),
+    ("eval", ["--kv-dtype", "bfloat16"], "--kv-dtype"),
+    ("eval", ["--kv-dtype", "float16", "--backend", "torch"], "--kv-dtype"),  # numpy backends
+    ("generate", ["--kv-dtype", "int8"], "--kv-dtype"),
+    ("generate", ["--kv-dtype", "float16", "--backend", "triton"], "--kv-dtype"),
     ("eval", ["--stride", "0"], "--stride"),
     ("eval", ["--stride", "-3"], "--stride"),
     ("eval", ["--stride", "1.5"], "--stride"),

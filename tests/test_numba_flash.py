@@ -159,6 +159,27 @@ def test_forward_on_one_thread_or_several_is_the_same_bits(B, NH):
     np.testing.assert_allclose(outs[0], want, atol=_tolerance(300, 16), rtol=0)
 
 
+def test_a_forked_child_does_not_inherit_the_worker_pool():
+    """The workers are threads of the process that made them: a child forked after a forward
+    would wait forever on the parent's pool, so it starts without one. (Numba's OpenMP layer
+    itself refuses parallel kernels in such a child; its workqueue layer does not.)"""
+    import os
+
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("numba has one thread: the forward makes no pool")
+    rng = np.random.default_rng(6)
+    q, k, v, _ = _inputs(rng, 1, 4, 32, 300, 8)
+    flash.attention_forward(q, k, v)
+    assert flash._POOL  # made by that forward
+    pid = os.fork()
+    if pid == 0:  # the child: no numba, no threads, just the answer
+        os._exit(0 if not flash._POOL else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_nan_propagates_like_the_reference():
     rng = np.random.default_rng(4)
     q, k, v, dout = _inputs(rng, 1, 2, 5, 9, 4)

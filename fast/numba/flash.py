@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -296,6 +297,8 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
 
 
 _POOL: list = []  # [ThreadPoolExecutor], made on first use, grown to the workers asked for
+# a forked child has none of the pool's threads: it makes a pool of its own
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

@@ -276,35 +276,24 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
             if workers == 1:
                 _forward_tiles(qs, k, v, bias, off, m, l, acc)
             else:  # each worker its own heads: views of every array, written in place
-                jobs = [
-                    _pool(workers).submit(
-                        _forward_tiles,
-                        qs[:, h],
-                        k[:, h],
-                        v[:, h],
-                        bias,
-                        off,
-                        m[:, h],
-                        l[:, h],
-                        acc[:, h],
-                    )  # fmt: skip
-                    for h in heads
-                ]
-                for job in jobs:
+                pool = _pool(workers)
+                parts = [(qs[:, h], k[:, h], v[:, h], bias, off, m[:, h], l[:, h], acc[:, h])
+                         for h in heads]  # fmt: skip
+                for job in [pool.submit(_forward_tiles, *part) for part in parts]:
                     job.result()  # raises what a worker raised
         _forward_finish(acc, m, l, out, lse)
     return out, (qs, k, v, bias, out, lse)
 
 
-_POOL: list = []  # [ThreadPoolExecutor], made on first use, grown to the workers asked for
-# a forked child has none of the pool's threads: it makes a pool of its own
+_POOL: dict = {}  # workers -> the ThreadPoolExecutor of that many threads, made on first use
+# a forked child has none of the pools' threads: it makes pools of its own
 os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    if not _POOL or _POOL[0]._max_workers < workers:
-        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="numba_flash")]
-    return _POOL[0]
+    if workers not in _POOL:
+        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="numba_flash")
+    return _POOL[workers]
 
 
 def _forward_tiles(qs, k, v, bias, off, m, l, acc) -> None:

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             best, med = _times_ms(_decode_step(model, 16, 256, rng), args.repeat)
             tps = 16e3 / best
-            kv_elt = 2 if args.kv_dtype == "float16" else 4
+            kv_elt = np.dtype(args.kv_dtype).itemsize
             floor = _floor_ms(cfg, wb, q8 if label == "int8" else sgemm, gbs, kv_elt=kv_elt)
             print(
                 f"{label:<12} decode B=16 ctx=256  best {best:7.2f} ms  median {med:7.2f} ms  "

@@ -426,8 +426,8 @@ def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     kaddr = np.empty(R, np.int64)  # (R,)
     vaddr = np.empty(R, np.int64)  # (R,)
     caps = np.empty(R, np.int64)  # (R,)
-    dtype = ks[0].dtype if R and isinstance(ks[0], np.ndarray) else np.dtype(np.float32)
-    dtype = dtype if dtype in (np.float32, np.float16) else np.dtype(np.float32)
+    kv16 = R and getattr(ks[0], "dtype", None) == np.float16  # all float16, else all float32
+    dtype = np.dtype(np.float16 if kv16 else np.float32)
     for r in range(R):
         for name, a, addr in (("ks", ks[r], kaddr), ("vs", vs[r], vaddr)):
             ok = isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 3
@@ -447,7 +447,7 @@ def attention_rows_forward(q: np.ndarray, ks: list, vs: list, n) -> np.ndarray:
     lse = np.empty((R, NH, 1), np.float32)  # (R, NH, 1)
     if R:
         mask = np.ones((1, int(n.max())), dtype=bool)  # (1, max n)
-        like = np.empty(0, np.uint16 if dtype == np.float16 else np.float32)  # the kernel's dtype
+        like = np.empty(0, np.uint16 if kv16 else np.float32)  # the dtype the kernel reads
         _attention_rows_kernel(q[:, :, None], kaddr, vaddr, like, caps, n, mask, out, lse)
     return out[:, :, 0]
 

@@ -229,9 +229,9 @@ def check_attention(q, k, v, key_mask) -> tuple[np.ndarray, np.ndarray]:
     None. Returns q as check_f32 makes it and the mask as a writeable C-contiguous (B, Tk) bool
     array (all True for None): one compiled signature."""
     q = check_f32("attention", "q", q)
-    kv16 = isinstance(k, np.ndarray) and k.dtype == np.float16  # then v must be float16 too
     for name, a in (("k", k), ("v", v)):
-        if not (isinstance(a, np.ndarray) and a.dtype == (np.float16 if kv16 else np.float32)):
+        kv16 = isinstance(a, np.ndarray) and a.dtype == np.float16 and k.dtype == v.dtype
+        if not (kv16 or (isinstance(a, np.ndarray) and a.dtype == np.float32)):
             check_f32("attention", name, a)  # raises, naming the tensor
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(

@@ -10,12 +10,15 @@ Layout: the forward reads k and v as rows of hs floats, `kr` (N, hs) C-contiguou
 key j of head (b, h) at row b * rB + h * rH + j * rT (`_rows`). When the keys of a head are
 adjacent rows (rT = 1) and every stride is a whole number of rows, as in the KV cache's
 prefix views `cache.k[layer][:, :, :P+T]` of a C-contiguous (B, NH, capacity, hs) buffer and
-in contiguous arrays, `kr` is a view (`as_strided`) spanning a's first to its last element:
-a numpy array's elements lie in one buffer, so every row of that span is memory that buffer
-owns, and the kernel reads only the rows of a. Otherwise (the model's slices of qkv, rows 3C
-apart; reversed, transposed or read-only arrays) k and v are copied once into compact rows,
-O(Tk hs) per head against the O(Tq Tk hs) of a prompt. In a decode step (Tq = 1) a copy
-would move more bytes than the attention reads, hence the views.
+in contiguous arrays, the kernel reads a in place: it gets the address of a's first element
+and builds `kr` there (numba.carray), spanning a's first to its last element: a numpy
+array's elements lie in one buffer, so every row of that span is memory that buffer owns,
+and the kernel reads only the rows of a. Otherwise (the model's slices of qkv, rows 3C
+apart; reversed or transposed arrays) k and v are copied once into compact rows, O(Tk hs)
+per head against the O(Tq Tk hs) of a prompt. In a decode step (Tq = 1) a copy would move
+more bytes than the attention reads, hence reading in place. An address, not a view made
+with numpy's as_strided, because the view cost 15 us a call of the 25 us of Python around a
+decode step's kernel.
 
 Keys are taken four at a time: `_dot4` computes four dot products in one pass over hs (LLVM
 vectorises it over hs), and the value updates add four keys per pass. The last group of a
@@ -75,7 +78,6 @@ import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
-from numpy.lib.stride_tricks import as_strided
 
 from fast.numba.common import (
     FASTMATH,
@@ -98,8 +100,23 @@ _AHEAD = 32  # keys between the key row prefetched and the one read (16 to 64 di
 # 15.4, 256 78 / 46, 1024 274 / 148 (2 cores).
 _SERIAL_BELOW = 2**13 if THREADING_LAYER == "omp" else 2**20
 _NEG_INF = np.float32(-np.inf)
+_LIKE = {"f": np.empty(0, np.float32), "H": np.empty(0, np.uint16)}  # a kernel's dtype of k, v
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
+
+
+@intrinsic
+def _ptr_like(typingctx, addr, like):
+    """An int64 address -> a pointer to `like`'s dtype (for numba.carray); see
+    attention_rows_forward."""
+    if not (isinstance(addr, types.Integer) and isinstance(like, types.Array)):
+        return None
+    sig = types.CPointer(like.dtype)(addr, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -211,16 +228,23 @@ def _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_forward_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
-    # q (B, NH, Tq, hs); kr, vr (N, hs) rows, key j of (b, h) at row b*ks[0] + h*ks[1] + j*ks[2]
-    # (v likewise with vs); mask (B, Tk) bool -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+def _attention_forward_kernel(q, kv, like, ks, vs, Tk, mask, out, lse):
+    # q (B, NH, Tq, hs); kv (4,) int64: the addresses of k's and v's rows of hs values (of
+    # like's dtype) and their counts; key j of (b, h) at row b*ks[0] + h*ks[1] + j*ks[2] (v
+    # likewise with vs); mask (B, Tk) bool -> writes out (B, NH, Tq, hs), lse (B, NH, Tq)
+    hs = q.shape[3]
+    kr = numba.carray(_ptr_like(kv[0], like), (kv[1], hs))  # (N, hs)
+    vr = numba.carray(_ptr_like(kv[2], like), (kv[3], hs))
     for bh in prange(q.shape[0] * q.shape[1]):
         _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh)
 
 
 @numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _attention_forward_serial_kernel(q, kr, ks, vr, vs, Tk, mask, out, lse):
+def _attention_forward_serial_kernel(q, kv, like, ks, vs, Tk, mask, out, lse):
     # the same on the calling thread, for calls too small to pay a parallel launch
+    hs = q.shape[3]
+    kr = numba.carray(_ptr_like(kv[0], like), (kv[1], hs))  # (N, hs)
+    vr = numba.carray(_ptr_like(kv[2], like), (kv[3], hs))
     for bh in range(q.shape[0] * q.shape[1]):
         _forward_head(q, kr, ks, vr, vs, Tk, mask, out, lse, bh)
 
@@ -310,25 +334,31 @@ def _attention_backward_kernel(dout, q, k4, v4, Tk, mask, out, lse, dq, dk, dv):
         dv[b, h] = dvp[:Tk]
 
 
-def _rows(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """k or v (B, NH, Tk, hs) as rows (N, hs), C-contiguous, and row steps (rB, rH, rT) with
-    a[b, h, t] == rows[b * rB + h * rH + t * rT]; see the module docstring for when this is a
-    view and why it is safe."""
+def _rows(a: np.ndarray) -> tuple[np.ndarray, int, int, tuple[int, int, int]]:
+    """k or v (B, NH, Tk, hs) -> (the array read: a or a copy, the address of its first row of
+    hs values, N rows from there, row steps (rB, rH, rT)) with a[b, h, t] the row
+    b * rB + h * rH + t * rT; see the module docstring for when a is read in place and why it
+    is safe. The caller keeps the array alive while the kernel reads it."""
     B, NH, Tk, hs = a.shape
     row = hs * a.itemsize  # bytes per row
-    steps = [0 if n == 1 else st for n, st in zip(a.shape[:3], a.strides[:3], strict=True)]
+    sB, sH, sT, sC = a.strides
+    steps = (0 if B == 1 else sB, 0 if NH == 1 else sH, 0 if Tk == 1 else sT)
     if (
-        a.flags.writeable
-        and (hs == 1 or a.strides[3] == a.itemsize)
-        and all(st >= 0 and st % row == 0 for st in steps)
+        (hs == 1 or sC == a.itemsize)
+        and steps[0] >= 0 and steps[1] >= 0 and steps[0] % row == 0 and steps[1] % row == 0
         and steps[2] in (0, row)
-    ):
-        rB, rH, rT = (st // row for st in steps)
+    ):  # fmt: skip
+        rB, rH, rT = steps[0] // row, steps[1] // row, steps[2] // row
         n = (B - 1) * rB + (NH - 1) * rH + (Tk - 1) * rT + 1  # rows from a's first to its last
-        rows = as_strided(a, shape=(n, hs), strides=(row, a.itemsize))  # (N, hs) a view
-        return rows, (rB, rH, rT)
-    rows = np.array(a, order="C").reshape(B * NH * Tk, hs)  # (B*NH*Tk, hs) a copy
-    return rows, (NH * Tk, Tk, 1)
+        return a, _address(a), n, (rB, rH, rT)
+    rows = np.array(a, order="C")  # (B, NH, Tk, hs) a copy
+    return rows, _address(rows), B * NH * Tk, (NH * Tk, Tk, 1)
+
+
+@numba.njit(cache=True)
+def _address(a):
+    # the address of a's first element (a.ctypes.data without making the ctypes object)
+    return a.ctypes.data
 
 
 def _check(q, k, v, key_mask):
@@ -362,25 +392,14 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     out = np.empty(q.shape, np.float32)  # (B, NH, Tq, hs)
     lse = np.empty(q.shape[:3], np.float32)  # (B, NH, Tq)
     if q.size:
-        (kr, ks), (vr, vs) = _rows(_bits(k)), _rows(_bits(v))
+        kb, ka, kn, ks = _rows(_bits(k))
+        vb, va, vn, vs = _rows(_bits(v))
         small = q.size * Tk < _SERIAL_BELOW
         kernel = _attention_forward_serial_kernel if small else _attention_forward_kernel
-        kernel(q, kr, ks, vr, vs, Tk, mask, out, lse)
+        like = _LIKE[kb.dtype.char]  # the dtype the kernel reads
+        # kb, vb (k, v or their copies) stay referenced here while the kernel reads them
+        kernel(q, np.array((ka, kn, va, vn), np.int64), like, ks, vs, Tk, mask, out, lse)
     return out, (q, k, v, mask, out, lse)
-
-
-@intrinsic
-def _ptr_like(typingctx, addr, like):
-    """An int64 address -> a pointer to `like`'s dtype (for numba.carray); see
-    attention_rows_forward."""
-    if not (isinstance(addr, types.Integer) and isinstance(like, types.Array)):
-        return None
-    sig = types.CPointer(like.dtype)(addr, like)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -1014,3 +1014,25 @@ def test_report_tells_torch_from_torch_native():
     backends = report.markdown(doc).split("## Backends")[1].split("## Key ratios")[0]
     assert "- `torch`: this project's torch backend (fast/torch/backend.py)" in backends
     assert "- `torch-native`: baseline: torch.nn.functional itself" in backends
+
+
+def test_vs_llama_cpp_pairs_each_round_with_its_own_round():
+    """bench.tools.vs_llama_cpp's paired ratio: each round's best against the same round's
+    best (tokens/s, so their time over ours), the median and range over rounds; a slow round
+    on both sides moves neither. Mismatched round counts are refused."""
+    from bench.tools.vs_llama_cpp import paired, render
+
+    ours = [[0.010, 0.012], [0.020, 0.030], [0.011]]  # seconds; round 2 slow for both
+    theirs = [[0.011], [0.024, 0.022], [0.0099]]
+    got = paired(ours, theirs)
+    assert got["rounds"] == pytest.approx([1.1, 1.1, 0.9])
+    assert (got["median"], got["min"], got["max"]) == pytest.approx((1.1, 0.9, 1.1))
+    with pytest.raises(ValueError, match="2 rounds of ours against 3"):
+        paired(ours[:2], theirs)
+    doc = {
+        "rows": {"decode": {"numba": {"tokens_per_s": 100.0, "median_tokens_per_s": 90.0}},
+                 "prefill": {}},
+        "ratios": [{"case": "decode", "ours": "numba", "theirs": "llama.cpp-f32", "value": 1.05,
+                    "paired": got, "target": 1.0, "met": True}],
+    }  # fmt: skip
+    assert "paired 1.10 [0.90, 1.10]  (target 1.0: met)" in render(doc)

@@ -8,8 +8,11 @@ own OpenMP settings: bench/llama_cpp.time_llama). Each round times every row onc
 llama.cpp's one after the other, so a slow minute of a shared machine falls on both: decode,
 batch 1, `steps` single-token steps at contexts 2 .. steps + 1 (each step timed); a prefill of
 `prompt` tokens for the prefill targets. A row's figure is its best step (its best prefill)
-over all rounds, the median beside it; the ratios are of the best figures. Threads: numba's
-count, llama.cpp the same.
+over all rounds, the median beside it; the ratios are of the best figures. Beside each ratio,
+the same ratio taken round by round (each round's best against the same round's best) and its
+median and range over the rounds: a slow minute moves both sides of a round's ratio, so the
+paired median is steadier from run to run than the ratio of bests on a shared machine.
+Threads: numba's count, llama.cpp the same.
 
 `gpt2 bench --suite generate` has the same rows in its report (one pass, not interleaved);
 this tool is for the README's table, where the machine's noise needs the rounds.
@@ -83,6 +86,17 @@ def _summary(step_times: list[float], tokens: int = 1) -> dict:
     }
 
 
+def paired(ours: list[list[float]], theirs: list[list[float]], tokens: int = 1) -> dict:
+    """Round-by-round ratios of tokens/s, ours over theirs: ours[r], theirs[r] are round r's
+    times (seconds per `tokens`); each round's ratio is of its best times. -> the median, the
+    least and the largest ratio, and the rounds' ratios."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError(f"paired: {len(ours)} rounds of ours against {len(theirs)} of theirs")
+    ratios = [min(t) / min(o) for o, t in zip(ours, theirs, strict=True)]  # tokens cancel
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": ratios}  # fmt: skip
+
+
 def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
     import numba
 
@@ -103,6 +117,7 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
     # only now: numba's pool starts on this call, and fast/numba/common.py (imported by
     # _models) must have chosen its layer and libgomp's spin count first
     threads = numba.get_num_threads()
+    # times per round: [round][step] (prefill: one time per round)
     ours_dec = {row: [] for row, _, _ in DECODE_ROWS}
     ours_pre = {row: [] for row, _, _ in PREFILL_ROWS}
     theirs_dec = {t: [] for t in ("f32", "f16", "q8_0")}
@@ -120,32 +135,40 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
         for r in range(rounds):
             log(f"vs_llama_cpp: round {r + 1}/{rounds}")
             for row, dtype, _ in PREFILL_ROWS:
-                ours_pre[row].append(_our_prefill(models[dtype], ids))
+                ours_pre[row].append([_our_prefill(models[dtype], ids)])
             for row, dtype, _ in DECODE_ROWS:
-                ours_dec[row] += _our_decode(models[dtype], steps)
+                ours_dec[row].append(_our_decode(models[dtype], steps))
             for t, path in paths.items():
                 res = llama_cpp.time_llama(
                     path, threads, prompt, steps, cfg.n_ctx, repeats=1, decode_start=1
                 )
-                theirs_dec[t] += res["decode_step_s"]
-                theirs_pre[t].append(res["prefill_s"])
+                theirs_dec[t].append(list(res["decode_step_s"]))
+                theirs_pre[t].append([res["prefill_s"]])
                 info = {k: res[k] for k in ("llama_cpp_python", "system_info", "gomp_spincount")}
                 info["omp_wait_policy"] = res["omp_wait_policy"]
+
+    def flat(per_round: list[list[float]]) -> list[float]:
+        return [x for r in per_round for x in r]
+
     rows = {"decode": {}, "prefill": {}}
     for row in ours_dec:
-        rows["decode"][row] = _summary(ours_dec[row])
+        rows["decode"][row] = _summary(flat(ours_dec[row]))
     for t in theirs_dec:
-        rows["decode"][f"llama.cpp-{t}"] = _summary(theirs_dec[t])
-        rows["prefill"][f"llama.cpp-{t}"] = _summary(theirs_pre[t], prompt_len)
+        rows["decode"][f"llama.cpp-{t}"] = _summary(flat(theirs_dec[t]))
+        rows["prefill"][f"llama.cpp-{t}"] = _summary(flat(theirs_pre[t]), prompt_len)
     for row in ours_pre:
-        rows["prefill"][row] = _summary(ours_pre[row], prompt_len)
+        rows["prefill"][row] = _summary(flat(ours_pre[row]), prompt_len)
     ratios = []
-    for case, table in (("decode", DECODE_ROWS), ("prefill", PREFILL_ROWS)):
+    for case, table, ours, theirs in (
+        ("decode", DECODE_ROWS, ours_dec, theirs_dec),
+        ("prefill", PREFILL_ROWS, ours_pre, theirs_pre),
+    ):
         for row, _, t in table:
             value = rows[case][row]["tokens_per_s"] / rows[case][f"llama.cpp-{t}"]["tokens_per_s"]
             target = TARGETS.get((case, row))
             ratios.append({
                 "case": case, "ours": row, "theirs": f"llama.cpp-{t}", "value": value,
+                "paired": paired(ours[row], theirs[t]),
                 "target": target, "met": None if target is None else value >= target,
             })  # fmt: skip
     env = environment()
@@ -181,7 +204,11 @@ def render(doc: dict) -> str:
     for r in doc["ratios"]:
         mark = "" if r["target"] is None else f"  (target {r['target']}: "
         mark += "" if r["target"] is None else ("met)" if r["met"] else "not met)")
-        lines.append(f"{r['case']:<8} {r['ours']:<14} / {r['theirs']:<15} {r['value']:6.2f}{mark}")
+        pr = r.get("paired")
+        pr = f"  paired {pr['median']:.2f} [{pr['min']:.2f}, {pr['max']:.2f}]" if pr else ""
+        lines.append(
+            f"{r['case']:<8} {r['ours']:<14} / {r['theirs']:<15} {r['value']:6.2f}{pr}{mark}"
+        )
     return "\n".join(lines)
 
 

@@ -287,8 +287,9 @@ def library_versions() -> dict[str, str | None]:
 
 
 def thread_settings() -> dict:
-    """BLAS and OpenMP pools in force (threadpoolctl), and the threads of numba and torch where
-    they are already imported (importing them here would change what is measured)."""
+    """BLAS and OpenMP pools in force (threadpoolctl), the threads of numba and torch where
+    they are already imported (importing them here would change what is measured), and
+    malloc's thresholds where fast/numba set them (None: glibc's own, or the user's)."""
     out: dict = {}
     try:
         from threadpoolctl import threadpool_info
@@ -303,6 +304,10 @@ def thread_settings() -> dict:
         out["numba_threading_layer"] = _numba_layer()
     if sys.modules.get("torch") is not None:
         out["torch_threads"] = sys.modules["torch"].get_num_threads()
+    common = sys.modules.get("fast.numba.common")
+    if common is not None:  # malloc's thresholds, where the numba backend set them
+        kept = {"mmap": common.MALLOC_MMAP_THRESHOLD, "trim": common.MALLOC_TRIM_THRESHOLD}
+        out["malloc_thresholds"] = kept if common.MALLOC_SET else None
     return out
 
 

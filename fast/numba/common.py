@@ -57,11 +57,13 @@ stream from DRAM on its own; the hint does (fast/numba/attention.py; figures in 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -69,6 +71,11 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # optional: without it BLAS's threads stay as they are (blas_threads)
+    ThreadpoolController = None
 
 SPINCOUNT = "3000"  # libgomp spin turns before a waiting worker sleeps (see above)
 SPINCOUNT_SET = False  # True when this module put GOMP_SPINCOUNT into the environment
@@ -306,3 +313,30 @@ def check_attention_dout(dout, q: np.ndarray) -> np.ndarray:
     if dout.shape != q.shape:
         raise ValueError(f"attention_backward: dout {dout.shape} must match q {q.shape}")
     return dout
+
+
+# BLAS from Python threads: fast/numba/flash.py's forward and fast/numba/quant.py's float32
+# prompts split their gemms among numba's thread count of Python threads, each calling BLAS
+# capped at one thread, so OpenBLAS's own threads never run (and never spin after a call while
+# the Numba kernels that follow want the cores).
+_CONTROLLER: list = []  # the ThreadpoolController, made on first use
+_POOL: dict = {}  # workers -> the ThreadPoolExecutor of that many threads, made on first use
+# a forked child has none of the pools' threads: it makes pools of its own
+os.register_at_fork(after_in_child=_POOL.clear)
+
+
+def blas_threads(n: int | None):
+    """A context capping BLAS at n threads (threadpoolctl), or doing nothing (n None, or no
+    threadpoolctl)."""
+    if n is None or ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=n, user_api="blas")
+
+
+def worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of `workers` Python threads (made once per count)."""
+    if workers not in _POOL:
+        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fast_numba")
+    return _POOL[workers]

@@ -72,34 +72,22 @@ figures in bench/README.md).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 from numba import prange
 
-from fast.numba.common import FASTMATH, check_attention, check_attention_dout, exp32
-
-try:
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # optional: without it the forward leaves BLAS's threads as they are
-    ThreadpoolController = None
+from fast.numba.common import (
+    FASTMATH,
+    blas_threads,
+    check_attention,
+    check_attention_dout,
+    exp32,
+    worker_pool,
+)
 
 FORWARD_BLAS_THREADS = 1  # OpenBLAS threads for the forward's gemms (None: as configured)
-_POOLS = []  # the ThreadpoolController, made on first use
-
-
-def _blas_threads(n: int | None):
-    """A context capping BLAS at n threads (threadpoolctl), or doing nothing."""
-    if n is None or ThreadpoolController is None:
-        return contextlib.nullcontext()
-    if not _POOLS:
-        _POOLS.append(ThreadpoolController())
-    return _POOLS[0].limit(limits=n, user_api="blas")
-
 
 _BQ = 128  # queries per tile
 _BK = 256  # keys per tile: a (B*NH, 128, 256) score tile is 1.5 MB at B*NH = 12
@@ -272,28 +260,17 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask=None
     if q.size:
         workers = min(numba.get_num_threads(), NH)
         heads = [slice(NH * i // workers, NH * (i + 1) // workers) for i in range(workers)]
-        with _blas_threads(FORWARD_BLAS_THREADS):
+        with blas_threads(FORWARD_BLAS_THREADS):
             if workers == 1:
                 _forward_tiles(qs, k, v, bias, off, m, l, acc)
             else:  # each worker its own heads: views of every array, written in place
-                pool = _pool(workers)
+                pool = worker_pool(workers)
                 parts = [(qs[:, h], k[:, h], v[:, h], bias, off, m[:, h], l[:, h], acc[:, h])
                          for h in heads]  # fmt: skip
                 for job in [pool.submit(_forward_tiles, *part) for part in parts]:
                     job.result()  # raises what a worker raised
         _forward_finish(acc, m, l, out, lse)
     return out, (qs, k, v, bias, out, lse)
-
-
-_POOL: dict = {}  # workers -> the ThreadPoolExecutor of that many threads, made on first use
-# a forked child has none of the pools' threads: it makes pools of its own
-os.register_at_fork(after_in_child=_POOL.clear)
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _POOL:
-        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="numba_flash")
-    return _POOL[workers]
 
 
 def _forward_tiles(qs, k, v, bias, off, m, l, acc) -> None:

@@ -24,7 +24,7 @@ Variants for the float formats, chosen on M by `qlinear_forward`:
             batch invariance.
     tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
             about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
-            float32 QWeight goes to BLAS directly (x @ W.T reads W in place).
+            float32 QWeight goes to BLAS directly (`gemm_nt`: x @ W.T reading W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
 variants cross. At M = 16 (`python -m bench.tools.numba_quant_timing --kernels`; one run, best
 of 7, the weights in the L3 except the LM head's): float32 127 GFLOP/s, bfloat16 166-174, the
@@ -83,7 +83,14 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fast.numba.common import FASTMATH, as_f32, check_f32
+from fast.numba.common import (
+    FASTMATH,
+    ThreadpoolController,
+    as_f32,
+    blas_threads,
+    check_f32,
+    worker_pool,
+)
 from ref.quant import QK, QWeight, n_blocks
 
 ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode batches)
@@ -841,10 +848,10 @@ def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.nda
     N, K = data.shape
     if q.dtype == "int8":
         x2 = dequantize_x_q8(x2)
+    out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
     if q.dtype == "float32":
-        out = x2 @ data.T  # (M, N)
+        gemm_nt(x2, data, out)
     else:
-        out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
         rows = max(1, min(N, _TILE_BYTES // (4 * K)))
         buf = getattr(_TILE, "buf", None)
         if buf is None or buf.size < rows * K:
@@ -858,10 +865,32 @@ def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.nda
                 _tile_f16(data, n0, t)
             else:
                 _tile_q8(data, scale, n0, t)
-            out[:, n0 : n0 + t.shape[0]] = x2 @ t.T  # (M, rows')
+            gemm_nt(x2, t, out[:, n0 : n0 + t.shape[0]])  # (M, rows')
     if bias is not None:
         out += bias
     return out
+
+
+def gemm_nt(x2: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out = x2 @ w.T (x2 (M, K), w (N, K), out (M, N) a view with unit column stride), the
+    columns split among numba's thread count of Python threads, each a one-thread BLAS call
+    (fast/numba/common.py's pool): OpenBLAS's own threads, which spin for a while after each
+    gemm, then never compete with the Numba kernels that follow (attention, GELU). A 512-token
+    float32 prompt of GPT-2 124M, the two ways alternated in one process, 16 pairs: 0.94x the
+    time with OpenBLAS's threads, median of the pairs (best 824 against 872 ms). Without
+    threadpoolctl (which caps BLAS) or with one thread: one BLAS call."""
+    N = w.shape[0]
+    workers = min(numba.get_num_threads(), max(1, N // 64))
+    if workers == 1 or ThreadpoolController is None:
+        np.matmul(x2, w.T, out=out)
+        return
+    cuts = [N * i // workers for i in range(workers + 1)]
+    with blas_threads(1):
+        pool = worker_pool(workers)
+        jobs = [pool.submit(np.matmul, x2, w[a:b].T, out=out[:, a:b])
+                for a, b in zip(cuts, cuts[1:], strict=False)]  # fmt: skip
+        for job in jobs:
+            job.result()  # raises what a worker raised
 
 
 def dequantize_x_q8(x2: np.ndarray) -> np.ndarray:

@@ -86,13 +86,13 @@ def _summary(step_times: list[float], tokens: int = 1) -> dict:
     }
 
 
-def paired(ours: list[list[float]], theirs: list[list[float]], tokens: int = 1) -> dict:
+def paired(ours: list[list[float]], theirs: list[list[float]]) -> dict:
     """Round-by-round ratios of tokens/s, ours over theirs: ours[r], theirs[r] are round r's
-    times (seconds per `tokens`); each round's ratio is of its best times. -> the median, the
+    times for the same work; each round's ratio is of its best times. -> the median, the
     least and the largest ratio, and the rounds' ratios."""
     if len(ours) != len(theirs) or not ours:
         raise ValueError(f"paired: {len(ours)} rounds of ours against {len(theirs)} of theirs")
-    ratios = [min(t) / min(o) for o, t in zip(ours, theirs, strict=True)]  # tokens cancel
+    ratios = [min(t) / min(o) for o, t in zip(ours, theirs, strict=True)]  # same work: time ratio
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
             "rounds": ratios}  # fmt: skip
 

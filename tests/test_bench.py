@@ -873,15 +873,20 @@ def test_limits_are_the_best_of_their_tries(monkeypatch):
     plan.limit_tries = 3
     slowdown = [3.0, 1.0, 2.0]  # the second try ran alone on the machine
     order = []
+    # CPU probes per try: read (BLAS dot, numpy max, Numba's parallel sum where it is
+    # installed), copy, matmul
+    per_try = 4 + (limits._parallel_read(np.zeros(2048, np.float32)) is not None)
 
     def fake_measure(fn, **kw):
         order.append(fn)
-        t = 1e-3 * slowdown[(len(order) - 1) // 4]  # 4 CPU probes per try
+        t = 1e-3 * slowdown[(len(order) - 1) // per_try]
         return {"min": t, "median": 2 * t, "n": 3, "warmup": 1}
 
     monkeypatch.setattr(limits, "measure", fake_measure)
     recs, got = limits.run(plan, np.random.default_rng(0), gpu=False, phase="end")
-    assert len(order) == 4 * 3 and order[0] is order[4] and order[0] is not order[1]
+    assert len(order) == per_try * 3 and order[0] is order[per_try] and order[0] is not order[1]
+    reads = {r["variant"] for r in recs if r["case"] == "read"}
+    assert reads == ({"dot", "max", "numba_sum"} if per_try == 5 else {"dot", "max"})
     copy = next(r for r in recs if r["case"] == "copy")
     b = copy["params"]["bytes"]
     assert copy["metrics"]["tries"] == pytest.approx([2 * b / (1e-3 * s) / 1e9 for s in slowdown])
@@ -895,6 +900,25 @@ def test_limits_are_the_best_of_their_tries(monkeypatch):
         "b": 5.0,
         "c": 3.0,
     }
+
+
+def test_parallel_read_probe_reads_every_element():
+    """bench/limits.py's parallel read (fast.numba.common.read_sum): its partial sums add up to
+    the array's sum, every row counted once whatever the band count, and the bytes it claims
+    are those of the rows it reads (x's whole rows of 1024 floats)."""
+    pytest.importorskip("numba")
+    from bench import limits
+    from fast.numba.common import read_sum
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 8, (37, 1024)).astype(np.float32)  # integers: every sum exact
+    for parts in (1, 2, 16, 37):
+        partials = np.empty(parts, np.float32)
+        read_sum(a, partials)
+        assert partials.sum() == a.sum()
+    x = np.ones(3 * 1024 + 5, np.float32)
+    _, nbytes = limits._parallel_read(x)
+    assert nbytes == 3 * 1024 * 4
 
 
 def test_rescore_uses_the_limits_given(tiny_run):
@@ -1036,3 +1060,36 @@ def test_vs_llama_cpp_pairs_each_round_with_its_own_round():
                     "paired": got, "target": 1.0, "met": True}],
     }  # fmt: skip
     assert "paired 1.10 [0.90, 1.10]  (target 1.0: met)" in render(doc)
+
+
+def test_vs_llama_cpp_ceilings_are_the_limits_over_the_work():
+    """The ceilings beside the ratios: a decode row's is the read rate over the bytes of its
+    own dtype's step (llama.cpp's f32 against float32's bytes, q8_0 against int8's), a float32
+    prompt's its FLOPs at the sgemm rate, with the ratio to llama.cpp's f32 prompt it allows."""
+    from bench.tools.vs_llama_cpp import ceilings, render
+
+    rows = {
+        "decode": {"numba": {"tokens_per_s": 80.0}, "numba-blas": {"tokens_per_s": 60.0},
+                   "numba-int8": {"tokens_per_s": 200.0},
+                   "llama.cpp-f32": {"tokens_per_s": 90.0},
+                   "llama.cpp-q8_0": {"tokens_per_s": 150.0}},
+        "prefill": {"llama.cpp-f32": {"tokens_per_s": 1000.0}},
+    }  # fmt: skip
+    step = {"float32": 500e6, "int8": 125e6}
+    got = ceilings(rows, 50.0, 200.0, step, prompt_flops=100e9, prompt_len=512)
+    f32, q8 = got["decode"]["float32"], got["decode"]["int8"]
+    assert f32["ceiling_tokens_per_s"] == pytest.approx(100.0)  # 50 GB/s / 500 MB
+    assert f32["fraction"] == pytest.approx({"numba": 0.8, "numba-blas": 0.6, "llama.cpp-f32": 0.9})
+    assert q8["ceiling_tokens_per_s"] == pytest.approx(400.0)
+    assert q8["fraction"] == pytest.approx({"numba-int8": 0.5, "llama.cpp-q8_0": 0.375})
+    pf = got["prefill_float32"]
+    assert pf["ceiling_tokens_per_s"] == pytest.approx(1024.0)  # 0.5 s for 512 tokens
+    assert pf["ratio_to_llama_cpp_f32"] == pytest.approx(1.024)
+    for table in rows.values():
+        for made in table.values():
+            made["median_tokens_per_s"] = made["tokens_per_s"]
+    doc = {"rows": rows, "ratios": [], "ceilings": got,
+           "limits": {"best": {"read_GBps": 50.0, "matmul_f32_GFLOPs": 200.0}}}  # fmt: skip
+    text = render(doc)
+    assert "limits: read 50.0 GB/s, sgemm 200 GFLOP/s" in text
+    assert "prefill ceiling float32 at sgemm  1024.0 tokens/s = 1.02x llama.cpp-f32" in text

@@ -54,25 +54,11 @@ def _attention(batches: list[int], repeat: int) -> None:
 
 
 def _stream_gbs(repeat: int) -> float:
-    import numba
-
-    from fast.numba.common import FASTMATH, n_partials
-
-    @numba.njit(parallel=True, fastmath=FASTMATH)
-    def read_all(a, partials):
-        # a (R, 1024): the inner loop over a row vectorises (reassoc); a flat loop did not
-        R = a.shape[0]
-        parts = partials.shape[0]
-        for p in numba.prange(parts):
-            s = np.float32(0.0)
-            for r in range(R * p // parts, R * (p + 1) // parts):
-                for c in range(a.shape[1]):
-                    s += a[r, c]
-            partials[p] = s
+    from fast.numba.common import n_partials, read_sum
 
     a = np.ones((128 * 1024, 1024), np.float32)  # 512 MB, beyond any cache
     partials = np.empty(n_partials(a.shape[0]), np.float32)
-    best, med = _times_ms(lambda: read_all(a, partials), repeat)
+    best, med = _times_ms(lambda: read_sum(a, partials), repeat)
     print(
         f"stream read 512 MB          best {best:7.1f} ms  median {med:7.1f} ms  "
         f"-> {a.nbytes / best / 1e6:5.1f} GB/s"

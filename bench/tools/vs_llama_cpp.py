@@ -14,6 +14,15 @@ median and range over the rounds: a slow minute moves both sides of a round's ra
 paired median is steadier from run to run than the ratio of bests on a shared machine.
 Threads: numba's count, llama.cpp the same.
 
+The machine's limits, measured at the start and the end of the same run (bench/limits.py,
+the best of the two): the streaming read (GB/s) and numpy's BLAS sgemm (GFLOP/s, with the BLAS
+settings in force: thread_settings records OpenBLAS's kernel architecture). From them, the
+ceilings (`ceilings`): a decode step can go no faster than its stored weights and KV cache
+streamed at the read rate (each row against the bytes of its own weights; llama.cpp's types
+against the row of ours stored alike: f32 float32, f16 float16, q8_0 int8, the same bytes),
+and a float32 prompt, whose linears are BLAS gemms, no faster than its FLOPs at the sgemm
+rate; beside each ceiling, the ratio to llama.cpp it allows.
+
 `gpt2 bench --suite generate` has the same rows in its report (one pass, not interleaved);
 this tool is for the README's table, where the machine's noise needs the rounds.
 """
@@ -97,12 +106,63 @@ def paired(ours: list[list[float]], theirs: list[list[float]]) -> dict:
             "rounds": ratios}  # fmt: skip
 
 
+# the llama.cpp type and the dtype of ours that stores a weight in the same bytes
+SAME_BYTES = {"f32": "float32", "f16": "float16", "q8_0": "int8"}
+
+
+def ceilings(
+    rows: dict, read_gbps: float, sgemm_gflops: float, step_bytes: dict, prompt_flops: int,
+    prompt_len: int,
+) -> dict:  # fmt: skip
+    """What the machine's limits allow, beside what each row made. rows: run()'s {"decode":
+    {row: {"tokens_per_s", ...}}, "prefill": {...}}; step_bytes: {dtype of ours: bytes a
+    decode step reads (weights and KV cache)}; prompt_flops: FLOPs of the float32 prompt.
+    -> {"decode": {dtype: {"ceiling_tokens_per_s", "fraction": {row: made / ceiling}}},
+    "prefill_float32": {"ceiling_tokens_per_s", "ratio_to_llama_cpp_f32"}}: the decode ceiling
+    is read_gbps over the step's bytes; the prefill one the prompt's FLOPs at sgemm_gflops."""
+    dtypes = {row: dtype for row, dtype, _ in DECODE_ROWS}
+    dtypes.update({f"llama.cpp-{t}": d for t, d in SAME_BYTES.items()})
+    decode = {}
+    for row, made in rows["decode"].items():
+        dtype = dtypes.get(row, row)
+        dtype = "float32" if dtype == "float32-plain" else dtype
+        if dtype not in step_bytes:
+            continue
+        entry = decode.setdefault(dtype, {
+            "step_bytes": step_bytes[dtype],
+            "ceiling_tokens_per_s": read_gbps * 1e9 / step_bytes[dtype], "fraction": {},
+        })  # fmt: skip
+        entry["fraction"][row] = made["tokens_per_s"] / entry["ceiling_tokens_per_s"]
+    ceiling = sgemm_gflops * 1e9 / prompt_flops * prompt_len
+    theirs = rows["prefill"].get("llama.cpp-f32", {}).get("tokens_per_s")
+    return {
+        "decode": decode,
+        "prefill_float32": {
+            "prompt_flops": prompt_flops, "ceiling_tokens_per_s": ceiling,
+            "ratio_to_llama_cpp_f32": ceiling / theirs if theirs else None,
+        },
+    }  # fmt: skip
+
+
+def _limits(phase: str) -> dict:
+    """bench/limits.py's CPU limits (read_GBps, copy_GBps, matmul_f32_GFLOPs) at the default
+    plan's sizes (a 256 MB stream, a 2048^3 sgemm; the best of 3 tries each)."""
+    from bench import limits
+    from bench.plan import Plan
+
+    _, measured = limits.run(Plan(mode="vs_llama_cpp", widths=[], models=[]),
+                             np.random.default_rng(0), gpu=False, phase=phase)  # fmt: skip
+    return measured
+
+
 def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
     import numba
 
     from bench import llama_cpp
     from bench.harness import environment, thread_settings
-    from bench.workload import random_params
+    from bench.limits import best as limits_best
+    from bench.suite_generate import stored_weight_bytes
+    from bench.workload import forward_flops, kv_bytes, random_params
     from ref.config import SIZES
 
     if not llama_cpp.available():
@@ -117,6 +177,8 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
     # only now: numba's pool starts on this call, and fast/numba/common.py (imported by
     # _models) must have chosen its layer and libgomp's spin count first
     threads = numba.get_num_threads()
+    log("vs_llama_cpp: the machine's limits (start)")
+    measured = {"start": _limits("start")}
     # times per round: [round][step] (prefill: one time per round)
     ours_dec = {row: [] for row, _, _ in DECODE_ROWS}
     ours_pre = {row: [] for row, _, _ in PREFILL_ROWS}
@@ -147,6 +209,10 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
                 info = {k: res[k] for k in ("llama_cpp_python", "system_info", "gomp_spincount")}
                 info["omp_wait_policy"] = res["omp_wait_policy"]
 
+    log("vs_llama_cpp: the machine's limits (end)")
+    measured["end"] = _limits("end")
+    measured["best"] = limits_best(measured["start"], measured["end"])
+
     def flat(per_round: list[list[float]]) -> list[float]:
         return [x for r in per_round for x in r]
 
@@ -171,6 +237,12 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
                 "paired": paired(ours[row], theirs[t]),
                 "target": target, "met": None if target is None else value >= target,
             })  # fmt: skip
+    ctx = steps + 1  # the last step's context: its KV cache read, the most of any step
+    step_bytes = {
+        dtype: stored_weight_bytes(cfg, models[dtype].params) + kv_bytes(cfg, 1, ctx)
+        for dtype in ("float32", "bfloat16", "float16", "int8")
+    }
+    best = measured["best"]
     env = environment()
     return {
         "command": "python -m bench.tools.vs_llama_cpp " + " ".join(sys.argv[1:]),
@@ -187,6 +259,15 @@ def run(rounds: int, steps: int, prompt_len: int, log=print) -> dict:
         "llama_cpp": info,
         "rows": rows,
         "ratios": ratios,
+        "limits": measured,
+        "ceilings": ceilings(
+            rows,
+            best["read_GBps"],
+            best["matmul_f32_GFLOPs"],
+            step_bytes,
+            forward_flops(cfg, 1, prompt_len, head_rows=1),
+            prompt_len,
+        ),  # fmt: skip
     }
 
 
@@ -209,6 +290,22 @@ def render(doc: dict) -> str:
         lines.append(
             f"{r['case']:<8} {r['ours']:<14} / {r['theirs']:<15} {r['value']:6.2f}{pr}{mark}"
         )
+    lim, ceil = doc.get("limits", {}).get("best"), doc.get("ceilings")
+    if lim and ceil:
+        blas = [t for t in doc.get("thread_settings", {}).get("threadpools", [])
+                if t.get("user_api") == "blas"]  # fmt: skip
+        arch = f" ({blas[0].get('internal_api')} {blas[0].get('architecture')})" if blas else ""
+        lines += ["", f"limits: read {lim['read_GBps']:.1f} GB/s, sgemm "
+                  f"{lim['matmul_f32_GFLOPs']:.0f} GFLOP/s{arch}"]  # fmt: skip
+        for dtype, c in ceil["decode"].items():
+            made = ", ".join(f"{row} {f:.2f}" for row, f in c["fraction"].items())
+            lines.append(f"decode ceiling {dtype:<8} {c['ceiling_tokens_per_s']:7.1f} tokens/s "
+                         f"({c['step_bytes'] / 1e6:.1f} MB a step); made: {made}")  # fmt: skip
+        pf = ceil["prefill_float32"]
+        allows = pf["ratio_to_llama_cpp_f32"]
+        allows = f" = {allows:.2f}x llama.cpp-f32" if allows else ""
+        lines.append(f"prefill ceiling float32 at sgemm {pf['ceiling_tokens_per_s']:7.1f} "
+                     f"tokens/s{allows}")  # fmt: skip
     return "\n".join(lines)
 
 

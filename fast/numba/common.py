@@ -256,6 +256,23 @@ def n_partials(rows: int) -> int:
     return max(1, min(16, rows))
 
 
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def read_sum(a, partials):
+    """a (R, W) float32 C-contiguous -> partials (n,) float32: the sums of n bands of a's rows,
+    each read by one thread. The streaming-read probe of the benchmarks (bench/limits.py): every
+    core reads its share, as a decode step's kernels read the weights, where numpy's one-thread
+    reductions and BLAS's dot product leave bandwidth unused (on 2-core Zen 5 VMs, 35 GB/s
+    against 44-69). The inner loop over a row vectorises (reassoc); a flat loop did not."""
+    R = a.shape[0]
+    parts = partials.shape[0]
+    for p in numba.prange(parts):
+        s = np.float32(0.0)
+        for r in range(R * p // parts, R * (p + 1) // parts):
+            for c in range(a.shape[1]):
+                s += a[r, c]
+        partials[p] = s
+
+
 def single_threaded(fn):
     """`fn` run with one Numba thread: the serial baseline of a parallel kernel, same code.
 

@@ -111,7 +111,7 @@ def _cpu(plan: Plan, rng: np.random.Generator, phase: str) -> tuple[list[dict], 
 def _parallel_read(x: np.ndarray) -> tuple[Callable[[], object], int] | None:
     """A read of x on every core (fast.numba.common.read_sum over rows of 1024 floats) and
     the bytes it reads, or None without Numba. One thread's reduction cannot saturate some
-    machines' memory (2-core Zen 5 VMs: numpy's max and BLAS's dot 35 GB/s, this 44-69), and
+    machines' memory (2-core Zen 5 VMs: numpy's max and BLAS's dot 35 GB/s, this 44-72), and
     a ceiling below what llama.cpp's decode reached (1.17 of it) is no ceiling."""
     try:
         from fast.numba.common import n_partials, read_sum

@@ -262,7 +262,7 @@ def read_sum(a, partials):
     each read by one thread. The streaming-read probe of the benchmarks (bench/limits.py): every
     core reads its share, as a decode step's kernels read the weights, where numpy's one-thread
     reductions and BLAS's dot product leave bandwidth unused (on 2-core Zen 5 VMs, 35 GB/s
-    against 44-69). The inner loop over a row vectorises (reassoc); a flat loop did not."""
+    against 44-72). The inner loop over a row vectorises (reassoc); a flat loop did not."""
     R = a.shape[0]
     parts = partials.shape[0]
     for p in numba.prange(parts):

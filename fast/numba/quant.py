@@ -660,11 +660,12 @@ def _quantize_row(x, qx, dx, cx, m):
             qb[:] = 0
             dx[m, b] = np.float32(np.nan)
         else:
-            xb = xr[lo : lo + n]
-            amax = _block_absmax(xir[lo : lo + n], QK) if n == QK else _block_absmax(xir[lo:], n)
+            xb, xib = xr[lo : lo + n], xir[lo : lo + n]
+            full = n == QK  # then the loops get the constant QK as their count
+            amax = _block_absmax(xib, QK) if full else _block_absmax(xib, n)
             d = _round_f16(amax / np.float32(127.0))
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            total = _block_quants(xb, QK, inv, qb) if n == QK else _block_quants(xb, n, inv, qb)
+            total = _block_quants(xb, QK, inv, qb) if full else _block_quants(xb, n, inv, qb)
             qb[n:] = 0
             dx[m, b] = d
         cx[m, b] = 128 * total

@@ -22,9 +22,13 @@ Variants for the float formats, chosen on M by `qlinear_forward`:
             M is and whatever the other rows hold: ROW-INVARIANT, bit for bit
             (tests/test_numba_quant.py). float32 QWeights run the same kernel: the server's
             batch invariance.
-    tiles   M > ROWS_MAX_M: prompts. Dequantize a tile of W's rows into a float32 buffer of
-            about _TILE_BYTES (a parallel Numba kernel) and multiply with numpy's BLAS; a
-            float32 QWeight goes to BLAS directly (`gemm_nt`: x @ W.T reading W in place).
+    tiles   M > ROWS_MAX_M: prompts. With AVX-512, the packed gemm of fast/numba/gemm.py:
+            panels of W widened and transposed into an L2-sized buffer, 8 x 48 register tiles
+            (1.6-1.9x numpy's BLAS under OPENBLAS_CORETYPE=Haswell; that module says more).
+            Elsewhere, or when a tile does not fit (N < 48): dequantize a tile of W's rows
+            into a float32 buffer of about _TILE_BYTES (a parallel Numba kernel) and multiply
+            with numpy's BLAS; a float32 QWeight goes to BLAS directly (`gemm_nt`: x @ W.T
+            reading W in place).
 Threshold: ROWS_MAX_M is where invariance is wanted (decode batches up to 64), not where the
 variants cross. At M = 16 (`python -m bench.tools.numba_quant_timing --kernels`; one run, best
 of 7, the weights in the L3 except the LM head's): float32 127 GFLOP/s, bfloat16 166-174, the
@@ -75,7 +79,6 @@ import threading
 import weakref
 from types import FunctionType
 
-import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
@@ -83,6 +86,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fast.numba import gemm
 from fast.numba.common import (
     FASTMATH,
     ThreadpoolController,
@@ -90,6 +94,22 @@ from fast.numba.common import (
     blas_threads,
     check_f32,
     worker_pool,
+)
+from fast.numba.simd import (
+    AVX512,
+    F32,
+    HOST,
+    I32,
+    I64,
+    V16F,
+    L,
+    fma16,
+    load16,
+    prefetch,
+    splat,
+    sum_lanes,
+    widen16,
+    x86,
 )
 from ref.quant import QK, QWeight, n_blocks
 
@@ -100,11 +120,6 @@ ROWS_MAX_M = 64  # rows of x up to which the row-invariant kernel runs (decode b
 # 16 MB of fresh pages on every call would cost their page faults each time.
 _TILE_BYTES = 1 << 24
 _TILE = threading.local()
-_L = 16  # lanes per accumulator (a zmm register; two ymm where LLVM splits them)
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V16F = ir.VectorType(_F32, _L)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +164,7 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
         src = builder.bitcast(builder.gep(src_a.data, [args[1]]), vi8.as_pointer())
         dst = builder.bitcast(builder.gep(dst_a.data, [args[4]]), vf32.as_pointer())
         w = builder.sitofp(builder.load(src, align=1), vf32)
-        builder.store(builder.fmul(w, _splat(builder, args[2], QK)), dst, align=4)
+        builder.store(builder.fmul(w, splat(builder, args[2], QK)), dst, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -167,62 +182,6 @@ def _q8_block_to_f32(typingctx, qs, k0, scale, out, o0):
 # the R rows of W each chunk of x.
 #   float32 / bfloat16 / float16: acc_h = fma(w_h, x_h, acc_h) for the two halves h of a chunk
 #     (two accumulators: a batch-1 row keeps two chains of multiply-adds in flight)
-
-
-def _lanes(builder, v, lo: int, hi: int):
-    """Lanes lo .. hi of vector v, as a vector."""
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, hi - lo), [*range(lo, hi)]))
-
-
-def _sum_lanes(builder, v):
-    """The 16 lanes of v summed as a fixed tree: halves added until one lane is left."""
-    n = _L
-    while n > 1:
-        v = builder.fadd(_lanes(builder, v, 0, n // 2), _lanes(builder, v, n // 2, n))
-        n //= 2
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
-def _fma16(builder, a, b, c):
-    """a * b + c lane by lane, rounded once (llvm.fma on <16 x float>)."""
-    fnty = ir.FunctionType(_V16F, [_V16F, _V16F, _V16F])
-    fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
-    return builder.call(fma, [a, b, c])
-
-
-def _load16(builder, ptr, bits: int, align: int):
-    """16 consecutive stored values of `bits` bits from ptr, as an integer or float vector."""
-    elt = _F32 if bits == 0 else ir.IntType(bits)
-    return builder.load(builder.bitcast(ptr, ir.VectorType(elt, _L).as_pointer()), align=align)
-
-
-def _widen16(dtype: str, builder, ptr):
-    """16 stored weights from ptr -> <16 x float>, exactly (each format widens exactly)."""
-    if dtype == "float32":
-        return _load16(builder, ptr, 0, 4)
-    v = _load16(builder, ptr, 16, 2)
-    if dtype == "float16":  # VCVTPH2PS
-        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), _L)), _V16F)
-    wide = builder.zext(v, ir.VectorType(_I32, _L))  # bfloat16: its bits in a float32's top half
-    sixteen = ir.Constant(ir.VectorType(_I32, _L), [16] * _L)
-    return builder.bitcast(builder.shl(wide, sixteen), _V16F)
-
-
-def _splat(builder, f, n: int = _L):
-    """<n x float> of n copies of the float32 f."""
-    vty = ir.VectorType(_F32, n)
-    lane = builder.insert_element(ir.Constant(vty, ir.Undefined), f, ir.Constant(_I32, 0))
-    mask = ir.Constant(ir.VectorType(_I32, n), [0] * n)
-    return builder.shuffle_vector(lane, ir.Constant(vty, ir.Undefined), mask)
-
-
-def _prefetch(builder, ptr, offset: int):
-    """Hint a load of the cache line `offset` bytes past ptr (llvm.prefetch: read, keep)."""
-    i8p = ir.IntType(8).as_pointer()
-    at = builder.gep(builder.bitcast(ptr, i8p), [ir.Constant(_I64, offset)])
-    fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _make_dot(dtype: str, R: int, P: int):
@@ -243,45 +202,45 @@ def _make_dot(dtype: str, R: int, P: int):
             x_a = context.make_array(signature.args[3])(context, builder, args[3])
             K = cgutils.unpack_tuple(builder, w_a.shape, 2)[1]
             n0_v, m0_v, pf_v = args[2], args[4], args[5]
-            pf_on = builder.icmp_signed(">=", pf_v, ir.Constant(_I64, 0))
-            pf_rows = [builder.mul(builder.add(pf_v, ir.Constant(_I64, r)), K) for r in range(R)]
+            pf_on = builder.icmp_signed(">=", pf_v, ir.Constant(I64, 0))
+            pf_rows = [builder.mul(builder.add(pf_v, ir.Constant(I64, r)), K) for r in range(R)]
             itemsize = 4 if dtype == "float32" else 2
             acc = [
-                [[cgutils.alloca_once(builder, _V16F) for _ in range(2)] for _ in range(P)]
+                [[cgutils.alloca_once(builder, V16F) for _ in range(2)] for _ in range(P)]
                 for _ in range(R)
             ]
             for slot in (s for rows in acc for row in rows for s in row):
-                builder.store(ir.Constant(_V16F, None), slot)
-            n_v = [builder.add(n0_v, ir.Constant(_I64, r)) for r in range(R)]
+                builder.store(ir.Constant(V16F, None), slot)
+            n_v = [builder.add(n0_v, ir.Constant(I64, r)) for r in range(R)]
             w_rows = [builder.mul(n, K) for n in n_v]
-            x_rows = [builder.mul(builder.add(m0_v, ir.Constant(_I64, p)), K) for p in range(P)]
-            chunks = builder.udiv(K, ir.Constant(_I64, QK))
+            x_rows = [builder.mul(builder.add(m0_v, ir.Constant(I64, p)), K) for p in range(P)]
+            chunks = builder.udiv(K, ir.Constant(I64, QK))
             with cgutils.for_range(builder, chunks) as loop:
-                k0 = builder.mul(loop.index, ir.Constant(_I64, QK))
+                k0 = builder.mul(loop.index, ir.Constant(I64, QK))
 
                 def at(data, row, h):
-                    i = builder.add(builder.add(row, k0), ir.Constant(_I64, _L * h))
+                    i = builder.add(builder.add(row, k0), ir.Constant(I64, L * h))
                     return builder.gep(data, [i])
 
                 def fma_into(r, p, h, a, b):  # acc[r][p][h] = fma(a, b, acc[r][p][h])
                     slot = acc[r][p][h]
-                    builder.store(_fma16(builder, a, b, builder.load(slot)), slot)
+                    builder.store(fma16(builder, a, b, builder.load(slot)), slot)
 
                 with builder.if_then(pf_on):  # the next rows of W, while these compute
                     for pr in pf_rows:
                         for line in range(0, QK * itemsize, 64):
-                            _prefetch(builder, at(w_a.data, pr, 0), line)
+                            prefetch(builder, at(w_a.data, pr, 0), line)
                 for h in range(2):  # acc_h = fma(w_h, x_h, acc_h) for the two halves of a chunk
-                    xs = [_load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
+                    xs = [load16(builder, at(x_a.data, xr, h), 0, 4) for xr in x_rows]
                     for r in range(R):
-                        wv = _widen16(dtype, builder, at(w_a.data, w_rows[r], h))
+                        wv = widen16(dtype, builder, at(w_a.data, w_rows[r], h))
                         for p in range(P):
                             fma_into(r, p, h, wv, xs[p])
             sums = []
             for r in range(R):
                 for p in range(P):
                     v = builder.fadd(builder.load(acc[r][p][0]), builder.load(acc[r][p][1]))
-                    sums.append(_sum_lanes(builder, v))
+                    sums.append(sum_lanes(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
@@ -289,14 +248,12 @@ def _make_dot(dtype: str, R: int, P: int):
     return dot
 
 
-_HOST = llvmlite.binding.get_host_cpu_features()
-_AVX512 = bool(_HOST.get("avx512f"))
 # rows of W (_RF) and of x (_P) per dot call in batched decode, by the host's vector registers:
 # AVX-512, 3 x 4 x 2 = 24 accumulators of the 32 zmm; AVX2 (16 ymm, each accumulator two of
 # them), 2 x 2: rows_forward at M = 16 on c_fc (3072, 768), AMD Zen 3, best of 40 calls in
 # three runs alternated, float32 55-67 GFLOP/s against 35-51 with 3 x 4, bfloat16 64-84
 # against 39-58
-_RF, _P = (3, 4) if _AVX512 else (2, 2)
+_RF, _P = (3, 4) if AVX512 else (2, 2)
 
 
 # the K % 32 tail, in plain float32 order (no fastmath: the same operations at every call site)
@@ -446,32 +403,26 @@ _ROWS = {
 
 _Q8_SERIAL_X = 1 << 14  # elements of x up to which the kernel quantizes x on one thread
 _LANES = 16  # rows of W per group: the 16 int32 / float32 lanes of a zmm register
-_V16I = ir.VectorType(_I32, _LANES)
+_V16I = ir.VectorType(I32, _LANES)
 _V64B = ir.VectorType(ir.IntType(8), 64)
 _V16H = ir.VectorType(ir.IntType(16), _LANES)  # 16 float16 scales, as bits
-VNNI = bool(_HOST.get("avx512vnni")) and bool(_HOST.get("avx512bw"))
-ISA = "vnni" if VNNI else "avx2" if _HOST.get("avx2") else "wide"  # the int8 kernel's here
+VNNI = bool(HOST.get("avx512vnni")) and bool(HOST.get("avx512bw"))
+ISA = "vnni" if VNNI else "avx2" if HOST.get("avx2") else "wide"  # the int8 kernel's here
 ISAS = ("vnni", "avx2", "wide")
 _ISA_ROWS = {"vnni": 4, "avx2": 2, "wide": 4}  # rows of x whose lanes are in flight at once
 
 
 def _splat_int(builder, v, vty):
     """<n x iN> of n copies of the integer v."""
-    lane = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0))
-    mask = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    lane = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(I32, 0))
+    mask = ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count)
     return builder.shuffle_vector(lane, ir.Constant(vty, ir.Undefined), mask)
-
-
-def _x86(builder, name: str, ret, *args):
-    """A call of the x86 intrinsic `name` (its LLVM name) on args, returning type ret."""
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
 
 
 def _half(builder, v, h: int):
     """Bytes 32 h .. 32 h + 31 of a <64 x i8> (a ymm's worth)."""
     return builder.shuffle_vector(
-        v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32)))
     )
 
 
@@ -480,7 +431,7 @@ def _vnni_lanes(builder, acc, a, b, isa: str):
     (b signed bytes): isa "vnni" one VPDPBUSD, a unsigned (qs + 128); "wide" the same integers
     by widening; "avx2" a the signed weights' bytes (qs), VPSIGNB, VPMADDUBSW, VPMADDWD."""
     if isa == "vnni":
-        return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, acc, a, b)
+        return x86(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, acc, a, b)
     if isa == "avx2":
         v32b = ir.VectorType(ir.IntType(8), 32)
         v16s = ir.VectorType(ir.IntType(16), 16)
@@ -490,14 +441,14 @@ def _vnni_lanes(builder, acc, a, b, isa: str):
         for h in range(2):  # rows 8 h .. 8 h + 7 of the group: 8 lanes of a ymm
             w, x = _half(builder, a, h), _half(builder, b, h)
             aw = builder.select(builder.icmp_signed("<", w, zero), builder.neg(w), w)  # |qs|
-            sx = _x86(builder, "llvm.x86.avx2.psign.b", v32b, x, w)  # qx with the sign of qs
-            pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", v16s, aw, sx)  # |pair| < 2^15
+            sx = x86(builder, "llvm.x86.avx2.psign.b", v32b, x, w)  # qx with the sign of qs
+            pairs = x86(builder, "llvm.x86.avx2.pmadd.ub.sw", v16s, aw, sx)  # |pair| < 2^15
             halves.append(
-                _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, ones)
+                x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), pairs, ones)
             )
         both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I, list(range(16))))
         return builder.add(acc, both)
-    wide = ir.VectorType(_I32, 64)
+    wide = ir.VectorType(I32, 64)
     prod = builder.mul(builder.zext(a, wide), builder.sext(b, wide))
     for j in range(4):
         pick = ir.Constant(_V16I, [4 * lane + j for lane in range(_LANES)])
@@ -525,18 +476,18 @@ def _make_q8_tile(P: int, isa: str):
             g_v, m0_v = args[2], args[6]
 
             def const(v):
-                return ir.Constant(_I64, v)
+                return ir.Constant(I64, v)
 
             nb = cgutils.unpack_tuple(builder, dx_a.shape, 2)[1]
             kp4 = builder.udiv(cgutils.unpack_tuple(builder, qx_a.shape, 2)[1], const(4))
             Np = cgutils.unpack_tuple(builder, out_a.shape, 2)[1]
-            acc = [cgutils.alloca_once(builder, _V16F) for _ in range(P)]
+            acc = [cgutils.alloca_once(builder, V16F) for _ in range(P)]
             for slot in acc:
-                builder.store(ir.Constant(_V16F, None), slot)
+                builder.store(ir.Constant(V16F, None), slot)
             m_v = [builder.add(m0_v, const(p)) for p in range(P)]
             gb = builder.mul(g_v, nb)  # blocks of the groups before g
             sign = ir.Constant(_V64B, [0x80] * 64)
-            qx32 = builder.bitcast(qx_a.data, _I32.as_pointer())  # 4 quants per int32
+            qx32 = builder.bitcast(qx_a.data, I32.as_pointer())  # 4 quants per int32
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 w0 = builder.mul(builder.add(gb, b), const(8 * 64))  # byte of (g, b) in wu
@@ -548,7 +499,7 @@ def _make_q8_tile(P: int, isa: str):
                 sp = builder.gep(dws_a.data, [builder.mul(builder.add(gb, b), const(_LANES))])
                 bits = builder.load(builder.bitcast(sp, _V16H.as_pointer()), align=2)
                 dw = builder.fpext(
-                    builder.bitcast(bits, ir.VectorType(ir.HalfType(), _LANES)), _V16F
+                    builder.bitcast(bits, ir.VectorType(ir.HalfType(), _LANES)), V16F
                 )
                 for c0 in range(0, P, chunk):  # rows of x `chunk` at a time (16 lanes each)
                     rows = range(c0, min(P, c0 + chunk))
@@ -571,15 +522,13 @@ def _make_q8_tile(P: int, isa: str):
                             lanes[p] = _vnni_lanes(builder, lanes[p], wv[k4], xv, isa)
                     for p in rows:
                         d_x = builder.load(builder.gep(dx_a.data, [mb[p]]))
-                        scale = builder.fmul(dw, _splat(builder, d_x))  # exact: two float16s
-                        total = builder.sitofp(lanes[p], _V16F)
-                        builder.store(_fma16(builder, total, scale, builder.load(acc[p])), acc[p])
+                        scale = builder.fmul(dw, splat(builder, d_x))  # exact: two float16s
+                        total = builder.sitofp(lanes[p], V16F)
+                        builder.store(fma16(builder, total, scale, builder.load(acc[p])), acc[p])
             n0 = builder.mul(g_v, const(_LANES))
             for p in range(P):
                 at = builder.gep(out_a.data, [builder.add(builder.mul(m_v[p], Np), n0)])
-                builder.store(
-                    builder.load(acc[p]), builder.bitcast(at, _V16F.as_pointer()), align=4
-                )
+                builder.store(builder.load(acc[p]), builder.bitcast(at, V16F.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -595,7 +544,7 @@ def _round_f16(typingctx, f):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32)
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), F32)
 
     return types.float32(f), codegen
 
@@ -880,10 +829,14 @@ def q8_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray, isa: str = ISA) -> 
 
 
 def tiles_forward(x2: np.ndarray, q: QWeight, bias: np.ndarray | None) -> np.ndarray:
-    """The tiles variant at any M: x2 (M, K) float32 -> (M, N) through BLAS (int8: x rounded to
+    """The tiles variant at any M: x2 (M, K) float32 -> (M, N), on AVX-512 through the packed
+    gemm (fast/numba/gemm.py) where a whole tile fits, else through BLAS (int8: x rounded to
     its q8_0 blocks first, as the reference; the int8 kernel is faster at every M)."""
     data, scale = _stored(q)
     N, K = data.shape
+    if q.dtype in gemm.DTYPES and gemm.USE and gemm.fits(x2.shape[0], N):
+        bias = np.zeros(N, np.float32) if bias is None else bias  # (N,)
+        return gemm.packed_forward(np.ascontiguousarray(x2), data, q.dtype, bias)
     if q.dtype == "int8":
         x2 = dequantize_x_q8(x2)
     out = np.empty((x2.shape[0], N), np.float32)  # (M, N)

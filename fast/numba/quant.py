@@ -552,71 +552,33 @@ def _round_f16(typingctx, f):
 _Q8_X_MAX = np.float32(127.0 * 65504.0)  # |x| beyond this: a block scale float16 cannot hold
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _row_is_bad(xr):
-    """The row xr (K,) holds NaN, Inf or |x| > 127 * 65504."""
-    bad = False
-    for k in range(xr.shape[0]):
-        bad |= not abs(xr[k]) <= _Q8_X_MAX  # NaN fails every comparison
-    return bad
-
-
-@numba.njit(inline="always", cache=True, nogil=True)
-def _block_absmax(xb, n):
-    """max |xb[:n]| of finite values, from their bits (xb int32): with the sign bit cleared,
-    finite floats order as their bits do, and LLVM vectorises an integer max reduction where
-    it keeps a float one scalar. max is exact, so any order gives the same value."""
-    amax = 0
-    for k in range(n):
-        amax = max(amax, xb[k] & 0x7FFFFFFF)
-    return _u32_bits_to_f32(np.uint32(amax))
-
-
-@numba.njit(inline="always", cache=True, nogil=True)
-def _block_quants(xb, n, inv, qb):
-    """qb[:n] = round(xb[:n] * inv) (half to even) clipped to +-127, of finite values; -> the
-    sum of those quants (the clips are selects, so the loop vectorises)."""
-    total = 0
-    for k in range(n):
-        q = np.int32(min(max(np.rint(xb[k] * inv), np.float32(-127.0)), np.float32(127.0)))
-        qb[k] = q
-        total += q
-    return total
-
-
 @numba.njit(inline="always", cache=True, nogil=True)
 def _quantize_row(x, qx, dx, cx, m):
     """Row m of x (M, K) float32 -> qx[m] (nb * 32,) int8 (zeros past K), dx[m] (nb,) float32,
     cx[m] (nb,) int32: ref.quant.q8_0_activations bit for bit (d = float16(absmax / 127),
     q = round(x / d) clipped to +-127; a row holding NaN, Inf or |x| > 127 * 65504 gets quants 0
-    and dx NaN), and cx = 128 * the sum of each block's quants (the kernel's offset). A full
-    block's loops run 32 times exactly (QK, a constant), so LLVM turns them into whole vectors:
-    (16, 3072), the int8 step's largest x, 36 against 51-57 us on 2 cores (medians of 300 calls,
-    the element-by-element version of 3f9caf4 alternated in one process, two runs), (16, 768)
-    11 against 16."""
+    and dx NaN), and cx = 128 * the sum of each block's quants (the kernel's offset)."""
     K = x.shape[1]
     nb = dx.shape[1]
-    xr = x[m]  # (K,)
-    xir = xr.view(np.int32)  # (K,) its bits
-    qr = qx[m]  # (nb * 32,)
-    bad = _row_is_bad(xr)
+    bad = False
+    for k in range(K):
+        bad |= not abs(x[m, k]) <= _Q8_X_MAX  # NaN fails every comparison
     for b in range(nb):
         lo = b * QK
-        n = min(K - lo, QK)  # values of x in this block
-        qb = qr[lo : lo + QK]
+        hi = min(K, lo + QK)
+        amax = np.float32(0.0)
+        for k in range(lo, hi):
+            amax = max(amax, abs(x[m, k]))
+        d = _round_f16(amax / np.float32(127.0))
+        inv = np.float32(1.0) / d if d != 0 and not bad else np.float32(0.0)
         total = 0
-        if bad:
-            qb[:] = 0
-            dx[m, b] = np.float32(np.nan)
-        else:
-            xb, xib = xr[lo : lo + n], xir[lo : lo + n]
-            full = n == QK  # then the loops get the constant QK as their count
-            amax = _block_absmax(xib, QK) if full else _block_absmax(xib, n)
-            d = _round_f16(amax / np.float32(127.0))
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            total = _block_quants(xb, QK, inv, qb) if full else _block_quants(xb, n, inv, qb)
-            qb[n:] = 0
-            dx[m, b] = d
+        for k in range(lo, hi):
+            q = 0 if bad else int(min(max(np.rint(x[m, k] * inv), -127.0), 127.0))
+            qx[m, k] = q
+            total += q
+        for k in range(hi, lo + QK):
+            qx[m, k] = 0
+        dx[m, b] = np.float32(np.nan) if bad else d
         cx[m, b] = 128 * total
 
 

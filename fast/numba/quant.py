@@ -24,7 +24,7 @@ Variants for the float formats, chosen on M by `qlinear_forward`:
             batch invariance.
     tiles   M > ROWS_MAX_M: prompts. With AVX-512, the packed gemm of fast/numba/gemm.py:
             panels of W widened and transposed into an L2-sized buffer, 8 x 48 register tiles
-            (1.6-1.9x numpy's BLAS under OPENBLAS_CORETYPE=Haswell; that module says more).
+            (1.4-1.9x numpy's BLAS under OPENBLAS_CORETYPE=Haswell; that module says more).
             Elsewhere, or when a tile does not fit (N < 48): dequantize a tile of W's rows
             into a float32 buffer of about _TILE_BYTES (a parallel Numba kernel) and multiply
             with numpy's BLAS; a float32 QWeight goes to BLAS directly (`gemm_nt`: x @ W.T

@@ -58,8 +58,10 @@ run, best of 7, 2 cores, the quantization of x included): M = 16, the 124M block
 squares; M = 1 from cache 163-180 GOP/s, the LM head
 from memory 53 GB/s. In a decode step the weights come from memory and the workers wake for
 each call, so the 16-row step's linears take 13-16 ms where the kernel alone takes 7.
-Tried and measured: software prefetch of the next group's rows, 1 to 16 groups ahead,
-changed nothing; 16 rows of x per pass (16 accumulators) spilled and was slower than 8.
+On Zen 5 (2 cores, weights from memory) the tiles of 8 rows of x prefetch W 8 KB ahead in its
+stream (_PF_BYTES), 25-35% faster at M = 16 than leaving it to the hardware's prefetchers
+(an earlier try, on Sapphire Rapids, of prefetching whole groups ahead changed nothing there).
+16 rows of x per pass (16 accumulators) spilled and was slower than 8.
 A prompt on int8 runs after the tiled attention's BLAS calls, whose OpenBLAS threads spin for
 a while after each and took turns with the kernel's (a 512-token int8 prompt 578 ms against
 330 with OpenBLAS at one thread): fast/numba/flash.py's forward now caps BLAS at one thread.
@@ -401,6 +403,14 @@ _ROWS = {
 # Elsewhere (no AVX2) the same lanes are computed by widening to 32-bit multiplies
 # (_vnni_lanes "wide"). All three compute the same integers, so the same bits.
 
+# the tiles of 8 rows of x (M >= 8: batched decode) prefetch W this many bytes on in wu's stream,
+# 16 lines ahead of each 64-byte load. Weights from memory, 16 rows of x, 2-core AMD Zen 5, three
+# runs alternated, best of 15 each (us, none / 8 KB / 12 KB / 24 KB ahead): c_attn 155-190 /
+# 120-122 / 118-124 / 124-134, c_fc 212-278 / 163-171 / 159-166 / 160-165, the LM head
+# 3196-3341 / 2435-2475 / 2260-2699 / 2356-2941. The hardware's prefetchers alone leave the
+# vector units waiting on memory at every group. Batch 1 (the tile of 1 row) gains nothing from
+# it (the LM head 531-585 us without, 562-652 with 8 KB): its loads alone stream the weights.
+_PF_BYTES = 8192
 _Q8_SERIAL_X = 1 << 14  # elements of x up to which the kernel quantizes x on one thread
 _LANES = 16  # rows of W per group: the 16 int32 / float32 lanes of a zmm register
 _V16I = ir.VectorType(I32, _LANES)
@@ -456,12 +466,13 @@ def _vnni_lanes(builder, acc, a, b, isa: str):
     return acc
 
 
-def _make_q8_tile(P: int, isa: str):
+def _make_q8_tile(P: int, isa: str, ahead: int = 0):
     """An intrinsic tile(wu, dws, g, qx, dx, cx, m0, out): out[m0 + p, 16 g : 16 g + 16] for
     p < P, as the sums above (no bias). wu (G, nb, 8, 16, 4) uint8 and dws (G, nb, 16) uint16
     (float16 bits) from _prepare_q8; qx (M, nb * 32) int8, dx (M, nb) float32, cx (M, nb)
     int32 from quantize_x_q8; out (M, 16 G) float32; all C-contiguous, the caller keeps
-    g < G and m0 + P <= M. isa: the instructions of _vnni_lanes."""
+    g < G and m0 + P <= M. isa: the instructions of _vnni_lanes. ahead > 0: prefetch wu that
+    many bytes past each 64-byte load (a hint: past wu's end it reads nothing)."""
     chunk = _ISA_ROWS[isa]
 
     @intrinsic
@@ -494,6 +505,8 @@ def _make_q8_tile(P: int, isa: str):
                 wv = []  # the block's 8 x 64 bytes of W: four k at a time, for every row of x
                 for k4 in range(8):
                     wp = builder.gep(wu_a.data, [builder.add(w0, const(64 * k4))])
+                    if ahead:
+                        prefetch(builder, wp, ahead)
                     v = builder.load(builder.bitcast(wp, _V64B.as_pointer()), align=1)
                     wv.append(builder.xor(v, sign) if isa == "avx2" else v)  # avx2: qs itself
                 sp = builder.gep(dws_a.data, [builder.mul(builder.add(gb, b), const(_LANES))])
@@ -621,10 +634,11 @@ def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
                 out[m, n] += bias[n]
 
 
-def _make_rows_q8(isa: str):
-    """_rows_q8 compiled for one of ISAS (as _make_rows does, one name each)."""
-    name = f"_rows_q8_{isa}"
-    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa) for P in (8, 4, 1)}
+def _make_rows_q8(isa: str, ahead: int = _PF_BYTES):
+    """_rows_q8 compiled for one of ISAS (as _make_rows does, one name each); its tiles of 8
+    rows of x prefetch wu `ahead` bytes on (0: none)."""
+    name = f"_rows_q8_{isa}" if ahead == _PF_BYTES else f"_rows_q8_{isa}_{ahead}"
+    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa, ahead if P == 8 else 0) for P in (8, 4, 1)}
     bound = dict(globals(), **tiles)
     fn = FunctionType(_rows_q8.__code__, bound, name)
     fn.__qualname__ = name

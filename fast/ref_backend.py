@@ -11,6 +11,7 @@ from ref.ops import (  # noqa: F401  (re-exported: the backend contract)
     embedding_forward,
     gelu_backward,
     gelu_forward,
+    kv_store,
     layernorm_backward,
     layernorm_forward,
     linear_backward,

@@ -240,8 +240,8 @@ def attn_forward(
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, NH, T, hs)
     if kv is not None:
         k_cache, v_cache, P = kv
-        k_cache[:, :, P : P + T] = k  # a float16 cache rounds them here (KVCache)
-        v_cache[:, :, P : P + T] = v
+        ops.kv_store(k_cache, P, k)  # k_cache[:, :, P : P + T] = k; a float16 cache rounds
+        ops.kv_store(v_cache, P, v)  # them here (KVCache)
         k, v = k_cache[:, :, : P + T], v_cache[:, :, : P + T]  # (B, NH, P+T, hs)
     if rng is not None and dropout.attn > 0.0:
         y, att_cache = ops.attention_forward(q, k, v, key_mask, dropout.attn, rng)

@@ -237,6 +237,14 @@ def attention_forward(
     return out, (q, k, v, att, drop)
 
 
+def kv_store(cache: np.ndarray, P: int, new: np.ndarray) -> None:
+    """cache[:, :, P : P + T] = new, in place: the T new keys (or values) of a forward, new
+    (B, NH, T, hs) float32, into a KV cache layer (B, NH, capacity, hs), float32 or float16
+    (ref.model.KVCache: each value rounded to the nearest float16, ties to even). Inference
+    only: nothing to undo in a backward."""
+    cache[:, :, P : P + new.shape[2]] = new
+
+
 def attention_backward(dout: np.ndarray, cache):
     """With s = q k^T * scale, att = softmax(s), att_d = att * mask (dropout; mask = 1 without
     it), out = att_d v:

@@ -52,6 +52,34 @@ def test_a_dtype_it_cannot_store_is_refused_by_name():
         Model(TINY, tiny_params(TINY), kv_dtype="int8")
 
 
+def test_numba_kv_store_rounds_as_numpy_does():
+    """fast.numba's kv_store (a kernel for float16 caches) stores numpy's bits: ties to even,
+    subnormals, overflow to inf, signed zeros, NaN, from the strided views of qkv the model
+    passes; a float32 cache and arrays the kernel does not take go to numpy's assignment."""
+    nat = pytest.importorskip("fast.numba.attention")
+    from ref import ops
+
+    rng = np.random.default_rng(4)
+    B, NH, T, hs, cap, P = 2, 3, 5, 64, 12, 6
+    x = rng.standard_normal((B, T, 3, NH, hs)) * 10.0 ** rng.uniform(-9, 6, (B, T, 3, NH, hs))
+    x = x.astype(np.float32)
+    special = [np.nan, np.inf, -np.inf, 65504, 65519.99, 65520, 2.0**-24, 2.0**-25, -0.0]
+    special += [1 + 2.0**-11, 1 + 3 * 2.0**-11, 2.0**-14 * (1 + 2.0**-11)]  # ties to even
+    x[0, 0, 1, 0, : len(special)] = special  # into the keys (slot 1 of 3)
+    k = x.transpose(2, 0, 3, 1, 4)[1]  # (B, NH, T, hs), the model's strided view
+    for dtype in (np.float16, np.float32):
+        got = np.zeros((B, NH, cap, hs), dtype)
+        want = got.copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            nat.kv_store(got, P, k)
+            ops.kv_store(want, P, k)
+        bits = np.uint16 if dtype == np.float16 else np.uint32
+        assert np.array_equal(got.view(bits), want.view(bits)), dtype
+        assert np.isnan(got).sum() == 1 and np.isinf(got).sum() >= 2
+    with pytest.raises(ValueError, match="kv_store: 5 new keys at slot 9 exceed .* 12 slots"):
+        nat.kv_store(np.zeros((B, NH, cap, hs), np.float16), 9, k)
+
+
 def test_numba_on_a_float16_cache_is_the_reference_on_one():
     """Prompt with padding, then decode steps, on float16 caches: numba against the reference.
     The two backends' float32 keys differ by a few ulps, and where one lies next to a float16

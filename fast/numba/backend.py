@@ -15,6 +15,8 @@ numba_flash's fixed cost per call dominates; `python -m bench.tools.numba_flash_
 `dropout` (one numpy draw and multiply; ref/model.py calls the reference's on every backend).
 `qlinear` (a quantized model's linear layers and LM head, ref/quant.py) is fast/numba/quant.py:
 the row-invariant kernel for up to 64 rows, dequantized tiles and BLAS beyond.
+`kv_store` (a forward's new keys and values into the KV cache) rounds a float16 cache in a
+kernel, numpy's cast being one value at a time (fast/numba/attention.py).
 `attention_rows_forward` (the server's decode step, ref/batching.py): R sequences, each over a
 KV cache of its own, in one launch (fast/numba/attention.py).
 Dropout on the attention probabilities: the fused kernels have none (their softmax never
@@ -34,7 +36,7 @@ from fast.numba import crossentropy as numba_crossentropy
 from fast.numba import flash as numba_flash
 from fast.numba import gelu as numba_gelu
 from fast.numba import layernorm as numba_layernorm
-from fast.numba.attention import attention_rows_forward
+from fast.numba.attention import attention_rows_forward, kv_store
 from fast.numba.common import single_threaded
 from fast.numba.crossentropy import crossentropy_backward, crossentropy_forward
 from fast.numba.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
@@ -66,6 +68,7 @@ __all__ = [
     "embedding_forward",
     "gelu_backward",
     "gelu_forward",
+    "kv_store",
     "layernorm_backward",
     "layernorm_forward",
     "linear_backward",

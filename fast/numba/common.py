@@ -188,6 +188,21 @@ def as_f32(typingctx, x):
 
 
 @intrinsic
+def f16_bits(typingctx, x):
+    """A float32 -> the bits (uint16) of the nearest float16, ties to even, beyond +-65504 inf:
+    numpy's astype(float16) (LLVM fptrunc; one VCVTPS2PH per 8 or 16 values where the loop
+    vectorises), the inverse of as_f32 on the values a float16 holds."""
+    if x != types.float32:
+        return None
+    sig = types.uint16(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
 def prefetch(typingctx, a, i):
     """Hint a load of the cache line holding element i of C-contiguous `a` (flat index).
 

@@ -170,6 +170,26 @@ def test_the_x_quantizer_is_the_references_bit_for_bit(x):
     assert np.array_equal(cx, 128 * qx.reshape(M, nb, quant.QK).astype(np.int32).sum(axis=2))
 
 
+def test_the_x_quantizer_rounds_ties_to_even_as_the_reference():
+    """Full blocks go through the vector quantizer (_q8_block), the short last one through the
+    loops: both round x / d halfway cases to even (d = 1 here: each block's absmax is 127) and
+    give an all-zero block scale 0, the reference's bits; at M = 1 and M = 16, K = 32 * 24 + 5."""
+    K = 32 * 24 + 5
+    for M in (1, 16):
+        rng = np.random.default_rng(M)
+        halves = rng.choice(np.arange(-126, 126) + 0.5, size=(M, K)).astype(np.float32)
+        halves[:, ::32] = 127.0  # absmax 127 in every block: d = 1
+        halves[:, 64:96] = 0.0  # an all-zero block
+        qs, d = quant.q8_0_activations(halves)
+        nb = quant.n_blocks(K)
+        qx = np.empty((M, nb * quant.QK), np.int8)  # (M, Kp)
+        dx = np.empty((M, nb), np.float32)  # (M, nb)
+        cx = np.empty((M, nb), np.int32)  # (M, nb)
+        nq.quantize_x_q8(halves, qx, dx, cx)
+        assert np.array_equal(qx[:, :K], qs) and np.array_equal(dx, d.astype(np.float32))
+        assert (dx[:, 2] == 0).all() and (qs[:, 1:32] % 2 == 0).all()  # ties went to even
+
+
 # the int8 kernel's instruction sets this CPU runs: its own (nq.ISA) and those after it
 HOST_ISAS = nq.ISAS[nq.ISAS.index(nq.ISA) :]
 

@@ -106,6 +106,7 @@ from fast.numba.simd import (
     V16F,
     L,
     fma16,
+    lanes,
     load16,
     prefetch,
     splat,
@@ -562,6 +563,80 @@ def _round_f16(typingctx, f):
     return types.float32(f), codegen
 
 
+@intrinsic
+def _q8_block(typingctx, x, m, k0, qx, dx, cx, b):
+    """One full q8_0 block of a row of x whose values are all finite and within _Q8_X_MAX:
+    x[m, k0 : k0 + 32] -> qx[m, k0 : k0 + 32], dx[m, b], cx[m, b], the operations of
+    _quantize_row's loops on 16 lanes at a time (|x|'s maximum, d = float16(amax / 127),
+    q = rint(x / d) clipped to +-127, their sum; the same bits: the maximum and an integer sum
+    do not depend on their order). x (M, K) float32, qx (M, Kp) int8, dx (M, nb) float32,
+    cx (M, nb) int32, all C-contiguous; the caller keeps k0 + 32 <= K. x of (16, 768):
+    4.5 us against 15.6 through the loops alone, (16, 3072) 12.8 against 56.6 (the launcher
+    quantize_x_q8, best of 200; 1.1 ms of a 16-sequence decode step of GPT-2 124M); batch 1
+    unchanged within the noise of whole decode steps alternated with the loops' tree."""
+    sig = types.void(x, m, k0, qx, dx, cx, b)
+
+    def codegen(context, builder, signature, args):
+        x_a, qx_a, dx_a, cx_a = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5)
+        )
+        m_v, k0_v, b_v = args[1], args[2], args[6]
+        K = cgutils.unpack_tuple(builder, x_a.shape, 2)[1]
+        Kp = cgutils.unpack_tuple(builder, qx_a.shape, 2)[1]
+        nb = cgutils.unpack_tuple(builder, dx_a.shape, 2)[1]
+        at = builder.add(builder.mul(m_v, K), k0_v)
+        ptrs = [builder.gep(x_a.data, [builder.add(at, ir.Constant(I64, 16 * h))]) for h in (0, 1)]
+        halves = [load16(builder, p, 0, 4) for p in ptrs]  # x[m, k0 : k0 + 32], two vectors
+
+        def vmax(a, c):
+            return builder.select(builder.fcmp_ordered(">", a, c), a, c)
+
+        def vmin(a, c):
+            return builder.select(builder.fcmp_ordered("<", a, c), a, c)
+
+        fabs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(V16F, [V16F]), "llvm.fabs.v16f32"
+        )
+        a = vmax(builder.call(fabs, [halves[0]]), builder.call(fabs, [halves[1]]))
+        n = QK // 2
+        while n > 1:  # the 16 lanes' maximum
+            a = vmax(lanes(builder, a, 0, n // 2), lanes(builder, a, n // 2, n))
+            n //= 2
+        amax = builder.extract_element(a, ir.Constant(I32, 0))
+        d = builder.fpext(
+            builder.fptrunc(builder.fdiv(amax, ir.Constant(F32, 127.0)), ir.HalfType()), F32
+        )
+        zero = ir.Constant(F32, 0.0)
+        inv = builder.select(
+            builder.fcmp_ordered("!=", d, zero), builder.fdiv(ir.Constant(F32, 1.0), d), zero
+        )
+        rint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(V16F, [V16F]), "llvm.rint.v16f32"
+        )
+        lo, hi = splat(builder, ir.Constant(F32, -127.0)), splat(builder, ir.Constant(F32, 127.0))
+        v16b = ir.VectorType(ir.IntType(8), L)
+        q_at = builder.add(builder.mul(m_v, Kp), k0_v)
+        total = ir.Constant(_V16I, [0] * L)
+        for h in range(2):
+            q = builder.call(rint, [builder.fmul(halves[h], splat(builder, inv))])
+            q = vmin(vmax(q, lo), hi)
+            qi = builder.fptosi(q, _V16I)
+            total = builder.add(total, qi)
+            dst = builder.gep(qx_a.data, [builder.add(q_at, ir.Constant(I64, 16 * h))])
+            builder.store(builder.trunc(qi, v16b), builder.bitcast(dst, v16b.as_pointer()), align=1)
+        n = L
+        while n > 1:
+            total = builder.add(lanes(builder, total, 0, n // 2), lanes(builder, total, n // 2, n))
+            n //= 2
+        tot = builder.extract_element(total, ir.Constant(I32, 0))
+        mb = builder.add(builder.mul(m_v, nb), b_v)
+        builder.store(d, builder.gep(dx_a.data, [mb]))
+        builder.store(builder.mul(tot, ir.Constant(I32, 128)), builder.gep(cx_a.data, [mb]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 _Q8_X_MAX = np.float32(127.0 * 65504.0)  # |x| beyond this: a block scale float16 cannot hold
 
 
@@ -579,6 +654,9 @@ def _quantize_row(x, qx, dx, cx, m):
     for b in range(nb):
         lo = b * QK
         hi = min(K, lo + QK)
+        if hi - lo == QK and not bad:
+            _q8_block(x, m, lo, qx, dx, cx, b)  # the same, 16 lanes at a time
+            continue
         amax = np.float32(0.0)
         for k in range(lo, hi):
             amax = max(amax, abs(x[m, k]))

@@ -58,10 +58,13 @@ run, best of 7, 2 cores, the quantization of x included): M = 16, the 124M block
 squares; M = 1 from cache 163-180 GOP/s, the LM head
 from memory 53 GB/s. In a decode step the weights come from memory and the workers wake for
 each call, so the 16-row step's linears take 13-16 ms where the kernel alone takes 7.
-On Zen 5 (2 cores, weights from memory) the tiles of 8 rows of x prefetch W 8 KB ahead in its
-stream (_PF_BYTES), 25-35% faster at M = 16 than leaving it to the hardware's prefetchers
-(an earlier try, on Sapphire Rapids, of prefetching whole groups ahead changed nothing there).
-16 rows of x per pass (16 accumulators) spilled and was slower than 8.
+On Zen 5 (2 cores, weights from memory) the tiles of 8 and 16 rows of x prefetch W 8 KB ahead
+in its stream (_PF_BYTES), 25-35% faster at M = 16 than leaving it to the hardware's
+prefetchers (an earlier try, on Sapphire Rapids, of prefetching whole groups ahead changed
+nothing there). Tiles of 16 rows of x (one pass over a group's W for a 16-sequence step) are
+9-18% faster than two of 8 there (alternated in one process, best of 7, weights from memory:
+c_attn 115-122 against 137-142 us, mlp.c_proj 146-148 against 176-178, the LM head 2.45-2.51
+against 2.77-2.87 ms), though on Sapphire Rapids, without the prefetch, they were slower.
 A prompt on int8 runs after the tiled attention's BLAS calls, whose OpenBLAS threads spin for
 a while after each and took turns with the kernel's (a 512-token int8 prompt 578 ms against
 330 with OpenBLAS at one thread): fast/numba/flash.py's forward now caps BLAS at one thread.
@@ -391,7 +394,8 @@ _ROWS = {
 #   * sum_k (qs + 128) qx = I + 128 sum_k qx: the lanes start the block at -cx[m, b] =
 #     -128 sum_k qx[m, k] (quantize_x_q8 computes it), so they hold I_b exactly;
 #   * then one int -> float conversion and one fma per block and (16 rows x a row of x).
-# Rows of x go 4 at a time (each load of W serves four), then one at a time. K is padded to a
+# Rows of x go 16 at a time, then 8, 4 and 1 (each load of W serves them all, its lanes 4 rows
+# at a time). K is padded to a
 # multiple of 32 with zero weights and zero quants (the short last block needs no code of its
 # own), N to a multiple of 16 (the kernel writes a padded (M, Np) output).
 # AVX2 without VNNI (AMD Zen 2 and 3, most laptops before 2021) has VPMADDUBSW: the two
@@ -404,13 +408,13 @@ _ROWS = {
 # Elsewhere (no AVX2) the same lanes are computed by widening to 32-bit multiplies
 # (_vnni_lanes "wide"). All three compute the same integers, so the same bits.
 
-# the tiles of 8 rows of x (M >= 8: batched decode) prefetch W this many bytes on in wu's stream,
-# 16 lines ahead of each 64-byte load. Weights from memory, 16 rows of x, 2-core AMD Zen 5, three
-# runs alternated, best of 15 each (us, none / 8 KB / 12 KB / 24 KB ahead): c_attn 155-190 /
-# 120-122 / 118-124 / 124-134, c_fc 212-278 / 163-171 / 159-166 / 160-165, the LM head
-# 3196-3341 / 2435-2475 / 2260-2699 / 2356-2941. The hardware's prefetchers alone leave the
-# vector units waiting on memory at every group. Batch 1 (the tile of 1 row) gains nothing from
-# it (the LM head 531-585 us without, 562-652 with 8 KB): its loads alone stream the weights.
+# the tiles of 8 and 16 rows of x (M >= 8: batched decode) prefetch W this many bytes on in wu's
+# stream, 16 lines ahead of each 64-byte load. Weights from memory, 16 rows of x, 2-core AMD Zen 5
+# (tiles of 8 then), three runs alternated, best of 15 each (us, none / 8 KB / 12 KB / 24 KB ahead):
+# c_attn 155-190 / 120-122 / 118-124 / 124-134, c_fc 212-278 / 163-171 / 159-166 / 160-165, the LM
+# head 3196-3341 / 2435-2475 / 2260-2699 / 2356-2941. The hardware's prefetchers alone leave the
+# vector units waiting on memory at every group. Batch 1 (the tile of 1 row) gains nothing from it
+# (the LM head 531-585 us without, 562-652 with 8 KB): its loads alone stream the weights.
 _PF_BYTES = 8192
 _Q8_SERIAL_X = 1 << 14  # elements of x up to which the kernel quantizes x on one thread
 _LANES = 16  # rows of W per group: the 16 int32 / float32 lanes of a zmm register
@@ -681,14 +685,16 @@ def quantize_x_q8(x, qx, dx, cx):
         _quantize_row(x, qx, dx, cx, m)
 
 
-_q8_tile_8 = _q8_tile_4 = _q8_tile_1 = None  # the names _rows_q8 reads; _make_rows_q8 binds
+_q8_tile_16 = _q8_tile_8 = _q8_tile_4 = _q8_tile_1 = None  # names _rows_q8 reads, _make_rows_q8
+_TILE16 = False  # binds
 
 
 def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
     """The int8 kernel: x (M, K) float32 quantized into qx, dx, cx (_quantize_row), then out
-    (M, 16 G) = the tiles above, + bias (N,) on the first N columns. A template: _make_rows_q8
-    binds _q8_tile_p (4 rows of x) and _q8_tile_1. Small x is quantized on the calling thread
-    (a parallel region more would cost a wake-up of the workers, 30-50 us, against ~10 us)."""
+    (M, 16 G) = the tiles above, + bias (N,) on the first N columns. A template: _make_rows_q8 binds
+    _q8_tile_P (P = 16, 8, 4 rows of x; 16 where _TILE16) and _q8_tile_1. Small x is quantized on
+    the calling thread (a parallel region more would cost a wake-up of the workers, 30-50 us,
+    against ~10 us)."""
     G = wu.shape[0]
     M, K = x.shape
     N = bias.shape[0]
@@ -700,8 +706,11 @@ def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
     else:
         for m in prange(M):
             _quantize_row(x, qx, dx, cx, m)
+    M16 = M // 16 * 16 if _TILE16 else 0  # tiles of 16 rows: AVX-512 VNNI's 32 registers
     for g in prange(G):
-        for m0 in range(0, M8, 8):
+        for m0 in range(0, M16, 16):
+            _q8_tile_16(wu, dws, g, qx, dx, cx, m0, out)
+        for m0 in range(M16, M8, 8):
             _q8_tile_8(wu, dws, g, qx, dx, cx, m0, out)
         for m0 in range(M8, M4, 4):
             _q8_tile_4(wu, dws, g, qx, dx, cx, m0, out)
@@ -714,10 +723,10 @@ def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
 
 def _make_rows_q8(isa: str, ahead: int = _PF_BYTES):
     """_rows_q8 compiled for one of ISAS (as _make_rows does, one name each); its tiles of 8
-    rows of x prefetch wu `ahead` bytes on (0: none)."""
+    and 16 rows of x (16: VNNI only) prefetch wu `ahead` bytes on (0: none)."""
     name = f"_rows_q8_{isa}" if ahead == _PF_BYTES else f"_rows_q8_{isa}_{ahead}"
-    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa, ahead if P == 8 else 0) for P in (8, 4, 1)}
-    bound = dict(globals(), **tiles)
+    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa, ahead if P >= 8 else 0) for P in (16, 8, 4, 1)}
+    bound = dict(globals(), **tiles, _TILE16=isa == "vnni")
     fn = FunctionType(_rows_q8.__code__, bound, name)
     fn.__qualname__ = name
     return numba.njit(parallel=True, cache=True, nogil=True)(fn)

@@ -525,7 +525,9 @@ def kv_store(cache: np.ndarray, P: int, new: np.ndarray) -> None:
             f"kv_store: {new.shape[2]} new keys at slot {P} exceed the cache's "
             f"{cache.shape[2]} slots"
         )
-    _kv_store_f16(cache.view(np.uint16), P, new)
+    # a C-contiguous copy of the model's strided view (48 KB a decode step of 16 sequences,
+    # 2 us): with its layout known the loop vectorises (9-13 against 15-21 us a call without)
+    _kv_store_f16(cache.view(np.uint16), P, np.ascontiguousarray(new))
 
 
 def attention_backward(dout: np.ndarray, cache):

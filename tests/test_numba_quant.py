@@ -157,7 +157,7 @@ def activations(draw):
 @given(activations())
 def test_the_x_quantizer_is_the_references_bit_for_bit(x):
     """The int8 kernel's q8_0 of x: the reference's quants and scales, zeros past K, and the
-    offset it starts each block's lanes from, 128 * the sum of the block's quants."""
+    offset it starts each block's lanes from, -128 * the sum of the block's quants."""
     qs, d = quant.q8_0_activations(x)
     M, K = x.shape
     nb = quant.n_blocks(K)
@@ -167,7 +167,7 @@ def test_the_x_quantizer_is_the_references_bit_for_bit(x):
     nq.quantize_x_q8(x, qx, dx, cx)
     assert np.array_equal(qx[:, :K], qs) and not qx[:, K:].any()
     assert np.array_equal(dx, d.astype(np.float32), equal_nan=True)
-    assert np.array_equal(cx, 128 * qx.reshape(M, nb, quant.QK).astype(np.int32).sum(axis=2))
+    assert np.array_equal(cx, -128 * qx.reshape(M, nb, quant.QK).astype(np.int32).sum(axis=2))
 
 
 def test_the_x_quantizer_rounds_ties_to_even_as_the_reference():

@@ -391,8 +391,9 @@ _ROWS = {
 #     QWeight (_prepare_q8) as (groups of 16 rows, nb, 8, 16, 4): each 64-byte load is four
 #     consecutive k of 16 rows, and a group's bytes are contiguous (one stream per thread);
 #   * each 4 bytes of a row of qx are broadcast to the 16 lanes;
-#   * sum_k (qs + 128) qx = I + 128 sum_k qx: the lanes start the block at -cx[m, b] =
-#     -128 sum_k qx[m, k] (quantize_x_q8 computes it), so they hold I_b exactly;
+#   * sum_k (qs + 128) qx = I + 128 sum_k qx: the lanes start the block at cx[m, b] =
+#     -128 sum_k qx[m, k] (quantize_x_q8 computes it, negated already so that the kernel
+#     broadcasts it straight from memory), so they hold I_b exactly;
 #   * then one int -> float conversion and one fma per block and (16 rows x a row of x).
 # Rows of x go 16 at a time, then 8, 4 and 1 (each load of W serves them all, its lanes 4 rows
 # at a time). K is padded to a
@@ -522,13 +523,13 @@ def _make_q8_tile(P: int, isa: str, ahead: int = 0):
                 for c0 in range(0, P, chunk):  # rows of x `chunk` at a time (16 lanes each)
                     rows = range(c0, min(P, c0 + chunk))
                     mb = {p: builder.add(builder.mul(m_v[p], nb), b) for p in rows}  # in dx, cx
-                    lanes = {}  # each row of x: its 16 lanes, from -cx[m, b] (avx2: from 0)
+                    lanes = {}  # each row of x: its 16 lanes, from cx[m, b] (avx2: from 0)
                     for p in rows:
                         if isa == "avx2":
                             lanes[p] = ir.Constant(_V16I, [0] * _LANES)
                             continue
                         cx_mb = builder.load(builder.gep(cx_a.data, [mb[p]]))
-                        lanes[p] = _splat_int(builder, builder.neg(cx_mb), _V16I)
+                        lanes[p] = _splat_int(builder, cx_mb, _V16I)
                     x0 = {
                         p: builder.add(builder.mul(m_v[p], kp4), builder.mul(b, const(8)))
                         for p in rows
@@ -635,7 +636,7 @@ def _q8_block(typingctx, x, m, k0, qx, dx, cx, b):
         tot = builder.extract_element(total, ir.Constant(I32, 0))
         mb = builder.add(builder.mul(m_v, nb), b_v)
         builder.store(d, builder.gep(dx_a.data, [mb]))
-        builder.store(builder.mul(tot, ir.Constant(I32, 128)), builder.gep(cx_a.data, [mb]))
+        builder.store(builder.mul(tot, ir.Constant(I32, -128)), builder.gep(cx_a.data, [mb]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -649,7 +650,7 @@ def _quantize_row(x, qx, dx, cx, m):
     """Row m of x (M, K) float32 -> qx[m] (nb * 32,) int8 (zeros past K), dx[m] (nb,) float32,
     cx[m] (nb,) int32: ref.quant.q8_0_activations bit for bit (d = float16(absmax / 127),
     q = round(x / d) clipped to +-127; a row holding NaN, Inf or |x| > 127 * 65504 gets quants 0
-    and dx NaN), and cx = 128 * the sum of each block's quants (the kernel's offset)."""
+    and dx NaN), and cx = -128 * the sum of each block's quants (the kernel's offset)."""
     K = x.shape[1]
     nb = dx.shape[1]
     bad = False
@@ -674,7 +675,7 @@ def _quantize_row(x, qx, dx, cx, m):
         for k in range(hi, lo + QK):
             qx[m, k] = 0
         dx[m, b] = np.float32(np.nan) if bad else d
-        cx[m, b] = 128 * total
+        cx[m, b] = -128 * total
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -11,10 +11,12 @@ median of `repeat` timed calls after a warm-up:
   * a decode step, batch 1 at context 16 and at 256: tokens/s, the weight bytes it reads (the
     QWeights; "float32" is the plain tree through BLAS, "float32-rows" the QWeight float32
     tree through the row-invariant kernel) and the GB/s that makes against the bandwidth;
-  * a decode step, 16 sequences at context 256: tokens/s and the ratio to batch 1 at the same
-    context (and at 16), beside a floor for that step (`_floor_ms`: its multiply-adds at this
-    run's sgemm rate, int8's at this run's rate of the int8 kernel with its operands in cache,
-    or its bytes at the streaming rate) and the ratio the floor allows;
+  * a decode step, 16 sequences at context 256, timed in turn with batch 1 at context 256
+    (`_alternated`): tokens/s, the ratio of the best steps to batch 1 at the same context, the
+    median and range of each round's ratio (and the ratio to batch 1 at 16), beside a floor for
+    that step (`_floor_ms`: its multiply-adds at this run's sgemm rate, int8's at this run's
+    rate of the int8 kernel with its operands in cache, or its bytes at the streaming rate)
+    and the ratio the floor allows;
   * a prefill of 512 tokens (LM head on the last position): tokens/s and GFLOP/s.
 --kv-dtype float16 runs every step on a 16-bit KV cache (ref.model.KVCache), half the bytes.
 Not the benchmark (`gpt2 bench --suite generate` has these rows beside the other backends);
@@ -24,6 +26,7 @@ on a shared machine the medians show how much the other processes took.
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -144,6 +147,25 @@ def _decode_step(model, B: int, context: int, rng) -> callable:
     return step
 
 
+def _alternated(one, many, rounds: int) -> tuple[list[float], list[float]]:
+    """Time the batch-1 step `one` and the 16-sequence step `many` in turn, `rounds` times
+    each: seconds per call, in round order. Timed alternately, so the two see the same minutes
+    of a shared machine (whose memory and cores swing by up to 2x from minute to minute) and
+    each round's ratio compares like with like. Each timed step follows an untimed step of its
+    own kind, so it finds the caches as a run of such steps leaves them (batch 1's 4.7-9.4 MB
+    KV cache stays in the L3 from step to step; right after a 16-sequence step it would not,
+    and batch 1 would look 10-20% slower than it is)."""
+    t1: list[float] = []
+    t16: list[float] = []
+    for _ in range(rounds):
+        for fn, times in ((one, t1), (many, t16)):
+            fn()
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return t1, t16
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m bench.tools.numba_quant_timing", description=__doc__
@@ -188,21 +210,26 @@ def main(argv: list[str] | None = None) -> None:
             "tokens/s)"
         )
         if not args.no_batch:
-            best, med = _times_ms(_decode_step(model, 1, 256, rng), args.repeat)
+            one, many = _alternated(
+                _decode_step(model, 1, 256, rng), _decode_step(model, 16, 256, rng), args.repeat
+            )
+            best, med = min(one) * 1e3, float(np.median(one)) * 1e3
             tps256 = 1e3 / best
             print(
                 f"{label:<12} decode B=1 ctx=256   best {best:7.2f} ms  median {med:7.2f} ms  "
                 f"{tps256:6.1f} tokens/s"
             )
-            best, med = _times_ms(_decode_step(model, 16, 256, rng), args.repeat)
+            best, med = min(many) * 1e3, float(np.median(many)) * 1e3
             tps = 16e3 / best
+            paired = [16 * a / b for a, b in zip(one, many, strict=True)]  # per round
             kv_elt = np.dtype(args.kv_dtype).itemsize
             floor = _floor_ms(cfg, wb, q8 if label == "int8" else sgemm, gbs, kv_elt=kv_elt)
             print(
                 f"{label:<12} decode B=16 ctx=256  best {best:7.2f} ms  median {med:7.2f} ms  "
-                f"{tps:6.1f} tokens/s  ({tps / tps256:.1f}x batch 1 at ctx 256, "
-                f"{tps / tps1:.1f}x at ctx 16; floor {floor:.1f} ms: at most "
-                f"{16e3 / floor / tps256:.1f}x at ctx 256)"
+                f"{tps:6.1f} tokens/s  ({tps / tps256:.1f}x batch 1 at ctx 256, paired "
+                f"{np.median(paired):.1f}x [{min(paired):.1f}, {max(paired):.1f}] over "
+                f"{len(paired)} rounds; {tps / tps1:.1f}x at ctx 16; floor {floor:.1f} ms: at "
+                f"most {16e3 / floor / tps256:.1f}x at ctx 256)"
             )
         if not args.no_prefill:
             ids = rng.integers(0, cfg.n_vocab, (1, 512))  # (1, 512)

@@ -436,3 +436,14 @@ def test_generate_suite_has_a_row_per_stored_dtype_at_its_three_points():
             m["weight_bytes"] * m["tokens_per_s"] / r["params"]["B"] / 1e9
         )
         assert m["bytes_per_step"] > m["weight_bytes"]
+
+
+@pytest.mark.skipif(not nq.VNNI, reason="the probe is VPDPBUSD's: needs AVX-512 VNNI")
+def test_the_vpdpbusd_probe_does_its_work_and_gives_a_rate():
+    """The limit numba_quant_timing prints beside the int8 kernel: each of the probe's 16
+    chains starts at its index and adds 4 (four products of 1 x 1) per round, so after n rounds
+    their lane 0 sums to 120 + 64 n; the rate is positive and finite."""
+    ones = np.ones(64, np.uint8)
+    assert nq._probe(5, ones) == 120 + 64 * 5
+    rate = nq.vpdpbusd_rate(rounds=10_000, repeat=1)
+    assert 0 < rate < float("inf")

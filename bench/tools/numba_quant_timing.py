@@ -103,7 +103,9 @@ def _sgemm_gflops(repeat: int, n: int = 1024) -> float:
 
 def _q8_gops(repeat: int) -> float:
     """The int8 kernel's rate in this run with its operands in cache: c_fc's shape (3072, 768)
-    at M = 64, GOP/s (two per multiply-add)."""
+    at M = 64, GOP/s (two per multiply-add), beside the cores' VPDPBUSD rate (with VNNI)."""
+    import numba
+
     from fast.numba import quant as nq
     from ref import quant
 
@@ -112,9 +114,12 @@ def _q8_gops(repeat: int) -> float:
     x = rng.standard_normal((64, 768), dtype=np.float32)  # (64, 768)
     best, med = _times_ms(lambda: nq.qlinear_forward(x, q), max(repeat, 5))
     gops = 2 * 64 * 3072 * 768 / best / 1e6
+    # the limit: VPDPBUSD's rate on one core (64 multiply-adds each), times the threads
+    peak = nq.vpdpbusd_rate() * 128 * numba.get_num_threads() / 1e9
+    limit = f", {gops / peak:.2f} of VPDPBUSD's {peak:.0f} GOP/s on these cores" if peak else ""
     print(
         f"int8 kernel (64, 768) x (3072, 768) best {best:7.3f} ms  median {med:7.3f} ms  -> "
-        f"{gops:.0f} GOP/s"
+        f"{gops:.0f} GOP/s{limit}"
     )
     return gops
 

@@ -65,6 +65,11 @@ nothing there). Tiles of 16 rows of x (one pass over a group's W for a 16-sequen
 9-18% faster than two of 8 there (alternated in one process, best of 7, weights from memory:
 c_attn 115-122 against 137-142 us, mlp.c_proj 146-148 against 176-178, the LM head 2.45-2.51
 against 2.77-2.87 ms), though on Sapphire Rapids, without the prefetch, they were slower.
+The limit: `vpdpbusd_rate` times 16 independent chains of VPDPBUSD on one core, 3.66 G a
+second on 2-core Zen 5 (one a cycle; more chains give no more), 936 GOP/s for both cores; the
+kernel makes 0.55-0.62 of it from cache (python -m bench.tools.numba_quant_timing prints both)
+and 0.5 at M = 16 with its weights from memory: per block it adds a conversion, a scale multiply,
+an fma and the offset's broadcast to each 8 VPDPBUSD of a row of x.
 A prompt on int8 runs after the tiled attention's BLAS calls, whose OpenBLAS threads spin for
 a while after each and took turns with the kernel's (a 512-token int8 prompt 578 ms against
 330 with OpenBLAS at one thread): fast/numba/flash.py's forward now caps BLAS at one thread.
@@ -731,6 +736,61 @@ def _make_rows_q8(isa: str, ahead: int = _PF_BYTES):
     fn = FunctionType(_rows_q8.__code__, bound, name)
     fn.__qualname__ = name
     return numba.njit(parallel=True, cache=True, nogil=True)(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine's limit for the int8 kernel: VPDPBUSD's rate on one core
+
+_PROBE_CHAINS = 16  # independent accumulators: more than the instruction's latency needs
+
+
+@intrinsic
+def _vpdpbusd_chains(typingctx, n, buf):
+    """n rounds of _PROBE_CHAINS independent VPDPBUSD on 64 bytes of buf (uint8, >= 64 long),
+    the x operand a 4-byte broadcast from buf as in the kernel -> an int64 of the sums (kept
+    so that LLVM cannot drop the work)."""
+    sig = types.int64(n, buf)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[1])(context, builder, args[1]).data
+        w = builder.load(builder.bitcast(data, _V64B.as_pointer()), align=1)
+        x32 = builder.load(builder.bitcast(data, I32.as_pointer()), align=1)
+        xb = builder.bitcast(_splat_int(builder, x32, _V16I), _V64B)
+        acc = [
+            cgutils.alloca_once_value(builder, ir.Constant(_V16I, [i] * _LANES))
+            for i in range(_PROBE_CHAINS)
+        ]
+        with cgutils.for_range(builder, args[0]):
+            for a in acc:
+                builder.store(_vnni_lanes(builder, builder.load(a), w, xb, "vnni"), a)
+        total = builder.load(acc[0])
+        for a in acc[1:]:
+            total = builder.add(total, builder.load(a))
+        return builder.sext(builder.extract_element(total, ir.Constant(I32, 0)), I64)
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def _probe(n, buf):
+    return _vpdpbusd_chains(n, buf)
+
+
+def vpdpbusd_rate(rounds: int = 2_000_000, repeat: int = 3) -> float:
+    """VPDPBUSD instructions a second on the calling thread (best of `repeat`), 64 integer
+    multiply-adds each: the int8 kernel's compute limit per core. 0.0 without AVX-512 VNNI."""
+    if not VNNI:
+        return 0.0
+    import time
+
+    buf = np.ones(64, np.uint8)
+    _probe(10, buf)  # compile or load
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        _probe(rounds, buf)
+        best = min(best, time.perf_counter() - t)
+    return rounds * _PROBE_CHAINS / best
 
 
 # by ISAS, compiled on first call; tests run each the host has (ISA and below)

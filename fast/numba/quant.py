@@ -86,6 +86,7 @@ Limits: W (N, K) with N, K >= 1; x (..., K) float32. Inference only (no backward
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from types import FunctionType
 
@@ -691,8 +692,9 @@ def quantize_x_q8(x, qx, dx, cx):
         _quantize_row(x, qx, dx, cx, m)
 
 
-_q8_tile_16 = _q8_tile_8 = _q8_tile_4 = _q8_tile_1 = None  # names _rows_q8 reads, _make_rows_q8
-_TILE16 = False  # binds
+# the names _rows_q8 reads; _make_rows_q8 binds them
+_q8_tile_16 = _q8_tile_8 = _q8_tile_4 = _q8_tile_1 = None
+_TILE16 = False
 
 
 def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
@@ -727,11 +729,13 @@ def _rows_q8(x, wu, dws, qx, dx, cx, bias, out):
                 out[m, n] += bias[n]
 
 
-def _make_rows_q8(isa: str, ahead: int = _PF_BYTES):
+def _make_rows_q8(isa: str):
     """_rows_q8 compiled for one of ISAS (as _make_rows does, one name each); its tiles of 8
-    and 16 rows of x (16: VNNI only) prefetch wu `ahead` bytes on (0: none)."""
-    name = f"_rows_q8_{isa}" if ahead == _PF_BYTES else f"_rows_q8_{isa}_{ahead}"
-    tiles = {f"_q8_tile_{P}": _make_q8_tile(P, isa, ahead if P >= 8 else 0) for P in (16, 8, 4, 1)}
+    and 16 rows of x (16: VNNI only) prefetch wu _PF_BYTES on."""
+    name = f"_rows_q8_{isa}"
+    tiles = {
+        f"_q8_tile_{P}": _make_q8_tile(P, isa, _PF_BYTES if P >= 8 else 0) for P in (16, 8, 4, 1)
+    }
     bound = dict(globals(), **tiles, _TILE16=isa == "vnni")
     fn = FunctionType(_rows_q8.__code__, bound, name)
     fn.__qualname__ = name
@@ -781,8 +785,6 @@ def vpdpbusd_rate(rounds: int = 2_000_000, repeat: int = 3) -> float:
     multiply-adds each: the int8 kernel's compute limit per core. 0.0 without AVX-512 VNNI."""
     if not VNNI:
         return 0.0
-    import time
-
     buf = np.ones(64, np.uint8)
     _probe(10, buf)  # compile or load
     best = float("inf")
